@@ -1,0 +1,51 @@
+// orc_targets on CUDA: the per-voxel math of csrc/common/votes.h, one thread per voxel.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/votes.h"
+
+namespace orcal {
+namespace {
+
+__global__ void orc_targets_kernel(const uint8_t* __restrict__ masks, uint8_t* __restrict__ k, int64_t R,
+                                   int64_t V, int64_t total, int* __restrict__ bad_flag) {
+  bool bad = false;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / V, v = i % V;
+    k[i] = count_votes(masks + b * R * V + v, R, V, &bad);
+  }
+  if (bad) atomicExch(bad_flag, 1);
+}
+
+at::Tensor orc_targets_cuda(const at::Tensor& masks_in) {
+  TORCH_CHECK_VALUE(masks_in.dim() >= 3, "masks must be (B, R, *S), got ", masks_in.sizes());
+  TORCH_CHECK_TYPE(masks_in.scalar_type() == at::kByte || masks_in.scalar_type() == at::kBool,
+                   "masks must be bool or uint8, got ", masks_in.scalar_type());
+  const c10::cuda::CUDAGuard guard(masks_in.device());
+  const at::Tensor masks = masks_in.contiguous();
+  const int64_t B = masks.size(0), R = masks.size(1);
+  const int64_t V = B == 0 || R == 0 ? 0 : masks.numel() / (B * R);
+  std::vector<int64_t> out_shape{B};
+  for (int64_t d = 2; d < masks.dim(); ++d) out_shape.push_back(masks.size(d));
+  at::Tensor k = at::empty(out_shape, masks.options().dtype(at::kByte));
+  if (B * V == 0) return k;
+  at::Tensor bad = at::zeros({1}, masks.options().dtype(at::kInt));
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((B * V + threads - 1) / threads, 65535LL * 8);
+  orc_targets_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const uint8_t*>(masks.data_ptr()), k.data_ptr<uint8_t>(), R, V, B * V, bad.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK_VALUE(bad.item<int>() == 0, "masks must be binary (0/1); found a value > 1");
+  return k;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(orcal, CUDA, m) { m.impl("orc_targets", &orc_targets_cuda); }
+
+}  // namespace orcal

@@ -1,0 +1,49 @@
+"""orcal: calibrated multi-rater segmentation with Ordinal Rater Consensus.
+
+The public API (SPEC §7)::
+
+    k    = orcal.orc_targets(masks)
+    loss = orcal.ordinal_loss(logits, k, rps_weight=1.0)
+    p    = orcal.foreground_probability(logits, readout="majority")
+    st   = orcal.calibration_stats(p, masks)
+    vals = orcal.calibration_metrics(st)
+    ci   = orcal.bootstrap(st, n_boot=1000)
+"""
+
+from orcal import _ext, _fake
+from orcal.ops import (
+    bootstrap,
+    calibration_metrics,
+    calibration_stats,
+    foreground_probability,
+    orc_targets,
+    ordinal_loss,
+)
+from orcal.stats import CalibrationStats
+
+__version__ = "0.1.0"
+
+_fake.register()
+build_info = _ext.build_info
+
+
+def __getattr__(name: str):
+    # Sub-modules with heavier dependencies load on first use: orcal.metrics, orcal.fusion, orcal.data, ...
+    import importlib
+
+    if name in {"metrics", "fusion", "data", "models", "losses", "reference", "plots", "report"}:
+        return importlib.import_module(f"orcal.{name}")
+    raise AttributeError(f"module 'orcal' has no attribute {name!r}")
+
+
+__all__ = [
+    "CalibrationStats",
+    "bootstrap",
+    "build_info",
+    "calibration_metrics",
+    "calibration_stats",
+    "foreground_probability",
+    "ordinal_loss",
+    "orc_targets",
+    "__version__",
+]

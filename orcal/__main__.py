@@ -1,0 +1,5 @@
+import sys
+
+from orcal.cli import main
+
+sys.exit(main())

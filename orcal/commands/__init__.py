@@ -1,0 +1,1 @@
+"""Sub-commands of the ``orcal`` command line (see :mod:`orcal.cli`)."""

@@ -1,0 +1,359 @@
+"""Public functional ops (SPEC §7): input validation, backend choice, autograd.
+
+Every op takes ``backend="auto" | "torch" | "cpp" | "triton"``; ``ORCAL_BACKEND`` forces one when
+``backend="auto"``. ``auto`` picks, per op and device: compiled kernels if built for that device, else
+Triton on CUDA tensors, else the pure-PyTorch reference. All backends compute the same function.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from orcal import _ext, reference
+from orcal.stats import CalibrationStats
+
+BACKENDS = ("auto", "torch", "cpp", "triton")
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+READOUTS = ("majority", "expected")
+KINDS = ("prob", "logit", "ordinal")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_RATERS = 255
+
+
+# --- validation (SPEC §8) --------------------------------------------------------------------------------
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_spatial(name: str, x: torch.Tensor, extra_dims: int) -> None:
+    """``x`` must be (B, [C,] H, W) or (B, [C,] D, H, W): ``extra_dims`` is 1 with a channel axis."""
+    if x.ndim not in (2 + extra_dims + 1, 3 + extra_dims + 1):
+        layout = "(B, C, *S)" if extra_dims else "(B, *S)"
+        raise ValueError(f"{name} must be {layout} with S 2D or 3D, i.e. {3 + extra_dims} or "
+                         f"{4 + extra_dims} dims; got shape {tuple(x.shape)}")
+
+
+def _check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(present.values())) > 1:
+        raise ValueError(f"all tensors must be on the same device, got {present}")
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = True) -> None:
+    """Validate binary rater masks ``(B, R, *S)``; values are checked here only when asked (a full pass)."""
+    _check_tensor(name, masks)
+    _check_spatial(name, masks, 1)
+    if masks.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got {masks.dtype}")
+    R = masks.shape[1]
+    if not 1 <= R <= MAX_RATERS:
+        raise ValueError(f"{name} must have 1..{MAX_RATERS} raters along dim 1, got {R}")
+    if check_values and masks.dtype == torch.uint8 and masks.numel() and int(masks.max()) > 1:
+        raise ValueError(f"{name} must be binary (0/1); found value {int(masks.max())}")
+
+
+def _check_valid(valid: torch.Tensor | None, shape: torch.Size, what: str) -> None:
+    if valid is None:
+        return
+    _check_tensor("valid", valid)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+    if valid.shape != shape:
+        raise ValueError(f"valid must have the shape of {what} {tuple(shape)}, got {tuple(valid.shape)}")
+
+
+def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "k") -> torch.Tensor:
+    """Check vote counts ``k`` (B, *S) and return them as uint8 (a copy only if the dtype differs)."""
+    _check_tensor(name, k)
+    if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+        raise TypeError(f"{name} (vote counts) must be an integer tensor (uint8), got {k.dtype}")
+    if k.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the prediction without its channel axis), "
+                         f"got {tuple(k.shape)}")
+    if k.dtype != torch.uint8:
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) > num_raters):
+            raise ValueError(f"{name} must lie in 0..R = 0..{num_raters}; found "
+                             f"{int(k.min())}..{int(k.max())}")
+        k = k.to(torch.uint8)
+    return k
+
+
+def _majority(num_raters: int, majority: int | None) -> int:
+    m = reference.majority_threshold(num_raters, majority)
+    if not 1 <= m <= num_raters:
+        raise ValueError(f"majority must lie in 1..R = 1..{num_raters}, got {majority}")
+    return m
+
+
+def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
+    _check_tensor(name, logits)
+    _check_spatial(name, logits, 1)
+    _check_float(name, logits)
+    R = logits.shape[1] - 1
+    if not 1 <= R <= MAX_RATERS:
+        raise ValueError(f"{name} must have R + 1 channels for R in 1..{MAX_RATERS} raters, "
+                         f"got {logits.shape[1]} channels")
+    return R
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# --- backend choice --------------------------------------------------------------------------------------
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device``: 'torch', 'cpp' or 'triton'."""
+    _check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        forced = os.environ.get("ORCAL_BACKEND", "auto")
+        _check_choice("ORCAL_BACKEND", forced, BACKENDS)
+        backend = forced
+    if backend == "auto":
+        if _ext.has_kernel(op, device):
+            return "cpp"
+        if device.type == "cuda" and _ext.triton_available():
+            return "triton"
+        return "torch"
+    if backend == "cpp" and not _ext.has_kernel(op, device):
+        raise RuntimeError(f"backend='cpp' asked for orcal::{op} on {device.type}, but {_ext.why_no_kernel(device)}")
+    if backend == "triton":
+        reason = _ext.why_no_triton(device)
+        if reason:
+            raise RuntimeError(f"backend='triton' asked for orcal::{op}, but {reason}")
+    return backend
+
+
+def _triton():
+    from orcal import _triton
+
+    return _triton
+
+
+# --- §1 ORC target ---------------------------------------------------------------------------------------
+
+def orc_targets(masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Ordinal Rater Consensus target: the number of raters voting foreground.
+
+    Args:
+        masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+
+    Returns:
+        ``(B, *S)`` uint8 vote counts ``k`` in 0..R.
+    """
+    which = resolve_backend("orc_targets", backend, masks.device if isinstance(masks, torch.Tensor) else
+                            torch.device("cpu"))
+    check_masks(masks, check_values=which == "torch")  # compiled kernels check values in their pass
+    if which == "cpp":
+        return torch.ops.orcal.orc_targets(masks)
+    if which == "triton":
+        return _triton().orc_targets(masks)
+    return reference.orc_targets(masks)
+
+
+# --- §2 readouts -----------------------------------------------------------------------------------------
+
+def foreground_probability(logits: torch.Tensor, readout: str = "majority", majority: int | None = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """Foreground probability ``(B, *S)`` from ordinal logits ``(B, R+1, *S)``.
+
+    ``readout="majority"`` (the paper's Eq. 2) is the probability that at least ``majority`` raters vote
+    foreground; ``readout="expected"`` is the expected fraction of raters voting foreground. The result
+    has the dtype of ``logits``. Compiled kernels read the logits once and write ``p`` once; when the logits
+    require grad the differentiable reference is used.
+    """
+    R = _check_ordinal_logits(logits)
+    _check_choice("readout", readout, READOUTS)
+    m = _majority(R, majority)
+    which = resolve_backend("foreground_probability", backend, logits.device)
+    if logits.requires_grad and torch.is_grad_enabled():
+        which = "torch"
+    if which == "cpp":
+        return torch.ops.orcal.foreground_probability(logits, readout, m)
+    if which == "triton":
+        return _triton().foreground_probability(logits, readout, m)
+    return reference.foreground_probability(logits, readout, m).to(logits.dtype)
+
+
+# --- §3 loss ---------------------------------------------------------------------------------------------
+
+def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
+                 valid: torch.Tensor | None = None, reduction: str = "mean", backend: str = "auto"
+                 ) -> torch.Tensor:
+    """Ordinal rater-consensus loss: ``BCE(majority logit, [k >= m]) + rps_weight * RPS`` (SPEC §3).
+
+    Args:
+        logits: ``(B, R+1, *S)`` float32/float16/bfloat16 logits, one per consensus level 0..R.
+        k: ``(B, *S)`` vote counts (uint8, or another integer dtype) in 0..R.
+        rps_weight: weight ``lambda`` of the Ranked Probability Score term (normalised by R).
+        majority: smallest vote count that is foreground; default ``R // 2 + 1``.
+        valid: optional ``(B, *S)`` bool mask of voxels that count.
+        reduction: ``"mean"`` over valid voxels, ``"sum"``, or ``"none"`` (a ``(B, *S)`` map, 0 where invalid).
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+
+    Returns:
+        The loss in float32 (float64 for float64 logits). Compiled backends compute the gradient in the
+        same pass when ``logits`` requires grad; backward only scales it.
+    """
+    R = _check_ordinal_logits(logits)
+    spatial = logits.shape[:1] + logits.shape[2:]
+    k = _as_votes(k, spatial, R)
+    _check_valid(valid, spatial, "k")
+    _check_same_device(logits=logits, k=k, valid=valid)
+    _check_choice("reduction", reduction, tuple(REDUCTIONS))
+    m = _majority(R, majority)
+    which = resolve_backend("ordinal_loss", backend, logits.device)
+    if which == "torch":
+        if k.numel() and int(k.max()) > R:
+            raise ValueError(f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
+        return reference.ordinal_loss(logits, k, float(rps_weight), m, valid, reduction)
+    fused = torch.ops.orcal.ordinal_loss if which == "cpp" else _triton().ordinal_loss_op()
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = fused(logits, k, valid, float(rps_weight), m, REDUCTIONS[reduction], need_grad)
+    return loss
+
+
+def _ordinal_loss_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.reduction = inputs[5]
+
+
+def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
+                           "require grad")
+    scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
+    return (grad * scale).to(grad.dtype), None, None, None, None, None, None
+
+
+def register_autograd(op) -> None:
+    """Make a fused ``ordinal_loss`` op differentiable: backward scales the gradient it saved."""
+    torch.library.register_autograd(op, _ordinal_loss_backward, setup_context=_ordinal_loss_setup)
+
+
+# --- §4 calibration statistics and metrics ---------------------------------------------------------------
+
+def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
+                      kind: str = "prob", readout: str = "majority", majority: int | None = None,
+                      n_bins: int = 15, auc_bins: int = 4096, valid: torch.Tensor | None = None,
+                      backend: str = "auto") -> CalibrationStats:
+    """Per-image multi-rater calibration statistics in one pass (SPEC §4).
+
+    Args:
+        pred: probabilities ``(B, *S)`` or ``(B, 1, *S)`` (``kind="prob"``), binary logits of the same
+            shapes (``kind="logit"``), or ordinal logits ``(B, R+1, *S)`` (``kind="ordinal"``, read out with
+            ``readout``; the probability is never materialised by compiled kernels).
+        target: rater masks ``(B, R, *S)`` when ``num_raters`` is None, else vote counts ``k`` ``(B, *S)``.
+        num_raters: ``R`` when ``target`` holds vote counts.
+        majority: majority threshold for the readout and the Dice counts; default ``R // 2 + 1``.
+        n_bins: equal-width ECE bins; auc_bins: score bins of the streaming AUC.
+        valid: optional ``(B, *S)`` bool mask of voxels that count.
+
+    Returns:
+        :class:`~orcal.stats.CalibrationStats` with one row per image.
+    """
+    _check_tensor("pred", pred)
+    _check_tensor("target", target)
+    _check_choice("kind", kind, KINDS)
+    _check_choice("readout", readout, READOUTS)
+    _check_float("pred", pred)
+    for name, value, low in (("n_bins", n_bins, 1), ("auc_bins", auc_bins, 2)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if num_raters is None:  # target are masks
+        check_masks(target, "target", check_values=False)
+        R = target.shape[1]
+        spatial = target.shape[:1] + target.shape[2:]
+    else:
+        R = int(num_raters)
+        if not 1 <= R <= MAX_RATERS:
+            raise ValueError(f"num_raters must lie in 1..{MAX_RATERS}, got {num_raters}")
+        spatial = target.shape
+    if kind == "ordinal":
+        if _check_ordinal_logits(pred, "pred") != R:
+            raise ValueError(f"ordinal pred has {pred.shape[1]} channels, so R + 1 channels means R = "
+                             f"{pred.shape[1] - 1}, but the target has R = {R} raters")
+        pred_spatial = pred.shape[:1] + pred.shape[2:]
+    else:
+        if pred.ndim == len(spatial) + 1 and pred.shape[1] == 1:
+            pred = pred[:, 0]
+        pred_spatial = pred.shape
+    if pred_spatial != spatial:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} do not describe the same "
+                         f"images: spatial shapes {tuple(pred_spatial)} vs {tuple(spatial)}")
+    if len(spatial) not in (3, 4):
+        raise ValueError(f"images must be 2D or 3D: target has shape {tuple(target.shape)}")
+    _check_valid(valid, spatial, "the images")
+    _check_same_device(pred=pred, target=target, valid=valid)
+    m = _majority(R, majority)
+    which = resolve_backend("calibration_stats", backend, pred.device)
+    if which == "torch":
+        return _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid)
+    if num_raters is not None:
+        target = _as_votes(target, spatial, R, "target")
+    fused = torch.ops.orcal.calibration_stats if which == "cpp" else _triton().calibration_stats_op()
+    counts, sums = fused(pred, target, valid, R, num_raters is None, kind, readout, m, n_bins, auc_bins)
+    return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
+
+
+def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid):
+    if num_raters is None:
+        check_masks(target, "target")
+        k = reference.orc_targets(target)
+    else:
+        k = _as_votes(target, target.shape, R, "target")
+        if k.numel() and int(k.max()) > R:
+            raise ValueError(f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
+    p = reference.binary_probability(pred, kind, readout, m)
+    check_probabilities(p, valid)
+    return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
+
+
+def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name: str = "pred") -> None:
+    """Raise if a probability that counts is NaN or outside [0, 1]."""
+    considered = p if valid is None else p[valid]
+    if considered.numel() == 0:
+        return
+    bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
+    if bool(bad.any()):
+        first = considered[bad][0].item()
+        raise ValueError(f"{name} must hold probabilities in [0, 1]; found {first} "
+                         f"({int(bad.sum())} bad values). Pass kind='logit' for logits.")
+
+
+def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
+    """Dataset metrics from per-image statistics: ``mr_ece`` (l1), ``mr_ece_l2``, ``mr_mce``, ``auc`` (binned,
+    with ``auc_error_bound``), ``brier``, ``nll`` and ``dice``. Rows are pooled first. Undefined values are NaN.
+    """
+    if not isinstance(stats, CalibrationStats):
+        raise TypeError(f"stats must be CalibrationStats, got {type(stats).__name__}")
+    return reference.calibration_metrics(stats)
+
+
+def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
+              count: int | None = None) -> dict[str, dict[str, float]]:
+    """Bootstrap confidence intervals over images (SPEC §5).
+
+    Returns ``{metric: {"mean", "std", "low", "high", "value"}}`` with the 2.5 / 97.5 percentiles as
+    ``low`` / ``high`` and the full-sample metric as ``value``.
+    """
+    if not isinstance(stats, CalibrationStats):
+        raise TypeError(f"stats must be CalibrationStats, got {type(stats).__name__}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if count is None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    return reference.bootstrap(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)

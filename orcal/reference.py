@@ -1,0 +1,313 @@
+"""SPEC.md §1–5 in plain, readable PyTorch.
+
+This module is the ground truth of every test: each compiled or Triton kernel must compute the same
+function. It favours clarity over speed, but stays vectorised so that tests run in reasonable time.
+It does not validate its inputs; :mod:`orcal.ops` does that before calling any backend.
+
+Conventions (SPEC "Notation"): ``masks`` (B, R, *S), ``k`` (B, *S) integer vote counts, ordinal
+``logits`` (B, R+1, *S), probabilities ``p`` (B, *S), optional boolean ``valid`` (B, *S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from orcal.stats import CalibrationStats
+
+NLL_EPS = 1e-7  # SPEC §4: p is clamped to [NLL_EPS, 1 - NLL_EPS] for the NLL
+DICE_THRESHOLD = 0.5  # SPEC §4: a voxel is predicted foreground when p >= 0.5
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of an input dtype: float32 for half types and float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def majority_threshold(num_raters: int, majority: int | None = None) -> int:
+    """The smallest vote count that makes a voxel foreground; strict majority ``R // 2 + 1`` by default."""
+    return num_raters // 2 + 1 if majority is None else int(majority)
+
+
+# --- §1 ORC target -------------------------------------------------------------------------------------
+
+def orc_targets(masks: torch.Tensor) -> torch.Tensor:
+    """Number of raters voting foreground: ``(B, R, *S)`` binary masks -> ``(B, *S)`` uint8."""
+    return masks.to(torch.int64).sum(1).to(torch.uint8)
+
+
+# --- §2 readouts ---------------------------------------------------------------------------------------
+
+def majority_logit(logits: torch.Tensor, majority: int | None = None) -> torch.Tensor:
+    """``l = LSE(z_m..z_R) - LSE(z_0..z_{m-1})`` over the channel dimension, in the accumulation dtype."""
+    z = logits.to(opmath_dtype(logits.dtype))
+    m = majority_threshold(z.shape[1] - 1, majority)
+    return torch.logsumexp(z[:, m:], dim=1) - torch.logsumexp(z[:, :m], dim=1)
+
+
+def foreground_probability(logits: torch.Tensor, readout: str = "majority",
+                           majority: int | None = None) -> torch.Tensor:
+    """Foreground probability from ordinal logits.
+
+    ``readout="majority"``: probability that at least ``m`` raters vote foreground (the paper's Eq. 2).
+    ``readout="expected"``: expected fraction of raters voting foreground, ``sum_i i q_i / R``.
+    """
+    if readout == "majority":
+        return torch.sigmoid(majority_logit(logits, majority))
+    if readout == "expected":
+        z = logits.to(opmath_dtype(logits.dtype))
+        R = z.shape[1] - 1
+        levels = torch.arange(R + 1, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
+        return (torch.softmax(z, dim=1) * levels).sum(1) / R
+    raise ValueError(f"readout must be 'majority' or 'expected', got {readout!r}")
+
+
+def binary_probability(pred: torch.Tensor, kind: str, readout: str = "majority",
+                       majority: int | None = None) -> torch.Tensor:
+    """Foreground probability ``(B, *S)`` of a prediction of the given kind (SPEC §7 ``calibration_stats``)."""
+    if kind == "ordinal":
+        return foreground_probability(pred, readout, majority)
+    x = pred.to(opmath_dtype(pred.dtype))
+    if kind == "logit":
+        return torch.sigmoid(x)
+    if kind == "prob":
+        return x
+    raise ValueError(f"kind must be 'prob', 'logit' or 'ordinal', got {kind!r}")
+
+
+# --- §3 the training objective -------------------------------------------------------------------------
+
+def _levels_below(k: torch.Tensor, R: int, dtype: torch.dtype) -> torch.Tensor:
+    """``G_j = [j >= k]`` for ``j = 0..R-1``, shape (B, R, *S): the target's cumulative distribution."""
+    j = torch.arange(R, device=k.device).view(1, -1, *([1] * (k.ndim - 1)))
+    return (j >= k.unsqueeze(1).long()).to(dtype)
+
+
+def ordinal_loss_map(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
+                     majority: int | None = None) -> torch.Tensor:
+    """Per-voxel ``BCE(majority logit, [k >= m]) + rps_weight * RPS`` (SPEC §3), shape (B, *S)."""
+    z = logits.to(opmath_dtype(logits.dtype))
+    R = z.shape[1] - 1
+    m = majority_threshold(R, majority)
+    q = torch.softmax(z, dim=1)
+    F_cum = torch.cumsum(q, dim=1)[:, :R]
+    rps = ((F_cum - _levels_below(k, R, z.dtype)) ** 2).sum(1) / R
+    l = majority_logit(z, m)
+    y = (k.long() >= m).to(z.dtype)
+    bce = F.softplus(l) - y * l
+    return bce + rps_weight * rps
+
+
+def _reduce(per_voxel: torch.Tensor, valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if valid is not None:
+        per_voxel = torch.where(valid, per_voxel, torch.zeros((), dtype=per_voxel.dtype, device=per_voxel.device))
+    if reduction == "none":
+        return per_voxel
+    total = per_voxel.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        count = per_voxel.numel() if valid is None else int(valid.sum())
+        return total / max(count, 1)  # no valid voxel: 0 with a zero gradient, never NaN
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
+                 valid: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The ordinal loss of SPEC §3 with its reduction over valid voxels; differentiable by autograd."""
+    return _reduce(ordinal_loss_map(logits, k, rps_weight, majority), valid, reduction)
+
+
+def ordinal_loss_grad(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
+                      majority: int | None = None, valid: torch.Tensor | None = None,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Analytic gradient of :func:`ordinal_loss` w.r.t. the logits (SPEC §3), for an upstream gradient of 1.
+
+    For ``reduction="none"`` each voxel's gradient is that of its own loss. Returned in the accumulation
+    dtype, shape of ``logits``.
+    """
+    z = logits.to(opmath_dtype(logits.dtype))
+    R = z.shape[1] - 1
+    m = majority_threshold(R, majority)
+    q = torch.softmax(z, dim=1)
+    # RPS: dRPS/dq_i = (2/R) * sum_{j>=i} (F_j - G_j), a reverse cumulative sum; 0 for the last level.
+    diff = torch.cumsum(q, dim=1)[:, :R] - _levels_below(k, R, z.dtype)
+    g = torch.flip(torch.cumsum(torch.flip(diff, [1]), 1), [1]) * (2.0 / R)
+    g = torch.cat([g, torch.zeros_like(g[:, :1])], dim=1)
+    d_rps = q * (g - (q * g).sum(1, keepdim=True))
+    # BCE through the majority logit: dl/dz is a partial softmax, + on the upper levels, - on the lower.
+    l = torch.logsumexp(z[:, m:], 1) - torch.logsumexp(z[:, :m], 1)
+    d_l = torch.sigmoid(l) - (k.long() >= m).to(z.dtype)
+    dl_dz = torch.cat([-torch.softmax(z[:, :m], 1), torch.softmax(z[:, m:], 1)], dim=1)
+    grad = d_l.unsqueeze(1) * dl_dz + rps_weight * d_rps
+    if valid is not None:
+        grad = grad * valid.unsqueeze(1).to(grad.dtype)
+    if reduction == "mean":
+        count = grad[:, 0].numel() if valid is None else int(valid.sum())
+        grad = grad / max(count, 1)
+    return grad
+
+
+# --- §4 calibration statistics -------------------------------------------------------------------------
+
+def _bin_index(p: torch.Tensor, bins: int) -> torch.Tensor:
+    """``min(floor(p * bins), bins - 1)``: equal-width bins on [0, 1], ``p = 1`` in the last bin."""
+    return torch.clamp(torch.floor(p * bins), 0, bins - 1).long()
+
+
+def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins: int = 15,
+                      auc_bins: int = 4096, majority: int | None = None,
+                      valid: torch.Tensor | None = None) -> CalibrationStats:
+    """Per-image statistics (SPEC §4) of probabilities ``p`` (B, *S) against vote counts ``k`` (B, *S)."""
+    R = int(num_raters)
+    m = majority_threshold(R, majority)
+    B = p.shape[0]
+    p = p.to(opmath_dtype(p.dtype)).reshape(B, -1)
+    k = k.reshape(B, -1).long()
+    w = torch.ones_like(k) if valid is None else valid.reshape(B, -1).long()  # 1 for voxels that count
+    kw, rw = k * w, R * w
+
+    def hist(index: torch.Tensor, values: torch.Tensor, bins: int) -> torch.Tensor:
+        out = torch.zeros(B, bins, dtype=values.dtype, device=values.device)
+        return out.scatter_add_(1, index, values)
+
+    pd = p.double()
+    b = _bin_index(p, n_bins)
+    t = _bin_index(p, auc_bins)
+    brier = k * (1 - p) ** 2 + (R - k) * p ** 2
+    pc = p.clamp(NLL_EPS, 1 - NLL_EPS)
+    nll = -(k * torch.log(pc) + (R - k) * torch.log1p(-pc))
+    fg = p >= DICE_THRESHOLD
+    y = k >= m
+    wb = w.bool()
+    return CalibrationStats(
+        n=hist(b, rw, n_bins), a=hist(b, kw, n_bins), s=hist(b, rw.double() * pd, n_bins),
+        brier=torch.where(wb, brier, 0).double().sum(1), nll=torch.where(wb, nll, 0).double().sum(1),
+        tp=(fg & y & wb).sum(1), fp=(fg & ~y & wb).sum(1), fn=(~fg & y & wb).sum(1),
+        pos=hist(t, kw, auc_bins), neg=hist(t, rw - kw, auc_bins),
+    )
+
+
+# --- §4 metrics from statistics --------------------------------------------------------------------------
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with NaN where ``den`` is 0 (an undefined metric, e.g. AUC without positives)."""
+    den = den.to(torch.float64)
+    return torch.where(den > 0, num.to(torch.float64) / den.clamp_min(1e-300), torch.nan)
+
+
+def metrics_from_totals(st: CalibrationStats) -> dict[str, torch.Tensor]:
+    """Every metric of SPEC §4, one value per row of ``st`` (each row a pooled set of images).
+
+    Metrics that are undefined on a row (no pairs; no positive or no negative pair for AUC) are NaN.
+    """
+    n, a, s = st.n.double(), st.a.double(), st.s
+    N = n.sum(1)
+    gap = (s - a).abs()
+    nonempty = n > 0
+    per_bin_gap = torch.where(nonempty, gap / n.clamp_min(1), 0.0)
+    pos, neg = st.pos.double(), st.neg.double()
+    P, Q = pos.sum(1), neg.sum(1)
+    neg_below = torch.cumsum(neg, 1) - neg
+    wins = (pos * (neg_below + 0.5 * neg)).sum(1)
+    shared = (pos * neg).sum(1)
+    tp, fp, fn = st.tp.double(), st.fp.double(), st.fn.double()
+    dice_den = 2 * tp + fp + fn
+    return {
+        "mr_ece": _safe_div(gap.sum(1), N),
+        "mr_ece_l2": torch.sqrt(_safe_div((n * per_bin_gap ** 2).sum(1), N)),
+        "mr_mce": torch.where(N > 0, per_bin_gap.amax(1), torch.nan),
+        "auc": _safe_div(wins, P * Q),
+        # Pairs that share a score bin are counted one half; the truth for each lies in [0, 1].
+        "auc_error_bound": _safe_div(0.5 * shared, P * Q),
+        "brier": _safe_div(st.brier, N),
+        "nll": _safe_div(st.nll, N),
+        "dice": torch.where(dice_den > 0, 2 * tp / dice_den.clamp_min(1), 1.0),
+    }
+
+
+def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
+    """Dataset-level metrics from per-image statistics: all rows are pooled first (SPEC §4)."""
+    return {key: float(value[0]) for key, value in metrics_from_totals(stats.total()).items()}
+
+
+def bin_table(stats: CalibrationStats) -> dict[str, np.ndarray]:
+    """The pooled reliability table: per-bin pair count, mean confidence and observed positive fraction."""
+    tot = stats.total()
+    n = tot.n[0].double()
+    return {
+        "lower": np.linspace(0, 1, stats.n_bins + 1)[:-1],
+        "upper": np.linspace(0, 1, stats.n_bins + 1)[1:],
+        "count": tot.n[0].cpu().numpy(),
+        "confidence": _safe_div(tot.s[0], n).cpu().numpy(),
+        "accuracy": _safe_div(tot.a[0].double(), n).cpu().numpy(),
+    }
+
+
+def auc_exact(p: torch.Tensor, k: torch.Tensor, num_raters: int, valid: torch.Tensor | None = None) -> float:
+    """Exact multi-rater AUC: ``P(score_pos > score_neg) + 0.5 P(tie)`` over expanded voxel–rater pairs.
+
+    Each voxel contributes ``k`` positive and ``R - k`` negative pairs with score ``p``; ties are grouped
+    by sorting, so nothing is expanded.
+    """
+    p = p.reshape(-1).double()
+    k = k.reshape(-1).double()
+    if valid is not None:
+        keep = valid.reshape(-1)
+        p, k = p[keep], k[keep]
+    scores, inverse = torch.unique(p, sorted=True, return_inverse=True)
+    pos = torch.zeros_like(scores).index_add_(0, inverse, k)
+    neg = torch.zeros_like(scores).index_add_(0, inverse, num_raters - k)
+    neg_below = torch.cumsum(neg, 0) - neg
+    P, Q = pos.sum(), neg.sum()
+    if P == 0 or Q == 0:
+        return math.nan
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (P * Q))
+
+
+# --- §5 bootstrap ----------------------------------------------------------------------------------------
+
+def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """Bootstrap over images (SPEC §5): mean, std and 2.5/97.5 percentiles of every metric.
+
+    Each of ``n_boot`` resamples draws ``count`` images (default ``ceil(fraction * n_images)``) with
+    replacement, sums their rows and computes the metrics. The full-sample value is returned as
+    ``"value"``. Cost is O(n_boot x n_images x bins): no voxel is visited.
+    """
+    n_images = stats.n_images
+    if n_images == 0:
+        raise ValueError("bootstrap needs statistics of at least one image")
+    size = count if count is not None else math.ceil(fraction * n_images)
+    if size < 1:
+        raise ValueError(f"bootstrap resample size must be >= 1, got {size}")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_images, (n_boot, size), generator=gen)
+    # Multiplicity of each image in each resample; resampled totals are then one matrix product.
+    weights = torch.zeros(n_boot, n_images, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_boot, size, dtype=torch.float64))
+    cpu = stats.to("cpu")
+
+    def resample(t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(n_images, -1).double()
+        out = (weights @ flat).reshape(n_boot, *t.shape[1:])
+        return out.round().long() if t.dtype == torch.int64 else out  # integer counts stay exact (< 2^53)
+
+    boot = metrics_from_totals(cpu._map(resample))
+    full = calibration_metrics(cpu)
+    result = {}
+    for key, values in boot.items():
+        v = values.numpy()
+        v = v[~np.isnan(v)]
+        if v.size == 0:
+            result[key] = {"mean": math.nan, "std": math.nan, "low": math.nan, "high": math.nan,
+                           "value": full[key]}
+            continue
+        result[key] = {
+            "mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5)), "value": full[key],
+        }
+    return result

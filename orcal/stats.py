@@ -1,0 +1,125 @@
+"""Per-image calibration statistics (SPEC §4): the one currency of every metric in orcal.
+
+A :class:`CalibrationStats` holds one row per image. Summing rows (or an all-reduce across processes) is
+exact for the integer counts, so dataset totals, per-image values and the bootstrap all come from the same
+single pass over the voxels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+#: Fields that are integer counts (int64, exact under summation).
+COUNT_FIELDS = ("n", "a", "tp", "fp", "fn", "pos", "neg")
+#: Fields that are float sums (float64).
+SUM_FIELDS = ("s", "brier", "nll")
+
+
+@dataclass
+class CalibrationStats:
+    """Per-image sufficient statistics of the multi-rater calibration metrics.
+
+    Shapes, with ``B`` images, ``n_bins`` ECE bins and ``auc_bins`` score bins:
+
+    - ``n`` (B, n_bins) int64: voxel–rater pairs per ECE bin (``R`` per voxel);
+    - ``a`` (B, n_bins) int64: positive pairs per bin (``k`` per voxel);
+    - ``s`` (B, n_bins) float64: confidence mass per bin (``R * p`` per voxel);
+    - ``brier`` (B,) float64: ``sum k (1-p)^2 + (R-k) p^2``;
+    - ``nll`` (B,) float64: ``-sum k log p + (R-k) log(1-p)`` with ``p`` clamped to [1e-7, 1-1e-7];
+    - ``tp``, ``fp``, ``fn`` (B,) int64: voxel counts at threshold ``p >= 0.5`` against the majority label;
+    - ``pos``, ``neg`` (B, auc_bins) int64: positive / negative pairs per score bin (streaming AUC).
+    """
+
+    n: torch.Tensor
+    a: torch.Tensor
+    s: torch.Tensor
+    brier: torch.Tensor
+    nll: torch.Tensor
+    tp: torch.Tensor
+    fp: torch.Tensor
+    fn: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    @property
+    def n_images(self) -> int:
+        """Number of rows (images)."""
+        return self.n.shape[0]
+
+    @property
+    def n_bins(self) -> int:
+        return self.n.shape[1]
+
+    @property
+    def auc_bins(self) -> int:
+        return self.pos.shape[1]
+
+    @classmethod
+    def empty(cls, n_bins: int, auc_bins: int, rows: int = 0, device: torch.device | str = "cpu"
+              ) -> CalibrationStats:
+        """Zero statistics with ``rows`` rows."""
+        i64 = dict(dtype=torch.int64, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(
+            n=torch.zeros(rows, n_bins, **i64), a=torch.zeros(rows, n_bins, **i64),
+            s=torch.zeros(rows, n_bins, **f64), brier=torch.zeros(rows, **f64), nll=torch.zeros(rows, **f64),
+            tp=torch.zeros(rows, **i64), fp=torch.zeros(rows, **i64), fn=torch.zeros(rows, **i64),
+            pos=torch.zeros(rows, auc_bins, **i64), neg=torch.zeros(rows, auc_bins, **i64),
+        )
+
+    def _map(self, fn) -> CalibrationStats:
+        return CalibrationStats(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def total(self) -> CalibrationStats:
+        """All rows summed into one (keeps a leading dimension of 1)."""
+        return self._map(lambda t: t.sum(0, keepdim=True))
+
+    def __getitem__(self, index) -> CalibrationStats:
+        """Select rows (an int, a slice, an index tensor); the row dimension is kept."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return self._map(lambda t: t[index])
+
+    def to(self, device: torch.device | str) -> CalibrationStats:
+        return self._map(lambda t: t.to(device))
+
+    @staticmethod
+    def cat(parts: list[CalibrationStats]) -> CalibrationStats:
+        """Concatenate the rows of several statistics (same bin counts)."""
+        if not parts:
+            raise ValueError("CalibrationStats.cat needs at least one part")
+        shapes = {(p.n_bins, p.auc_bins) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot concatenate statistics with different (n_bins, auc_bins): {sorted(shapes)}")
+        return CalibrationStats(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The fields as a plain dict of tensors (for saving with ``torch.save``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> CalibrationStats:
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ValueError(f"statistics dict lacks fields {missing}")
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    # Packed form used by the compiled kernels: one int64 and one float64 tensor per call.
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.cat([self.n, self.a, self.tp[:, None], self.fp[:, None], self.fn[:, None],
+                            self.pos, self.neg], dim=1)
+        sums = torch.cat([self.s, self.brier[:, None], self.nll[:, None]], dim=1)
+        return counts, sums
+
+    @classmethod
+    def unpack(cls, counts: torch.Tensor, sums: torch.Tensor, n_bins: int, auc_bins: int) -> CalibrationStats:
+        """Inverse of :meth:`pack` (column layout documented in ``csrc/common/stats_layout.h``)."""
+        nb, t = n_bins, auc_bins
+        return cls(
+            n=counts[:, :nb], a=counts[:, nb:2 * nb],
+            tp=counts[:, 2 * nb], fp=counts[:, 2 * nb + 1], fn=counts[:, 2 * nb + 2],
+            pos=counts[:, 2 * nb + 3:2 * nb + 3 + t], neg=counts[:, 2 * nb + 3 + t:],
+            s=sums[:, :nb], brier=sums[:, nb], nll=sums[:, nb + 1],
+        )
