@@ -1,0 +1,82 @@
+"""Multi-rater datasets: a synthetic generator, loaders for published layouts, joint transforms.
+
+>>> ds = load_dataset("synthetic", split="train", n=32)
+>>> item = ds[0]   # {"image": (C, *S) float32, "masks": (R, *S) uint8, "id": str[, "valid": (*S) bool]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+from .agreement import AgreementAccumulator, agreement_stats
+from .base import SPLITS, Case, MultiRaterDataset
+from .cocahis import CoCaHis
+from .ct import Curvas, LongCIU
+from .folder import FolderDataset
+from .lidc import LIDCPickle, LIDCSlices
+from .qubiq import QUBIQ
+from .refuge import Refuge
+from .safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load
+from .synthetic import SyntheticBatch, SyntheticConfig, SyntheticMultiRater, make_synthetic
+from .transforms import (
+    CenterCrop,
+    Compose,
+    IntensityScale,
+    RandomCrop,
+    RandomFlip,
+    RandomPatch,
+    RandomRot90,
+    SlidingWindow,
+    augment_2d,
+    sliding_window_inference,
+)
+
+_REGISTRY: dict[str, type[MultiRaterDataset]] = {
+    "synthetic": SyntheticMultiRater,
+    "lidc_slices": LIDCSlices,
+    "lidc": LIDCPickle,
+    "cocahis": CoCaHis,
+    "refuge": Refuge,
+    "longciu": LongCIU,
+    "qubiq": QUBIQ,
+    "curvas": Curvas,
+    "folder": FolderDataset,
+}
+
+#: Names accepted by :func:`load_dataset`.
+DATASETS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def dataset_class(name: str) -> type[MultiRaterDataset]:
+    """The loader class registered under ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return _REGISTRY[name]
+
+
+def load_dataset(name: str, root=None, split: str | None = None, task: str | None = None,
+                 transform: Callable[[dict], dict] | None = None, **options) -> Dataset:
+    """Open dataset ``name`` stored under ``root`` (nothing is downloaded).
+
+    ``split`` is "train", "val", "test" or None (every case); ``task`` picks the structure where a dataset
+    has several; ``options`` go to the loader class (see its docstring for the layout, the publication
+    and options such as ``val_fraction``, ``test_fraction``, ``seed``, ``crop``).
+    """
+    cls = dataset_class(name)
+    try:
+        return cls(root, split=split, task=task, transform=transform, **options)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise TypeError(f"dataset {name!r}: {err}; see help(orcal.data.{cls.__name__})") from err
+        raise
+
+
+__all__ = [
+    "DATASETS", "SPLITS", "AgreementAccumulator", "Case", "CenterCrop", "CoCaHis", "Compose", "Curvas",
+    "FolderDataset", "IntensityScale", "LIDCPickle", "LIDCSlices", "LongCIU", "MultiRaterDataset", "QUBIQ",
+    "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler", "SlidingWindow",
+    "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError", "agreement_stats",
+    "augment_2d", "dataset_class", "load_dataset", "make_synthetic", "safe_load", "sliding_window_inference",
+]

@@ -1,0 +1,134 @@
+"""CT datasets with several raters: LongCIU (2D lung slices) and CURVAS (3D abdomen)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+
+from ._io import read_array
+from .base import (
+    SPLITS,
+    Case,
+    MultiRaterDataset,
+    check_root,
+    check_same_shape,
+    label_mask,
+    make_item,
+    natural_key,
+    resolve_task,
+    scale_intensity,
+    seeded_split,
+)
+
+HU_WINDOW = (-1024.0, 600.0)
+
+
+class LongCIU(MultiRaterDataset):
+    """LongCIU: 90 axial lung CT slices of COVID-19 patients, three raters, two lesion labels.
+
+    Layout::
+
+        ROOT/longciu_img.nii.gz            the 90 slices stacked in one volume (slices on the last axis)
+        ROOT/longciu_{1,2,3}_tgt.nii.gz    per-rater labels: 0 background, 1 ground-glass opacity,
+                                           2 consolidation
+        ROOT/longciu_splits.json           {"train": [slice indices], "val": [...], "test": [...]}
+
+    Published: LongCIU (Lung CT with Inter-observer Uncertainty) on Zenodo, an extension of the MedSeg
+    COVID-19 CT segmentation slices. ``task``: "ggo" (label 1), "consolidation" (2) or "any" (1 or 2).
+    Intensities: HU clipped to [-1024, 600] and scaled to [0, 1]. Items are 2D slices.
+    Option ``slice_axis`` (default -1) picks the stacking axis.
+    """
+
+    name = "longciu"
+    published = "Zenodo (LongCIU: lung CT with inter-observer uncertainty; MedSeg COVID-19 CT slices)"
+    layout = "longciu_img.nii.gz, longciu_{1,2,3}_tgt.nii.gz and longciu_splits.json"
+    tasks = {"ggo": (1,), "consolidation": (2,), "any": (1, 2)}
+
+    def __init__(self, root, split: str | None = None, task: str | None = None, slice_axis: int = -1,
+                 transform: Callable | None = None):
+        self.task = resolve_task(task, tuple(self.tasks), "any", self.name)
+        root = check_root(root, self.name, self.published, self.layout)
+        image_path = root / "longciu_img.nii.gz"
+        volume = read_array(image_path)
+        if volume.ndim != 3:
+            raise ValueError(f"{image_path}: expected a 3D stack of slices, found shape {volume.shape}")
+        self.volume = np.moveaxis(scale_intensity(volume, HU_WINDOW), slice_axis, 0)
+        self.labels = []
+        for r in (1, 2, 3):
+            path = root / f"longciu_{r}_tgt.nii.gz"
+            if not path.is_file():
+                raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
+            lab = read_array(path)
+            check_same_shape(lab, volume.shape, str(path), str(image_path))
+            self.labels.append(np.moveaxis(label_mask(lab, self.tasks[self.task], (0, 1, 2), str(path)),
+                                           slice_axis, 0))
+        n = self.volume.shape[0]
+        cases = [Case(f"slice-{i:03d}", str(i), i) for i in range(n)]
+        if split is not None:
+            if split not in SPLITS:
+                raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)} or None")
+            split_path = root / "longciu_splits.json"
+            if not split_path.is_file():
+                raise FileNotFoundError(f"missing {split_path}; expected {self.layout}")
+            try:
+                splits = json.loads(split_path.read_text())
+                index = [int(i) for i in splits[split]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{split_path}: expected keys train/val/test listing slice indices "
+                                 f"({type(err).__name__}: {err})") from err
+            bad = [i for i in index if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"{split_path}: slice indices {bad[:5]} out of range 0..{n - 1}")
+            cases = [cases[i] for i in index]
+        super().__init__(cases, split, transform)
+
+    def load_case(self, case: Case) -> dict:
+        i = case.info
+        return make_item(self.volume[i][None], [lab[i] for lab in self.labels], case.id)
+
+
+class Curvas(MultiRaterDataset):
+    """CURVAS: 3D abdominal CT, three raters, pancreas / kidney / liver.
+
+    Layout::
+
+        ROOT/UKCHLL###/image.nii.gz
+        ROOT/UKCHLL###/annotation_{1,2,3}.nii.gz   labels 0 background, 1 pancreas, 2 kidney, 3 liver
+
+    Published: the CURVAS challenge (MICCAI 2024, https://curvas.grand-challenge.org; data on Zenodo).
+    ``task``: "pancreas", "kidney" or "liver". Intensities: HU in ``window`` (default (-200, 300))
+    scaled to [0, 1]. ``split``: seeded by case (``val_fraction``, ``test_fraction``, ``seed``).
+    """
+
+    name = "curvas"
+    published = "https://curvas.grand-challenge.org (CURVAS challenge, MICCAI 2024; data on Zenodo)"
+    layout = "UKCHLL###/image.nii.gz with UKCHLL###/annotation_{1,2,3}.nii.gz"
+    tasks = {"pancreas": 1, "kidney": 2, "liver": 3}
+
+    def __init__(self, root, split: str | None = None, task: str | None = None,
+                 window: tuple[float, float] = (-200.0, 300.0), num_raters: int = 3,
+                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+                 transform: Callable | None = None):
+        self.task = resolve_task(task, tuple(self.tasks), None, self.name)
+        root = check_root(root, self.name, self.published, self.layout)
+        self.window, self.num_raters = tuple(window), int(num_raters)
+        folders = sorted((d for d in root.glob("UKCHLL*") if d.is_dir()), key=lambda p: natural_key(p.name))
+        cases = [Case(d.name, d.name, d) for d in folders]
+        if not cases:
+            raise FileNotFoundError(f"no UKCHLL### case folders under {root}; expected {self.layout}")
+        super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
+
+    def load_case(self, case: Case) -> dict:
+        image_path = case.info / "image.nii.gz"
+        image = read_array(image_path)
+        masks = []
+        for r in range(1, self.num_raters + 1):
+            path = case.info / f"annotation_{r}.nii.gz"
+            if not path.is_file():
+                raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
+            lab = read_array(path)
+            check_same_shape(lab, image.shape, str(path), str(image_path))
+            masks.append(label_mask(lab, (self.tasks[self.task],), (0, 1, 2, 3), str(path)))
+        return make_item(scale_intensity(image, self.window)[None], masks, case.id)

@@ -1,0 +1,87 @@
+"""A generic folder of cases: one image and one file per rater in each case folder."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+
+from ._io import read_array
+from .base import (
+    Case,
+    MultiRaterDataset,
+    binary_mask,
+    channels_first,
+    check_root,
+    check_same_shape,
+    make_item,
+    natural_key,
+    scale_intensity,
+    seeded_split,
+)
+
+_EXTS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".npy", ".tif", ".tiff", ".bmp")
+
+
+def _has_ext(path: Path) -> bool:
+    return path.name.lower().endswith(_EXTS)
+
+
+class FolderDataset(MultiRaterDataset):
+    """Any multi-rater data arranged as one folder per case.
+
+    Layout::
+
+        ROOT/<case>/image.<ext>              the image (2D or 3D; channels last or first are accepted)
+        ROOT/<case>/<rater pattern>.<ext>    one binary mask per rater (0/1 or 0/255), e.g. rater1.png
+
+    ``<ext>`` is NIfTI (.nii/.nii.gz), PNG/JPG/TIFF or .npy. Options: ``rater_glob`` (default "rater*",
+    matched against file names, sorted naturally), ``intensity`` ("auto": uint8 / 255, other types by
+    0.5/99.5 percentiles; "percentile", "none" or a (low, high) window). ``split``: seeded by case
+    (``val_fraction``, ``test_fraction``, ``seed``). Published: your own data.
+    """
+
+    name = "folder"
+    published = "your own data (no public source)"
+    layout = "<case>/image.<ext> with <case>/rater*.<ext> (NIfTI, PNG/JPG or .npy)"
+
+    def __init__(self, root, split: str | None = None, task: str | None = None, rater_glob: str = "rater*",
+                 intensity: str | tuple[float, float] = "auto", val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None):
+        if task not in (None, "default"):
+            raise ValueError(f"unknown task {task!r} for dataset 'folder'; valid tasks: default")
+        root = check_root(root, self.name, self.published, self.layout)
+        self.rater_glob, self.intensity = rater_glob, intensity
+        cases = []
+        for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
+            images = [p for p in d.iterdir() if p.name.lower().startswith("image.") and _has_ext(p)]
+            if len(images) != 1:
+                raise FileNotFoundError(f"expected exactly one image.<ext> in {d}, found {len(images)}; "
+                                        f"layout: {self.layout}")
+            raters = sorted((p for p in d.iterdir() if p != images[0] and _has_ext(p)
+                             and fnmatch.fnmatch(p.name, rater_glob)), key=lambda p: natural_key(p.name))
+            if not raters:
+                raise FileNotFoundError(f"missing rater file: no file matching {rater_glob!r} in {d}; "
+                                        f"layout: {self.layout}")
+            cases.append(Case(d.name, d.name, (images[0], raters)))
+        if not cases:
+            raise FileNotFoundError(f"no case folders under {root}; layout: {self.layout}")
+        counts = {len(c.info[1]) for c in cases}
+        if len(counts) > 1:
+            fewest = min(cases, key=lambda c: len(c.info[1]))
+            raise FileNotFoundError(f"missing rater file: case {fewest.id} has {len(fewest.info[1])} files "
+                                    f"matching {rater_glob!r}, others have up to {max(counts)}")
+        super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
+
+    def load_case(self, case: Case) -> dict:
+        image_path, rater_paths = case.info
+        masks = []
+        for path in rater_paths:
+            m = read_array(path)
+            if path.name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")) and m.ndim == 3:
+                m = m[..., 0]  # a greyscale mask saved as RGB
+            masks.append(binary_mask(m, str(path)))
+        for path, m in zip(rater_paths[1:], masks[1:]):
+            check_same_shape(m, masks[0].shape, str(path), str(rater_paths[0]))
+        image = channels_first(read_array(image_path), masks[0].shape, str(image_path))
+        return make_item(scale_intensity(image, self.intensity), masks, case.id)
