@@ -1,0 +1,419 @@
+"""Streaming multi-rater calibration metric (SPEC §4–5): one pass, O(bins) memory, distributed sync.
+
+:class:`MultiRaterCalibration` accumulates the statistics of :func:`orcal.calibration_stats` over any
+number of updates. Only the summed totals are kept (a few thousand numbers whatever the size of the test
+set), plus, on request, one row per image for the bootstrap (``per_image=True``) and the per-score counts of
+the exact AUC (``exact_auc=True``). Under ``torch.distributed`` :meth:`MultiRaterCalibration.compute` sums
+the statistics of every rank; integer counts stay exact.
+
+When torchmetrics is installed, :class:`MultiRaterCalibrationMetric` wraps the same statistics as a
+``torchmetrics.Metric`` with ``dist_reduce_fx="sum"`` states, for Lightning's ``self.log``.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from orcal import ops, reference
+from orcal.ops import bootstrap
+from orcal.stats import CalibrationStats
+
+__all__ = ["MultiRaterCalibration", "agreement_table", "bootstrap"]  # + MultiRaterCalibrationMetric (lazy)
+
+#: Voxels per chunk when accumulating the confidence-vs-agreement table (bounds its temporary memory).
+_AGREEMENT_CHUNK = 1 << 22
+_METRIC_KEYS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
+
+
+def _distributed_world() -> int:
+    """World size of an initialised ``torch.distributed`` process group, else 1."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _comm_device() -> torch.device:
+    """The device collective tensors must live on: the current GPU for NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    out = t.to(_comm_device()).clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate, in rank order, tensors whose first dimension differs between ranks (padded to the max)."""
+    dist = torch.distributed
+    device = _comm_device()
+    world = dist.get_world_size()
+    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    longest = max(counts)
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(t.device)
+
+
+def _merge_scores(scores: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collapse repeated scores: sorted unique scores with their summed positive / negative pair counts."""
+    unique, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    merged_pos = torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, pos)
+    merged_neg = torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, neg)
+    return unique, merged_pos, merged_neg
+
+
+def _auc_from_scores(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Exact AUC from per-unique-score counts sorted by score (ties count one half)."""
+    pos, neg = pos.double(), neg.double()
+    P, Q = float(pos.sum()), float(neg.sum())
+    if P == 0 or Q == 0:
+        return math.nan
+    neg_below = torch.cumsum(neg, 0) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (P * Q))
+
+
+def agreement_table(sum_p: dict[int, torch.Tensor], count: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Mean predicted probability per normalised rater agreement ``k / R`` (levels of equal ``k/R`` merged).
+
+    Args:
+        sum_p: ``{R: (R+1,) float64}`` summed probability of the voxels with ``k`` votes out of ``R``.
+        count: ``{R: (R+1,) int64}`` number of those voxels.
+
+    Returns:
+        ``{"agreement", "confidence", "count"}`` arrays sorted by agreement; levels with no voxel are dropped.
+    """
+    merged: dict[Fraction, list[float]] = {}
+    for R in sorted(sum_p):
+        for k in range(R + 1):
+            c = int(count[R][k])
+            if c == 0:
+                continue
+            entry = merged.setdefault(Fraction(k, R), [0.0, 0])
+            entry[0] += float(sum_p[R][k])
+            entry[1] += c
+    keys = sorted(merged)
+    return {
+        "agreement": np.array([float(f) for f in keys], dtype=np.float64),
+        "confidence": np.array([merged[f][0] / merged[f][1] for f in keys], dtype=np.float64),
+        "count": np.array([merged[f][1] for f in keys], dtype=np.int64),
+    }
+
+
+class MultiRaterCalibration:
+    """Streaming multi-rater calibration metrics: MR-ECE (l1, l2, max), AUC, Brier, NLL and Dice.
+
+    Every statistic is a sum over voxel–rater pairs (SPEC §4), so updates may have any batch size, image
+    size and number of raters ``R``; the result equals one pass over all the data at once.
+
+    Args:
+        n_bins: equal-width ECE bins on [0, 1].
+        auc_bins: score bins of the streaming AUC (its error bound is reported).
+        per_image: also keep one statistics row per image (needed by :meth:`stats` and the bootstrap;
+            costs ``O(images x (n_bins + auc_bins))`` memory).
+        exact_auc: also keep the positive / negative pair count of every distinct score, so that
+            :meth:`compute` returns the exact AUC (memory grows with the number of distinct scores).
+        kind: ``"prob"`` (probabilities), ``"logit"`` (binary logits) or ``"ordinal"`` (ordinal logits
+            ``(B, R+1, *S)``); :meth:`update` may override it.
+        readout: ordinal readout, ``"majority"`` or ``"expected"``.
+        majority: majority threshold for the readout and Dice; default ``R // 2 + 1``.
+        agreement: accumulate the confidence-vs-agreement table (mean ``p`` per vote count ``k``). It costs
+            one extra read of the prediction and the target per update (and, for ordinal logits, one
+            readout to a probability map).
+        backend: kernel backend of :func:`orcal.calibration_stats` (``"auto"`` picks the fastest).
+    """
+
+    def __init__(self, n_bins: int = 15, auc_bins: int = 4096, per_image: bool = False, exact_auc: bool = False,
+                 kind: str = "prob", readout: str = "majority", majority: int | None = None,
+                 agreement: bool = True, backend: str = "auto") -> None:
+        for name, value, low in (("n_bins", n_bins, 1), ("auc_bins", auc_bins, 2)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        ops._check_choice("kind", kind, ops.KINDS)
+        ops._check_choice("readout", readout, ops.READOUTS)
+        ops._check_choice("backend", backend, ops.BACKENDS)
+        if majority is not None and (not isinstance(majority, int) or majority < 1):
+            raise ValueError(f"majority must be a positive integer or None, got {majority!r}")
+        self.n_bins, self.auc_bins = n_bins, auc_bins
+        self.per_image, self.exact_auc, self.agreement = bool(per_image), bool(exact_auc), bool(agreement)
+        self.kind, self.readout, self.majority, self.backend = kind, readout, majority, backend
+        self.reset()
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every update."""
+        self._total = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=1)
+        self._n_images = 0
+        self._rows: list[CalibrationStats] = []
+        self._sum_p: dict[int, torch.Tensor] = {}
+        self._count: dict[int, torch.Tensor] = {}
+        empty_i64 = torch.zeros(0, dtype=torch.int64)
+        self._scores = (torch.zeros(0, dtype=torch.float64), empty_i64, empty_i64.clone())
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
+               valid: torch.Tensor | None = None, kind: str | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            pred: probabilities or binary logits ``(B, *S)`` / ``(B, 1, *S)``, or ordinal logits
+                ``(B, R+1, *S)``, as set by ``kind``.
+            target: rater masks ``(B, R, *S)``, or vote counts ``k`` ``(B, *S)`` with ``num_raters``.
+            num_raters: ``R`` when ``target`` holds vote counts. ``R`` may differ between updates.
+            valid: optional ``(B, *S)`` bool mask of the voxels that count.
+            kind: overrides the ``kind`` given at construction for this update.
+
+        An empty batch (``B = 0`` in both ``pred`` and ``target``) is a no-op.
+        """
+        kind = self.kind if kind is None else kind
+        ops._check_choice("kind", kind, ops.KINDS)
+        ops._check_tensor("pred", pred)
+        ops._check_tensor("target", target)
+        if pred.ndim >= 1 and target.ndim >= 1 and pred.shape[0] == 0 and target.shape[0] == 0:
+            return
+        st = ops.calibration_stats(pred, target, num_raters=num_raters, kind=kind, readout=self.readout,
+                                   majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
+                                   valid=valid, backend=self.backend)
+        st = st.to("cpu")
+        R = target.shape[1] if num_raters is None else int(num_raters)
+        if self.agreement or self.exact_auc:
+            self._accumulate_votes(pred, target, num_raters, R, valid, kind)
+        self._total = CalibrationStats.cat([self._total, st]).total()
+        self._n_images += st.n_images
+        if self.per_image:
+            self._rows.append(st)
+
+    def _accumulate_votes(self, pred, target, num_raters, R, valid, kind) -> None:
+        """Per-vote-level sums of ``p`` (agreement table) and per-score pair counts (exact AUC)."""
+        m = reference.majority_threshold(R, self.majority)
+        if kind == "ordinal":
+            p = ops.foreground_probability(pred, self.readout, m, backend=self.backend)
+        else:
+            if pred.ndim == target.ndim + (0 if num_raters is None else 1) and pred.shape[1] == 1:
+                pred = pred[:, 0]
+            p = pred if kind == "prob" else torch.sigmoid(pred.float())
+        k = ops.orc_targets(target, backend=self.backend) if num_raters is None else target
+        p, k = p.reshape(-1), k.reshape(-1)
+        keep = None if valid is None else valid.reshape(-1)
+        sum_p = torch.zeros(R + 1, dtype=torch.float64)
+        count = torch.zeros(R + 1, dtype=torch.int64)
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, p.numel(), _AGREEMENT_CHUNK):
+            pc = p[start:start + _AGREEMENT_CHUNK]
+            kc = k[start:start + _AGREEMENT_CHUNK].long()
+            if keep is not None:
+                kk = keep[start:start + _AGREEMENT_CHUNK]
+                pc, kc = pc[kk], kc[kk]
+            pd = pc.double()
+            if self.agreement:
+                sum_p += torch.bincount(kc, weights=pd, minlength=R + 1).cpu()[: R + 1]
+                count += torch.bincount(kc, minlength=R + 1).cpu()[: R + 1]
+            if self.exact_auc:
+                scores, inverse = torch.unique(pd, sorted=True, return_inverse=True)
+                pos = torch.zeros(scores.shape[0], dtype=torch.int64, device=pd.device).index_add_(0, inverse, kc)
+                neg = torch.zeros_like(pos).index_add_(0, inverse, R - kc)
+                parts.append((scores.cpu(), pos.cpu(), neg.cpu()))
+        if parts:  # one merge per update keeps the cost O(distinct scores) per update
+            old = self._scores
+            self._scores = _merge_scores(torch.cat([old[0], *(q[0] for q in parts)]),
+                                         torch.cat([old[1], *(q[1] for q in parts)]),
+                                         torch.cat([old[2], *(q[2] for q in parts)]))
+        if self.agreement:
+            self._sum_p[R] = self._sum_p.get(R, torch.zeros(R + 1, dtype=torch.float64)) + sum_p
+            self._count[R] = self._count.get(R, torch.zeros(R + 1, dtype=torch.int64)) + count
+
+    # --- synchronisation ---------------------------------------------------------------------------------
+
+    def _synced(self) -> dict[str, Any]:
+        """This process's state, or the sum over every rank of an initialised process group."""
+        state = {"total": self._total, "n_images": self._n_images, "rows": self._rows,
+                 "sum_p": dict(self._sum_p), "count": dict(self._count), "scores": self._scores}
+        if _distributed_world() == 1:
+            return state
+        dist = torch.distributed
+        counts, sums = self._total.pack()
+        counts = _all_reduce_sum(torch.cat([counts, torch.tensor([[self._n_images]])], dim=1))
+        state["total"] = CalibrationStats.unpack(counts[:, :-1], _all_reduce_sum(sums), self.n_bins, self.auc_bins)
+        state["n_images"] = int(counts[0, -1])
+        if self.per_image:
+            local = (CalibrationStats.cat(self._rows) if self._rows
+                     else CalibrationStats.empty(self.n_bins, self.auc_bins))
+            row_counts, row_sums = local.pack()
+            rows = CalibrationStats.unpack(_all_gather_rows(row_counts), _all_gather_rows(row_sums),
+                                           self.n_bins, self.auc_bins)
+            state["rows"] = [rows]
+        if self.agreement:
+            raters: list[list[int]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(raters, sorted(self._sum_p))
+            every = sorted({R for part in raters for R in part})
+            zeros_f = {R: torch.zeros(R + 1, dtype=torch.float64) for R in every}
+            zeros_i = {R: torch.zeros(R + 1, dtype=torch.int64) for R in every}
+            if every:
+                flat_p = _all_reduce_sum(torch.cat([self._sum_p.get(R, zeros_f[R]) for R in every]))
+                flat_c = _all_reduce_sum(torch.cat([self._count.get(R, zeros_i[R]) for R in every]))
+                sizes = [R + 1 for R in every]
+                state["sum_p"] = dict(zip(every, flat_p.split(sizes)))
+                state["count"] = dict(zip(every, flat_c.split(sizes)))
+        if self.exact_auc:
+            scores = _all_gather_rows(self._scores[0])
+            pos, neg = _all_gather_rows(self._scores[1]), _all_gather_rows(self._scores[2])
+            state["scores"] = _merge_scores(scores, pos, neg)
+        return state
+
+    # --- results -----------------------------------------------------------------------------------------
+
+    def compute(self) -> dict[str, Any]:
+        """The metrics of everything seen so far (summed over ranks under ``torch.distributed``).
+
+        Returns:
+            ``mr_ece`` (l1), ``mr_ece_l2``, ``mr_mce``, ``auc`` (streaming, with ``auc_error_bound``; exact
+            with ``exact_auc=True``, then the binned value is ``auc_binned``), ``brier``, ``nll``, ``dice``,
+            ``bins`` (the reliability table of :func:`orcal.reference.bin_table`), ``agreement`` (the
+            confidence-vs-agreement table, when accumulated), ``n_pairs`` and ``n_images``. Metrics that are
+            undefined on the data (e.g. AUC without a negative pair) are NaN.
+
+        Raises:
+            RuntimeError: nothing was accumulated (on any rank).
+        """
+        state = self._synced()
+        if state["n_images"] == 0:
+            raise RuntimeError("MultiRaterCalibration.compute() called before any non-empty update")
+        total: CalibrationStats = state["total"]
+        values = {key: float(v[0]) for key, v in reference.metrics_from_totals(total).items()}
+        out: dict[str, Any] = {key: values[key] for key in _METRIC_KEYS}
+        if self.exact_auc:
+            out["auc_binned"] = out["auc"]
+            out["auc"] = _auc_from_scores(state["scores"][1], state["scores"][2])
+        out["bins"] = reference.bin_table(total)
+        if self.agreement:
+            out["agreement"] = agreement_table(state["sum_p"], state["count"])
+        out["n_pairs"] = int(total.n.sum())
+        out["n_images"] = int(state["n_images"])
+        return out
+
+    def totals(self) -> CalibrationStats:
+        """The summed statistics (one row; summed over ranks under ``torch.distributed``)."""
+        return self._synced()["total"]
+
+    def stats(self) -> CalibrationStats:
+        """Per-image statistics in the form :func:`orcal.bootstrap` takes (needs ``per_image=True``)."""
+        if not self.per_image:
+            raise RuntimeError("stats() needs MultiRaterCalibration(per_image=True)")
+        rows = self._synced()["rows"]
+        if not rows:
+            return CalibrationStats.empty(self.n_bins, self.auc_bins)
+        return CalibrationStats.cat(rows)
+
+    def bootstrap(self, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
+                  count: int | None = None) -> dict[str, dict[str, float]]:
+        """Bootstrap confidence intervals over the images seen (SPEC §5); needs ``per_image=True``."""
+        return bootstrap(self.stats(), n_boot=n_boot, fraction=fraction, seed=seed, count=count)
+
+    # --- persistence -------------------------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {"n_bins": self.n_bins, "auc_bins": self.auc_bins, "per_image": self.per_image,
+                "exact_auc": self.exact_auc, "agreement": self.agreement}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's accumulated state (tensors, ints and strings; loadable with ``weights_only=True``)."""
+        rows = CalibrationStats.cat(self._rows) if self._rows else None
+        return {
+            "config": self._config(),
+            "total": self._total.as_dict(),
+            "n_images": self._n_images,
+            "rows": None if rows is None else rows.as_dict(),
+            "agreement": {str(R): {"sum_p": self._sum_p[R], "count": self._count[R]} for R in self._sum_p},
+            "scores": {"score": self._scores[0], "pos": self._scores[1], "neg": self._scores[2]},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the bin counts and options must match this metric's."""
+        if not isinstance(state, dict) or "config" not in state:
+            raise TypeError("state must be a dict made by MultiRaterCalibration.state_dict()")
+        if state["config"] != self._config():
+            raise ValueError(f"state was saved with {state['config']}, but this metric has {self._config()}")
+        self._total = CalibrationStats.from_dict(state["total"])
+        self._n_images = int(state["n_images"])
+        self._rows = [] if state["rows"] is None else [CalibrationStats.from_dict(state["rows"])]
+        self._sum_p = {int(R): v["sum_p"].clone() for R, v in state["agreement"].items()}
+        self._count = {int(R): v["count"].clone() for R, v in state["agreement"].items()}
+        s = state["scores"]
+        self._scores = (s["score"].clone(), s["pos"].clone(), s["neg"].clone())
+
+    def __repr__(self) -> str:
+        return (f"MultiRaterCalibration(n_bins={self.n_bins}, auc_bins={self.auc_bins}, per_image={self.per_image}, "
+                f"exact_auc={self.exact_auc}, kind={self.kind!r}, images={self._n_images})")
+
+
+# --- torchmetrics adapter (built on first access, so torchmetrics stays optional) -------------------------
+
+def _make_torchmetrics_class():
+    import torchmetrics
+
+    class MultiRaterCalibrationMetric(torchmetrics.Metric):
+        """``torchmetrics.Metric`` form of :class:`MultiRaterCalibration` for Lightning's ``self.log_dict``.
+
+        States are the packed statistics with ``dist_reduce_fx="sum"``; :meth:`compute` returns a dict of
+        scalar tensors (``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``, ``auc_error_bound``, ``brier``,
+        ``nll``, ``dice``). Keyword arguments of :meth:`update` are those of
+        :meth:`MultiRaterCalibration.update`.
+        """
+
+        is_differentiable = False
+        higher_is_better = False
+        full_state_update = False
+
+        def __init__(self, n_bins: int = 15, auc_bins: int = 4096, kind: str = "prob", readout: str = "majority",
+                     majority: int | None = None, backend: str = "auto", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._inner = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, kind=kind, readout=readout,
+                                                majority=majority, agreement=False, backend=backend)
+            counts, sums = CalibrationStats.empty(n_bins, auc_bins, rows=1).pack()
+            self.add_state("counts", default=counts[0], dist_reduce_fx="sum")
+            self.add_state("sums", default=sums[0], dist_reduce_fx="sum")
+
+        def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
+                   valid: torch.Tensor | None = None, kind: str | None = None) -> None:
+            inner = self._inner
+            inner.reset()
+            inner.update(pred, target, num_raters=num_raters, valid=valid, kind=kind)
+            counts, sums = inner._total.pack()
+            self.counts += counts[0].to(self.counts.device)
+            self.sums += sums[0].to(self.sums.device)
+
+        def compute(self) -> dict[str, torch.Tensor]:
+            n_bins, auc_bins = self._inner.n_bins, self._inner.auc_bins
+            total = CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), n_bins, auc_bins)
+            values = reference.metrics_from_totals(total)
+            return {key: values[key][0].float() for key in _METRIC_KEYS}
+
+    return MultiRaterCalibrationMetric
+
+
+_lazy: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    if name == "MultiRaterCalibrationMetric":
+        if name not in _lazy:
+            try:
+                _lazy[name] = _make_torchmetrics_class()
+            except ImportError as err:
+                raise ImportError("MultiRaterCalibrationMetric needs torchmetrics (pip install torchmetrics)") from err
+        return _lazy[name]
+    raise AttributeError(f"module 'orcal.metrics' has no attribute {name!r}")
