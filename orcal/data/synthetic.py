@@ -64,7 +64,9 @@ def smooth_field(rng: np.random.Generator, shape: Sequence[int], sigma: float) -
     freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
     grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
     k2 = sum(g**2 for g in grids)
-    out = np.fft.irfftn(np.fft.rfftn(noise) * np.exp(-2.0 * np.pi**2 * sigma**2 * k2), s=tuple(shape))
+    axes = tuple(range(len(shape)))
+    spectrum = np.fft.rfftn(noise, axes=axes) * np.exp(-2.0 * np.pi**2 * sigma**2 * k2)
+    out = np.fft.irfftn(spectrum, s=tuple(shape), axes=axes)
     out -= out.mean()
     return out / (out.std() + 1e-12)
 
