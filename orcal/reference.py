@@ -168,6 +168,8 @@ def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins:
     p = p.to(opmath_dtype(p.dtype)).reshape(B, -1)
     k = k.reshape(B, -1).long()
     w = torch.ones_like(k) if valid is None else valid.reshape(B, -1).long()  # 1 for voxels that count
+    if valid is not None:  # an invalid voxel may hold anything, even NaN: give it a harmless value
+        p = torch.where(w.bool(), p, 0.0)
     kw, rw = k * w, R * w
 
     def hist(index: torch.Tensor, values: torch.Tensor, bins: int) -> torch.Tensor:
