@@ -1,0 +1,163 @@
+"""Reliability diagrams and confidence-vs-agreement plots (matplotlib, Agg backend, written to files).
+
+Every function takes ``{method name: data}`` so that several methods are overlaid, writes the figure to
+``path`` (the format follows the extension: ``.png``, ``.pdf``, ``.svg``) and returns that path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orcal.stats import CalibrationStats
+
+__all__ = ["confidence_vs_agreement", "reliability_diagram"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _as_bin_table(name: str, data: Any) -> dict[str, np.ndarray]:
+    """A bin table (``reference.bin_table``) from statistics, a table, or a ``compute()`` result."""
+    from orcal import reference
+
+    if isinstance(data, CalibrationStats):
+        return reference.bin_table(data)
+    if isinstance(data, Mapping) and "bins" in data:
+        data = data["bins"]
+    if isinstance(data, Mapping) and {"count", "confidence", "accuracy"} <= set(data):
+        table = {key: np.asarray(value) for key, value in data.items()}
+        if "lower" not in table:
+            edges = np.linspace(0, 1, len(table["count"]) + 1)
+            table["lower"], table["upper"] = edges[:-1], edges[1:]
+        return table
+    raise TypeError(f"method {name!r}: expected CalibrationStats, a bin table (count, confidence, accuracy) "
+                    f"or a MultiRaterCalibration.compute() result; got {type(data).__name__}")
+
+
+def _ece(table: dict[str, np.ndarray]) -> float:
+    count = table["count"].astype(np.float64)
+    total = count.sum()
+    if total == 0:
+        return float("nan")
+    gap = np.abs(np.nan_to_num(table["confidence"]) - np.nan_to_num(table["accuracy"]))
+    return float((count * gap).sum() / total)
+
+
+def _check_methods(methods: Mapping[str, Any], what: str) -> None:
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"{what} needs a non-empty dict {{method name: data}}, got {methods!r}")
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)
+
+
+def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
+    """Reliability diagram of the voxel–rater pairs, one curve per method, with the pair counts below.
+
+    Top panel: observed fraction of positive pairs against mean predicted probability in each non-empty bin,
+    with the diagonal of perfect calibration; the legend gives each method's MR-ECE. Bottom panel: pairs per
+    bin (log scale).
+
+    Args:
+        methods: ``{name: CalibrationStats | bin table | MultiRaterCalibration.compute() result}``.
+        path: output file.
+        title: figure title.
+
+    Returns:
+        ``path`` as a string.
+    """
+    _check_methods(methods, "reliability_diagram")
+    tables = {name: _as_bin_table(name, data) for name, data in methods.items()}
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
+    top.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="perfect calibration")
+    n_methods = len(tables)
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, table) in enumerate(tables.items()):
+        color = colors[i % len(colors)]
+        nonempty = table["count"] > 0
+        top.plot(table["confidence"][nonempty], table["accuracy"][nonempty], marker="o", markersize=4,
+                 linewidth=1.6, color=color, label=f"{name}  (MR-ECE {100 * _ece(table):.2f}%)")
+        width = (table["upper"] - table["lower"]) / n_methods
+        left = table["lower"] + i * width
+        counts = np.where(nonempty, table["count"], np.nan)
+        bottom.bar(left, counts, width=width, align="edge", color=color, alpha=0.75, linewidth=0)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_aspect("auto")
+    top.set_ylabel("observed fraction of positive pairs")
+    top.grid(True, color="0.92")
+    top.legend(loc="upper left", fontsize=8, frameon=False)
+    if title:
+        top.set_title(title)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("pairs")
+    bottom.grid(True, axis="y", color="0.92")
+    return _save(fig, path)
+
+
+def _as_agreement(name: str, data: Any) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping) and "agreement" in data and isinstance(data["agreement"], Mapping):
+        data = data["agreement"]
+    if isinstance(data, Mapping) and {"agreement", "confidence"} <= set(data):
+        return {key: np.asarray(value) for key, value in data.items()}
+    raise TypeError(f"method {name!r}: expected a table with 'agreement' and 'confidence' (as "
+                    f"MultiRaterCalibration.compute()['agreement']), got {type(data).__name__}")
+
+
+def confidence_vs_agreement(methods: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
+    """Mean predicted probability at each rater agreement level ``k / R``, against the ideal diagonal.
+
+    A model that predicts the fraction of raters voting foreground lies on the diagonal; marker areas grow
+    with the number of voxels at that level.
+
+    Args:
+        methods: ``{name: agreement table | MultiRaterCalibration.compute() result}``.
+        path: output file.
+        title: figure title.
+
+    Returns:
+        ``path`` as a string.
+    """
+    _check_methods(methods, "confidence_vs_agreement")
+    tables = {name: _as_agreement(name, data) for name, data in methods.items()}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    ax.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="ideal (p = k / R)")
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, table) in enumerate(tables.items()):
+        color = colors[i % len(colors)]
+        x, y = table["agreement"], table["confidence"]
+        ax.plot(x, y, color=color, linewidth=1.6, label=name)
+        if "count" in table and len(table["count"]):
+            share = table["count"] / max(table["count"].sum(), 1)
+            ax.scatter(x, y, s=20 + 180 * np.sqrt(share), color=color, alpha=0.8, zorder=3, linewidths=0)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("rater agreement k / R")
+    ax.set_ylabel("mean predicted probability")
+    ax.grid(True, color="0.92")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
