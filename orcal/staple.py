@@ -1,0 +1,180 @@
+"""Binary STAPLE (Warfield et al. 2004) as SimpleITK's ``STAPLEImageFilter`` computes it (SPEC §6).
+
+The EM only ever looks at a voxel through its *vote pattern* (which raters marked it), so voxels sharing a
+pattern share their posterior. We therefore compress each image to its distinct patterns and their counts
+once, run the EM on that small table (at most ``2^R`` rows per image), and scatter the result back. Every
+iteration then costs O(patterns x R) instead of O(voxels x R), which is what makes this much faster than
+a voxel-by-voxel loop while computing the same numbers (float64 throughout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Vote patterns are looked up in a dense table when it has at most this many entries (B x 2^R).
+_DENSE_TABLE_MAX = 1 << 22
+
+
+def _pattern_keys(votes: torch.Tensor) -> torch.Tensor:
+    """Pack each voxel's votes ``(B, R, V)`` bool into int64 words ``(B, V, n_words)``, 62 raters a word."""
+    B, R, V = votes.shape
+    n_words = (R + 61) // 62
+    keys = torch.zeros(B, V, n_words, dtype=torch.int64, device=votes.device)
+    for r in range(R):
+        word, bit = divmod(r, 62)
+        keys[:, :, word] |= votes[:, r].to(torch.int64) << bit
+    return keys
+
+
+def vote_patterns(votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct vote patterns of each image.
+
+    Args:
+        votes: ``(B, R, V)`` bool.
+
+    Returns:
+        ``patterns`` ``(U, R)`` bool, ``image`` ``(U,)`` int64 (which image a pattern belongs to),
+        ``counts`` ``(U,)`` int64 (voxels with that pattern), and ``inverse`` ``(B, V)`` int64
+        (the pattern of each voxel).
+    """
+    B, R, V = votes.shape
+    device = votes.device
+    keys = _pattern_keys(votes)
+    if keys.shape[-1] == 1 and (B << R) <= _DENSE_TABLE_MAX:
+        # Small pattern space: one histogram over (image, pattern), no sorting.
+        flat = (torch.arange(B, device=device).unsqueeze(1) << R) | keys[..., 0]
+        counts = torch.bincount(flat.reshape(-1), minlength=B << R)
+        present = counts.nonzero().squeeze(1)
+        slot = torch.full((B << R,), -1, dtype=torch.int64, device=device)
+        slot[present] = torch.arange(present.numel(), device=device)
+        inverse = slot[flat]
+        image = present >> R
+        codes = (present & ((1 << R) - 1)).unsqueeze(1)
+        counts = counts[present]
+    else:
+        rows = torch.cat([torch.arange(B, device=device).view(B, 1, 1).expand(B, V, 1), keys], dim=2)
+        uniq, inverse, counts = torch.unique(rows.reshape(B * V, -1), dim=0, return_inverse=True,
+                                             return_counts=True)
+        inverse = inverse.view(B, V)
+        image, codes = uniq[:, 0], uniq[:, 1:]
+    r = torch.arange(R, device=device)
+    patterns = ((codes[:, r // 62] >> (r % 62)) & 1).bool()
+    return patterns, image, counts, inverse
+
+
+def _per_image_table(patterns, image, counts, inverse, B):
+    """Lay the pattern rows out as a padded ``(B, U, R)`` table (padding rows have count 0)."""
+    per = torch.bincount(image, minlength=B)
+    U = max(int(per.max()) if B else 0, 1)
+    start = torch.cumsum(per, 0) - per
+    pos = torch.arange(image.numel(), device=image.device) - start[image]  # rows are sorted by image
+    slot = image * U + pos
+    R = patterns.shape[1]
+    table = torch.zeros(B * U, R, dtype=torch.bool, device=image.device)
+    table[slot] = patterns
+    cnt = torch.zeros(B * U, dtype=torch.float64, device=image.device)
+    cnt[slot] = counts.to(torch.float64)
+    return table.view(B, U, R), cnt.view(B, U), slot[inverse]
+
+
+def _em_on_table(P: np.ndarray, cnt: np.ndarray, n_voxels: int, confidence_weight: float, max_iter: int,
+                 tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The STAPLE EM on a pattern table ``P`` ``(B, U, R)`` with voxel counts ``cnt`` ``(B, U)``.
+
+    Returns W ``(B, U)``, rates ``[p, 1 - q]`` ``(B, 2, R)`` and iterations ``(B,)``.
+    """
+    B, U, R = P.shape
+    Pf = P.astype(np.float64)
+    fg = P[:, None]  # (B, 1, U, R)
+    # Initial W is the mean vote; the prior g is the mean of W over the image, times the confidence weight
+    # (clamped to [0, 1]: a confidence weight that pushes g past 1 would make (1 - g) negative).
+    W = Pf.mean(2)
+    g = np.clip((cnt * W).sum(1) / max(n_voxels, 1) * confidence_weight, 0.0, 1.0)
+    # Rates are kept as r = [p, 1 - q] (B, 2, R): "rater says foreground" then contributes log r and
+    # "rater says background" log(1 - r), for the foreground and the background hypothesis alike.
+    undefined = np.array([[1.0], [0.0]])  # p = q = 1 when nothing defines them: vacuously perfect
+    rates = np.broadcast_to(undefined, (B, 2, R)).copy()
+    last = np.full_like(rates, -10.0)
+    active = np.ones((B, 1, 1), dtype=bool)
+    iterations = np.zeros(B, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_prior = np.stack([np.log(g), np.log1p(-g)], 1)[:, :, None]
+        for it in range(max_iter):
+            # M-step: sensitivity and false-positive rate of each rater against the current soft truth.
+            w = cnt[:, None] * np.stack([W, 1.0 - W], 1)  # (B, 2, U)
+            den = w.sum(2, keepdims=True)
+            rates = np.where(active, np.where(den > 0, (w @ Pf) / den, undefined), rates)
+
+            # E-step in log space, so that many raters cannot underflow the products.
+            ll = np.where(fg, np.log(rates)[:, :, None], np.log1p(-rates)[:, :, None]).sum(3) + log_prior
+            new_W = 1.0 / (1.0 + np.exp(ll[:, 1] - ll[:, 0]))
+            # Both likelihoods zero (-inf - -inf): the data says nothing new, keep the previous estimate.
+            new_W = np.where(np.isnan(new_W), W, new_W)
+            W = np.where(active[:, 0], new_W, W)
+            iterations += active.reshape(B)
+
+            # Converged when every squared change of p and q is at most tol (not checked on the first pass).
+            if it > 0:
+                active &= ~((rates - last) ** 2 <= tol).all(axis=(1, 2), keepdims=True)
+                if not active.any():
+                    break
+            last = rates
+    return W, rates, iterations
+
+
+def staple_em(votes: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 100_000,
+              tol: float = 1e-14) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run binary STAPLE on ``(B, R, V)`` bool votes.
+
+    Returns ``W`` ``(B, V)`` float64 (posterior foreground probability), sensitivities ``p`` and
+    specificities ``q`` ``(B, R)`` float64, and the number of EM iterations run per image ``(B,)``.
+    """
+    B, R, V = votes.shape
+    dev = votes.device
+    P, cnt, voxel_slot = _per_image_table(*vote_patterns(votes), B)
+    # The EM runs on the host: its table is tiny and its thousands of small steps are latency-bound.
+    W, rates, iterations = _em_on_table(P.cpu().numpy(), cnt.cpu().numpy(), V, confidence_weight, max_iter,
+                                        tol)
+    W = torch.from_numpy(W).to(dev).view(-1)[voxel_slot]
+    rates = torch.from_numpy(rates).to(dev)
+    return W, rates[:, 0], 1.0 - rates[:, 1], torch.from_numpy(iterations).to(dev)
+
+
+def staple(masks: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 100_000, tol: float = 1e-14,
+           hard: bool = False, return_performance: bool = False, dtype: torch.dtype = torch.float32):
+    """Posterior foreground probability of binary STAPLE, per image (SPEC §6).
+
+    Matches ``SimpleITK.STAPLE(images, 1)`` (which iterates until convergence): the EM starts from the mean
+    vote, uses the global prior ``g = mean vote x confidence_weight``, and stops when every squared change
+    of a rater's sensitivity ``p`` and specificity ``q`` is at most ``tol``, or after ``max_iter`` rounds.
+    Unlike SimpleITK it never returns NaN: an undefined rate (all raters empty, or all full) is set to 1.
+
+    Args:
+        masks: ``(B, R, *S)`` bool / uint8 in {0, 1}; ``S`` is 2D or 3D.
+        confidence_weight: scales the prior ``g``.
+        max_iter: most EM iterations per image.
+        tol: convergence threshold on the squared change of each ``p_r`` and ``q_r``.
+        hard: return ``W > 0.5`` as 0/1 instead of the probability.
+        return_performance: also return ``p`` and ``q`` ``(B, R)`` float64.
+        dtype: dtype of the returned map (float32 by default; float64 keeps full precision).
+
+    Returns:
+        ``W`` ``(B, *S)`` in [0, 1], or ``(W, p, q)`` when ``return_performance``.
+    """
+    from orcal.fusion import check_masks
+
+    masks = check_masks(masks)
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if not 0 < confidence_weight:
+        raise ValueError(f"confidence_weight must be > 0, got {confidence_weight!r}")
+    B, R, *S = masks.shape
+    W, p, q, _ = staple_em(masks.reshape(B, R, math.prod(S)), confidence_weight, max_iter, tol)
+    W = W.view(B, *S)
+    W = (W > 0.5).to(dtype) if hard else W.clamp(0.0, 1.0).to(dtype)
+    return (W, p, q) if return_performance else W
