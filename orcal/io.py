@@ -1,0 +1,128 @@
+"""Read and write image and mask arrays: NIfTI (nibabel), PNG / JPEG / BMP / TIFF (Pillow) and ``.npy``.
+
+Every error names the file. Arrays are returned in the file's own axis order and dtype (NIfTI: nibabel's
+``(x, y, z)`` order with any intensity scaling applied; images: ``(H, W)`` or ``(H, W, C)``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NUMPY_EXTENSIONS = (".npy",)
+EXTENSIONS = NIFTI_EXTENSIONS + IMAGE_EXTENSIONS + NUMPY_EXTENSIONS
+
+#: Files larger than this are refused before reading (a wrong path or a hostile file).
+MAX_FILE_BYTES = 8 * 1024**3
+
+__all__ = ["EXTENSIONS", "extension", "file_format", "read_array", "write_array"]
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """The format of ``path`` from its extension: ``"nifti"``, ``"image"`` or ``"npy"``."""
+    name = Path(path).name.lower()
+    if name.endswith(NIFTI_EXTENSIONS):
+        return "nifti"
+    if name.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if name.endswith(NUMPY_EXTENSIONS):
+        return "npy"
+    raise ValueError(f"{path}: unsupported file type; supported extensions are {', '.join(EXTENSIONS)}")
+
+
+def extension(path: str | os.PathLike) -> str:
+    """The (possibly double, as ``.nii.gz``) extension of ``path``, lower case."""
+    name = Path(path).name.lower()
+    for ext in EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return Path(path).suffix.lower()
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    """Read the array stored in ``path`` (format chosen by extension).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unsupported extension, empty or oversized file, or a file that cannot be decoded.
+    """
+    path = Path(path)
+    kind = file_format(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty")
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {size / 1024**3:.1f} GiB is over the {MAX_FILE_BYTES / 1024**3:.0f} GiB "
+                         "limit for one file")
+    try:
+        if kind == "nifti":
+            import nibabel as nib
+
+            return np.asarray(nib.load(str(path)).dataobj)
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return np.array(img)
+        # allow_pickle=False: a .npy file must never execute code when read
+        return np.load(path, allow_pickle=False)
+    except Exception as err:  # decoding errors of three libraries: report them uniformly
+        raise ValueError(f"{path}: could not read it as {kind} ({type(err).__name__}: {err})") from err
+
+
+def _nifti_like(like: str | os.PathLike | None):
+    if like is None or file_format(like) != "nifti":
+        return None, None
+    import nibabel as nib
+
+    try:
+        ref = nib.load(str(like))
+    except Exception as err:
+        raise ValueError(f"{like}: could not read it as nifti ({type(err).__name__}: {err})") from err
+    return ref.affine, ref.header
+
+
+def write_array(path: str | os.PathLike, array, like: str | os.PathLike | None = None) -> Path:
+    """Write ``array`` to ``path`` (format chosen by extension); parent folders are created.
+
+    - NIfTI: the affine and header of ``like`` are kept when ``like`` is a NIfTI file (the data type
+      follows ``array``); otherwise an identity affine.
+    - Images: ``array`` must be ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` of uint8 (or uint16 for
+      single-channel); bool is written as 0 / 255. Scale probabilities yourself.
+    - ``.npy``: written as is.
+
+    Returns the path written.
+    """
+    path = Path(path)
+    kind = file_format(path)
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_ and kind != "npy":
+        arr = arr.astype(np.uint8) * (255 if kind == "image" else 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "nifti":
+        import nibabel as nib
+
+        affine, header = _nifti_like(like)
+        img = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine, header)
+        img.set_data_dtype(arr.dtype)
+        if header is not None:  # the reference's intensity scaling must not apply to our values
+            img.header.set_slope_inter(1.0, 0.0)
+        nib.save(img, str(path))
+    elif kind == "image":
+        from PIL import Image
+
+        ok_shape = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))
+        ok_dtype = arr.dtype == np.uint8 or (arr.dtype == np.uint16 and arr.ndim == 2)
+        if not (ok_shape and ok_dtype):
+            raise ValueError(f"{path}: an image file takes a (H, W) or (H, W, 3|4) uint8 array, got shape "
+                             f"{arr.shape} of {arr.dtype}")
+        Image.fromarray(arr).save(path)
+    else:
+        np.save(path, arr, allow_pickle=False)
+    return path
