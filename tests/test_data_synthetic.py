@@ -33,7 +33,8 @@ def test_dataset_items_match_arrays_and_split_is_disjoint():
     assert item["image"].dtype == torch.float32 and item["masks"].dtype == torch.uint8
     np.testing.assert_array_equal(item["masks"].numpy(), arrays.masks[4])
     np.testing.assert_array_equal(item["image"].numpy(), arrays.images[4])
-    ids = [set(load_dataset("synthetic", split=s, n=10, shape=(16, 16)).ids) for s in ("train", "val", "test")]
+    ids = [set(load_dataset("synthetic", split=s, n=10, shape=(16, 16)).ids)
+           for s in ("train", "val", "test")]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert len(ids[0] | ids[1] | ids[2]) == 10
 

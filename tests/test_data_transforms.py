@@ -23,7 +23,8 @@ def _item(shape, R=3, seed=0):
 
 
 def _aligned(item):
-    return torch.equal(item["image"], item["masks"].float()) and torch.equal(item["valid"], item["masks"][0] > 0)
+    same_image = torch.equal(item["image"], item["masks"].float())
+    return same_image and torch.equal(item["valid"], item["masks"][0] > 0)
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (5, 6, 7)])

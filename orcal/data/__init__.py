@@ -76,7 +76,8 @@ def load_dataset(name: str, root=None, split: str | None = None, task: str | Non
 __all__ = [
     "DATASETS", "SPLITS", "AgreementAccumulator", "Case", "CenterCrop", "CoCaHis", "Compose", "Curvas",
     "FolderDataset", "IntensityScale", "LIDCPickle", "LIDCSlices", "LongCIU", "MultiRaterDataset", "QUBIQ",
-    "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler", "SlidingWindow",
+    "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler",
+    "SlidingWindow",
     "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError", "agreement_stats",
     "augment_2d", "dataset_class", "load_dataset", "make_synthetic", "safe_load", "sliding_window_inference",
 ]

@@ -76,7 +76,7 @@ class RandomFlip:
 
 
 class RandomRot90:
-    """Rotate by k x 90 degrees (k uniform in 0..3) in the plane of two spatial axes (default the last two)."""
+    """Rotate by k x 90 degrees (k uniform in 0..3) in the plane of two spatial axes (default: last two)."""
 
     def __init__(self, axes: tuple[int, int] = (-2, -1), generator: torch.Generator | None = None):
         self.axes, self.generator = axes, generator
@@ -259,7 +259,8 @@ class SlidingWindow:
                  batch_size: int = 1, progress: bool = False) -> torch.Tensor:
         """Run ``predictor`` on tiles of ``volume`` ``(B, C, *S)`` and blend to ``(B, K, *S)``."""
         if not isinstance(volume, torch.Tensor) or volume.dim() < 3:
-            raise ValueError(f"volume must be a tensor (B, C, *S), got {getattr(volume, 'shape', type(volume))}")
+            got = getattr(volume, "shape", type(volume))
+            raise ValueError(f"volume must be a tensor (B, C, *S), got {got}")
         spatial = tuple(volume.shape[2:])
         size = _patch(self.patch_size, len(spatial))
         padded = tuple(max(n, s) for n, s in zip(spatial, size))

@@ -1,0 +1,33 @@
+import json
+
+import numpy as np
+from test_data_lidc import write_lidc_slices
+
+from orcal.cli import main
+
+
+def test_data_info_synthetic_json(capsys):
+    argv = ["data", "info", "--dataset", "synthetic", "-o", "n=6", "-o", "shape=(16, 16)", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    st = report["agreement"]
+    assert report["cases"] == 6 and st["raters"] == [5] and report["image_shapes"] == "16x16"
+    assert len(st["k_hist"]) == 6 and np.isclose(sum(st["k_hist"]), 1.0)
+    assert len(st["foreground_fraction_per_rater"]) == 5 and 0 <= st["mean_pairwise_dice"] <= 1
+
+
+def test_data_info_text_on_a_folder_layout(tmp_path, capsys):
+    root = write_lidc_slices(tmp_path, patients=3)
+    assert main(["data", "info", str(root), "--dataset", "lidc_slices", "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    for key in ("cases", "raters", "image size", "foreground fraction", "mean pairwise Dice",
+                "any disagreement", "votes k"):
+        assert key in out
+    assert "r3=1.0000" in out  # reader 3 left every slice of the tiny layout blank
+
+
+def test_data_info_errors_are_reported(tmp_path, capsys):
+    assert main(["data", "info", str(tmp_path / "none"), "--dataset", "lidc_slices"]) == 2
+    assert "published" in capsys.readouterr().err
+    assert main(["data", "info", "-", "--dataset", "refuge", "--task", "cup"]) == 2
+    assert "needs a root" in capsys.readouterr().err
