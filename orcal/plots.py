@@ -110,6 +110,9 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
     if title:
         top.set_title(title)
     bottom.set_yscale("log")
+    counts = np.concatenate([t["count"][t["count"] > 0] for t in tables.values()])
+    if counts.size:  # whole decades, so that bar heights are not read against a truncated axis
+        bottom.set_ylim(10 ** np.floor(np.log10(counts.min())), 10 ** np.ceil(np.log10(counts.max() * 1.05)))
     bottom.set_xlabel("predicted probability")
     bottom.set_ylabel("pairs")
     bottom.grid(True, axis="y", color="0.92")

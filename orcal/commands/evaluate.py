@@ -1,0 +1,58 @@
+"""Evaluate saved probability maps against multi-rater masks: MR-ECE, AUC, Brier, NLL, Dice with bootstrap CIs.
+
+Predictions (--pred DIR) are matched to cases by file name, <case>.<ext> or <case>_prob.<ext>, with <ext>
+NIfTI, PNG/JPEG (8-bit, divided by 255) or .npy. Rater masks come from a dataset layout
+(--dataset NAME --root ROOT [--split --task]) or from a folder --raters DIR holding DIR/<case>/<rater files>.
+Writes metrics.json, per_image.csv, metrics.md, reliability.png and agreement.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, metavar="DIR", help="folder of probability maps, one per case")
+    source = parser.add_argument_group("rater masks (one of)")
+    source.add_argument("--dataset", metavar="NAME", help="dataset layout read by orcal.data.load_dataset")
+    source.add_argument("--root", metavar="DIR", help="root folder of --dataset")
+    source.add_argument("--split", default=None, help="split of --dataset (train, val, test; default: all)")
+    source.add_argument("--task", default=None, help="task of --dataset, where it has several")
+    source.add_argument("--raters", metavar="DIR", help="folder with one sub-folder of rater masks per case")
+    source.add_argument("--rater-glob", default="*", help="file pattern of rater masks in --raters (default: *)")
+    parser.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: evaluation)")
+    parser.add_argument("--bins", type=int, default=15, help="equal-width ECE bins (default: 15)")
+    parser.add_argument("--auc-bins", type=int, default=4096, help="score bins of the streaming AUC (default: 4096)")
+    parser.add_argument("--exact-auc", action="store_true", help="also compute the exact AUC (more memory)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the 95%% intervals; 0 skips (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--kind", choices=("prob", "logit"), default="prob",
+                        help="the maps hold probabilities or logits (default: prob)")
+    parser.add_argument("--name", default=None, help="method name in the report (default: name of --pred)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="evaluate the cases that have a prediction instead of failing on missing ones")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orcal.evaluate import evaluate
+
+    if args.dataset is None and args.raters is None:
+        raise ValueError("give the rater masks with --dataset NAME --root DIR or with --raters DIR")
+    if args.dataset is not None and args.raters is not None:
+        raise ValueError("--dataset and --raters exclude each other")
+    report = evaluate(args.pred, args.out, dataset=args.dataset, root=args.root, split=args.split, task=args.task,
+                      raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
+                      n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
+                      allow_missing=args.allow_missing, name=args.name, progress=not args.no_progress)
+    m, ci = report["metrics"], report["bootstrap"]
+    for key in ("mr_ece", "auc", "brier", "nll", "dice"):
+        value = m[key]
+        text = "n/a" if value is None else f"{value:.4f}"
+        if ci and ci[key]["low"] is not None:
+            text += f"  [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]"
+        print(f"{key:>8}: {text}")
+    print(f"{report['n_images']} images; report in {args.out}/ (metrics.json, per_image.csv, metrics.md, "
+          "reliability.png, agreement.png)")
+    return 0

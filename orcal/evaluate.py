@@ -1,0 +1,286 @@
+"""Evaluate probability maps saved on disk against the rater masks on disk (``orcal evaluate``).
+
+Predictions are matched to cases by file name: ``<case id>.<ext>`` or ``<case id>_prob.<ext>`` with
+``<ext>`` NIfTI, PNG/JPEG (8-bit, scaled by 1/255; 16-bit by 1/65535) or ``.npy``. Rater masks come from a
+dataset layout (:func:`orcal.data.load_dataset`) or from a plain folder ``RATERS/<case>/<rater files>``.
+One pass over each case feeds :class:`orcal.metrics.MultiRaterCalibration`; the outputs are
+``metrics.json``, ``per_image.csv``, ``metrics.md``, ``reliability.png`` and ``agreement.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orcal import reference
+from orcal.io import EXTENSIONS, extension, read_array
+from orcal.metrics import MultiRaterCalibration, bootstrap
+from orcal.stats import CalibrationStats
+
+__all__ = ["evaluate", "find_predictions", "load_prediction", "rater_folder_cases"]
+
+#: Columns of ``per_image.csv`` after ``case`` and ``raters``.
+METRICS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
+_LABELS = {"mr_ece": "MR-ECE", "mr_ece_l2": "MR-ECE (l2)", "mr_mce": "MR-MCE", "auc": "AUC",
+           "auc_error_bound": "AUC error bound", "brier": "Brier", "nll": "NLL", "dice": "Dice"}
+
+
+def _case_id(path: Path) -> str:
+    stem = path.name[: len(path.name) - len(extension(path))]
+    return re.sub(r"_prob$", "", stem)
+
+
+def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{case id: file}`` for every prediction file in ``pred_dir`` (``<id>.<ext>`` or ``<id>_prob.<ext>``)."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"--pred: no such directory: {pred_dir}")
+    found: dict[str, Path] = {}
+    for path in sorted(pred_dir.iterdir()):
+        if not path.is_file() or not path.name.lower().endswith(EXTENSIONS):
+            continue
+        case = _case_id(path)
+        if case in found:
+            raise ValueError(f"two predictions for case {case!r}: {found[case].name} and {path.name}")
+        found[case] = path
+    if not found:
+        raise FileNotFoundError(f"--pred: no prediction files ({', '.join(EXTENSIONS)}) in {pred_dir}")
+    return found
+
+
+def load_prediction(path: str | os.PathLike, kind: str = "prob") -> np.ndarray:
+    """A probability map from a file: 8/16-bit images scaled to [0, 1]; ``kind="logit"`` applies a sigmoid.
+
+    Raises:
+        ValueError: values that are not probabilities (NaN, outside [0, 1]) or an unsupported dtype,
+            naming the file.
+    """
+    arr = read_array(path)
+    if arr.dtype == np.uint8:
+        p = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        p = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == np.bool_:
+        p = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating):
+        p = arr.astype(np.float32)
+        if kind == "logit":
+            p = torch.sigmoid(torch.from_numpy(p)).numpy()
+    else:
+        raise ValueError(f"{path}: a prediction must be float, uint8 or uint16, got {arr.dtype}")
+    if p.size and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+        bad = p[np.isnan(p) | (p < 0) | (p > 1)]
+        raise ValueError(f"{path}: probabilities must lie in [0, 1]; found {bad.size} values outside, e.g. "
+                         f"{bad[0]} (use --kind logit for logits)")
+    return p
+
+
+def rater_folder_cases(raters_dir: str | os.PathLike, rater_glob: str = "*") -> dict[str, list[Path]]:
+    """``{case: [rater files]}`` of a folder ``RATERS/<case>/<files matching rater_glob>``."""
+    from orcal.data.base import natural_key
+
+    raters_dir = Path(raters_dir)
+    if not raters_dir.is_dir():
+        raise FileNotFoundError(f"--raters: no such directory: {raters_dir}")
+    cases: dict[str, list[Path]] = {}
+    for d in sorted((p for p in raters_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
+        files = sorted((p for p in d.iterdir() if p.is_file() and p.name.lower().endswith(EXTENSIONS)
+                        and fnmatch.fnmatch(p.name, rater_glob)), key=lambda p: natural_key(p.name))
+        if not files:
+            raise FileNotFoundError(f"--raters: no rater file matching {rater_glob!r} in {d}")
+        cases[d.name] = files
+    if not cases:
+        raise FileNotFoundError(f"--raters: no case folders under {raters_dir}")
+    return cases
+
+
+def _read_rater_masks(files: list[Path]) -> torch.Tensor:
+    from orcal.data.base import binary_mask
+
+    masks = [binary_mask(read_array(f), str(f)) for f in files]
+    shapes = {m.shape for m in masks}
+    if len(shapes) > 1:
+        raise ValueError(f"rater masks of {files[0].parent} have different shapes: "
+                         + ", ".join(f"{f.name} {m.shape}" for f, m in zip(files, masks)))
+    return torch.from_numpy(np.stack(masks))
+
+
+def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndarray:
+    if p.shape == spatial:
+        return p
+    if p.size == math.prod(spatial) and tuple(s for s in p.shape if s != 1) == tuple(s for s in spatial if s != 1):
+        return p.reshape(spatial)  # singleton axes, e.g. (1, H, W) or (H, W, 1)
+    raise ValueError(f"{path}: prediction shape {p.shape} does not match the rater masks' shape {spatial}")
+
+
+def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
+                allow_missing: bool) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
+    """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None)``."""
+    if (dataset is None) == (raters is None):
+        raise ValueError("give the rater masks with exactly one of --dataset/--root or --raters")
+    if raters is not None:
+        folders = rater_folder_cases(raters, rater_glob)
+        ids = list(folders)
+
+        def load(case: str):
+            return _read_rater_masks(folders[case]), None
+    else:
+        from orcal.data import load_dataset
+
+        ds = load_dataset(dataset, root, split=split, task=task)
+        ids = list(ds.ids)
+        index = {case: i for i, case in enumerate(ids)}
+
+        def load(case: str):
+            item = ds[index[case]]
+            return item["masks"], item.get("valid")
+
+    unmatched = sorted(set(preds) - set(ids))
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} prediction(s) match no case: "
+                         + ", ".join(preds[c].name for c in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+                         + f" (known cases: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})")
+    missing = [c for c in ids if c not in preds]
+    if missing and not allow_missing:
+        raise ValueError(f"{len(missing)} case(s) have no prediction: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''} (use --allow-missing to evaluate the others)")
+    todo = [c for c in ids if c in preds]
+
+    def generate():
+        for case in todo:
+            masks, valid = load(case)
+            yield case, masks, valid
+
+    return todo, generate()
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN becomes null, numpy scalars and arrays become Python values."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]] | None, n_boot: int) -> str:
+    lines = [f"# Evaluation of {name}", "",
+             f"{result['n_images']} images, {result['n_pairs']:,} voxel–rater pairs.", ""]
+    if ci:
+        lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of the images (2.5 / 97.5 percentiles).",
+                  "", "| metric | value | mean | std | 95% CI |", "|---|---:|---:|---:|---|"]
+        for key in METRICS:
+            c = ci[key]
+            lines.append(f"| {_LABELS[key]} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
+                         f"[{_fmt(c['low'])}, {_fmt(c['high'])}] |")
+    else:
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {_LABELS[key]} | {_fmt(result[key])} |" for key in METRICS]
+    if "auc_binned" in result:
+        lines += ["", f"AUC is exact; the streaming (binned) AUC is {_fmt(result['auc_binned'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset: str | None = None,
+             root: str | os.PathLike | None = None, split: str | None = None, task: str | None = None,
+             raters: str | os.PathLike | None = None, rater_glob: str = "*", n_bins: int = 15,
+             auc_bins: int = 4096, n_boot: int = 1000, seed: int = 0, kind: str = "prob",
+             exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
+
+    Args:
+        pred_dir: folder of ``<case>.<ext>`` / ``<case>_prob.<ext>`` probability maps.
+        out_dir: output folder (created).
+        dataset, root, split, task: rater masks from :func:`orcal.data.load_dataset` ...
+        raters, rater_glob: ... or from ``raters/<case>/<files matching rater_glob>``.
+        n_bins, auc_bins: ECE bins and streaming-AUC score bins.
+        n_boot: bootstrap resamples (0 skips the bootstrap); seed: its seed.
+        kind: ``"prob"`` or ``"logit"`` (float maps are passed through a sigmoid).
+        exact_auc: report the exact AUC (memory grows with the number of distinct scores).
+        allow_missing: evaluate only the cases that have a prediction instead of failing.
+        name: method name in the report and plots (default: the name of ``pred_dir``).
+        progress: show a progress bar.
+
+    Returns:
+        The content of ``metrics.json``.
+    """
+    from tqdm import tqdm
+
+    from orcal import plots
+
+    if kind not in ("prob", "logit"):
+        raise ValueError(f"kind must be 'prob' or 'logit', got {kind!r}")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+    preds = find_predictions(pred_dir)
+    name = name or Path(pred_dir).resolve().name
+    ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing)
+    metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
+    raters_per_case: list[int] = []
+    for case, masks, valid in tqdm(cases, total=len(ids), desc="evaluate", unit="case", disable=not progress):
+        spatial = tuple(masks.shape[1:])
+        p = _match_shape(load_prediction(preds[case], kind), spatial, preds[case])
+        try:
+            metric.update(torch.from_numpy(p)[None], masks[None].to(torch.uint8),
+                          valid=None if valid is None else valid[None].bool())
+        except ValueError as err:
+            raise ValueError(f"{preds[case]}: {err}") from err
+        raters_per_case.append(int(masks.shape[0]))
+    result = metric.compute()
+    stats = metric.stats()
+    ci = bootstrap(stats, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_per_image(out / "per_image.csv", ids, raters_per_case, stats)
+    report = {
+        "method": name,
+        "metrics": {key: result[key] for key in (*METRICS, "auc_binned") if key in result},
+        "bootstrap": ci,
+        "n_images": result["n_images"], "n_pairs": result["n_pairs"],
+        "bins": {key: result["bins"][key] for key in ("lower", "upper", "count", "confidence", "accuracy")},
+        "agreement": result["agreement"],
+        "config": {"n_bins": n_bins, "auc_bins": auc_bins, "n_boot": n_boot, "bootstrap_fraction": 0.6,
+                   "seed": seed, "kind": kind, "exact_auc": exact_auc, "pred": str(pred_dir),
+                   "dataset": dataset, "split": split, "task": task,
+                   "raters": None if raters is None else str(raters)},
+    }
+    report = _clean(report)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot))
+    plots.reliability_diagram({name: result}, out / "reliability.png", title=f"Reliability of {name}")
+    plots.confidence_vs_agreement({name: result}, out / "agreement.png",
+                                  title=f"Confidence vs rater agreement: {name}")
+    return report
+
+
+def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: CalibrationStats) -> None:
+    values = reference.metrics_from_totals(stats)  # one value per row: each image on its own
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "raters", "pairs", *METRICS])
+        for i, case in enumerate(ids):
+            row = [float(values[key][i]) for key in METRICS]
+            writer.writerow([case, raters[i], int(stats.n[i].sum()),
+                             *("" if math.isnan(v) else f"{v:.6g}" for v in row)])
