@@ -124,7 +124,8 @@ def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndar
 
 
 def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
-                allow_missing: bool) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
+                allow_missing: bool, dataset_options: dict[str, Any] | None = None
+                ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
     """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None)``."""
     if (dataset is None) == (raters is None):
         raise ValueError("give the rater masks with exactly one of --dataset/--root or --raters")
@@ -137,7 +138,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
     else:
         from orcal.data import load_dataset
 
-        ds = load_dataset(dataset, root, split=split, task=task)
+        ds = load_dataset(dataset, root, split=split, task=task, **(dataset_options or {}))
         ids = list(ds.ids)
         index = {case: i for i, case in enumerate(ids)}
 
@@ -206,7 +207,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
              raters: str | os.PathLike | None = None, rater_glob: str = "*", n_bins: int = 15,
              auc_bins: int = 4096, n_boot: int = 1000, seed: int = 0, kind: str = "prob",
              exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
 
     Args:
@@ -220,6 +221,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         exact_auc: report the exact AUC (memory grows with the number of distinct scores).
         allow_missing: evaluate only the cases that have a prediction instead of failing.
         name: method name in the report and plots (default: the name of ``pred_dir``).
+        dataset_options: further keyword arguments of :func:`orcal.data.load_dataset`.
         progress: show a progress bar.
 
     Returns:
@@ -235,7 +237,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     preds = find_predictions(pred_dir)
     name = name or Path(pred_dir).resolve().name
-    ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing)
+    ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
+                             dataset_options)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
     for case, masks, valid in tqdm(cases, total=len(ids), desc="evaluate", unit="case", disable=not progress):
