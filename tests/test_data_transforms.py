@@ -11,6 +11,7 @@ from orcal.data import (
     RandomRot90,
     SlidingWindow,
     augment_2d,
+    collate,
     sliding_window_inference,
 )
 
@@ -115,3 +116,15 @@ def test_sliding_window_bad_arguments():
         sliding_window_inference(torch.zeros(1, 1, 8, 8), lambda p: p[..., :2], 4)
     with pytest.raises(ValueError, match="predictor"):  # a predictor that changes the batch size
         sliding_window_inference(torch.zeros(1, 1, 8, 8), lambda p: torch.cat([p, p]), 4)
+
+
+def test_collate_fills_valid_for_unpadded_items():
+    small = CenterCrop(4)({"image": torch.ones(1, 3, 4), "masks": torch.ones(2, 3, 4, dtype=torch.uint8),
+                           "id": "a"})
+    full = {"image": torch.ones(1, 4, 4), "masks": torch.ones(2, 4, 4, dtype=torch.uint8), "id": "b"}
+    batch = collate([small, full])
+    assert batch["image"].shape == (2, 1, 4, 4) and batch["masks"].shape == (2, 2, 4, 4)
+    assert batch["id"] == ["a", "b"]
+    assert int(batch["valid"][0].sum()) == 12 and bool(batch["valid"][1].all())
+    with pytest.raises(ValueError, match="batch"):
+        collate([])

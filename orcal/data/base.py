@@ -238,3 +238,20 @@ def channels_first(image: np.ndarray, spatial: tuple[int, ...], source: str) -> 
             return image
     raise ValueError(f"{source}: image shape {shape} does not match the rater masks' shape {spatial} "
                      "(with or without a channel axis)")
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """Stack items into a batch for a ``DataLoader``; items without ``valid`` count as all valid when any
+    item of the batch has one (padding may add it to some items only). Other keys are kept as lists."""
+    if not batch:
+        raise ValueError("batch must hold at least one item")
+    out: dict = {"image": torch.stack([b["image"] for b in batch]),
+                 "masks": torch.stack([b["masks"] for b in batch])}
+    if any("valid" in b for b in batch):
+        out["valid"] = torch.stack([b["valid"] if "valid" in b
+                                    else torch.ones(b["masks"].shape[1:], dtype=torch.bool) for b in batch])
+    for key in batch[0]:
+        if key not in out:
+            values = [b.get(key) for b in batch]
+            out[key] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
+    return out
