@@ -77,7 +77,7 @@ __all__ = [
     "DATASETS", "SPLITS", "AgreementAccumulator", "Case", "CenterCrop", "CoCaHis", "Compose", "Curvas",
     "FolderDataset", "IntensityScale", "LIDCPickle", "LIDCSlices", "LongCIU", "MultiRaterDataset", "QUBIQ",
     "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler",
-    "SlidingWindow",
-    "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError", "agreement_stats",
-    "augment_2d", "collate", "dataset_class", "load_dataset", "make_synthetic", "safe_load", "sliding_window_inference",
+    "SlidingWindow", "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError",
+    "agreement_stats", "augment_2d", "collate", "dataset_class", "load_dataset", "make_synthetic",
+    "safe_load", "sliding_window_inference",
 ]
