@@ -1,9 +1,26 @@
 import json
+from pathlib import Path
 
 import numpy as np
-from test_data_lidc import write_lidc_slices
+from PIL import Image
 
 from orcal.cli import main
+
+
+def write_lidc_slices(root: Path, patients: int = 3, size: int = 8) -> Path:
+    """A tiny LIDC-IDRI-slices layout; reader 3 leaves everything blank."""
+    for p in range(1, patients + 1):
+        base = root / f"LIDC-IDRI-{p:04d}" / "nodule-0"
+        for sub in ["images"] + [f"mask-{r}" for r in range(4)]:
+            (base / sub).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((size, size), 40 * k, np.uint8)).save(base / "images" / f"slice-{k}.png")
+            for r in range(4):
+                m = np.zeros((size, size), np.uint8)
+                if r < 3:
+                    m[2:3 + r, 2:5] = 255
+                Image.fromarray(m).save(base / f"mask-{r}" / f"slice-{k}.png")
+    return root
 
 
 def test_data_info_synthetic_json(capsys):
