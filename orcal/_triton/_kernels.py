@@ -1,0 +1,283 @@
+"""Triton kernels of the orcal ops (SPEC §1–4).
+
+Layout: every kernel reads channel-major tensors ``(B, C, V)`` (V voxels per image, contiguous) as a tile
+``[C_PAD, BLOCK_V]``: voxels are the fast, coalesced axis and all channels of a voxel sit in one thread's
+registers, so channel reductions and scans need no shuffles. Offsets are 64-bit. Math is float32
+(float64 for float64 inputs, ``IS_F64``).
+
+Errors are reported through ``flag_ptr``, a small int32 device tensor the launcher reads after the launch:
+slot 0 non-binary masks, slot 1 a vote count above R, slot 2 a probability that is NaN or outside [0, 1].
+
+This module is loaded by :mod:`orcal._triton._ops` once per ``TRITON_INTERPRET`` mode, because Triton
+decides at decoration time whether a kernel is compiled or interpreted.
+"""
+
+import triton
+import triton.language as tl
+
+FLAG_MASKS, FLAG_VOTES, FLAG_PROB = 0, 1, 2
+
+
+@triton.jit
+def orc_targets_kernel(masks_ptr, k_ptr, flag_ptr, R, V, nblk,
+                       R_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """k[b, v] = sum_r masks[b, r, v]; flags a mask value above 1."""
+    pid = tl.program_id(0)
+    b = (pid // nblk).to(tl.int64)
+    v = (pid % nblk).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    r = tl.arange(0, R_PAD)
+    vm = v < V
+    offs = b * R * V + r[:, None].to(tl.int64) * V + v[None, :]
+    x = tl.load(masks_ptr + offs, mask=(r[:, None] < R) & vm[None, :], other=0).to(tl.int32)
+    k = tl.sum(x, axis=0)
+    bad = (tl.max(x, axis=0) > 1) & vm
+    tl.store(k_ptr + b * V + v, k.to(tl.uint8), mask=vm)
+    # Every writer stores the same 1, so the race is benign.
+    tl.store(flag_ptr + FLAG_MASKS + v * 0, 1, mask=bad)
+
+
+@triton.jit
+def foreground_probability_kernel(x_ptr, p_ptr, C, V, m, nblk,
+                                  EXPECTED: tl.constexpr, IS_F64: tl.constexpr,
+                                  C_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """p = sigmoid(LSE(z_m..z_R) - LSE(z_0..z_{m-1})) (majority) or sum_i i q_i / R (expected)."""
+    pid = tl.program_id(0)
+    b = (pid // nblk).to(tl.int64)
+    v = (pid % nblk).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    c = tl.arange(0, C_PAD)[:, None]
+    cm = c < C
+    vm = v < V
+    x = tl.load(x_ptr + b * C * V + c.to(tl.int64) * V + v[None, :], mask=cm & vm[None, :], other=0.0)
+    if IS_F64:
+        z = x.to(tl.float64)
+    else:
+        z = x.to(tl.float32)
+    z = tl.where(cm, z, -float("inf"))
+    if EXPECTED:
+        mx = tl.max(z, axis=0)
+        e = tl.exp(z - mx[None, :])
+        p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1)
+    else:
+        hi = c >= m
+        mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
+        mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
+        e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
+        s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
+        s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
+        lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)
+        p = 1.0 / (1.0 + tl.exp(-lgt))
+    tl.store(p_ptr + b * V + v, p.to(p_ptr.dtype.element_ty), mask=vm)
+
+
+@triton.jit
+def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_ptr, grad_ptr, flag_ptr,
+                        C, V, m, nblk, rps_weight,
+                        HAS_VALID: tl.constexpr, MAP: tl.constexpr, GRAD: tl.constexpr, IS_F64: tl.constexpr,
+                        C_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """SPEC §3 per voxel: loss = BCE(l, [k >= m]) + w * RPS, and its gradient in the same pass.
+
+    ``MAP``: write the per-voxel loss (0 where invalid) to ``loss_ptr``; else one partial sum per program
+    to ``partial_ptr`` (reduced on the host side in a fixed order, so the result is deterministic).
+    ``GRAD``: write d(loss)/d(logits) scaled by ``scale_ptr[0]`` (1 / valid count for the mean).
+    """
+    pid = tl.program_id(0)
+    b = (pid // nblk).to(tl.int64)
+    v = (pid % nblk).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    c = tl.arange(0, C_PAD)[:, None]
+    cm = c < C
+    vm = v < V
+    R = C - 1
+    offs = b * C * V + c.to(tl.int64) * V + v[None, :]
+    tile_mask = cm & vm[None, :]
+    x = tl.load(x_ptr + offs, mask=tile_mask, other=0.0)
+    if IS_F64:
+        z = x.to(tl.float64)
+    else:
+        z = x.to(tl.float32)
+    z = tl.where(cm, z, -float("inf"))
+    k = tl.load(k_ptr + b * V + v, mask=vm, other=0).to(tl.int32)
+    tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=(k > R) & vm)
+    w = vm
+    if HAS_VALID:
+        w = w & (tl.load(valid_ptr + b * V + v, mask=vm, other=0) != 0)
+
+    # Two partial softmaxes (levels < m and >= m), each with its own maximum: nothing divides by a
+    # vanishing probability and logits of +-1e4 stay finite.
+    hi = c >= m
+    mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
+    mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
+    e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))  # 0 on padded channels
+    s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
+    s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
+    lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)  # majority logit
+    p_hi = 1.0 / (1.0 + tl.exp(-lgt))
+    p_lo = 1.0 / (1.0 + tl.exp(lgt))
+    soft = e * tl.where(hi, (1.0 / s_hi)[None, :], (1.0 / s_lo)[None, :])  # partial softmaxes
+    q = soft * tl.where(hi, p_hi[None, :], p_lo[None, :])  # the full softmax
+
+    # RPS over the cumulative distributions of levels 0..R-1 (the last level is 1 on both sides).
+    cum = tl.cumsum(q, axis=0)
+    target_cum = (c >= k[None, :]).to(z.dtype)
+    diff = tl.where(c < R, cum - target_cum, 0.0)
+    rps = tl.sum(diff * diff, axis=0) / R
+
+    y = (k >= m).to(z.dtype)
+    a = tl.abs(lgt)
+    u = tl.exp(-a)
+    t = 1.0 + u
+    # log1p(u) without a log1p primitive: exact to rounding for small u (Goldberg's trick).
+    log1p_u = tl.where(t == 1.0, u, tl.log(t) * u / tl.where(t == 1.0, 1.0, t - 1.0))
+    bce = tl.maximum(lgt, 0.0) + log1p_u - y * lgt
+    loss = tl.where(w, bce + rps_weight * rps, 0.0)
+    if MAP:
+        tl.store(loss_ptr + b * V + v, loss.to(loss_ptr.dtype.element_ty), mask=vm)
+    else:
+        tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
+
+    if GRAD:
+        # dRPS/dq_i = (2/R) sum_{j >= i} diff_j: the reverse cumulative sum, from the total.
+        rev = tl.sum(diff, axis=0)[None, :] - tl.cumsum(diff, axis=0) + diff
+        g = rev * (2.0 / R)
+        qg = tl.sum(q * g, axis=0)
+        d_rps = q * (g - qg[None, :])
+        d_l = p_hi - y
+        dl_dz = tl.where(hi, soft, -soft)
+        scale = tl.where(w, tl.load(scale_ptr), 0.0)
+        grad = (d_l[None, :] * dl_dz + rps_weight * d_rps) * scale[None, :]
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, flag_ptr,
+                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols,
+                             KIND: tl.constexpr, EXPECTED: tl.constexpr, MASKS: tl.constexpr,
+                             HAS_VALID: tl.constexpr, IS_F64: tl.constexpr,
+                             C_PAD: tl.constexpr, R_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+                             BLOCK_V: tl.constexpr):
+    """SPEC §4 statistics of image ``pid // P``; program ``pid % P`` covers ``iters`` blocks of voxels.
+
+    ECE bins, Dice counts and the extreme AUC bins are accumulated in registers and flushed once per
+    program (integer atomics, exact). Inner AUC bins take one integer atomic per voxel and level, spread
+    over ``auc_bins`` addresses. Float sums go to ``partial_ptr`` (one row of ``n_bins + 2`` per program).
+    KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
+    """
+    pid = tl.program_id(0)
+    b = (pid // P).to(tl.int64)
+    j = (pid % P).to(tl.int64)
+    nb = tl.arange(0, NB_PAD)
+    if IS_F64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    n_acc = tl.zeros([NB_PAD], dtype=tl.int64)
+    a_acc = tl.zeros([NB_PAD], dtype=tl.int64)
+    s_acc = tl.zeros([NB_PAD], dtype=tl.float64)
+    brier_acc = tl.zeros([1], dtype=tl.float64)
+    nll_acc = tl.zeros([1], dtype=tl.float64)
+    tp = tl.zeros([1], dtype=tl.int64)
+    fp = tl.zeros([1], dtype=tl.int64)
+    fn = tl.zeros([1], dtype=tl.int64)
+    pos_first = tl.zeros([1], dtype=tl.int64)
+    neg_first = tl.zeros([1], dtype=tl.int64)
+    pos_last = tl.zeros([1], dtype=tl.int64)
+    neg_last = tl.zeros([1], dtype=tl.int64)
+    row = counts_ptr + b * count_cols
+    pos_ptr = row + 2 * n_bins + 3
+    neg_ptr = pos_ptr + auc_bins
+    for it in range(iters):
+        v = (j * iters + it) * BLOCK_V + tl.arange(0, BLOCK_V)
+        vm = v < V
+        # --- the foreground probability
+        if KIND == 2:
+            c = tl.arange(0, C_PAD)[:, None]
+            cm = c < C
+            x = tl.load(pred_ptr + b * C * V + c.to(tl.int64) * V + v[None, :], mask=cm & vm[None, :],
+                        other=0.0)
+            z = tl.where(cm, x.to(acc_t), -float("inf"))
+            if EXPECTED:
+                mx = tl.max(z, axis=0)
+                e = tl.exp(z - mx[None, :])
+                p = tl.sum(e * c.to(acc_t), axis=0) / tl.sum(e, axis=0) / (C - 1)
+            else:
+                hi = c >= m
+                mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
+                mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
+                e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
+                s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
+                s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
+                lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)
+                p = 1.0 / (1.0 + tl.exp(-lgt))
+        else:
+            x = tl.load(pred_ptr + b * V + v, mask=vm, other=0.0).to(acc_t)
+            if KIND == 1:
+                p = 1.0 / (1.0 + tl.exp(-x))
+            else:
+                p = x
+        # --- the votes
+        if MASKS:
+            r = tl.arange(0, R_PAD)[:, None]
+            mk = tl.load(tgt_ptr + b * R * V + r.to(tl.int64) * V + v[None, :], mask=(r < R) & vm[None, :],
+                         other=0).to(tl.int32)
+            k = tl.sum(mk, axis=0)
+            tl.store(flag_ptr + FLAG_MASKS + v * 0, 1, mask=(tl.max(mk, axis=0) > 1) & vm)
+        else:
+            k = tl.load(tgt_ptr + b * V + v, mask=vm, other=0).to(tl.int32)
+            tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=(k > R) & vm)
+        w = vm
+        if HAS_VALID:
+            w = w & (tl.load(valid_ptr + b * V + v, mask=vm, other=0) != 0)
+        ok = (p >= 0.0) & (p <= 1.0)  # False for NaN
+        tl.store(flag_ptr + FLAG_PROB + v * 0, 1, mask=w & (ok == 0))
+        w = w & ok
+        p = tl.where(w, p, 0.0)
+        kw = tl.where(w, k, 0)
+        # --- ECE bins: one-hot over the (few) bins, reduced over the voxels of the block
+        bi = tl.minimum(tl.floor(p * n_bins).to(tl.int32), n_bins - 1)
+        hot = (bi[None, :] == nb[:, None]) & w[None, :]
+        n_acc += tl.sum(hot.to(tl.int32), axis=1).to(tl.int64)
+        a_acc += tl.sum(tl.where(hot, kw[None, :], 0), axis=1).to(tl.int64)
+        s_acc += tl.sum(tl.where(hot, p[None, :], 0.0), axis=1).to(tl.float64)
+        # --- Brier, NLL, Dice counts
+        kf = kw.to(acc_t)
+        rk = tl.where(w, R - kw, 0).to(acc_t)
+        brier = kf * (1.0 - p) * (1.0 - p) + rk * p * p
+        pc = tl.minimum(tl.maximum(p, 1e-7), 1.0 - 1e-7)
+        t1 = 1.0 - pc  # log1p(-pc) with Goldberg's trick, exact for small pc
+        log1m = tl.where(t1 == 1.0, -pc, tl.log(t1) * (-pc) / tl.where(t1 == 1.0, 1.0, t1 - 1.0))
+        nll = -(kf * tl.log(pc) + rk * log1m)
+        brier_acc += tl.sum(tl.where(w, brier, 0.0), axis=0).to(tl.float64)
+        nll_acc += tl.sum(tl.where(w, nll, 0.0), axis=0).to(tl.float64)
+        fg = p >= 0.5
+        y = k >= m
+        tp += tl.sum((w & fg & y).to(tl.int32), axis=0).to(tl.int64)
+        fp += tl.sum((w & fg & (y == 0)).to(tl.int32), axis=0).to(tl.int64)
+        fn += tl.sum((w & (fg == 0) & y).to(tl.int32), axis=0).to(tl.int64)
+        # --- streaming AUC: the first and last score bins (confident voxels, most of an image) are
+        # reduced in registers; the others take one atomic per nonzero count.
+        ti = tl.minimum(tl.floor(p * auc_bins).to(tl.int32), auc_bins - 1)
+        negw = tl.where(w, R - kw, 0)
+        first = ti == 0
+        last = ti == auc_bins - 1
+        pos_first += tl.sum(tl.where(first, kw, 0), axis=0).to(tl.int64)
+        neg_first += tl.sum(tl.where(first, negw, 0), axis=0).to(tl.int64)
+        pos_last += tl.sum(tl.where(last, kw, 0), axis=0).to(tl.int64)
+        neg_last += tl.sum(tl.where(last, negw, 0), axis=0).to(tl.int64)
+        inner = (first == 0) & (last == 0)
+        tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0))
+        tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0))
+    # --- flush: integer atomics (exact, order-free), float partials by plain stores
+    bm = nb < n_bins
+    tl.atomic_add(row + nb, n_acc * R, mask=bm)
+    tl.atomic_add(row + n_bins + nb, a_acc, mask=bm)
+    one = tl.arange(0, 1)
+    tl.atomic_add(row + 2 * n_bins + one, tp)
+    tl.atomic_add(row + 2 * n_bins + 1 + one, fp)
+    tl.atomic_add(row + 2 * n_bins + 2 + one, fn)
+    tl.atomic_add(pos_ptr + one, pos_first)
+    tl.atomic_add(neg_ptr + one, neg_first)
+    tl.atomic_add(pos_ptr + auc_bins - 1 + one, pos_last)
+    tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last)
+    prow = partial_ptr + pid.to(tl.int64) * (n_bins + 2)
+    tl.store(prow + nb, s_acc * R, mask=bm)
+    tl.store(prow + n_bins + one, brier_acc)
+    tl.store(prow + n_bins + 1 + one, nll_acc)

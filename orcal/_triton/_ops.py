@@ -1,0 +1,230 @@
+"""Launchers of the Triton kernels, wrapped as ``torch.library.custom_op`` (namespace ``orcal_triton``).
+
+The ops take the same arguments and return the same tensors as the compiled ``orcal::`` ops
+(``csrc/orcal.cpp``), so :mod:`orcal.ops` calls either one the same way. Validation that needs the data
+(non-binary masks, vote counts above R, bad probabilities) happens inside the kernels, which raise a flag
+that is checked after the launch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+from types import ModuleType
+
+import torch
+
+from orcal import _fake, ops
+from orcal.reference import opmath_dtype
+
+_KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
+_MODULES: dict[bool, ModuleType] = {}
+_INTERPRETER_PROGRAMS = 4  # programs per image under the interpreter (each one costs Python time)
+NUM_WARPS = 4
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernels() -> ModuleType:
+    """The kernel module for the current ``TRITON_INTERPRET`` mode (Triton fixes it when decorating)."""
+    mode = interpreting()
+    module = _MODULES.get(mode)
+    if module is None:
+        name = f"orcal._triton._kernels_{'interpreted' if mode else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _MODULES[mode] = module
+    return module
+
+
+# --- block sizes ------------------------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
+    """(C_PAD, BLOCK_V) for a ``[C_PAD, BLOCK_V]`` tile with every channel of a voxel in one thread.
+
+    Each thread holds ``vec`` voxels along the contiguous axis (up to 16 bytes, so loads vectorise) and
+    at most about 32 elements in all, so the temporaries of the loss stay in registers.
+    """
+    c_pad = _pow2(channels)
+    vec = max(1, min(16 // elem_size, 32 // c_pad))
+    return c_pad, 32 * NUM_WARPS * vec
+
+
+def _flatten(x: torch.Tensor, channels: bool) -> torch.Tensor:
+    """(B, [C,] *S) -> contiguous (B, [C,] V)."""
+    lead = 2 if channels else 1
+    return x.contiguous().reshape(*x.shape[:lead], math.prod(x.shape[lead:]))
+
+
+def _new_flags(device: torch.device) -> torch.Tensor:
+    return torch.zeros(3, dtype=torch.int32, device=device)
+
+
+def _raise_flags(flags: torch.Tensor, num_raters: int, masks_name: str, votes_name: str) -> None:
+    bad_masks, bad_votes, bad_prob = flags.tolist()  # one synchronisation per call
+    if bad_masks:
+        raise ValueError(f"{masks_name} must be binary (0/1); found a value > 1")
+    if bad_votes:
+        raise ValueError(f"{votes_name} must lie in 0..R = 0..{num_raters}; found a value > {num_raters}")
+    if bad_prob:
+        raise ValueError("pred must hold probabilities in [0, 1]; found NaN or a value outside [0, 1] "
+                         "(pass kind='logit' for logits)")
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
+# --- ops --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("orcal_triton::orc_targets", mutates_args=())
+def orc_targets(masks: torch.Tensor) -> torch.Tensor:
+    """(B, R, *S) bool/uint8 masks -> (B, *S) uint8 vote counts; non-binary values raise ValueError."""
+    B, R = masks.shape[0], masks.shape[1]
+    flat = _as_bytes(_flatten(masks, True))
+    V = flat.shape[2]
+    k = torch.empty((B, V), dtype=torch.uint8, device=masks.device)
+    if k.numel():
+        r_pad = _pow2(R)
+        block = max(32 * NUM_WARPS, min(4096, 8192 // r_pad))
+        nblk = triton_cdiv(V, block)
+        flags = _new_flags(masks.device)
+        kernels().orc_targets_kernel[(B * nblk,)](flat, k, flags, R, V, nblk, R_PAD=r_pad, BLOCK_V=block,
+                                                  num_warps=NUM_WARPS)
+        _raise_flags(flags, R, "masks", "k")
+    return k.reshape(masks.shape[:1] + masks.shape[2:])
+
+
+@torch.library.custom_op("orcal_triton::foreground_probability", mutates_args=())
+def foreground_probability(logits: torch.Tensor, readout: str, majority: int) -> torch.Tensor:
+    """(B, R+1, *S) ordinal logits -> (B, *S) foreground probability in the logits' dtype."""
+    if readout not in ops.READOUTS:
+        raise ValueError(f"readout must be one of {ops.READOUTS}, got {readout!r}")
+    B, C = logits.shape[0], logits.shape[1]
+    x = _flatten(logits, True)
+    V = x.shape[2]
+    p = torch.empty((B, V), dtype=logits.dtype, device=logits.device)
+    if p.numel():
+        c_pad, block = voxel_block(C, logits.element_size())
+        nblk = triton_cdiv(V, block)
+        kernels().foreground_probability_kernel[(B * nblk,)](
+            x, p, C, V, int(majority), nblk, EXPECTED=readout == "expected",
+            IS_F64=logits.dtype == torch.float64, C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+    return p.reshape(logits.shape[:1] + logits.shape[2:])
+
+
+@torch.library.custom_op("orcal_triton::ordinal_loss", mutates_args=())
+def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, rps_weight: float,
+                 majority: int, reduction: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SPEC §3 loss; returns (loss, d loss / d logits for an upstream gradient of 1, or empty)."""
+    B, C = logits.shape[0], logits.shape[1]
+    spatial = logits.shape[:1] + logits.shape[2:]
+    acc = opmath_dtype(logits.dtype)
+    x = _flatten(logits, True)
+    V = x.shape[2]
+    dev = logits.device
+    kf = _flatten(k, False)
+    if kf.dtype != torch.uint8:
+        raise TypeError(f"k must be uint8 vote counts, got {k.dtype}")
+    vf = _as_bytes(_flatten(valid, False)) if valid is not None else kf
+    n_vox = B * V
+    if reduction == ops.REDUCTIONS["mean"]:
+        count = torch.tensor(float(n_vox), dtype=acc, device=dev) if valid is None else valid.sum().to(acc)
+        scale = (1.0 / count.clamp_min(1)).reshape(1)
+    elif reduction in (ops.REDUCTIONS["sum"], ops.REDUCTIONS["none"]):
+        scale = torch.ones(1, dtype=acc, device=dev)
+    else:
+        raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    is_map = reduction == ops.REDUCTIONS["none"]
+    c_pad, block = voxel_block(C, logits.element_size())
+    nblk = triton_cdiv(V, block) if V else 0
+    loss_map = torch.empty((B, V) if is_map else (0,), dtype=acc, device=dev)
+    partial = torch.empty(0 if is_map else B * nblk, dtype=acc, device=dev)
+    grad = torch.empty_like(x) if need_grad else logits.new_empty(0)
+    if n_vox:
+        flags = _new_flags(dev)
+        kernels().ordinal_loss_kernel[(B * nblk,)](
+            x, kf, vf, scale, loss_map, partial, grad, flags, C, V, int(majority), nblk, float(rps_weight),
+            HAS_VALID=valid is not None, MAP=is_map, GRAD=bool(need_grad), IS_F64=acc == torch.float64,
+            C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+        _raise_flags(flags, C - 1, "masks", "k")
+    if need_grad:
+        grad = grad.reshape(logits.shape)
+    if is_map:
+        return loss_map.reshape(spatial), grad
+    total = partial.sum(dtype=torch.float64)  # a fixed-order reduction: deterministic
+    if reduction == ops.REDUCTIONS["mean"]:
+        total = total * scale[0].to(torch.float64)
+    return total.to(acc), grad
+
+
+@torch.library.custom_op("orcal_triton::calibration_stats", mutates_args=())
+def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, num_raters: int,
+                      target_is_masks: bool, kind: str, readout: str, majority: int, n_bins: int,
+                      auc_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SPEC §4 statistics: (counts int64, sums float64), one row per image (``stats_layout.h``)."""
+    if kind not in ops.KINDS:
+        raise ValueError(f"kind must be one of {ops.KINDS}, got {kind!r}")
+    if readout not in ops.READOUTS:
+        raise ValueError(f"readout must be one of {ops.READOUTS}, got {readout!r}")
+    B, R, dev = pred.shape[0], int(num_raters), pred.device
+    ordinal = kind == "ordinal"
+    x = _flatten(pred, ordinal)
+    C = x.shape[1] if ordinal else 1
+    V = x.shape[-1]
+    tgt = _as_bytes(_flatten(target, target_is_masks))
+    if not target_is_masks and tgt.dtype != torch.uint8:
+        raise TypeError(f"target must be uint8 vote counts, got {target.dtype}")
+    vf = _as_bytes(_flatten(valid, False)) if valid is not None else tgt
+    count_cols = 2 * n_bins + 3 + 2 * auc_bins
+    counts = torch.zeros((B, count_cols), dtype=torch.int64, device=dev)
+    elem = pred.element_size()
+    c_pad, block = voxel_block(C if ordinal else 1, elem)
+    r_pad = _pow2(R) if target_is_masks else 1
+    if target_is_masks and r_pad > c_pad:  # keep the mask tile as small as the logits tile
+        block = max(32, min(block, 8192 // r_pad))
+    nblocks = triton_cdiv(V, block) if V else 0
+    if interpreting():
+        programs = min(nblocks, _INTERPRETER_PROGRAMS)
+    else:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        programs = min(nblocks, max(1, triton_cdiv(8 * sms, max(B, 1))))
+    iters = triton_cdiv(nblocks, programs) if programs else 0
+    programs = triton_cdiv(nblocks, iters) if iters else 0
+    partial = torch.zeros((B * programs, n_bins + 2), dtype=torch.float64, device=dev)
+    if B * programs:
+        flags = _new_flags(dev)
+        kernels().calibration_stats_kernel[(B * programs,)](
+            x, tgt, vf, counts, partial, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
+            count_cols, KIND=ops.KINDS.index(kind), EXPECTED=readout == "expected",
+            MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
+            C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
+        _raise_flags(flags, R, "target", "target vote counts")
+    sums = partial.reshape(B, programs, n_bins + 2).sum(1)  # fixed order: deterministic
+    return counts, sums
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative integers."""
+    return -(-a // b)
+
+
+# --- shapes for fake tensors and autograd -----------------------------------------------------------------
+
+torch.library.register_fake("orcal_triton::orc_targets")(_fake._orc_targets)
+torch.library.register_fake("orcal_triton::foreground_probability")(_fake._foreground_probability)
+torch.library.register_fake("orcal_triton::ordinal_loss")(_fake._ordinal_loss)
+torch.library.register_fake("orcal_triton::calibration_stats")(_fake._calibration_stats)
+ops.register_autograd(ordinal_loss)
