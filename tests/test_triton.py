@@ -1,0 +1,293 @@
+"""Triton kernels (orcal._triton) against orcal.reference.
+
+On CPU tensors the kernels run in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
+before Triton is first imported: a plain run starts this file again in a child process with it set
+(``test_interpreter_suite``), so other test modules never see the variable. Shapes are tiny there. On a
+GPU machine the same tests run natively on CUDA tensors (``-m cuda``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from orcal import ops, reference  # noqa: E402
+from orcal.stats import CalibrationStats  # noqa: E402
+
+#: Whether this process imported Triton in interpreter mode (then CPU tensors work, CUDA ones do not).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICES = [
+    pytest.param("cpu", id="interpreter"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+]
+HALF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device of a test; CPU tensors run in the interpreter, CUDA tensors run compiled kernels."""
+    if request.param == "cuda":
+        if INTERPRETED or not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device and compiled (not interpreted) Triton kernels")
+    elif not INTERPRETED:
+        pytest.skip("interpreter tests run in a child process with TRITON_INTERPRET=1 (test_interpreter_suite)")
+    return request.param
+
+
+def test_interpreter_suite():
+    """Run the interpreter tests of this file in a fresh process with TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        pytest.skip("already running in the interpreter")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "interpreter"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _masks(B, R, S, seed=0, device="cpu", dtype=torch.bool):
+    return (torch.rand((B, R, *S), generator=_gen(seed)) < 0.4).to(dtype).to(device)
+
+
+def _logits(B, R, S, seed=0, device="cpu", dtype=torch.float32, scale=3.0):
+    return (scale * torch.randn((B, R + 1, *S), generator=_gen(seed))).to(dtype).to(device)
+
+
+def _votes(B, R, S, seed=0, device="cpu"):
+    return torch.randint(0, R + 1, (B, *S), generator=_gen(seed), dtype=torch.uint8).to(device)
+
+
+def _poison(device: str) -> None:
+    """Leave NaN/0xFF in freed memory, so that elements a kernel forgets to write show up."""
+    junk = torch.full((1 << 20,), float("nan"), device=device)
+    junk.view(torch.uint8).fill_(0xFF)
+    del junk
+
+
+# --- orc_targets ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R,S", [(1, (5, 7)), (3, (3, 4, 5)), (32, (6, 9))])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_orc_targets_matches_reference(device, R, S, dtype):
+    masks = _masks(2, R, S, seed=R, device=device, dtype=dtype)
+    _poison(device)
+    k = ops.orc_targets(masks, backend="triton")
+    assert k.dtype == torch.uint8 and k.shape == (2, *S)
+    assert torch.equal(k.cpu(), reference.orc_targets(masks.cpu()))
+
+
+def test_orc_targets_rejects_non_binary(device):
+    masks = _masks(1, 3, (4, 4), device=device, dtype=torch.uint8)
+    masks[0, 1, 2, 3] = 2
+    with pytest.raises(ValueError, match="binary"):
+        ops.orc_targets(masks, backend="triton")
+
+
+def test_orc_targets_non_contiguous_and_empty(device):
+    masks = _masks(2, 4, (6, 5), device=device).transpose(2, 3)
+    assert torch.equal(ops.orc_targets(masks, backend="triton").cpu(), reference.orc_targets(masks.cpu()))
+    empty = torch.zeros((0, 3, 4, 4), dtype=torch.bool, device=device)
+    assert ops.orc_targets(empty, backend="triton").shape == (0, 4, 4)
+
+
+# --- foreground_probability -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R", [1, 2, 7, 32])
+@pytest.mark.parametrize("readout", ["majority", "expected"])
+def test_foreground_probability(device, R, readout):
+    logits = _logits(2, R, (3, 5), seed=R, device=device)
+    m = R // 2 + 1
+    _poison(device)
+    p = ops.foreground_probability(logits, readout, backend="triton")
+    assert p.dtype == logits.dtype and p.shape == (2, 3, 5)
+    torch.testing.assert_close(p.cpu(), reference.foreground_probability(logits.cpu(), readout, m),
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_foreground_probability_half(device, dtype):
+    logits = _logits(1, 7, (2, 3, 4), device=device, dtype=dtype)
+    p = ops.foreground_probability(logits, "majority", majority=3, backend="triton")
+    assert p.dtype == dtype
+    expected = reference.foreground_probability(logits.cpu(), "majority", 3).to(dtype)
+    torch.testing.assert_close(p.cpu().float(), expected.float(), atol=HALF_TOL[dtype], rtol=HALF_TOL[dtype])
+
+
+# --- ordinal_loss -----------------------------------------------------------------------------------------
+
+def _check_loss(device, R, S, dtype=torch.float32, reduction="mean", use_valid=False, rps_weight=0.7,
+                majority=None, scale=3.0, seed=0):
+    logits = _logits(2, R, S, seed=seed, device=device, dtype=dtype, scale=scale)
+    k = _votes(2, R, S, seed=seed + 1, device=device)
+    valid = (torch.rand((2, *S), generator=_gen(seed + 2)) < 0.7).to(device) if use_valid else None
+    mine = logits.clone().requires_grad_()
+    _poison(device)
+    loss = ops.ordinal_loss(mine, k, rps_weight, majority, valid, reduction, backend="triton")
+    ref_in = logits.detach().cpu().float().requires_grad_()
+    ref_valid = None if valid is None else valid.cpu()
+    expected = reference.ordinal_loss(ref_in, k.cpu(), rps_weight, majority, ref_valid, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == expected.shape
+    torch.testing.assert_close(loss.detach().cpu(), expected.detach(), atol=1e-5, rtol=1e-5)
+    upstream = torch.rand(expected.shape, generator=_gen(seed + 3)) + 0.5
+    loss.backward(upstream.to(device))
+    expected.backward(upstream)
+    assert mine.grad.dtype == dtype
+    tol = HALF_TOL[dtype]
+    torch.testing.assert_close(mine.grad.cpu().float(), ref_in.grad, atol=tol * 1e-1, rtol=tol)
+    return loss
+
+
+@pytest.mark.parametrize("R,S", [(1, (4, 6)), (2, (3, 3, 3)), (7, (5, 6)), (8, (2, 3, 4)), (32, (3, 5))])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ordinal_loss_values_and_gradients(device, R, S, reduction):
+    _check_loss(device, R, S, reduction=reduction, seed=R)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ordinal_loss_valid(device, reduction):
+    _check_loss(device, 7, (2, 5, 6), reduction=reduction, use_valid=True, majority=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ordinal_loss_half(device, dtype):
+    _check_loss(device, 7, (4, 7), dtype=dtype, use_valid=True)
+
+
+def test_ordinal_loss_extreme_logits_stay_finite(device):
+    loss = _check_loss(device, 4, (3, 5), scale=1e4, reduction="none")
+    assert torch.isfinite(loss).all()
+
+
+def test_ordinal_loss_no_valid_voxel(device):
+    logits = _logits(1, 3, (4, 4), device=device).requires_grad_()
+    valid = torch.zeros((1, 4, 4), dtype=torch.bool, device=device)
+    loss = ops.ordinal_loss(logits, _votes(1, 3, (4, 4), device=device), valid=valid, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
+
+
+def test_ordinal_loss_forward_only(device):
+    logits = _logits(2, 3, (4, 5), device=device)
+    k = _votes(2, 3, (4, 5), device=device)
+    loss, grad = ops._triton().ordinal_loss_op()(logits, k, None, 1.0, 2, 1, False)
+    assert grad.numel() == 0
+    torch.testing.assert_close(loss.cpu(), reference.ordinal_loss(logits.cpu(), k.cpu(), 1.0, 2))
+
+
+def test_ordinal_loss_rejects_votes_above_r(device):
+    logits = _logits(1, 3, (4, 4), device=device)
+    k = _votes(1, 3, (4, 4), device=device)
+    k[0, 1, 1] = 4
+    with pytest.raises(ValueError, match="0..R"):
+        ops.ordinal_loss(logits, k, backend="triton")
+
+
+# --- calibration_stats ------------------------------------------------------------------------------------
+
+def _assert_stats_equal(mine: CalibrationStats, expected: CalibrationStats) -> None:
+    for name in ("n", "a", "tp", "fp", "fn", "pos", "neg"):
+        assert torch.equal(getattr(mine, name).cpu(), getattr(expected, name)), name
+    for name in ("s", "brier", "nll"):
+        torch.testing.assert_close(getattr(mine, name).cpu(), getattr(expected, name), atol=1e-6, rtol=1e-6,
+                                   msg=name)
+
+
+def _stats_case(device, kind, readout, target_masks, use_valid, R=5, S=(3, 6, 7), dtype=torch.float32,
+                n_bins=15, auc_bins=64, seed=0):
+    masks = _masks(2, R, S, seed=seed, device=device)
+    logits = _logits(2, R, S, seed=seed + 1, device=device, dtype=dtype, scale=2.0)
+    pred = {"ordinal": logits, "logit": logits[:, 0], "prob": torch.sigmoid(logits[:, 0].float()).to(dtype)}[kind]
+    valid = (torch.rand((2, *S), generator=_gen(seed + 2)) < 0.7).to(device) if use_valid else None
+    m = R // 2 + 1
+    _poison(device)
+    st = ops.calibration_stats(pred, masks if target_masks else reference.orc_targets(masks),
+                               None if target_masks else R, kind, readout, None, n_bins, auc_bins, valid,
+                               backend="triton")
+    p = reference.binary_probability(pred.cpu(), kind, readout, m)
+    expected = reference.calibration_stats(p, reference.orc_targets(masks.cpu()), R, n_bins, auc_bins, m,
+                                           None if valid is None else valid.cpu())
+    _assert_stats_equal(st, expected)
+    return st
+
+
+@pytest.mark.parametrize("kind,readout", [("prob", "majority"), ("logit", "majority"), ("ordinal", "majority"),
+                                          ("ordinal", "expected")])
+@pytest.mark.parametrize("target_masks", [True, False])
+def test_calibration_stats(device, kind, readout, target_masks):
+    _stats_case(device, kind, readout, target_masks, use_valid=False)
+
+
+@pytest.mark.parametrize("kind", ["prob", "ordinal"])
+def test_calibration_stats_valid_2d(device, kind):
+    _stats_case(device, kind, "majority", True, use_valid=True, S=(9, 11), n_bins=10, auc_bins=100)
+
+
+@pytest.mark.parametrize("R", [1, 32])
+def test_calibration_stats_rater_extremes(device, R):
+    _stats_case(device, "ordinal", "majority", True, use_valid=True, R=R, S=(4, 5), seed=R)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_calibration_stats_half(device, dtype):
+    _stats_case(device, "ordinal", "expected", False, use_valid=True, dtype=dtype, S=(5, 6))
+
+
+def test_calibration_stats_deterministic(device):
+    a = _stats_case(device, "logit", "majority", True, use_valid=True, S=(2, 9, 13))
+    b = _stats_case(device, "logit", "majority", True, use_valid=True, S=(2, 9, 13))
+    for name in ("s", "brier", "nll"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_calibration_stats_errors(device):
+    masks = _masks(1, 3, (4, 4), device=device, dtype=torch.uint8)
+    p = torch.rand((1, 4, 4), generator=_gen(0)).to(device)
+    bad = masks.clone()
+    bad[0, 0, 0, 0] = 3
+    with pytest.raises(ValueError, match="binary"):
+        ops.calibration_stats(p, bad, backend="triton")
+    k = reference.orc_targets(masks.cpu()).to(device)
+    k[0, 2, 2] = 4
+    with pytest.raises(ValueError, match="0..R"):
+        ops.calibration_stats(p, k, num_raters=3, backend="triton")
+    for value in (float("nan"), 1.5, -0.1):
+        q = p.clone()
+        q[0, 1, 2] = value
+        with pytest.raises(ValueError, match="probabilities"):
+            ops.calibration_stats(q, masks, backend="triton")
+    q = p.clone()
+    q[0, 1, 2] = 2.0  # ignored where not valid
+    valid = torch.ones((1, 4, 4), dtype=torch.bool, device=device)
+    valid[0, 1, 2] = False
+    ops.calibration_stats(q, masks, valid=valid, backend="triton")
+
+
+# --- the custom ops pass torch.library.opcheck ------------------------------------------------------------
+
+def test_opcheck(device):
+    from orcal import _triton
+
+    masks = _masks(2, 3, (3, 4), device=device)
+    logits = _logits(2, 3, (3, 4), device=device)
+    k = reference.orc_targets(masks.cpu()).to(device)
+    valid = (torch.rand((2, 3, 4), generator=_gen(1)) < 0.7).to(device)
+    launchers = _triton._launchers()
+    torch.library.opcheck(launchers.orc_targets, (masks,))
+    torch.library.opcheck(launchers.foreground_probability, (logits, "majority", 2))
+    loss_op = _triton.ordinal_loss_op()
+    for reduction in (0, 1):
+        torch.library.opcheck(loss_op, (logits.clone().requires_grad_(), k, valid, 1.0, 2, reduction, True))
+    torch.library.opcheck(_triton.calibration_stats_op(), (logits, masks, valid, 3, True, "ordinal", "majority",
+                                                           2, 15, 32))
