@@ -109,7 +109,7 @@ class TrainConfig:
     sw_overlap: float = 0.5
 
     def to_dict(self) -> dict:
-        """A plain dict (lists for tuples), safe for ``torch.load(weights_only=True)`` and JSON."""
+        """A plain dict (numbers, strings, tuples, lists, dicts), loadable with ``weights_only=True``."""
         return _plain(dataclasses.asdict(self))
 
     @classmethod
@@ -181,7 +181,9 @@ class TrainResult:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
         return [_plain(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)

@@ -1,0 +1,248 @@
+"""The training driver: learning, every method, seeding, resume, atomic checkpoints, DDP, prediction, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from orcal.data import load_dataset
+from orcal.fusion import METHODS
+from orcal.train import TrainConfig, atomic_save, load_model, predict, train
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = {"n": 12, "shape": (16, 16), "R": 3, "seed": 3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run fastest single-threaded, and results do not depend on the thread count.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(dataset="synthetic", dataset_options=dict(DATA), arch="unet-small",
+                model_options={"base_channels": 4, "depth": 2}, epochs=1, batch_size=4, lr=1e-2, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_decreases_on_learnable_toy():
+    result = train(tiny(epochs=5, val_split=None, augment=False), progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 5 and losses[-1] < 0.8 * losses[0]
+    assert result.best_epoch == 5 and result.best_val_loss is None
+    assert not result.model.training
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_one_step(method):
+    cfg = tiny(method=method, max_steps_per_epoch=1, fusion_options={"sigma": 1.0})
+    result = train(cfg, progress=False)
+    assert result.head == ("ordinal" if method == "ordinal" else "binary")
+    out = result.model(torch.zeros(1, 1, 16, 16))
+    assert out.shape == (1, 4 if method == "ordinal" else 1, 16, 16)
+    h = result.history[0]
+    assert torch.isfinite(torch.tensor(h["train_loss"])) and torch.isfinite(torch.tensor(h["val_loss"]))
+
+
+def test_seeded_training_is_reproducible():
+    a = weights(train(tiny(max_steps_per_epoch=2, epochs=2, method="random"), progress=False).model)
+    b = weights(train(tiny(max_steps_per_epoch=2, epochs=2, method="random"), progress=False).model)
+    c = weights(train(tiny(max_steps_per_epoch=2, epochs=2, method="random", seed=1), progress=False).model)
+    assert same(a, b)
+    assert not same(a, c)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    cfg = dict(epochs=4, max_steps_per_epoch=2, batch_size=2)
+    full = train(tiny(out_dir=str(tmp_path / "full"), **cfg), progress=False)
+
+    def kill(epoch, step, loss):
+        if epoch == 2 and step == 1:  # mid-epoch 3, after the checkpoint of epoch 2
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny(out_dir=str(tmp_path / "cut"), **cfg), progress=False, callback=kill)
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+
+    seen = []
+    resumed = train(tiny(out_dir=str(tmp_path / "cut"), resume=True, **cfg), progress=False,
+                    callback=lambda e, s, loss: seen.append(e))
+    assert sorted(set(seen)) == [2, 3]  # continued at epoch 3 (0-based 2), nothing before
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    assert resumed.best_epoch == full.best_epoch
+    assert same(weights(resumed.model), weights(full.model))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    assert same(a, b)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(tiny(out_dir=str(tmp_path), max_steps_per_epoch=1), progress=False)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(tiny(out_dir=str(tmp_path), max_steps_per_epoch=1, resume=True, epochs=2, method="soft"),
+              progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"x": torch.ones(3)}, path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
+
+
+def test_checkpoints_and_load_model(tmp_path):
+    result = train(tiny(out_dir=str(tmp_path), epochs=2, max_steps_per_epoch=1), progress=False)
+    assert result.checkpoint_path == str(tmp_path / "best.pt")
+    assert {p.name for p in tmp_path.iterdir()} == {"best.pt", "last.pt"}
+    model, config = load_model(result.checkpoint_path)
+    assert config == result.config
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model(x))
+    assert model.orcal_spec["head"] == "ordinal" and model.orcal_spec["num_raters"] == 3
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_predict_2d_whole_images_and_readouts():
+    result = train(tiny(max_steps_per_epoch=1), progress=False)
+    ds = load_dataset("synthetic", split="test", **DATA)
+    out = list(predict(result, ds))
+    assert [o[0] for o in out] == ds.ids
+    for _, p, masks, valid in out:
+        assert p.shape == (16, 16) and p.dtype == torch.float32 and masks.shape == (3, 16, 16) and valid is None
+        assert 0 <= float(p.min()) and float(p.max()) <= 1
+    expected = list(predict(result.model, ds, readout="expected"))
+    assert not torch.equal(out[0][1], expected[0][1])
+
+
+def test_3d_patches_and_sliding_window_prediction():
+    data = {"n": 6, "shape": (12, 12, 12), "R": 2, "seed": 1}
+    cfg = tiny(dataset_options=data, arch="unet3d", model_options={"base_channels": 4, "depth": 1},
+               patch_size=8, batch_size=2, max_steps_per_epoch=1)
+    result = train(cfg, progress=False)
+    assert result.spatial_dims == 3 and torch.isfinite(torch.tensor(result.history[0]["val_loss"]))
+    ds = load_dataset("synthetic", split="test", **data)
+    seen = []
+    orig_forward = result.model.forward
+    result.model.forward = lambda x: (seen.append(tuple(x.shape[2:])), orig_forward(x))[1]
+    out = list(predict(result, ds, batch_size=4))
+    assert set(seen) == {(8, 8, 8)}  # tiles, not whole volumes
+    for _, p, masks, _ in out:
+        assert p.shape == (12, 12, 12) and masks.shape == (2, 12, 12, 12)
+        assert torch.isfinite(p).all() and 0 <= float(p.min()) and float(p.max()) <= 1
+
+
+def test_bf16_autocast_on_cpu():
+    result = train(tiny(max_steps_per_epoch=1, amp="bf16"), progress=False)
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="method"):
+        train(tiny(method="mean"), progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train(tiny(epochs=0), progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        train(tiny(resume=True), progress=False)
+    with pytest.raises(ValueError, match="fusion_options"):
+        train(tiny(fusion_options={"sigmaa": 1.0}), progress=False)
+    with pytest.raises(TypeError, match="config"):
+        train({"epochs": 1})
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    import orcal.train as T
+
+    torch.set_num_threads(1)
+    calls = []
+    real_save = T.atomic_save
+    T.atomic_save = lambda obj, path: (calls.append(str(path)), real_save(obj, path))
+    out = sys.argv[2]
+    result = T.train(T.TrainConfig(**json.loads(sys.argv[1])), progress=False,
+                     callback=lambda e, s, loss: calls.append(f"step {e} {s}"))
+    rank = int(os.environ["RANK"])
+    torch.save(result.model.state_dict(), os.path.join(out, f"weights{rank}.pt"))
+    with open(os.path.join(out, f"calls{rank}.json"), "w") as f:
+        json.dump({"calls": calls, "world": int(os.environ["WORLD_SIZE"]), "history": result.history}, f)
+""")
+
+
+def test_distributed_two_processes_gloo(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cfg = dict(dataset_options=DATA, arch="unet-small", model_options={"base_channels": 4, "depth": 2},
+               epochs=2, batch_size=2, lr=1e-2, max_steps_per_epoch=2, out_dir=str(tmp_path / "run"),
+               device="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), json.dumps(cfg), str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights1.pt", weights_only=True)
+    assert same(w0, w1)
+    c0 = json.loads((tmp_path / "calls0.json").read_text())
+    c1 = json.loads((tmp_path / "calls1.json").read_text())
+    assert c0["world"] == c1["world"] == 2
+    saves0 = [c for c in c0["calls"] if c.endswith(".pt")]
+    assert saves0 and all(c.startswith(str(tmp_path / "run")) for c in saves0)
+    assert [c for c in c1["calls"] if c.endswith(".pt")] == []  # only rank 0 writes
+    assert sum(c.startswith("step") for c in c1["calls"]) == 4  # rank 1 trained its shard
+    drop = [{k: v for k, v in h.items() if k != "seconds"} for h in c0["history"]], \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in c1["history"]]
+    assert drop[0] == drop[1]  # losses are all-reduced: every rank reports the same
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert same(ckpt["model"], w0) or ckpt["best_epoch"] != 2
+
+
+def test_cli_train(tmp_path, capsys):
+    from orcal.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["train", "--option", "n=8", "--option", "shape=(16,16)", "--option", "R=3", "--arch", "unet-small",
+                 "--epochs", "1", "--batch-size", "4", "--max-steps", "1", "--out", str(out), "--quiet",
+                 "--method", "soft_gaussian", "--sigma", "1.5"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "best epoch 1/1" in text and str(out / "best.pt") in text
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["best_epoch"] == 1
+    assert load_model(out / "best.pt")[1].fusion_options == {"sigma": 1.5}
