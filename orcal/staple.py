@@ -10,74 +10,86 @@ a voxel-by-voxel loop while computing the same numbers (float64 throughout).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 # Vote patterns are looked up in a dense table when it has at most this many entries (B x 2^R).
 _DENSE_TABLE_MAX = 1 << 22
+# Votes are packed this many to an int32 word (int32 arithmetic is much faster than int64 on CPUs).
+_BITS = 30
 
 
-def _pattern_keys(votes: torch.Tensor) -> torch.Tensor:
-    """Pack each voxel's votes ``(B, R, V)`` bool into int64 words ``(B, V, n_words)``, 62 raters a word."""
+def _pattern_words(votes: torch.Tensor) -> torch.Tensor:
+    """Pack each voxel's votes ``(B, R, V)`` bool into int32 words ``(n_words, B, V)``, 30 raters a word."""
     B, R, V = votes.shape
-    n_words = (R + 61) // 62
-    keys = torch.zeros(B, V, n_words, dtype=torch.int64, device=votes.device)
-    for r in range(R):
-        word, bit = divmod(r, 62)
-        keys[:, :, word] |= votes[:, r].to(torch.int64) << bit
-    return keys
+    words = []
+    for first in range(0, R, _BITS):
+        word = torch.zeros(B, V, dtype=torch.int32, device=votes.device)
+        for bit, r in enumerate(range(first, min(first + _BITS, R))):
+            word.add_(votes[:, r].to(torch.int32), alpha=1 << bit)
+        words.append(word)
+    return torch.stack(words)
 
 
-def vote_patterns(votes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct vote patterns of each image.
+class VotePatterns(NamedTuple):
+    """The distinct vote patterns of each image of a ``(B, R, V)`` batch."""
 
-    Args:
-        votes: ``(B, R, V)`` bool.
+    patterns: torch.Tensor  # (U, R) bool: which raters vote foreground
+    image: torch.Tensor  # (U,) int64: the image of each pattern, in increasing order
+    counts: torch.Tensor  # (U,) int64: voxels with that pattern
+    voxel_key: torch.Tensor  # (B, V): a key per voxel, see key_rows
+    key_rows: torch.Tensor | None  # dense histogram: the keys of the rows; None: voxel_key is the row
 
-    Returns:
-        ``patterns`` ``(U, R)`` bool, ``image`` ``(U,)`` int64 (which image a pattern belongs to),
-        ``counts`` ``(U,)`` int64 (voxels with that pattern), and ``inverse`` ``(B, V)`` int64
-        (the pattern of each voxel).
-    """
+    def per_voxel(self, values: torch.Tensor) -> torch.Tensor:
+        """Spread one value per pattern ``(U,)`` back to every voxel ``(B, V)``."""
+        if self.key_rows is None:
+            return values[self.voxel_key]
+        table = values.new_zeros(int(self.voxel_key.shape[0]) << int(self.patterns.shape[1]))
+        table[self.key_rows] = values
+        return table[self.voxel_key]
+
+
+def vote_patterns(votes: torch.Tensor) -> VotePatterns:
+    """Distinct vote patterns of each image of ``votes`` ``(B, R, V)`` bool, with their voxel counts."""
     B, R, V = votes.shape
     device = votes.device
-    keys = _pattern_keys(votes)
-    if keys.shape[-1] == 1 and (B << R) <= _DENSE_TABLE_MAX:
-        # Small pattern space: one histogram over (image, pattern), no sorting.
-        flat = (torch.arange(B, device=device).unsqueeze(1) << R) | keys[..., 0]
-        counts = torch.bincount(flat.reshape(-1), minlength=B << R)
+    words = _pattern_words(votes)
+    if words.shape[0] == 1 and (B << R) <= _DENSE_TABLE_MAX:
+        # Small pattern space: one histogram over the key (image, pattern), no sorting.
+        key = words[0].add_(torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1), alpha=1 << R)
+        counts = torch.bincount(key.reshape(-1), minlength=B << R)
         present = counts.nonzero().squeeze(1)
-        slot = torch.full((B << R,), -1, dtype=torch.int64, device=device)
-        slot[present] = torch.arange(present.numel(), device=device)
-        inverse = slot[flat]
-        image = present >> R
-        codes = (present & ((1 << R) - 1)).unsqueeze(1)
-        counts = counts[present]
+        image, codes, counts = present >> R, (present & ((1 << R) - 1)).unsqueeze(1), counts[present]
+        key_rows = present
     else:
-        rows = torch.cat([torch.arange(B, device=device).view(B, 1, 1).expand(B, V, 1), keys], dim=2)
-        uniq, inverse, counts = torch.unique(rows.reshape(B * V, -1), dim=0, return_inverse=True,
-                                             return_counts=True)
-        inverse = inverse.view(B, V)
-        image, codes = uniq[:, 0], uniq[:, 1:]
+        image_col = torch.arange(B, dtype=torch.int32, device=device).view(1, B, 1).expand(1, B, V)
+        rows = torch.cat([image_col, words]).permute(1, 2, 0).reshape(B * V, -1)
+        uniq, key, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+        image, codes, key, key_rows = uniq[:, 0].long(), uniq[:, 1:].long(), key.view(B, V), None
     r = torch.arange(R, device=device)
-    patterns = ((codes[:, r // 62] >> (r % 62)) & 1).bool()
-    return patterns, image, counts, inverse
+    patterns = ((codes[:, r // _BITS] >> (r % _BITS)) & 1).bool()
+    return VotePatterns(patterns, image, counts, key, key_rows)
 
 
-def _per_image_table(patterns, image, counts, inverse, B):
-    """Lay the pattern rows out as a padded ``(B, U, R)`` table (padding rows have count 0)."""
+def _per_image_table(vp: VotePatterns, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay the pattern rows out as a padded ``(B, U, R)`` table (padding rows have count 0).
+
+    Returns the table, the counts ``(B, U)`` and the flat table slot of each pattern row.
+    """
+    image = vp.image
     per = torch.bincount(image, minlength=B)
     U = max(int(per.max()) if B else 0, 1)
     start = torch.cumsum(per, 0) - per
     pos = torch.arange(image.numel(), device=image.device) - start[image]  # rows are sorted by image
     slot = image * U + pos
-    R = patterns.shape[1]
+    R = vp.patterns.shape[1]
     table = torch.zeros(B * U, R, dtype=torch.bool, device=image.device)
-    table[slot] = patterns
+    table[slot] = vp.patterns
     cnt = torch.zeros(B * U, dtype=torch.float64, device=image.device)
-    cnt[slot] = counts.to(torch.float64)
-    return table.view(B, U, R), cnt.view(B, U), slot[inverse]
+    cnt[slot] = vp.counts.to(torch.float64)
+    return table.view(B, U, R), cnt.view(B, U), slot
 
 
 def _em_on_table(P: np.ndarray, cnt: np.ndarray, n_voxels: int, confidence_weight: float, max_iter: int,
@@ -134,11 +146,12 @@ def staple_em(votes: torch.Tensor, confidence_weight: float = 1.0, max_iter: int
     """
     B, R, V = votes.shape
     dev = votes.device
-    P, cnt, voxel_slot = _per_image_table(*vote_patterns(votes), B)
+    vp = vote_patterns(votes)
+    P, cnt, slot = _per_image_table(vp, B)
     # The EM runs on the host: its table is tiny and its thousands of small steps are latency-bound.
     W, rates, iterations = _em_on_table(P.cpu().numpy(), cnt.cpu().numpy(), V, confidence_weight, max_iter,
                                         tol)
-    W = torch.from_numpy(W).to(dev).view(-1)[voxel_slot]
+    W = vp.per_voxel(torch.from_numpy(W).to(dev).view(-1)[slot])
     rates = torch.from_numpy(rates).to(dev)
     return W, rates[:, 0], 1.0 - rates[:, 1], torch.from_numpy(iterations).to(dev)
 
