@@ -27,6 +27,9 @@ __all__ = ["MultiRaterCalibration", "agreement_table", "bootstrap"]  # + MultiRa
 
 #: Voxels per chunk when accumulating the confidence-vs-agreement table (bounds its temporary memory).
 _AGREEMENT_CHUNK = 1 << 22
+#: With the pure-PyTorch backend, a batch larger than this many voxels is fed to calibration_stats in slabs
+#: along the first spatial axis: its int64 temporaries would otherwise take tens of bytes per voxel.
+_SLAB_VOXELS = 1 << 22
 _METRIC_KEYS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
 
 
@@ -185,10 +188,7 @@ class MultiRaterCalibration:
         ops._check_tensor("target", target)
         if pred.ndim >= 1 and target.ndim >= 1 and pred.shape[0] == 0 and target.shape[0] == 0:
             return
-        st = ops.calibration_stats(pred, target, num_raters=num_raters, kind=kind, readout=self.readout,
-                                   majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
-                                   valid=valid, backend=self.backend)
-        st = st.to("cpu")
+        st = self._stats(pred, target, num_raters, valid, kind)
         R = target.shape[1] if num_raters is None else int(num_raters)
         if self.agreement or self.exact_auc:
             self._accumulate_votes(pred, target, num_raters, R, valid, kind)
@@ -196,6 +196,34 @@ class MultiRaterCalibration:
         self._n_images += st.n_images
         if self.per_image:
             self._rows.append(st)
+
+    def _stats(self, pred, target, num_raters, valid, kind) -> CalibrationStats:
+        """Per-image statistics of one batch, on the CPU; large batches go in slabs on the reference backend."""
+        def call(p, t, v):
+            return ops.calibration_stats(p, t, num_raters=num_raters, kind=kind, readout=self.readout,
+                                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
+                                         valid=v, backend=self.backend).to("cpu")
+
+        spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
+        axis_p = pred.ndim - len(spatial)
+        axis_t = target.ndim - len(spatial)
+        voxels = target.shape[0] * math.prod(spatial)
+        slab_ok = (len(spatial) >= 2 and tuple(pred.shape[axis_p:]) == spatial and axis_p in (1, 2)
+                   and (valid is None or tuple(valid.shape[1:]) == spatial))
+        if (voxels <= _SLAB_VOXELS or not slab_ok
+                or ops.resolve_backend("calibration_stats", self.backend, pred.device) != "torch"):
+            return call(pred, target, valid)
+        # Rows are sums over voxels, so the slabs' rows of one image add up to that image's row.
+        step = max(1, _SLAB_VOXELS // max(1, voxels // spatial[0]))
+        counts = sums = None
+        for start in range(0, spatial[0], step):
+            sl = slice(start, start + step)
+            part = call(pred.narrow(axis_p, start, min(step, spatial[0] - start)),
+                        target.narrow(axis_t, start, min(step, spatial[0] - start)),
+                        None if valid is None else valid[:, sl])
+            c, f = part.pack()
+            counts, sums = (c, f) if counts is None else (counts + c, sums + f)
+        return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
 
     def _accumulate_votes(self, pred, target, num_raters, R, valid, kind) -> None:
         """Per-vote-level sums of ``p`` (agreement table) and per-score pair counts (exact AUC)."""

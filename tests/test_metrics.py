@@ -41,9 +41,9 @@ def test_equals_reference_and_ops():
     out = metric.compute()
     ref = reference.calibration_metrics(reference.calibration_stats(p, masks.sum(1), 3))
     public = orcal.calibration_metrics(orcal.calibration_stats(p, masks))
-    for key in SCALARS:
-        assert out[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-12), key
+    for key in SCALARS:  # the same backend exactly; the reference to float32 accuracy (compiled kernels)
         assert out[key] == pytest.approx(public[key], rel=1e-12, abs=1e-12), key
+        assert out[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
     assert out["n_pairs"] == p.numel() * 3 and out["n_images"] == 3
     table = reference.bin_table(reference.calibration_stats(p, masks.sum(1), 3))
     for key in ("count", "confidence", "accuracy"):
@@ -275,3 +275,26 @@ def test_distributed_equals_single_process(tmp_path):
         ref_rows = single.stats()
         assert torch.equal(rows["n"], ref_rows.n) and torch.equal(rows["pos"], ref_rows.pos)
         torch.testing.assert_close(rows["s"], ref_rows.s, rtol=1e-12, atol=1e-12)
+
+
+def test_slabs_of_large_batches_equal_one_call(monkeypatch):
+    import orcal.metrics as metrics_module
+
+    p, masks = make_data(B=2, R=3, shape=(7, 5, 6), seed=12)
+    g = torch.Generator().manual_seed(13)
+    valid = torch.rand(2, 7, 5, 6, generator=g) > 0.2
+    logits = torch.randn(2, 4, 7, 5, 6, generator=g)
+    whole = MultiRaterCalibration(per_image=True, backend="torch")
+    whole.update(p[:, None], masks, valid=valid)
+    whole.update(logits, masks.sum(1).to(torch.uint8), num_raters=3, kind="ordinal")
+    monkeypatch.setattr(metrics_module, "_SLAB_VOXELS", 70)  # slabs of one or two planes
+    sliced = MultiRaterCalibration(per_image=True, backend="torch")
+    sliced.update(p[:, None], masks, valid=valid)
+    sliced.update(logits, masks.sum(1).to(torch.uint8), num_raters=3, kind="ordinal")
+    a, b = whole.stats(), sliced.stats()
+    for name in ("n", "a", "tp", "fp", "fn", "pos", "neg"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("s", "brier", "nll"):  # the float32 readout may round differently on another shape
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="spatial shapes"):  # mismatches are still reported as such
+        sliced.update(p[:, :, :4], masks)
