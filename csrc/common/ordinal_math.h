@@ -1,0 +1,180 @@
+// Per-voxel math of SPEC §2-4, written once for the CPU and CUDA kernels.
+//
+// Everything is a template over the accumulation type T (float for float/half/bfloat16 inputs, double for
+// double). The functions live in an anonymous namespace on purpose: the CPU kernels are compiled once per
+// instruction set (csrc/cpu/kernels_*.cpp) and each copy must keep its own code, never share an
+// out-of-line instance that the linker could pick from another instruction set.
+//
+// Numerics. The logits are split into a "low" group (levels 0..m-1) and a "high" group (m..R). Each group
+// is exponentiated against its own maximum, e_c = exp(z_c - max_group) with group sums s_lo, s_hi >= 1, so
+//   majority logit   l   = (max_hi - max_lo) + log(s_hi / s_lo)             (finite for any finite logits)
+//   softmax          q_c = e_c * a_group,  a_group = exp(max_group - M) / S,  S = sum of both rescaled sums
+//   partial softmax  e_c / s_group  (dl/dz_c, SPEC §3; never divides by a vanishing probability)
+// One exponential per logit plus one per voxel.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace orcal {
+namespace {  // NOLINT(build/namespaces): internal linkage per translation unit, see above
+
+C10_HOST_DEVICE inline float ox_exp(float x) { return expf(x); }
+C10_HOST_DEVICE inline double ox_exp(double x) { return exp(x); }
+C10_HOST_DEVICE inline float ox_log(float x) { return logf(x); }
+C10_HOST_DEVICE inline double ox_log(double x) { return log(x); }
+C10_HOST_DEVICE inline float ox_log1p(float x) { return log1pf(x); }
+C10_HOST_DEVICE inline double ox_log1p(double x) { return log1p(x); }
+C10_HOST_DEVICE inline float ox_floor(float x) { return floorf(x); }
+C10_HOST_DEVICE inline double ox_floor(double x) { return floor(x); }
+
+template <typename T>
+C10_HOST_DEVICE inline T ox_max(T a, T b) { return a > b ? a : b; }
+template <typename T>
+C10_HOST_DEVICE inline T ox_min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+C10_HOST_DEVICE inline T ox_abs(T a) { return a < T(0) ? -a : a; }
+
+// softplus(x) = log(1 + e^x) without overflow.
+template <typename T>
+C10_HOST_DEVICE inline T softplus(T x) { return ox_max(x, T(0)) + ox_log1p(ox_exp(-ox_abs(x))); }
+
+// sigmoid(x) without overflow: both branches use e^-|x| <= 1.
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T x) {
+  const T e = ox_exp(-ox_abs(x));
+  const T r = T(1) / (T(1) + e);
+  return x >= T(0) ? r : e * r;
+}
+
+// What the two group sums of a voxel give (see the header comment).
+template <typename T>
+struct GroupSoftmax {
+  T a_lo, a_hi;  // q_c = e_c * a_group
+  T l;           // majority logit
+};
+
+template <typename T>
+C10_HOST_DEVICE inline GroupSoftmax<T> combine_groups(T max_lo, T s_lo, T max_hi, T s_hi) {
+  // One of the two rescalings is exp(0) = 1, the other exp(-|gap|).
+  const T gap = max_hi - max_lo;
+  const T small = ox_exp(-ox_abs(gap));
+  const T f_lo = gap > T(0) ? small : T(1);
+  const T f_hi = gap > T(0) ? T(1) : small;
+  const T inv = T(1) / (s_lo * f_lo + s_hi * f_hi);
+  return {f_lo * inv, f_hi * inv, gap + ox_log(s_hi / s_lo)};
+}
+
+// BCE of the majority logit against y = [k >= m] (SPEC §3) and its derivative d/dl.
+template <typename T>
+C10_HOST_DEVICE inline T bce_from_logit(T l, T y) { return softplus(l) - y * l; }
+template <typename T>
+C10_HOST_DEVICE inline T bce_grad(T l, T y) { return sigmoid(l) - y; }
+
+// ECE / AUC bin of a probability: min(floor(p * bins), bins - 1), computed in T exactly as the reference does
+// (p * bins rounded in T, then floored), so integer counts match it bit for bit. p must be in [0, 1].
+template <typename T>
+C10_HOST_DEVICE inline int64_t bin_index(T p, int64_t bins) {
+  const int64_t b = static_cast<int64_t>(ox_floor(p * static_cast<T>(bins)));
+  return b < bins - 1 ? (b < 0 ? 0 : b) : bins - 1;
+}
+
+// Multi-rater Brier and NLL of one voxel with k of R raters voting foreground (SPEC §4), in T like the
+// reference (float32 for float inputs), before they are summed in double.
+constexpr double kNllEps = 1e-7;
+
+template <typename T>
+C10_HOST_DEVICE inline T brier_voxel(T p, T k, T R) {
+  return k * ((T(1) - p) * (T(1) - p)) + (R - k) * (p * p);
+}
+template <typename T>
+C10_HOST_DEVICE inline T nll_voxel(T p, T k, T R) {
+  const T pc = ox_min(ox_max(p, static_cast<T>(kNllEps)), static_cast<T>(1.0 - kNllEps));
+  return -(k * ox_log(pc) + (R - k) * ox_log1p(-pc));
+}
+
+// --- one voxel at a time (the CUDA kernels; the CPU kernels run the same steps with voxels innermost) ---
+//
+// `Load` is a callable c -> T that reads logit c of the voxel. Logits are re-read per pass instead of kept in
+// an array so the code works for any R (up to 255) without local memory; on a GPU the re-reads hit L1.
+
+template <typename T>
+struct VoxelGroups {
+  T max_lo, max_hi, s_lo, s_hi;
+};
+
+template <typename T, typename Load>
+C10_HOST_DEVICE inline VoxelGroups<T> voxel_groups(const Load& z, int R, int m) {
+  VoxelGroups<T> g{z(0), z(m), T(0), T(0)};
+  for (int c = 1; c < m; ++c) g.max_lo = ox_max(g.max_lo, z(c));
+  for (int c = m + 1; c <= R; ++c) g.max_hi = ox_max(g.max_hi, z(c));
+  for (int c = 0; c < m; ++c) g.s_lo += ox_exp(z(c) - g.max_lo);
+  for (int c = m; c <= R; ++c) g.s_hi += ox_exp(z(c) - g.max_hi);
+  return g;
+}
+
+// Foreground probability of one voxel: readout 0 = majority, 1 = expected (SPEC §2).
+template <typename T, typename Load>
+C10_HOST_DEVICE inline T voxel_readout(const Load& z, int R, int m, int readout) {
+  const VoxelGroups<T> g = voxel_groups<T>(z, R, m);
+  const GroupSoftmax<T> s = combine_groups(g.max_lo, g.s_lo, g.max_hi, g.s_hi);
+  if (readout == 0) return sigmoid(s.l);
+  T acc = T(0);
+  for (int c = 1; c <= R; ++c) {
+    const T e = c < m ? ox_exp(z(c) - g.max_lo) * s.a_lo : ox_exp(z(c) - g.max_hi) * s.a_hi;
+    acc += T(c) * e;
+  }
+  return acc / T(R);
+}
+
+// Loss of one voxel (SPEC §3) and, when `store` is given, its gradient scaled by `gscale`
+// (0 for an invalid voxel, 1/count for the mean): store(c, value) is called once per level.
+template <typename T, typename Load, typename Store>
+C10_HOST_DEVICE inline T voxel_loss(const Load& z, int R, int m, int k, T rps_weight, T gscale, bool want_grad,
+                                    const Store& store) {
+  const VoxelGroups<T> g = voxel_groups<T>(z, R, m);
+  const GroupSoftmax<T> s = combine_groups(g.max_lo, g.s_lo, g.max_hi, g.s_hi);
+  const T y = k >= m ? T(1) : T(0);
+  auto q_of = [&](int c) {
+    return c < m ? ox_exp(z(c) - g.max_lo) * s.a_lo : ox_exp(z(c) - g.max_hi) * s.a_hi;
+  };
+  // Forward: F_j = cumulative softmax, D_j = F_j - [j >= k].
+  T F = T(0), rps = T(0), d_total = T(0);
+  for (int c = 0; c < R; ++c) {
+    F += q_of(c);
+    const T d = F - (c >= k ? T(1) : T(0));
+    rps += d * d;
+    d_total += d;
+  }
+  const T loss = bce_from_logit(s.l, y) + rps_weight * rps / T(R);
+  if (!want_grad) return loss;
+  // g_c = (2/R) sum_{j >= c} D_j = (2/R) (d_total - sum_{j < c} D_j); qg = sum_c q_c g_c.
+  const T two_r = T(2) / T(R);
+  T prefix = T(0), qg = T(0);
+  F = T(0);
+  for (int c = 0; c < R; ++c) {
+    const T q = q_of(c);
+    qg += q * two_r * (d_total - prefix);
+    F += q;
+    prefix += F - (c >= k ? T(1) : T(0));
+  }
+  const T dl = bce_grad(s.l, y);
+  const T inv_lo = T(1) / g.s_lo, inv_hi = T(1) / g.s_hi;
+  prefix = T(0);
+  F = T(0);
+  for (int c = 0; c <= R; ++c) {
+    const T e = c < m ? ox_exp(z(c) - g.max_lo) : ox_exp(z(c) - g.max_hi);
+    const T q = e * (c < m ? s.a_lo : s.a_hi);
+    const T gc = c < R ? two_r * (d_total - prefix) : T(0);
+    const T dbce = c < m ? -e * inv_lo : e * inv_hi;
+    store(c, gscale * (rps_weight * q * (gc - qg) + dl * dbce));
+    F += q;
+    prefix += F - (c >= k ? T(1) : T(0));
+  }
+  return loss;
+}
+
+}  // namespace
+}  // namespace orcal

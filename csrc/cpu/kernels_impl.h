@@ -1,0 +1,413 @@
+// The CPU block kernels, in structure-of-arrays form: a block of kBlock voxels of one image is processed one
+// channel plane at a time (channels outside, voxels inside), so every inner loop is a fixed-length,
+// branch-free loop over contiguous voxels that the compiler vectorises (exp/log through libmvec).
+//
+// This file is included by kernels_base.cpp and kernels_avx2.cpp with ORCAL_ISA naming the namespace; each
+// includes it under its own target options. The scalar math comes from csrc/common/ordinal_math.h (shared
+// with CUDA); only the loop nesting differs from the one-voxel-at-a-time CUDA formulation, which is why the
+// pass structure of voxel_loss() is repeated here with voxels innermost.
+//
+// Only C functions and this file's own code are used inside: no std:: or ATen templates, whose instances
+// would be merged by the linker across the per-ISA translation units.
+
+#ifndef ORCAL_ISA
+#error "define ORCAL_ISA before including kernels_impl.h"
+#endif
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/ordinal_math.h"
+#include "../common/stats_layout.h"
+#include "kernels.h"
+
+namespace orcal {
+namespace cpu {
+namespace ORCAL_ISA {
+namespace {
+
+constexpr int NB = static_cast<int>(kBlock);
+
+// Per-thread scratch: logits of one block (C planes), one more plane set for the RPS pass, per-voxel arrays.
+template <typename T>
+struct Scratch {
+  T* e;  // (C, NB): logits, then exponentials
+  T* d;  // (C, NB): RPS differences, then their reverse cumulative sums
+  void* mem;
+  explicit Scratch(int64_t C) {
+    const size_t bytes = sizeof(T) * static_cast<size_t>(2 * C * NB);
+    mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    e = static_cast<T*>(mem);
+    d = e + C * NB;
+  }
+  ~Scratch() { std::free(mem); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Per-voxel results of the grouped softmax of one block.
+template <typename T>
+struct Groups {
+  alignas(64) T max_lo[NB];
+  alignas(64) T max_hi[NB];
+  alignas(64) T s_lo[NB];
+  alignas(64) T s_hi[NB];
+  alignas(64) T a_lo[NB];
+  alignas(64) T a_hi[NB];
+  alignas(64) T l[NB];
+};
+
+// Load n voxels of each of the C channel planes (stride V) into e as T; the tail of the block is zero.
+template <typename scalar_t, typename T>
+inline void load_planes(const scalar_t* __restrict__ z, int64_t V, int64_t n, int C, T* __restrict__ e) {
+  for (int c = 0; c < C; ++c) {
+    const scalar_t* __restrict__ zc = z + c * V;
+    T* __restrict__ ec = e + c * NB;
+    for (int64_t v = 0; v < n; ++v) ec[v] = static_cast<T>(zc[v]);
+    for (int64_t v = n; v < NB; ++v) ec[v] = T(0);
+  }
+}
+
+// Group maxima, e <- exp(z - group max), group sums, and their combination (ordinal_math.h).
+template <typename T>
+inline void grouped_softmax(T* __restrict__ e, int R, int m, Groups<T>& g) {
+  T* __restrict__ mlo = g.max_lo;
+  T* __restrict__ mhi = g.max_hi;
+  for (int v = 0; v < NB; ++v) mlo[v] = e[v];
+  for (int c = 1; c < m; ++c) {
+    const T* __restrict__ ec = e + c * NB;
+    for (int v = 0; v < NB; ++v) mlo[v] = ox_max(mlo[v], ec[v]);
+  }
+  for (int v = 0; v < NB; ++v) mhi[v] = e[m * NB + v];
+  for (int c = m + 1; c <= R; ++c) {
+    const T* __restrict__ ec = e + c * NB;
+    for (int v = 0; v < NB; ++v) mhi[v] = ox_max(mhi[v], ec[v]);
+  }
+  T* __restrict__ slo = g.s_lo;
+  T* __restrict__ shi = g.s_hi;
+  for (int v = 0; v < NB; ++v) slo[v] = T(0);
+  for (int v = 0; v < NB; ++v) shi[v] = T(0);
+  for (int c = 0; c < m; ++c) {
+    T* __restrict__ ec = e + c * NB;
+    for (int v = 0; v < NB; ++v) {
+      const T x = ox_exp(ec[v] - mlo[v]);
+      ec[v] = x;
+      slo[v] += x;
+    }
+  }
+  for (int c = m; c <= R; ++c) {
+    T* __restrict__ ec = e + c * NB;
+    for (int v = 0; v < NB; ++v) {
+      const T x = ox_exp(ec[v] - mhi[v]);
+      ec[v] = x;
+      shi[v] += x;
+    }
+  }
+  T* __restrict__ alo = g.a_lo;
+  T* __restrict__ ahi = g.a_hi;
+  T* __restrict__ lg = g.l;
+  for (int v = 0; v < NB; ++v) {
+    const GroupSoftmax<T> s = combine_groups(mlo[v], slo[v], mhi[v], shi[v]);
+    alo[v] = s.a_lo;
+    ahi[v] = s.a_hi;
+    lg[v] = s.l;
+  }
+}
+
+// Foreground probability of a loaded block (readout 0 majority, 1 expected) into p.
+template <typename T>
+inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T>& g, T* __restrict__ p) {
+  grouped_softmax(e, R, m, g);
+  if (readout == 0) {
+    for (int v = 0; v < NB; ++v) p[v] = sigmoid(g.l[v]);
+    return;
+  }
+  for (int v = 0; v < NB; ++v) p[v] = T(0);
+  for (int c = 1; c <= R; ++c) {
+    const T* __restrict__ ec = e + c * NB;
+    const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
+    const T level = static_cast<T>(c);
+    for (int v = 0; v < NB; ++v) p[v] += level * (ec[v] * ac[v]);
+  }
+  const T inv_r = T(1) / static_cast<T>(R);
+  for (int v = 0; v < NB; ++v) p[v] *= inv_r;
+}
+
+// --- ordinal loss --------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
+  const int R = static_cast<int>(a.R), m = static_cast<int>(a.m), C = R + 1;
+  const int64_t V = a.V;
+  const scalar_t* Z = static_cast<const scalar_t*>(a.logits);
+  scalar_t* G = static_cast<scalar_t*>(a.grad);
+  T* L = static_cast<T*>(a.loss_map);
+  const T w = static_cast<T>(a.rps_weight), scale = static_cast<T>(a.grad_scale);
+  const T inv_r = T(1) / static_cast<T>(R), two_r = T(2) / static_cast<T>(R);
+  Scratch<T> s(C);
+  T* __restrict__ e = s.e;
+  T* __restrict__ d = s.d;
+  Groups<T> g;
+  alignas(64) T kf[NB], ok[NB], F[NB], rps[NB], dl[NB], loss[NB], qg[NB], inv_lo[NB], inv_hi[NB], out[NB];
+  bool bad = false;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t b = blk / a.blocks_per_image, v0 = (blk % a.blocks_per_image) * NB;
+    const int64_t n = V - v0 < NB ? V - v0 : NB;
+    load_planes<scalar_t, T>(Z + b * C * V + v0, V, n, C, e);
+    const uint8_t* __restrict__ kp = a.k + b * V + v0;
+    uint8_t kmax = 0;
+    for (int64_t v = 0; v < n; ++v) {
+      kmax = kp[v] > kmax ? kp[v] : kmax;
+      kf[v] = static_cast<T>(kp[v]);
+    }
+    for (int64_t v = n; v < NB; ++v) kf[v] = T(0);
+    bad |= kmax > R;
+    if (a.valid != nullptr) {
+      const bool* __restrict__ vp = a.valid + b * V + v0;
+      for (int64_t v = 0; v < n; ++v) ok[v] = vp[v] ? T(1) : T(0);
+    } else {
+      for (int64_t v = 0; v < n; ++v) ok[v] = T(1);
+    }
+    for (int64_t v = n; v < NB; ++v) ok[v] = T(0);
+
+    grouped_softmax(e, R, m, g);
+    const T mf = static_cast<T>(m);
+    for (int v = 0; v < NB; ++v) {
+      const T y = kf[v] >= mf ? T(1) : T(0);
+      loss[v] = bce_from_logit(g.l[v], y);
+      dl[v] = bce_grad(g.l[v], y);
+      F[v] = T(0);
+      rps[v] = T(0);
+    }
+    // Forward pass: F_j and D_j = F_j - [j >= k].
+    for (int c = 0; c < R; ++c) {
+      const T* __restrict__ ec = e + c * NB;
+      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
+      T* __restrict__ dc = d + c * NB;
+      const T level = static_cast<T>(c);
+      for (int v = 0; v < NB; ++v) {
+        F[v] += ec[v] * ac[v];
+        const T diff = F[v] - (level >= kf[v] ? T(1) : T(0));
+        rps[v] += diff * diff;
+        dc[v] = diff;
+      }
+    }
+    for (int v = 0; v < NB; ++v) loss[v] = ok[v] != T(0) ? loss[v] + w * rps[v] * inv_r : T(0);
+    double acc = 0;
+    for (int64_t v = 0; v < n; ++v) acc += static_cast<double>(loss[v]);
+    a.partials[blk] = acc;
+    if (L != nullptr) {
+      T* __restrict__ lp = L + b * V + v0;
+      for (int64_t v = 0; v < n; ++v) lp[v] = loss[v];
+    }
+    if (G == nullptr) continue;
+
+    // Backward pass: d_c <- (2/R) sum_{j >= c} D_j, and qg = sum_c q_c g_c.
+    for (int v = 0; v < NB; ++v) {
+      F[v] = T(0);  // reused as the running suffix sum
+      qg[v] = T(0);
+      inv_lo[v] = -T(1) / g.s_lo[v];  // signed: dl/dz_c = -e_c / s_lo below m
+      inv_hi[v] = T(1) / g.s_hi[v];
+    }
+    for (int c = R - 1; c >= 0; --c) {
+      const T* __restrict__ ec = e + c * NB;
+      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
+      T* __restrict__ dc = d + c * NB;
+      for (int v = 0; v < NB; ++v) {
+        F[v] += dc[v];
+        const T gc = two_r * F[v];
+        dc[v] = gc;
+        qg[v] += ec[v] * ac[v] * gc;
+      }
+    }
+    for (int v = 0; v < NB; ++v) ok[v] = ok[v] != T(0) ? scale : T(0);
+    for (int c = 0; c <= R; ++c) {
+      const T* __restrict__ ec = e + c * NB;
+      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
+      const T* __restrict__ ic = c < m ? inv_lo : inv_hi;
+      if (c < R) {
+        const T* __restrict__ dc = d + c * NB;
+        for (int v = 0; v < NB; ++v) {
+          const T val = w * (ec[v] * ac[v]) * (dc[v] - qg[v]) + dl[v] * (ec[v] * ic[v]);
+          out[v] = ok[v] != T(0) ? ok[v] * val : T(0);
+        }
+      } else {
+        for (int v = 0; v < NB; ++v) {
+          const T val = w * (ec[v] * ac[v]) * (-qg[v]) + dl[v] * (ec[v] * ic[v]);
+          out[v] = ok[v] != T(0) ? ok[v] * val : T(0);
+        }
+      }
+      scalar_t* __restrict__ gp = G + (b * C + c) * V + v0;
+      for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(out[v]);
+    }
+  }
+  return bad;
+}
+
+// --- foreground probability ----------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+void readout_blocks(const ReadoutArgs& a, int64_t blk0, int64_t blk1) {
+  const int R = static_cast<int>(a.R), m = static_cast<int>(a.m), C = R + 1;
+  const int64_t V = a.V;
+  const scalar_t* Z = static_cast<const scalar_t*>(a.logits);
+  scalar_t* P = static_cast<scalar_t*>(a.out);
+  Scratch<T> s(C);
+  Groups<T> g;
+  alignas(64) T p[NB];
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t b = blk / a.blocks_per_image, v0 = (blk % a.blocks_per_image) * NB;
+    const int64_t n = V - v0 < NB ? V - v0 : NB;
+    load_planes<scalar_t, T>(Z + b * C * V + v0, V, n, C, s.e);
+    readout_block(s.e, R, m, a.readout, g, p);
+    scalar_t* __restrict__ out = P + b * V + v0;
+    for (int64_t v = 0; v < n; ++v) out[v] = static_cast<scalar_t>(p[v]);
+  }
+}
+
+// --- calibration statistics ----------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+void stats_chunks(const StatsArgs& a, int64_t ch0, int64_t ch1, int64_t* counts, double* chunk_sums,
+                  StatsErrors* err) {
+  const int R = static_cast<int>(a.R), m = static_cast<int>(a.m);
+  const int C = a.kind == 2 ? R + 1 : 1;
+  const int64_t V = a.V, nb = a.n_bins, tb = a.auc_bins;
+  const StatsLayout lay{nb, tb};
+  const scalar_t* X = static_cast<const scalar_t*>(a.pred);
+  Scratch<T> s(C);
+  Groups<T> g;
+  alignas(64) T p[NB], br[NB], nl[NB];
+  alignas(64) int32_t kk[NB], bi[NB], ti[NB], use[NB];
+  const T Rf = static_cast<T>(R);
+  const T half = static_cast<T>(0.5);
+  for (int64_t ch = ch0; ch < ch1; ++ch) {
+    const int64_t b = ch / a.chunks_per_image;
+    const int64_t vstart = (ch % a.chunks_per_image) * kChunk;
+    const int64_t vend = vstart + kChunk < V ? vstart + kChunk : V;
+    int64_t* __restrict__ row = counts + b * a.count_cols;
+    double* __restrict__ srow = chunk_sums + ch * a.sum_cols;
+    for (int64_t j = 0; j < a.sum_cols; ++j) srow[j] = 0;
+    for (int64_t v0 = vstart; v0 < vend; v0 += NB) {
+      const int64_t n = vend - v0 < NB ? vend - v0 : NB;
+      // Probability of each voxel.
+      if (a.kind == 2) {
+        load_planes<scalar_t, T>(X + b * C * V + v0, V, n, C, s.e);
+        readout_block(s.e, R, m, a.readout, g, p);
+      } else {
+        const scalar_t* __restrict__ xp = X + b * V + v0;
+        for (int64_t v = 0; v < n; ++v) p[v] = static_cast<T>(xp[v]);
+        for (int64_t v = n; v < NB; ++v) p[v] = T(0);
+        if (a.kind == 1) {
+          for (int v = 0; v < NB; ++v) p[v] = sigmoid(p[v]);
+        }
+      }
+      // Votes of each voxel, counted from the masks when given.
+      if (a.target_is_masks) {
+        for (int v = 0; v < NB; ++v) kk[v] = 0;
+        uint8_t any = 0;
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* __restrict__ mp = a.target + (b * R + r) * V + v0;
+          for (int64_t v = 0; v < n; ++v) {
+            kk[v] += mp[v];
+            any |= mp[v];
+          }
+        }
+        if (any > 1) err->mask_not_binary = true;
+      } else {
+        const uint8_t* __restrict__ kp = a.target + b * V + v0;
+        int32_t kmax = 0;
+        for (int64_t v = 0; v < n; ++v) {
+          kk[v] = kp[v];
+          kmax = kk[v] > kmax ? kk[v] : kmax;
+        }
+        for (int64_t v = n; v < NB; ++v) kk[v] = 0;
+        if (kmax > R) err->k_too_large = true;
+      }
+      if (a.valid != nullptr) {
+        const bool* __restrict__ vp = a.valid + b * V + v0;
+        for (int64_t v = 0; v < n; ++v) use[v] = vp[v] ? 1 : 0;
+      } else {
+        for (int64_t v = 0; v < n; ++v) use[v] = 1;
+      }
+      for (int64_t v = n; v < NB; ++v) use[v] = 0;
+      // Bins and per-voxel Brier / NLL (vectorised); a probability outside [0, 1] is flagged by use = 2.
+      for (int v = 0; v < NB; ++v) {
+        const bool in_range = p[v] >= T(0) && p[v] <= T(1);
+        use[v] = use[v] != 0 && !in_range ? 2 : use[v];
+        const T pp = in_range ? p[v] : T(0);
+        bi[v] = static_cast<int32_t>(bin_index(pp, nb));
+        ti[v] = static_cast<int32_t>(bin_index(pp, tb));
+        const T kv = static_cast<T>(kk[v]);
+        br[v] = brier_voxel(pp, kv, Rf);
+        nl[v] = nll_voxel(pp, kv, Rf);
+      }
+      // Histograms (scalar scatter).
+      double brier = 0, nll = 0;
+      int64_t tp = 0, fp = 0, fn = 0;
+      for (int64_t v = 0; v < n; ++v) {
+        if (use[v] == 0) continue;
+        if (use[v] == 2) {
+          ++err->bad_count;
+          if (b * V + v0 + v < err->first_bad_index) {
+            err->first_bad_index = b * V + v0 + v;
+            err->first_bad_value = static_cast<double>(p[v]);
+          }
+          continue;
+        }
+        const int64_t k = kk[v];
+        row[lay.n() + bi[v]] += R;
+        row[lay.a() + bi[v]] += k;
+        row[lay.pos() + ti[v]] += k;
+        row[lay.neg() + ti[v]] += R - k;
+        srow[lay.s() + bi[v]] += static_cast<double>(R) * static_cast<double>(p[v]);
+        brier += static_cast<double>(br[v]);
+        nll += static_cast<double>(nl[v]);
+        const bool fg = p[v] >= half, y = k >= m;
+        tp += fg && y;
+        fp += fg && !y;
+        fn += !fg && y;
+      }
+      srow[lay.brier()] += brier;
+      srow[lay.nll()] += nll;
+      row[lay.tp()] += tp;
+      row[lay.fp()] += fp;
+      row[lay.fn()] += fn;
+    }
+  }
+}
+
+// --- type dispatch ---------------------------------------------------------------------------------------
+
+bool loss_entry(const LossArgs& a, int64_t b0, int64_t b1) {
+  switch (a.dtype) {
+    case Dtype::f32: return loss_blocks<float, float>(a, b0, b1);
+    case Dtype::f16: return loss_blocks<c10::Half, float>(a, b0, b1);
+    case Dtype::bf16: return loss_blocks<c10::BFloat16, float>(a, b0, b1);
+    case Dtype::f64: return loss_blocks<double, double>(a, b0, b1);
+  }
+  return false;
+}
+
+void stats_entry(const StatsArgs& a, int64_t c0, int64_t c1, int64_t* counts, double* sums, StatsErrors* err) {
+  switch (a.dtype) {
+    case Dtype::f32: return stats_chunks<float, float>(a, c0, c1, counts, sums, err);
+    case Dtype::f16: return stats_chunks<c10::Half, float>(a, c0, c1, counts, sums, err);
+    case Dtype::bf16: return stats_chunks<c10::BFloat16, float>(a, c0, c1, counts, sums, err);
+    case Dtype::f64: return stats_chunks<double, double>(a, c0, c1, counts, sums, err);
+  }
+}
+
+void readout_entry(const ReadoutArgs& a, int64_t b0, int64_t b1) {
+  switch (a.dtype) {
+    case Dtype::f32: return readout_blocks<float, float>(a, b0, b1);
+    case Dtype::f16: return readout_blocks<c10::Half, float>(a, b0, b1);
+    case Dtype::bf16: return readout_blocks<c10::BFloat16, float>(a, b0, b1);
+    case Dtype::f64: return readout_blocks<double, double>(a, b0, b1);
+  }
+}
+
+}  // namespace
+}  // namespace ORCAL_ISA
+}  // namespace cpu
+}  // namespace orcal
