@@ -232,7 +232,7 @@ def _ordinal_loss_setup(ctx, inputs, output) -> None:
 
 def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad_loss.numel() != 0:
+    if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits are >= 3D)
         raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
                            "require grad")
     scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
