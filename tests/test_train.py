@@ -246,3 +246,39 @@ def test_cli_train(tmp_path, capsys):
     summary = json.loads((out / "history.json").read_text())
     assert summary["best_epoch"] == 1
     assert load_model(out / "best.pt")[1].fusion_options == {"sigma": 1.5}
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_then_resume_on_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    args = ["--option", "n=12", "--option", "shape=(16,16)", "--option", "R=3", "--arch", "unet-small",
+            "--batch-size", "2", "--out", str(out), "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "orcal", "train", "--epochs", "2", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("best epoch") == 1  # one summary, from rank 0
+    proc = subprocess.run([sys.executable, "-m", "orcal", "train", "--epochs", "3", "--resume", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cuda_bf16_training_and_prediction(dims):
+    if dims == 2:
+        data, extra = DATA, {}
+    else:
+        data = {"n": 6, "shape": (12, 12, 12), "R": 2, "seed": 1}
+        extra = {"arch": "unet3d", "model_options": {"base_channels": 4, "depth": 1}, "patch_size": 8}
+    result = train(tiny(device="cuda", dataset_options=data, max_steps_per_epoch=2, **extra), progress=False)
+    assert next(result.model.parameters()).is_cuda
+    assert torch.isfinite(torch.tensor(result.history[0]["val_loss"]))
+    ds = load_dataset("synthetic", split="test", **data)
+    for _, p, masks, _ in predict(result, ds):
+        assert p.device.type == "cpu" and p.dtype == torch.float32 and p.shape == masks.shape[1:]
+        assert 0 <= float(p.min()) and float(p.max()) <= 1
