@@ -26,11 +26,11 @@ def _pattern_words(votes: torch.Tensor) -> torch.Tensor:
     B, R, V = votes.shape
     words = []
     for first in range(0, R, _BITS):
-        word = torch.zeros(B, V, dtype=torch.int32, device=votes.device)
-        for bit, r in enumerate(range(first, min(first + _BITS, R))):
-            word.add_(votes[:, r].to(torch.int32), alpha=1 << bit)
+        word = votes[:, first].to(torch.int32)
+        for bit, r in enumerate(range(first + 1, min(first + _BITS, R)), start=1):
+            word.add_(votes[:, r], alpha=1 << bit)
         words.append(word)
-    return torch.stack(words)
+    return words[0].unsqueeze(0) if len(words) == 1 else torch.stack(words)
 
 
 class VotePatterns(NamedTuple):
@@ -138,11 +138,12 @@ def _em_on_table(P: np.ndarray, cnt: np.ndarray, n_voxels: int, confidence_weigh
 
 
 def staple_em(votes: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 100_000,
-              tol: float = 1e-14) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              tol: float = 1e-14, hard: bool = False,
+              dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run binary STAPLE on ``(B, R, V)`` bool votes.
 
-    Returns ``W`` ``(B, V)`` float64 (posterior foreground probability), sensitivities ``p`` and
-    specificities ``q`` ``(B, R)`` float64, and the number of EM iterations run per image ``(B,)``.
+    Returns ``W`` ``(B, V)`` of ``dtype`` (posterior foreground probability, or ``W > 0.5`` with ``hard``),
+    sensitivities ``p`` and specificities ``q`` ``(B, R)`` float64, and the EM iterations per image ``(B,)``.
     """
     B, R, V = votes.shape
     dev = votes.device
@@ -151,7 +152,9 @@ def staple_em(votes: torch.Tensor, confidence_weight: float = 1.0, max_iter: int
     # The EM runs on the host: its table is tiny and its thousands of small steps are latency-bound.
     W, rates, iterations = _em_on_table(P.cpu().numpy(), cnt.cpu().numpy(), V, confidence_weight, max_iter,
                                         tol)
-    W = vp.per_voxel(torch.from_numpy(W).to(dev).view(-1)[slot])
+    # Finish W on the small table (threshold or clip, cast), then one gather spreads it to the voxels.
+    W = (W > 0.5) if hard else np.clip(W, 0.0, 1.0)
+    W = vp.per_voxel(torch.from_numpy(W).to(device=dev, dtype=dtype).view(-1)[slot])
     rates = torch.from_numpy(rates).to(dev)
     return W, rates[:, 0], 1.0 - rates[:, 1], torch.from_numpy(iterations).to(dev)
 
@@ -187,7 +190,6 @@ def staple(masks: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 
     if not 0 < confidence_weight:
         raise ValueError(f"confidence_weight must be > 0, got {confidence_weight!r}")
     B, R, *S = masks.shape
-    W, p, q, _ = staple_em(masks.reshape(B, R, math.prod(S)), confidence_weight, max_iter, tol)
+    W, p, q, _ = staple_em(masks.reshape(B, R, math.prod(S)), confidence_weight, max_iter, tol, hard, dtype)
     W = W.view(B, *S)
-    W = (W > 0.5).to(dtype) if hard else W.clamp(0.0, 1.0).to(dtype)
     return (W, p, q) if return_performance else W
