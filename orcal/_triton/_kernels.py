@@ -15,7 +15,9 @@ decides at decoration time whether a kernel is compiled or interpreted.
 import triton
 import triton.language as tl
 
-FLAG_MASKS, FLAG_VOTES, FLAG_PROB = 0, 1, 2
+FLAG_MASKS = tl.constexpr(0)
+FLAG_VOTES = tl.constexpr(1)
+FLAG_PROB = tl.constexpr(2)
 
 
 @triton.jit
@@ -169,18 +171,20 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         acc_t = tl.float64
     else:
         acc_t = tl.float32
-    n_acc = tl.zeros([NB_PAD], dtype=tl.int64)
-    a_acc = tl.zeros([NB_PAD], dtype=tl.int64)
+    # Integer accumulators are int32: the launcher keeps iters * BLOCK_V * R below 2^31. Every thread
+    # holds a copy of the bin vectors, so their width costs registers.
+    n_acc = tl.zeros([NB_PAD], dtype=tl.int32)
+    a_acc = tl.zeros([NB_PAD], dtype=tl.int32)
     s_acc = tl.zeros([NB_PAD], dtype=tl.float64)
     brier_acc = tl.zeros([1], dtype=tl.float64)
     nll_acc = tl.zeros([1], dtype=tl.float64)
-    tp = tl.zeros([1], dtype=tl.int64)
-    fp = tl.zeros([1], dtype=tl.int64)
-    fn = tl.zeros([1], dtype=tl.int64)
-    pos_first = tl.zeros([1], dtype=tl.int64)
-    neg_first = tl.zeros([1], dtype=tl.int64)
-    pos_last = tl.zeros([1], dtype=tl.int64)
-    neg_last = tl.zeros([1], dtype=tl.int64)
+    tp = tl.zeros([1], dtype=tl.int32)
+    fp = tl.zeros([1], dtype=tl.int32)
+    fn = tl.zeros([1], dtype=tl.int32)
+    pos_first = tl.zeros([1], dtype=tl.int32)
+    neg_first = tl.zeros([1], dtype=tl.int32)
+    pos_last = tl.zeros([1], dtype=tl.int32)
+    neg_last = tl.zeros([1], dtype=tl.int32)
     row = counts_ptr + b * count_cols
     pos_ptr = row + 2 * n_bins + 3
     neg_ptr = pos_ptr + auc_bins
@@ -234,8 +238,8 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         # --- ECE bins: one-hot over the (few) bins, reduced over the voxels of the block
         bi = tl.minimum(tl.floor(p * n_bins).to(tl.int32), n_bins - 1)
         hot = (bi[None, :] == nb[:, None]) & w[None, :]
-        n_acc += tl.sum(hot.to(tl.int32), axis=1).to(tl.int64)
-        a_acc += tl.sum(tl.where(hot, kw[None, :], 0), axis=1).to(tl.int64)
+        n_acc += tl.sum(hot.to(tl.int32), axis=1)
+        a_acc += tl.sum(tl.where(hot, kw[None, :], 0), axis=1)
         s_acc += tl.sum(tl.where(hot, p[None, :], 0.0), axis=1).to(tl.float64)
         # --- Brier, NLL, Dice counts
         kf = kw.to(acc_t)
@@ -249,34 +253,34 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         nll_acc += tl.sum(tl.where(w, nll, 0.0), axis=0).to(tl.float64)
         fg = p >= 0.5
         y = k >= m
-        tp += tl.sum((w & fg & y).to(tl.int32), axis=0).to(tl.int64)
-        fp += tl.sum((w & fg & (y == 0)).to(tl.int32), axis=0).to(tl.int64)
-        fn += tl.sum((w & (fg == 0) & y).to(tl.int32), axis=0).to(tl.int64)
+        tp += tl.sum((w & fg & y).to(tl.int32), axis=0)
+        fp += tl.sum((w & fg & (y == 0)).to(tl.int32), axis=0)
+        fn += tl.sum((w & (fg == 0) & y).to(tl.int32), axis=0)
         # --- streaming AUC: the first and last score bins (confident voxels, most of an image) are
         # reduced in registers; the others take one atomic per nonzero count.
         ti = tl.minimum(tl.floor(p * auc_bins).to(tl.int32), auc_bins - 1)
         negw = tl.where(w, R - kw, 0)
         first = ti == 0
         last = ti == auc_bins - 1
-        pos_first += tl.sum(tl.where(first, kw, 0), axis=0).to(tl.int64)
-        neg_first += tl.sum(tl.where(first, negw, 0), axis=0).to(tl.int64)
-        pos_last += tl.sum(tl.where(last, kw, 0), axis=0).to(tl.int64)
-        neg_last += tl.sum(tl.where(last, negw, 0), axis=0).to(tl.int64)
+        pos_first += tl.sum(tl.where(first, kw, 0), axis=0)
+        neg_first += tl.sum(tl.where(first, negw, 0), axis=0)
+        pos_last += tl.sum(tl.where(last, kw, 0), axis=0)
+        neg_last += tl.sum(tl.where(last, negw, 0), axis=0)
         inner = (first == 0) & (last == 0)
         tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0))
         tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0))
     # --- flush: integer atomics (exact, order-free), float partials by plain stores
     bm = nb < n_bins
-    tl.atomic_add(row + nb, n_acc * R, mask=bm)
-    tl.atomic_add(row + n_bins + nb, a_acc, mask=bm)
+    tl.atomic_add(row + nb, n_acc.to(tl.int64) * R, mask=bm)
+    tl.atomic_add(row + n_bins + nb, a_acc.to(tl.int64), mask=bm)
     one = tl.arange(0, 1)
-    tl.atomic_add(row + 2 * n_bins + one, tp)
-    tl.atomic_add(row + 2 * n_bins + 1 + one, fp)
-    tl.atomic_add(row + 2 * n_bins + 2 + one, fn)
-    tl.atomic_add(pos_ptr + one, pos_first)
-    tl.atomic_add(neg_ptr + one, neg_first)
-    tl.atomic_add(pos_ptr + auc_bins - 1 + one, pos_last)
-    tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last)
+    tl.atomic_add(row + 2 * n_bins + one, tp.to(tl.int64))
+    tl.atomic_add(row + 2 * n_bins + 1 + one, fp.to(tl.int64))
+    tl.atomic_add(row + 2 * n_bins + 2 + one, fn.to(tl.int64))
+    tl.atomic_add(pos_ptr + one, pos_first.to(tl.int64))
+    tl.atomic_add(neg_ptr + one, neg_first.to(tl.int64))
+    tl.atomic_add(pos_ptr + auc_bins - 1 + one, pos_last.to(tl.int64))
+    tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last.to(tl.int64))
     prow = partial_ptr + pid.to(tl.int64) * (n_bins + 2)
     tl.store(prow + nb, s_acc * R, mask=bm)
     tl.store(prow + n_bins + one, brier_acc)

@@ -202,6 +202,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         programs = min(nblocks, max(1, triton_cdiv(8 * sms, max(B, 1))))
     iters = triton_cdiv(nblocks, programs) if programs else 0
+    iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
     programs = triton_cdiv(nblocks, iters) if iters else 0
     partial = torch.zeros((B * programs, n_bins + 2), dtype=torch.float64, device=dev)
     if B * programs:
