@@ -409,8 +409,9 @@ def _training_transform(patch_size: tuple[int, ...] | None, fg_prob: float, augm
 
 
 def collate(items: Sequence[dict]) -> dict:
-    """Stack item dicts into a batch; images of different sizes are zero-padded to the largest (the padding
-    marked invalid). Every item must have the same number of raters."""
+    """Stack item dicts into a batch (:func:`orcal.data.collate`); images of different sizes are first
+    zero-padded to the largest, the padding marked invalid. Every item must have the same number of raters."""
+    from orcal.data import collate as stack
     from orcal.data.transforms import pad_to
 
     raters = {int(it["masks"].shape[0]) for it in items}
@@ -421,13 +422,7 @@ def collate(items: Sequence[dict]) -> dict:
     if len(shapes) > 1:
         size = tuple(max(s[i] for s in shapes) for i in range(len(next(iter(shapes)))))
         items = [pad_to(it, size) for it in items]
-    batch = {"image": torch.stack([it["image"] for it in items]),
-             "masks": torch.stack([it["masks"] for it in items]),
-             "id": [str(it.get("id", i)) for i, it in enumerate(items)]}
-    if any("valid" in it for it in items):
-        batch["valid"] = torch.stack([it["valid"] if "valid" in it else
-                                      torch.ones(it["masks"].shape[1:], dtype=torch.bool) for it in items])
-    return batch
+    return stack(items)
 
 
 def _load_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:

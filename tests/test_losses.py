@@ -53,7 +53,7 @@ def test_soft_bce_valid_mask():
     assert full.shape == (2, 3, 3, 3) and float(full.detach()[~valid].abs().sum()) == 0
     empty = SoftBCELoss()(logit, target, torch.zeros_like(valid))
     empty.backward()
-    assert float(empty) == 0 and float(logit.grad.abs().sum()) == 0  # no valid voxel: 0, zero gradient, no NaN
+    assert float(empty.detach()) == 0 and float(logit.grad.abs().sum()) == 0  # no valid voxel: 0, zero gradient, no NaN
 
 
 def test_soft_bce_half_precision_and_extreme_logits():

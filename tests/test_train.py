@@ -173,6 +173,21 @@ def test_bf16_autocast_on_cpu():
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
+def test_collate_pads_different_sizes_and_refuses_mixed_raters():
+    from orcal.train import collate
+
+    a = {"image": torch.ones(1, 4, 6), "masks": torch.ones(2, 4, 6, dtype=torch.uint8), "id": "a"}
+    b = {"image": torch.ones(1, 6, 5), "masks": torch.ones(2, 6, 5, dtype=torch.uint8), "id": "b"}
+    batch = collate([a, b])
+    assert batch["image"].shape == (2, 1, 6, 6) and batch["masks"].shape == (2, 2, 6, 6)
+    assert batch["id"] == ["a", "b"]
+    assert int(batch["valid"][0].sum()) == 24 and int(batch["valid"][1].sum()) == 30
+    assert int(batch["masks"][0, 0].sum()) == 24  # padding is background and invalid
+    c = {"image": torch.ones(1, 4, 6), "masks": torch.ones(3, 4, 6, dtype=torch.uint8), "id": "c"}
+    with pytest.raises(ValueError, match="raters"):
+        collate([a, c])
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="method"):
         train(tiny(method="mean"), progress=False)
