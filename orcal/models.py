@@ -174,10 +174,13 @@ def _monai_model(name: str, in_channels: int, out_channels: int, spatial_dims: i
     cls = getattr(nets, name, None)
     if cls is None:
         raise ValueError(f"MONAI has no network {name!r} in monai.networks.nets")
+    multiple = 32  # enough for MONAI's default encoders; only costs some padding where less is needed
     if name == "UNet":
         kw.setdefault("channels", (16, 32, 64, 128, 256))
         kw.setdefault("strides", (2, 2, 2, 2))
-    return cls(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
+        multiple = math.prod(int(s) if isinstance(s, int) else max(s) for s in kw["strides"])
+    net = cls(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kw)
+    return PadToMultiple(net, multiple, spatial_dims)
 
 
 # --- the factory ----------------------------------------------------------------------------------------
