@@ -445,7 +445,8 @@ def _fusion_options(method: str, options: dict) -> dict:
 
     def params(name: str) -> set[str]:
         fn = getattr(fusion, "random_rater" if name == "random" else name)
-        return {p for p in inspect.signature(fn).parameters if p not in ("masks", "seed", "generator")}
+        return {p for p in inspect.signature(fn).parameters
+                if p not in ("masks", "seed", "generator", "return_performance")}
 
     known = set().union(*(params(m) for m in fusion.METHODS))
     unknown = set(options) - known
@@ -489,6 +490,8 @@ class _Objective:
 
         self.method = cfg.method
         self.options = _fusion_options(cfg.method, cfg.fusion_options)
+        if cfg.majority is not None and cfg.method in ("median", "simple"):
+            self.options.setdefault("majority", cfg.majority)  # one majority threshold for the whole run
         if cfg.method == "ordinal":
             self.mean = OrdinalLoss(cfg.rps_weight, cfg.majority, "mean")
             self.sum = OrdinalLoss(cfg.rps_weight, cfg.majority, "sum")

@@ -188,6 +188,16 @@ def test_collate_pads_different_sizes_and_refuses_mixed_raters():
         collate([a, c])
 
 
+def test_fusion_options_reach_the_strategy_that_takes_them():
+    from orcal.train import _Objective
+
+    opts = {"sigma": 2.0, "alpha": 0.5}
+    assert _Objective(tiny(method="svls", fusion_options=opts)).options == {"sigma": 2.0}
+    assert _Objective(tiny(method="simple", fusion_options=opts, majority=1)).options == {"alpha": 0.5,
+                                                                                          "majority": 1}
+    assert _Objective(tiny(method="soft", fusion_options=opts)).options == {}
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="method"):
         train(tiny(method="mean"), progress=False)
