@@ -242,7 +242,7 @@ class MultiRaterCalibration:
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, p.numel(), _AGREEMENT_CHUNK):
             pc = p[start:start + _AGREEMENT_CHUNK]
-            kc = k[start:start + _AGREEMENT_CHUNK].long()
+            kc = k[start:start + _AGREEMENT_CHUNK]  # bincount reads uint8 directly (no int64 copy)
             if keep is not None:
                 kk = keep[start:start + _AGREEMENT_CHUNK]
                 pc, kc = pc[kk], kc[kk]
@@ -252,8 +252,9 @@ class MultiRaterCalibration:
                 count += torch.bincount(kc, minlength=R + 1).cpu()[: R + 1]
             if self.exact_auc:
                 scores, inverse = torch.unique(pd, sorted=True, return_inverse=True)
-                pos = torch.zeros(scores.shape[0], dtype=torch.int64, device=pd.device).index_add_(0, inverse, kc)
-                neg = torch.zeros_like(pos).index_add_(0, inverse, R - kc)
+                kl = kc.long()
+                pos = torch.zeros(scores.shape[0], dtype=torch.int64, device=pd.device).index_add_(0, inverse, kl)
+                neg = torch.zeros_like(pos).index_add_(0, inverse, R - kl)
                 parts.append((scores.cpu(), pos.cpu(), neg.cpu()))
         if parts:  # one merge per update keeps the cost O(distinct scores) per update
             old = self._scores
