@@ -7,8 +7,10 @@ float32 target ``(B, *S)`` in [0, 1] on the same device, batched, without modify
 Hard outputs (``median``, ``hard=True``) use a strict majority: a voxel is foreground when its soft value
 is above 0.5, so that for an even number of raters a tie is background, as with ``m = R // 2 + 1``.
 
->>> t = make_target("staple", masks)          # any name in METHODS
->>> t = make_target("soft_gaussian", masks, sigma=2.0)
+Usage::
+
+    t = make_target("staple", masks)                   # any name in METHODS
+    t = make_target("soft_gaussian", masks, sigma=2.0)
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import orcal.staple as staple_module
 from orcal import fusion
@@ -241,7 +243,7 @@ def test_soft_gaussian_sigma_zero_is_soft():
 @pytest.mark.parametrize("R", [2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("spatial", [(9, 11), (5, 6, 7)])
 def test_staple_matches_simpleitk_random(R, spatial):
-    m = rand_masks(2, R, *spatial, p=0.35, seed=R)
+    m = rand_masks(2, R, *spatial, p=0.35, seed=300 + R)
     W, p, q = staple(m, return_performance=True, dtype=torch.float64)
     for b in range(2):
         ref_w, ref_p, ref_q = sitk_staple(m[b])
@@ -249,6 +251,14 @@ def test_staple_matches_simpleitk_random(R, spatial):
         np.testing.assert_allclose(p[b].numpy(), ref_p, atol=1e-9, rtol=0)
         np.testing.assert_allclose(q[b].numpy(), ref_q, atol=1e-9, rtol=0)
     torch.testing.assert_close(staple(m), W.float())  # float32 output by default
+
+
+@pytest.mark.slow
+def test_staple_matches_simpleitk_after_a_long_run():
+    m = rand_masks(2, 3, 9, 11, p=0.35, seed=3)  # image 1 needs about 30000 EM iterations
+    W = staple(m, dtype=torch.float64)
+    for b in range(2):
+        np.testing.assert_allclose(W[b].numpy(), sitk_staple(m[b])[0], atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("R", [2, 3, 5, 7])
@@ -267,7 +277,7 @@ def test_staple_confidence_weight_matches_simpleitk():
 
 
 def test_staple_dense_and_sorted_paths_agree(monkeypatch):
-    m = rand_masks(3, 4, 6, 5, 4, seed=9)
+    m = torch.cat([blob_masks(4, (6, 5, 4), seed=s) for s in range(3)])
     dense = staple(m, dtype=torch.float64)
     monkeypatch.setattr(staple_module, "_DENSE_TABLE_MAX", 0)
     torch.testing.assert_close(staple(m, dtype=torch.float64), dense, atol=1e-12, rtol=0)
@@ -402,6 +412,28 @@ def test_simple_single_rater_is_that_rater():
 def test_cuda_matches_cpu(method):
     m = rand_masks(2, 3, 6, 7, 5, seed=8)
     torch.testing.assert_close(make_target(method, m.cuda()).cpu(), make_target(method, m), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(method=st.sampled_from(METHODS), B=st.integers(0, 2), R=st.integers(1, 6),
+       spatial=st.lists(st.integers(1, 5), min_size=2, max_size=3), p=st.floats(0.0, 1.0),
+       dtype=st.sampled_from([torch.bool, torch.uint8, torch.int64, torch.float32]), seed=st.integers(0, 99))
+def test_property_any_valid_input_gives_a_valid_target(method, B, R, spatial, p, dtype, seed):
+    m = (rand_masks(B, R, *spatial, p=p, seed=seed)).to(dtype)
+    before = m.clone()
+    options = {"max_iter": 300} if method == "staple" else {}
+    t = make_target(method, m, **options)
+    assert t.shape == (B, *spatial) and m.equal(before)
+    if method == "ordinal":
+        assert t.dtype == torch.uint8 and (t.numel() == 0 or int(t.max()) <= R)
+    else:
+        assert t.dtype == torch.float32 and not torch.isnan(t).any()
+        assert t.numel() == 0 or (float(t.min()) >= 0.0 and float(t.max()) <= 1.0)
+    # raters that all agree give back their mask, whatever the strategy
+    same = m[:, :1].expand(B, R, *spatial)
+    expected = same[:, 0].float() if method != "ordinal" else (same[:, 0] != 0).to(torch.uint8) * R
+    if method not in ("soft_gaussian", "svls"):
+        torch.testing.assert_close(make_target(method, same, **options), expected)
 
 
 def test_fusion_module_exports():
