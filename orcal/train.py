@@ -638,9 +638,11 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
     view = _SeededView(train_ds, _training_transform(patch, cfg.fg_prob, cfg.augment), cfg.seed,
                        cfg.patches_per_image)
     sampler = DistributedSampler(view, num_replicas=info.world, rank=info.rank, shuffle=True, seed=cfg.seed)
+    # A last batch of one image breaks BatchNorm (smp encoders) at a 1x1 bottleneck: drop a ragged last batch
+    # when an epoch has more than one; the permutation changes every epoch, so every image is still seen.
     loader = DataLoader(view, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        drop_last=len(sampler) > cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed))
     show = progress and info.main
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
 
