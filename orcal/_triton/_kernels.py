@@ -150,17 +150,19 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_pt
 
 
 @triton.jit
-def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, flag_ptr,
+def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, auc_ptr, flag_ptr,
                              V, R, C, m, n_bins, auc_bins, P, iters, count_cols,
                              KIND: tl.constexpr, EXPECTED: tl.constexpr, MASKS: tl.constexpr,
-                             HAS_VALID: tl.constexpr, IS_F64: tl.constexpr,
+                             HAS_VALID: tl.constexpr, IS_F64: tl.constexpr, PACKED: tl.constexpr,
                              C_PAD: tl.constexpr, R_PAD: tl.constexpr, NB_PAD: tl.constexpr,
                              BLOCK_V: tl.constexpr):
     """SPEC §4 statistics of image ``pid // P``; program ``pid % P`` covers ``iters`` blocks of voxels.
 
     ECE bins, Dice counts and the extreme AUC bins are accumulated in registers and flushed once per
     program (integer atomics, exact). Inner AUC bins take one integer atomic per voxel and level, spread
-    over ``auc_bins`` addresses. Float sums go to ``partial_ptr`` (one row of ``n_bins + 2`` per program).
+    over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that ``V * R < 2^32``) positives and
+    negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits), unpacked by the launcher.
+    Float sums go to ``partial_ptr`` (one row of ``n_bins + 2`` per program).
     KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
     """
     pid = tl.program_id(0)
@@ -267,8 +269,12 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         pos_last += tl.sum(tl.where(last, kw, 0), axis=0)
         neg_last += tl.sum(tl.where(last, negw, 0), axis=0)
         inner = (first == 0) & (last == 0)
-        tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0))
-        tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0))
+        if PACKED:
+            both = kw.to(tl.int64) + (negw.to(tl.int64) << 32)
+            tl.atomic_add(auc_ptr + b * auc_bins + ti, both, mask=inner & w)
+        else:
+            tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0))
+            tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0))
     # --- flush: integer atomics (exact, order-free), float partials by plain stores
     bm = nb < n_bins
     tl.atomic_add(row + nb, n_acc.to(tl.int64) * R, mask=bm)

@@ -205,14 +205,22 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
     programs = triton_cdiv(nblocks, iters) if iters else 0
     partial = torch.zeros((B * programs, n_bins + 2), dtype=torch.float64, device=dev)
+    # One 64-bit atomic per voxel for both AUC counts when neither can reach 2^32 in one image.
+    packed = V * max(R, 1) < 2**32 - 1
+    auc = torch.zeros((B, auc_bins) if packed else (1,), dtype=torch.int64, device=dev)
     if B * programs:
         flags = _new_flags(dev)
         kernels().calibration_stats_kernel[(B * programs,)](
-            x, tgt, vf, counts, partial, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
+            x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
             count_cols, KIND=ops.KINDS.index(kind), EXPECTED=readout == "expected",
             MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
+            PACKED=packed,
             C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts")
+        if packed:
+            pos = 2 * n_bins + 3
+            counts[:, pos:pos + auc_bins] += auc & 0xFFFFFFFF
+            counts[:, pos + auc_bins:] += auc >> 32
     sums = partial.reshape(B, programs, n_bins + 2).sum(1)  # fixed order: deterministic
     return counts, sums
 
