@@ -31,7 +31,8 @@ def __getattr__(name: str):
     # Sub-modules with heavier dependencies load on first use: orcal.metrics, orcal.fusion, orcal.data, ...
     import importlib
 
-    if name in {"metrics", "fusion", "data", "models", "losses", "reference", "plots", "report"}:
+    if name in {"metrics", "fusion", "staple", "data", "models", "losses", "train", "evaluate", "experiment",
+                "reference", "plots", "report", "io"}:
         return importlib.import_module(f"orcal.{name}")
     raise AttributeError(f"module 'orcal' has no attribute {name!r}")
 
