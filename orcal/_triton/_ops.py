@@ -8,6 +8,7 @@ that is checked after the launch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -83,6 +84,11 @@ def _raise_flags(flags: torch.Tensor, num_raters: int, masks_name: str, votes_na
                          "(pass kind='logit' for logits)")
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton uses the current device and stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _as_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
@@ -101,8 +107,9 @@ def orc_targets(masks: torch.Tensor) -> torch.Tensor:
         block = max(32 * NUM_WARPS, min(4096, 8192 // r_pad))
         nblk = triton_cdiv(V, block)
         flags = _new_flags(masks.device)
-        kernels().orc_targets_kernel[(B * nblk,)](flat, k, flags, R, V, nblk, R_PAD=r_pad, BLOCK_V=block,
-                                                  num_warps=NUM_WARPS)
+        with _on(masks.device):
+            kernels().orc_targets_kernel[(B * nblk,)](flat, k, flags, R, V, nblk, R_PAD=r_pad, BLOCK_V=block,
+                                                      num_warps=NUM_WARPS)
         _raise_flags(flags, R, "masks", "k")
     return k.reshape(masks.shape[:1] + masks.shape[2:])
 
@@ -119,9 +126,10 @@ def foreground_probability(logits: torch.Tensor, readout: str, majority: int) ->
     if p.numel():
         c_pad, block = voxel_block(C, logits.element_size())
         nblk = triton_cdiv(V, block)
-        kernels().foreground_probability_kernel[(B * nblk,)](
-            x, p, C, V, int(majority), nblk, EXPECTED=readout == "expected",
-            IS_F64=logits.dtype == torch.float64, C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+        with _on(logits.device):
+            kernels().foreground_probability_kernel[(B * nblk,)](
+                x, p, C, V, int(majority), nblk, EXPECTED=readout == "expected",
+                IS_F64=logits.dtype == torch.float64, C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
     return p.reshape(logits.shape[:1] + logits.shape[2:])
 
 
@@ -155,10 +163,11 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     grad = torch.empty_like(x) if need_grad else logits.new_empty(0)
     if n_vox:
         flags = _new_flags(dev)
-        kernels().ordinal_loss_kernel[(B * nblk,)](
-            x, kf, vf, scale, loss_map, partial, grad, flags, C, V, int(majority), nblk, float(rps_weight),
-            HAS_VALID=valid is not None, MAP=is_map, GRAD=bool(need_grad), IS_F64=acc == torch.float64,
-            C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+        with _on(dev):
+            kernels().ordinal_loss_kernel[(B * nblk,)](
+                x, kf, vf, scale, loss_map, partial, grad, flags, C, V, int(majority), nblk, float(rps_weight),
+                HAS_VALID=valid is not None, MAP=is_map, GRAD=bool(need_grad), IS_F64=acc == torch.float64,
+                C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
         _raise_flags(flags, C - 1, "masks", "k")
     if need_grad:
         grad = grad.reshape(logits.shape)
@@ -210,12 +219,13 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     auc = torch.zeros((B, auc_bins) if packed else (1,), dtype=torch.int64, device=dev)
     if B * programs:
         flags = _new_flags(dev)
-        kernels().calibration_stats_kernel[(B * programs,)](
-            x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
-            count_cols, KIND=ops.KINDS.index(kind), EXPECTED=readout == "expected",
-            MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
-            PACKED=packed,
-            C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
+        with _on(dev):
+            kernels().calibration_stats_kernel[(B * programs,)](
+                x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
+                count_cols, KIND=ops.KINDS.index(kind), EXPECTED=readout == "expected",
+                MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
+                PACKED=packed,
+                C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts")
         if packed:
             pos = 2 * n_bins + 3
