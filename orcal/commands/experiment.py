@@ -1,0 +1,145 @@
+"""Train every multi-annotation strategy and the ordinal method, evaluate, and write tables and a report.
+
+Examples:
+  orcal experiment --preset lidc --out lidc-results
+  orcal experiment --dataset refuge:cup --root /data/REFUGE --epochs 50 --out refuge-cup
+  orcal experiment --dataset synthetic --option n=64 --methods soft,ordinal --rps-weights 0,0.5,1,2
+
+Each finished run is kept under OUT/runs/, so an interrupted experiment resumes where it stopped
+(--force recomputes everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import shlex
+import sys
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "0", "all") else int(text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), parsed
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``experiment`` and ``demo`` (defaults None: the preset decides)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated subset of: random, median, soft, soft_gaussian, staple, simple, svls, "
+                        "ordinal (default: all)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs per method")
+    g.add_argument("--arch", default=None, help="network: fpn, unet, unet-small, ... (see orcal train --help)")
+    g.add_argument("--encoder", default=None, help="encoder of the network, e.g. resnet18")
+    g.add_argument("--encoder-weights", default=None, help="pretrained encoder weights, e.g. imagenet")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="learning rate")
+    g.add_argument("--max-steps", type=_int_or_none, default=None,
+                   help="at most this many optimiser steps per epoch (none: a full pass)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the synthetic images, or the training patch size of other datasets")
+    g.add_argument("--crop", type=int, default=None, help="centre crop of the dataset's images (e.g. LIDC: 64)")
+    g.add_argument("--rps-weight", type=float, default=None, help="RPS weight of the ordinal method (1.0)")
+    g.add_argument("--rps-weights", type=_floats, default=None,
+                   help="also sweep the ordinal method's RPS weight over these values, e.g. 0,0.5,1,2")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
+                   help="mixed precision: auto (bfloat16 on a GPU), bf16 or off")
+    e = parser.add_argument_group("evaluation and output")
+    e.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (1000)")
+    e.add_argument("--fraction", type=float, default=None, help="bootstrap resample size, fraction of the test set")
+    e.add_argument("--force", action="store_true", help="recompute runs that finished earlier")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, help="named settings: demo, lidc, paper")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME[:TASK]",
+                        help="dataset to run on (repeatable), e.g. lidc_slices, refuge:cup, synthetic")
+    parser.add_argument("--root", action="append", default=[],
+                        help="dataset folder: once for all datasets, or once per --dataset in order")
+    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                        help="dataset loader option for every dataset, e.g. n=128 or min_raters_foreground=1")
+    parser.add_argument("--out", default=None, help="output folder (default: orcal-experiment)")
+    add_training_arguments(parser)
+
+
+def build_config(args: argparse.Namespace, default_preset: str | None = None, default_out: str = "orcal-experiment"):
+    """The :class:`~orcal.experiment.ExperimentConfig` the arguments describe."""
+    from orcal.experiment import DatasetSpec, ExperimentConfig, preset_config
+
+    options = dict(getattr(args, "option", []) or [])
+    roots = list(getattr(args, "root", []) or [])
+    names = list(getattr(args, "dataset", []) or [])
+    preset = getattr(args, "preset", None) or (default_preset if not names else None)
+    train_overrides = {
+        "methods": args.methods, "epochs": args.epochs, "arch": args.arch, "encoder": args.encoder,
+        "encoder_weights": args.encoder_weights, "batch_size": args.batch_size, "lr": args.lr,
+        "max_steps": args.max_steps, "rps_weight": args.rps_weight, "rps_weights": args.rps_weights,
+        "seed": args.seed, "device": args.device, "amp": args.amp, "n_boot": args.n_boot,
+        "fraction": args.fraction, "out": getattr(args, "out", None) or default_out,
+        "force": args.force, "progress": not args.quiet,
+    }
+    if preset and names:
+        raise ValueError("give either --preset or --dataset, not both")
+    if preset:
+        if len(roots) > 1:
+            raise ValueError("a preset takes at most one --root")
+        cfg = preset_config(preset, roots[0] if roots else None, **train_overrides)
+        for spec in cfg.datasets:
+            spec.options.update(options)
+    else:
+        if not names:
+            raise ValueError("name a dataset with --dataset NAME[:TASK] (or use --preset)")
+        if len(roots) not in (0, 1, len(names)):
+            raise ValueError(f"give --root once, or once per --dataset ({len(names)}), got {len(roots)}")
+        per = roots * len(names) if len(roots) == 1 else (roots or [None] * len(names))
+        specs = [DatasetSpec.parse(n, r, **options) for n, r in zip(names, per)]
+        kwargs = {k: v for k, v in train_overrides.items() if v is not None}
+        cfg = ExperimentConfig(datasets=specs, **kwargs)
+    for spec in cfg.datasets:
+        if args.crop is not None:
+            spec.options["crop"] = args.crop
+        if args.image_size is not None:
+            if spec.name == "synthetic":
+                dims = len(spec.options.get("shape", (0, 0)))
+                spec.options["shape"] = (args.image_size,) * dims
+            else:
+                cfg.patch_size = (args.image_size, args.image_size)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from orcal.experiment import run_experiment
+    from orcal.report import metric_table
+
+    cfg = build_config(args)
+    command = "orcal " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    results = run_experiment(cfg, command=command)
+    print()
+    for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
+        print(metric_table(results["runs"], metric, title=title).to_markdown())
+    print(f"report: {cfg.out}/report.md ({results['total_seconds'] / 60:.1f} min)")
+    return 0

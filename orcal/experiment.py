@@ -1,0 +1,683 @@
+"""The multi-rater experiment: train every strategy, evaluate on the held-out test split, write the report.
+
+For each dataset and each method (SPEC §6 baselines and the ordinal method) this module trains a model with
+:func:`orcal.train.train`, predicts the test split, accumulates per-image multi-rater statistics (SPEC §4),
+bootstraps them (SPEC §5) and keeps one results file per run, so that an interrupted experiment resumes
+where it stopped. The ordinal method is evaluated with both readouts (SPEC §2). Finally it writes the
+tables (:mod:`orcal.report`), the figures and ``report.md`` / ``results.json``.
+
+>>> cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic", options={"n": 48})], out="exp", epochs=2)
+>>> results = run_experiment(cfg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orcal import report
+from orcal.fusion import METHODS
+
+#: Readouts reported for the ordinal method (SPEC §2), the paper's first.
+ORDINAL_READOUTS = ("majority", "expected")
+#: Version of the per-run results files; a different version is recomputed.
+RESULTS_VERSION = 1
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of an experiment: loader ``name``, optional ``task``, ``root`` and loader ``options``."""
+
+    name: str
+    task: str | None = None
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Identifier used in file names and as the table column (``label`` when given)."""
+        return self.label or (self.name if self.task is None else f"{self.name}:{self.task}")
+
+    @classmethod
+    def parse(cls, text: str, root: str | None = None, **options) -> DatasetSpec:
+        """``"NAME"`` or ``"NAME:TASK"`` as given on the command line."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"dataset must be NAME or NAME:TASK, got {text!r}")
+        name, _, task = text.strip().partition(":")
+        from orcal.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r} (argument --dataset); valid datasets: {', '.join(DATASETS)}")
+        return cls(name=name, task=task or None, root=root, options=dict(options))
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything an experiment depends on. Training fields go to :class:`orcal.train.TrainConfig`."""
+
+    datasets: list[DatasetSpec]
+    out: str = "orcal-experiment"
+    methods: tuple[str, ...] = METHODS
+    rps_weight: float = 1.0
+    rps_weights: tuple[float, ...] = ()
+    arch: str = "FPN"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_steps: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    cache: bool = True
+    n_boot: int = 1000
+    fraction: float = 0.6
+    n_bins: int = 15
+    auc_bins: int = 4096
+    train_options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+    progress: bool = True
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("datasets must name at least one dataset (argument --dataset or --preset)")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {', '.join(bad)} (argument --methods); valid: {', '.join(METHODS)}")
+        if not self.methods:
+            raise ValueError("methods must name at least one method (argument --methods)")
+        if int(self.epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if int(self.n_boot) < 1:
+            raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+        if not 0 < float(self.fraction) <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
+        for w in (self.rps_weight, *self.rps_weights):
+            if not math.isfinite(float(w)) or float(w) < 0:
+                raise ValueError(f"RPS weights must be finite and >= 0, got {w}")
+        keys = [d.key for d in self.datasets]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"datasets must be distinct, got {keys}")
+
+
+#: Named experiment settings. ``datasets`` entries are (name, task, options, label); a preset's root is the
+#: ``--root`` argument (the dataset's folder, or for "paper" the folder holding each dataset's folder).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The built-in synthetic data: small enough for a 2-core CPU in a few minutes.
+    "demo": {
+        "datasets": [("synthetic", None, {"n": 160, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
+                                          "val_fraction": 0.1}, "Synthetic (R=5)")],
+        "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
+        "epochs": 6, "batch_size": 16, "lr": 3e-3, "max_steps": None,
+        "n_boot": 1000,
+    },
+    # LIDC-IDRI slices (4 readers), centre crops, a small encoder: about half an hour on 2 CPU cores.
+    "lidc": {
+        "datasets": [("lidc_slices", None, {"crop": 64}, "LIDC-IDRI")],
+        "default_root": "/work/shared/data/lidc-idri-slices",
+        "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
+        "epochs": 3, "batch_size": 32, "lr": 3e-3, "max_steps": 30, "n_boot": 1000,
+    },
+    # The paper's datasets (CoCaHis, REFUGE disc and cup, LongCIU) under one root folder.
+    "paper": {
+        "datasets": [("cocahis", None, {}, "CoCaHis", "cocahis"),
+                     ("refuge", "disc", {}, "REFUGE-DISC", "refuge"),
+                     ("refuge", "cup", {}, "REFUGE-CUP", "refuge"),
+                     ("longciu", None, {}, "LongCIU", "longciu")],
+        "arch": "FPN", "encoder": "resnet34", "encoder_weights": "imagenet", "epochs": 100, "batch_size": 8,
+        "lr": 1e-4, "max_steps": None, "patch_size": (256, 256), "n_boot": 1000,
+    },
+}
+
+
+def preset_config(name: str, root: str | None = None, **overrides) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of preset ``name`` (see :data:`PRESETS`), with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (argument --preset); valid presets: {', '.join(PRESETS)}")
+    p = dict(PRESETS[name])
+    entries = p.pop("datasets")
+    default_root = p.pop("default_root", None)
+    datasets = []
+    for entry in entries:
+        ds_name, task, options, label = entry[:4]
+        sub = entry[4] if len(entry) > 4 else None
+        ds_root = root if root is not None else default_root
+        if sub is not None and ds_root is not None:
+            ds_root = str(Path(ds_root) / sub)
+        datasets.append(DatasetSpec(ds_name, task, ds_root, dict(options), label))
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    return ExperimentConfig(datasets=datasets, preset=name, **p)
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One model to train: a method, and for the ordinal method its RPS weight."""
+
+    method: str
+    rps_weight: float
+    key: str
+
+    @property
+    def rows(self) -> list[str]:
+        """Table rows this run produces (two readouts for the ordinal method)."""
+        if self.method == "ordinal":
+            return [f"ordinal/{r}" for r in ORDINAL_READOUTS]
+        return [self.method]
+
+
+def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
+    """The main runs (one per method) and the RPS-weight sweep runs (reusing the main ordinal run)."""
+    main = [Run(m, float(cfg.rps_weight), m) for m in cfg.methods]
+    sweep: dict[float, Run] = {}
+    for w in cfg.rps_weights:
+        w = float(w)
+        if "ordinal" in cfg.methods and w == float(cfg.rps_weight):
+            sweep[w] = main[list(cfg.methods).index("ordinal")]
+        else:
+            sweep[w] = Run("ordinal", w, f"ordinal@{w:g}")
+    return main, sweep
+
+
+def _fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run) -> str:
+    """Hash of every setting a run's result depends on (a changed setting is recomputed)."""
+    data = {
+        "dataset": [spec.name, spec.task, spec.root, sorted((k, str(v)) for k, v in spec.options.items())],
+        "run": [run.method, run.rps_weight],
+        "train": [cfg.arch, cfg.encoder, cfg.encoder_weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.max_steps,
+                  cfg.patch_size, cfg.seed, cfg.amp] + [sorted((k, str(v)) for k, v in d.items()) for d in
+                                                        (cfg.model_options, cfg.fusion_options, cfg.train_options)],
+        "eval": [cfg.n_boot, cfg.fraction, cfg.n_bins, cfg.auc_bins],
+        "version": RESULTS_VERSION,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` is the GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def hardware_info(device: str) -> dict[str, str]:
+    """What the numbers were measured on."""
+    import orcal
+
+    info = {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "orcal": orcal.__version__,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        build = orcal.build_info()
+        info["orcal_build"] = ", ".join(f"{k}={v}" for k, v in build.items() if not isinstance(v, (dict, list)))
+    except Exception as err:  # build info is informative only
+        info["orcal_build"] = f"unavailable ({err})"
+    return info
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+def load_split(spec: DatasetSpec, split: str):
+    """The ``split`` of ``spec`` through :func:`orcal.data.load_dataset`."""
+    from orcal.data import load_dataset
+
+    return load_dataset(spec.name, spec.root, split=split, task=spec.task, **spec.options)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Every item of a dataset read (or generated) once and kept in memory, shared by all runs."""
+
+    def __init__(self, dataset, desc: str = "", progress: bool = True):
+        from tqdm.auto import tqdm
+
+        self.items = [dataset[i] for i in tqdm(range(len(dataset)), desc=desc or "loading", unit="item",
+                                                leave=False, disable=not progress)]
+        for attr in ("num_raters", "R", "name"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.items[index])
+
+
+def pick_case(dataset, limit: int = 256) -> dict[str, Any]:
+    """The test case shown in the qualitative figure: of (at most ``limit`` evenly spaced) cases, the one
+    with the most voxels where raters disagree. For 3D cases, its slice (first spatial axis) with the most
+    disagreement."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the test split is empty")
+    best = (-1, 0, None)
+    for i in np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int)):
+        masks = dataset[int(i)]["masks"]
+        k = masks.sum(0)
+        amb = (k > 0) & (k < masks.shape[0])
+        score = int(amb.sum())
+        if score > best[0]:
+            sl = int(amb.flatten(1).sum(1).argmax()) if amb.ndim == 3 else None
+            best = (score, int(i), sl)
+    item = dataset[best[1]]
+    image, masks = item["image"], item["masks"]
+    if best[2] is not None:
+        image, masks = image[:, best[2]], masks[:, best[2]]
+    return {"index": best[1], "id": item["id"], "slice": best[2], "image": image.float().numpy(),
+            "votes": masks.sum(0).numpy().astype(np.int64), "num_raters": int(masks.shape[0])}
+
+
+# --- training and evaluation -----------------------------------------------------------------------------
+
+def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: Path, device: str):
+    """The :class:`orcal.train.TrainConfig` of one run."""
+    from orcal.train import TrainConfig
+
+    fields = {
+        "dataset": spec.name, "root": spec.root, "task": spec.task, "dataset_options": dict(spec.options),
+        "method": run.method, "rps_weight": run.rps_weight, "arch": cfg.arch, "encoder": cfg.encoder,
+        "encoder_weights": cfg.encoder_weights, "epochs": int(cfg.epochs), "batch_size": int(cfg.batch_size),
+        "lr": float(cfg.lr), "seed": int(cfg.seed), "out_dir": str(out_dir), "amp": str(cfg.amp),
+        "device": device, "max_steps_per_epoch": cfg.max_steps, "patch_size": cfg.patch_size,
+        "model_options": dict(cfg.model_options), "fusion_options": dict(cfg.fusion_options),
+    }
+    fields.update(cfg.train_options)
+    unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"training does not accept {', '.join(sorted(unknown))} (argument train_options)")
+    tcfg = TrainConfig(**fields)
+    tcfg.validate()
+    return tcfg
+
+
+def _autocast(amp: str, device: str):
+    from contextlib import nullcontext
+
+    dev = torch.device(device)
+    if amp == "off" or (amp == "auto" and dev.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+def predict_batches(result, dataset, readouts: Sequence[str], batch_size: int, device: str, amp: str = "auto"):
+    """Yield ``(ids, {readout: p (B, *S)}, masks (B, R, *S), valid (B, *S) or None)`` for a 2D dataset,
+    ``batch_size`` images of one shape per forward pass; every readout comes from the same logits."""
+    from orcal.models import probability
+
+    model = result.model.to(device).eval()
+    majority = result.config.majority
+    batch: list[dict] = []
+
+    def flush(items: list[dict]):
+        images = torch.stack([it["image"] for it in items]).to(device)
+        with torch.no_grad(), _autocast(amp, device):
+            logits = model(images)
+        logits = logits.float()
+        probs = {r: probability(logits, result.head, readout=r, majority=majority).float().cpu() for r in readouts}
+        masks = torch.stack([it["masks"] for it in items])
+        valid = None
+        if any("valid" in it for it in items):
+            valid = torch.stack([it["valid"] if "valid" in it else torch.ones(it["masks"].shape[1:], dtype=torch.bool)
+                                 for it in items]).bool()
+        return [str(it["id"]) for it in items], probs, masks, valid
+
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if batch and (item["image"].shape != batch[0]["image"].shape
+                      or item["masks"].shape != batch[0]["masks"].shape):
+            yield flush(batch)
+            batch = []
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield flush(batch)
+            batch = []
+    if batch:
+        yield flush(batch)
+
+
+def _predictions(result, dataset, readouts: Sequence[str], cfg: ExperimentConfig, device: str):
+    """Batched 2D prediction, or :func:`orcal.train.predict` (sliding windows) one image at a time in 3D."""
+    if len(dataset) and dataset[0]["masks"].ndim == 3:
+        yield from predict_batches(result, dataset, readouts, int(cfg.batch_size), device, cfg.amp)
+        return
+    from orcal.train import predict
+
+    iters = {r: predict(result, dataset, result.head, readout=r, device=device, amp=cfg.amp) for r in readouts}
+    for outs in zip(*iters.values()):
+        ident, _, masks, valid = outs[0]
+        probs = {r: o[1][None] for r, o in zip(readouts, outs)}
+        yield [ident], probs, torch.as_tensor(masks)[None], None if valid is None else torch.as_tensor(valid)[None]
+
+
+def evaluate_run(result, test_ds, run: Run, cfg: ExperimentConfig, case: dict[str, Any], device: str
+                 ) -> dict[str, Any]:
+    """Predict the test split and return, per readout, the per-image statistics, the metrics, the
+    confidence-vs-agreement table and the probability map of the qualitative case."""
+    from orcal.metrics import MultiRaterCalibration
+
+    readouts = ORDINAL_READOUTS if run.method == "ordinal" else ("majority",)
+    metrics = {r: MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=True, agreement=True)
+               for r in readouts}
+    case_maps: dict[str, np.ndarray] = {}
+    for ids, probs, masks, valid in _predictions(result, test_ds, readouts, cfg, device):
+        masks = masks.cpu()
+        valid = None if valid is None else valid.cpu()
+        for r in readouts:
+            metrics[r].update(probs[r], masks, valid=valid)
+            if case["id"] in ids:
+                p = probs[r][ids.index(case["id"])]
+                case_maps[r] = (p if case["slice"] is None else p[case["slice"]]).numpy()
+    out: dict[str, Any] = {}
+    for r in readouts:
+        values = metrics[r].compute()
+        stats = metrics[r].stats()
+        out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg), "agreement": values.get("agreement"),
+                  "case_map": case_maps.get(r), "n_images": values["n_images"]}
+    return out
+
+
+def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
+    """Bootstrap summary of the per-image ``stats`` (SPEC §5) with the experiment's settings."""
+    from orcal.ops import bootstrap
+
+    return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _run_files(run_dir: Path, run: Run) -> dict[str, Path]:
+    base = run_dir / _safe_name(run.key)
+    return {"json": base.with_suffix(".json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
+
+
+def load_run(run_dir: Path, run: Run, fingerprint: str) -> dict[str, Any] | None:
+    """A finished run's record, or None when it is absent, incomplete or from other settings."""
+    files = _run_files(run_dir, run)
+    if not files["json"].is_file() or not files["stats"].is_file():
+        return None
+    try:
+        record = json.loads(files["json"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    return record
+
+
+def load_run_stats(run_dir: Path, run: Run) -> dict[str, Any]:
+    """Per-readout :class:`~orcal.stats.CalibrationStats` of a finished run."""
+    from orcal.stats import CalibrationStats
+
+    saved = torch.load(_run_files(run_dir, run)["stats"], weights_only=True)
+    return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
+
+
+def load_case_maps(run_dir: Path, run: Run) -> dict[str, np.ndarray]:
+    """Per-readout probability map of the qualitative case (empty when it was not predicted)."""
+    path = _run_files(run_dir, run)["case"]
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],
+                case: dict[str, Any], device: str) -> dict[str, Any]:
+    """Train and evaluate one run on ``splits`` (train, val, test datasets), save its files, return its record."""
+    from orcal.train import train
+
+    files = _run_files(run_dir, run)
+    t0 = time.perf_counter()
+    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / _safe_name(run.key), device)
+    result = train(tcfg, progress=cfg.progress, train_dataset=splits["train"], val_dataset=splits["val"])
+    test_ds = splits["test"]
+    t1 = time.perf_counter()
+    evaluated = evaluate_run(result, test_ds, run, cfg, case, device)
+    t2 = time.perf_counter()
+    history = getattr(result, "history", None)
+    record = {
+        "version": RESULTS_VERSION,
+        "fingerprint": _fingerprint(cfg, spec, run),
+        "dataset": spec.key,
+        "method": run.method,
+        "rps_weight": run.rps_weight,
+        "key": run.key,
+        "readouts": {r: {"summary": e["summary"], "agreement": e["agreement"], "n_images": e["n_images"]}
+                     for r, e in evaluated.items()},
+        "train_s": t1 - t0,
+        "eval_s": t2 - t1,
+        "best_epoch": getattr(result, "best_epoch", None),
+        "epochs": cfg.epochs,
+        "steps": cfg.epochs * _steps_per_epoch(len(splits["train"]), cfg),
+        "history": history,
+        "num_raters": getattr(result, "num_raters", None),
+        "device": device,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
+    maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
+    np.savez_compressed(files["case"], **maps)
+    tmp = files["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(record), indent=1))
+    tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
+    return json.loads(files["json"].read_text())
+
+
+def _steps_per_epoch(n_train: int, cfg: ExperimentConfig) -> int:
+    patches = int(cfg.train_options.get("patches_per_image", 1))
+    steps = math.ceil(n_train * patches / int(cfg.batch_size))
+    return steps if cfg.max_steps is None else min(steps, int(cfg.max_steps))
+
+
+# --- the experiment --------------------------------------------------------------------------------------
+
+def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print) -> dict[str, Any]:
+    """Run (or resume) the experiment and write its tables, figures, ``report.md`` and ``results.json``
+    under ``cfg.out``. Returns the results dictionary."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    main_runs, sweep_runs = plan_runs(cfg)
+    all_runs = list(main_runs) + [r for r in sweep_runs.values() if r not in main_runs]
+    results: dict[str, Any] = {
+        "settings": _settings(cfg, device), "datasets": {}, "runs": {}, "sweeps": {}, "timings": {},
+        "hardware": hardware_info(device), "command": command,
+    }
+    records: dict[str, dict[str, dict]] = {}
+    cases: dict[str, dict] = {}
+    total = len(cfg.datasets) * len(all_runs)
+    bar = tqdm(total=total, desc="experiment", unit="run", disable=not cfg.progress)
+    for spec in cfg.datasets:
+        run_dir = out / "runs" / _safe_name(spec.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        splits = {s: load_split(spec, s) for s in ("train", "val", "test")}
+        if cfg.cache:
+            splits = {s: CachedDataset(ds, f"{spec.key} {s}", cfg.progress) for s, ds in splits.items()}
+        test_ds = splits["test"]
+        case = pick_case(test_ds)
+        cases[spec.key] = case
+        first = test_ds[0]
+        results["datasets"][spec.key] = {
+            "name": spec.name, "task": spec.task, "root": spec.root, "options": spec.options,
+            "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(test_ds),
+            "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape),
+            "qualitative_case": case["id"],
+        }
+        records[spec.key] = {}
+        for run in all_runs:
+            bar.set_postfix_str(f"{spec.key} {run.key}")
+            fp = _fingerprint(cfg, spec, run)
+            record = None if cfg.force else load_run(run_dir, run, fp)
+            if record is not None:
+                log(f"[{spec.key}] {run.key}: finished earlier, reusing {_run_files(run_dir, run)['json']}")
+            else:
+                log(f"[{spec.key}] {run.key}: training ({device})")
+                record = execute_run(cfg, spec, run, run_dir, splits, case, device)
+                s = record["readouts"][next(iter(record["readouts"]))]["summary"]
+                log(f"[{spec.key}] {run.key}: MR-ECE {s['mr_ece']['mean']:.4f}, AUC {s['auc']['mean']:.4f} "
+                    f"(train {record['train_s']:.0f} s, evaluate {record['eval_s']:.0f} s)")
+            records[spec.key][run.key] = record
+            bar.update(1)
+    bar.close()
+    for spec in cfg.datasets:
+        recs = records[spec.key]
+        rows: dict[str, Any] = {}
+        for run in main_runs:
+            for readout, entry in recs[run.key]["readouts"].items():
+                rows[run.rows[0] if run.method != "ordinal" else f"ordinal/{readout}"] = entry["summary"]
+        results["runs"][spec.key] = rows
+        if sweep_runs:
+            results["sweeps"][spec.key] = {f"{w:g}": {r: e["summary"] for r, e in recs[run.key]["readouts"].items()}
+                                           for w, run in sorted(sweep_runs.items())}
+        results["timings"][spec.key] = {run.key: {"train_s": recs[run.key]["train_s"],
+                                                  "eval_s": recs[run.key]["eval_s"],
+                                                  "epochs": recs[run.key].get("epochs"),
+                                                  "steps": recs[run.key].get("steps"),
+                                                  "best_epoch": recs[run.key].get("best_epoch")}
+                                        for run in all_runs}
+    results["total_seconds"] = time.perf_counter() - start
+    results["compute_seconds"] = sum(t["train_s"] + t["eval_s"] for by in results["timings"].values()
+                                     for t in by.values())
+    write_outputs(results, cfg, records, cases, main_runs, sweep_runs)
+    return results
+
+
+def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("datasets")
+    d.pop("force")
+    d.pop("progress")
+    d["methods"] = ",".join(cfg.methods)
+    d["rps_weights"] = ",".join(f"{w:g}" for w in cfg.rps_weights)
+    d["device"] = device
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mapping[str, Mapping[str, dict]],
+                  cases: Mapping[str, dict], main_runs: Sequence[Run], sweep_runs: Mapping[float, Run]) -> None:
+    """Tables (md, csv), figures, ``report.md`` and ``results.json`` under ``cfg.out``."""
+    out = Path(cfg.out)
+    paths = report.write_tables(results["runs"], out)
+    tables = {name: report.metric_table(results["runs"], metric, title=title) for name, metric, title in
+              (("table1_mr_ece", "mr_ece", "Table 1: calibration"), ("table2_auc", "auc", "Table 2: discrimination"),
+               ("table3_dice", "dice", "Dice against the majority label"))}
+    figures: dict[str, str] = {}
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    for spec in cfg.datasets:
+        run_dir = out / "runs" / _safe_name(spec.key)
+        name = _safe_name(spec.key)
+        stats_by_row: dict[str, Any] = {}
+        agreement_by_row: dict[str, Any] = {}
+        maps: dict[str, np.ndarray] = {}
+        for run in main_runs:
+            stats = load_run_stats(run_dir, run)
+            case_maps = load_case_maps(run_dir, run)
+            for readout, st in stats.items():
+                row = run.method if run.method != "ordinal" else f"ordinal/{readout}"
+                label = report.row_label(row)
+                stats_by_row[label] = st
+                agreement = records[spec.key][run.key]["readouts"][readout].get("agreement")
+                if agreement:
+                    agreement_by_row[label] = {k: np.asarray(v) for k, v in agreement.items()}
+                if readout in case_maps:
+                    maps[label] = case_maps[readout]
+        figures.update(_plot_dataset(spec.key, name, fig_dir, stats_by_row, agreement_by_row, maps,
+                                     cases[spec.key]))
+    sweeps_md: dict[str, str] = {}
+    for key, sweep in results.get("sweeps", {}).items():
+        text = report.sweep_table(sweep)
+        sweeps_md[key] = text
+        (out / f"sweep_{_safe_name(key)}.md").write_text(text, encoding="utf-8")
+        path = report.plot_sweep(sweep, fig_dir / f"sweep_{_safe_name(key)}.png", title=key)
+        figures[f"{key}: MR-ECE and AUC against the RPS weight"] = str(path.relative_to(out))
+    results["files"] = sorted(str(p.relative_to(out)) for p in paths.values())
+    results["figures"] = figures
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1), encoding="utf-8")
+    (out / "report.md").write_text(report.render_report(results, tables, figures, sweeps_md), encoding="utf-8")
+
+
+def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreement_by_row: dict,
+                  maps: dict, case: dict) -> dict[str, str]:
+    """Reliability diagram, confidence-vs-agreement plot and qualitative figure of one dataset."""
+    figures: dict[str, str] = {}
+    rel = fig_dir.parent
+    try:
+        from orcal import plots
+    except ImportError:
+        plots = None
+    if plots is not None and stats_by_row:
+        path = fig_dir / f"reliability_{name}.png"
+        plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs)")
+        figures[f"{key}: reliability diagram"] = str(path.relative_to(rel))
+    if plots is not None and agreement_by_row:
+        path = fig_dir / f"agreement_{name}.png"
+        plots.confidence_vs_agreement(agreement_by_row, path, title=f"{key}: mean confidence per rater agreement")
+        figures[f"{key}: confidence against rater agreement"] = str(path.relative_to(rel))
+    if maps:
+        path = fig_dir / f"qualitative_{name}.png"
+        where = case["id"] + ("" if case["slice"] is None else f", slice {case['slice']}")
+        report.plot_qualitative(case["image"], case["votes"], case["num_raters"], maps, path,
+                                title=f"{key}: test case {where}")
+        figures[f"{key}: one test case, rater agreement and each method's probability"] = str(path.relative_to(rel))
+    return figures
+
+
+def cfg_with(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
+    """A copy of ``cfg`` with ``changes`` (None values are ignored)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
