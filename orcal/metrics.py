@@ -226,25 +226,30 @@ class MultiRaterCalibration:
         return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
 
     def _accumulate_votes(self, pred, target, num_raters, R, valid, kind) -> None:
-        """Per-vote-level sums of ``p`` (agreement table) and per-score pair counts (exact AUC)."""
+        """Per-vote-level sums of ``p`` (agreement table) and per-score pair counts (exact AUC).
+
+        Works chunk by chunk over the flattened voxels, so its temporaries stay small whatever the backend.
+        """
         m = reference.majority_threshold(R, self.majority)
+        B = target.shape[0]
         if kind == "ordinal":
-            p = ops.foreground_probability(pred, self.readout, m, backend=self.backend)
-        else:
-            if pred.ndim == target.ndim + (0 if num_raters is None else 1) and pred.shape[1] == 1:
-                pred = pred[:, 0]
-            p = pred if kind == "prob" else torch.sigmoid(pred.float())
-        k = ops.orc_targets(target, backend=self.backend) if num_raters is None else target
-        p, k = p.reshape(-1), k.reshape(-1)
-        keep = None if valid is None else valid.reshape(-1)
+            pred = ops.foreground_probability(pred, self.readout, m, backend=self.backend)
+        p = pred.reshape(B, -1)  # a (B, 1, *S) prediction flattens the same way
+        votes = target.reshape(B, R, -1) if num_raters is None else target.reshape(B, -1)
+        keep = None if valid is None else valid.reshape(B, -1)
         sum_p = torch.zeros(R + 1, dtype=torch.float64)
         count = torch.zeros(R + 1, dtype=torch.int64)
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for start in range(0, p.numel(), _AGREEMENT_CHUNK):
-            pc = p[start:start + _AGREEMENT_CHUNK]
-            kc = k[start:start + _AGREEMENT_CHUNK]  # bincount reads uint8 directly (no int64 copy)
+        step = max(1, _AGREEMENT_CHUNK // max(B, 1))
+        for start in range(0, p.shape[1], step):
+            cols = slice(start, start + step)
+            pc = p[:, cols].reshape(-1)
+            if kind == "logit":
+                pc = torch.sigmoid(pc.float())
+            # R <= 255 votes fit uint8; bincount reads uint8 directly (no int64 copy)
+            kc = (votes[:, :, cols].sum(1, dtype=torch.uint8) if num_raters is None else votes[:, cols]).reshape(-1)
             if keep is not None:
-                kk = keep[start:start + _AGREEMENT_CHUNK]
+                kk = keep[:, cols].reshape(-1)
                 pc, kc = pc[kk], kc[kk]
             pd = pc.double()
             if self.agreement:
