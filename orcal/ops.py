@@ -235,8 +235,13 @@ def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
     if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits are >= 3D)
         raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
                            "require grad")
-    scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
-    return (grad * scale).to(grad.dtype), None, None, None, None, None, None
+    none = (None,) * 6
+    if ctx.reduction == REDUCTIONS["none"]:
+        return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
+    # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
+    if bool(grad_loss == 1):
+        return grad, *none
+    return (grad * grad_loss).to(grad.dtype), *none
 
 
 def register_autograd(op) -> None:
