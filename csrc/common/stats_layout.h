@@ -12,24 +12,26 @@
 //     n_bins, n_bins + 1               Brier sum, NLL sum
 #pragma once
 
+#include <c10/macros/Macros.h>
+
 #include <cstdint>
 
 namespace orcal {
 
 struct StatsLayout {
   int64_t n_bins, auc_bins;
-  int64_t n() const { return 0; }
-  int64_t a() const { return n_bins; }
-  int64_t tp() const { return 2 * n_bins; }
-  int64_t fp() const { return 2 * n_bins + 1; }
-  int64_t fn() const { return 2 * n_bins + 2; }
-  int64_t pos() const { return 2 * n_bins + 3; }
-  int64_t neg() const { return 2 * n_bins + 3 + auc_bins; }
-  int64_t count_cols() const { return 2 * n_bins + 3 + 2 * auc_bins; }
-  int64_t s() const { return 0; }
-  int64_t brier() const { return n_bins; }
-  int64_t nll() const { return n_bins + 1; }
-  int64_t sum_cols() const { return n_bins + 2; }
+  C10_HOST_DEVICE int64_t n() const { return 0; }
+  C10_HOST_DEVICE int64_t a() const { return n_bins; }
+  C10_HOST_DEVICE int64_t tp() const { return 2 * n_bins; }
+  C10_HOST_DEVICE int64_t fp() const { return 2 * n_bins + 1; }
+  C10_HOST_DEVICE int64_t fn() const { return 2 * n_bins + 2; }
+  C10_HOST_DEVICE int64_t pos() const { return 2 * n_bins + 3; }
+  C10_HOST_DEVICE int64_t neg() const { return 2 * n_bins + 3 + auc_bins; }
+  C10_HOST_DEVICE int64_t count_cols() const { return 2 * n_bins + 3 + 2 * auc_bins; }
+  C10_HOST_DEVICE int64_t s() const { return 0; }
+  C10_HOST_DEVICE int64_t brier() const { return n_bins; }
+  C10_HOST_DEVICE int64_t nll() const { return n_bins + 1; }
+  C10_HOST_DEVICE int64_t sum_cols() const { return n_bins + 2; }
 };
 
 }  // namespace orcal
