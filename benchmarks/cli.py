@@ -1,0 +1,50 @@
+"""Command-line options of the benchmark suite, shared by ``python -m benchmarks`` and ``orcal bench``."""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.suite import OPS, PROVIDERS, RATERS, RESULTS
+
+
+def _names(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in names if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose among {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device to measure (default: cuda if available, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
+    parser.add_argument("--ops", type=_names(OPS), default=OPS, help=f"comma-separated, among {','.join(OPS)}")
+    parser.add_argument("--providers", type=_names(PROVIDERS), default=PROVIDERS,
+                        help=f"comma-separated, among {','.join(PROVIDERS)}")
+    parser.add_argument("--raters", type=lambda s: tuple(int(x) for x in s.split(",")), default=RATERS,
+                        help="numbers of raters R (logits have R + 1 channels), comma-separated")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to compile on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for <device-name>.{md,json}")
+    parser.add_argument("--no-staple", action="store_true", help="skip the STAPLE benchmark of bench_fusion")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks.suite import markdown, run_suite
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    providers = tuple(p for p in args.providers if not (args.no_compile and p == "compile"))
+    rows, meta = run_suite(device=device, quick=args.quick, ops=args.ops, providers=providers, raters=args.raters,
+                           repeats=args.repeats, out_dir=args.out, staple=not args.no_staple)
+    print(markdown(rows, meta))
+    for key, why in meta["skipped"].items():
+        print(f"skipped {key}: {why}")
+    for path in meta.get("written", []):
+        print(f"wrote {path}")
+    return 1 if any(r.error and r.provider == "cpp" for r in rows) else 0

@@ -1,0 +1,447 @@
+"""The benchmark suite: every op and backend on the same inputs, one table.
+
+For each case (op, size, R) and provider it measures the median wall time of repeated runs after a warm-up,
+voxels/s, effective GB/s (the bytes the op must move at least), that rate as a fraction of the memory
+bandwidth of a large tensor copy measured in the same run, and the peak extra memory of one call.
+
+Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+On the CPU, the growth of the process's resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) over its resident size before the call, with glibc's malloc told to return
+every large block to the system on free, so the number is what the call really touched: outputs included
+(for the loss, the gradient kept in ``.grad``), caches of the allocator excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import orcal
+from orcal import _ext
+from orcal import reference as ref
+
+OPS = ("loss", "stats", "readout")
+PROVIDERS = ("cpp", "triton", "torch", "compile", "torchmetrics")
+RATERS = (3, 7)
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Size:
+    """One input size: ``batch`` images of ``spatial`` voxels (R + 1 channels for logits)."""
+
+    name: str
+    batch: int
+    spatial: tuple[int, ...]
+
+    @property
+    def voxels(self) -> int:
+        return self.batch * math.prod(self.spatial)
+
+
+def default_sizes(device: str, quick: bool) -> list[Size]:
+    """A 2D batch and a CT volume (bigger on a GPU); tiny ones with ``quick``."""
+    if quick:
+        return [Size("2d-quick", 2, (32, 32)), Size("ct-quick", 1, (8, 16, 16))]
+    ct = (128, 256, 256) if device == "cuda" else (64, 128, 128)
+    return [Size("2d", 16, (256, 256)), Size("ct", 2 if device == "cuda" else 1, ct)]
+
+
+@dataclass
+class Row:
+    op: str
+    size: str
+    shape: str
+    R: int
+    provider: str
+    median_ms: float = math.nan
+    mvox_per_s: float = math.nan
+    gb_per_s: float = math.nan
+    frac_copy: float = math.nan
+    speedup_vs_torch: float = math.nan
+    peak_extra_mb: float = math.nan
+    check: str = ""
+    runs: int = 0
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --- machine ---------------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """``cpu-<model>-<n>threads`` or the GPU's name, slugified: the results file name."""
+    if device == "cuda":
+        return _slug(torch.cuda.get_device_name(0))
+    return f"cpu-{_slug(cpu_model())}-{torch.get_num_threads()}threads"
+
+
+def device_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, repeats: int, budget_s: float) -> list[float]:
+    """Wall times of ``repeats`` calls after one warm-up; stops early (at least 3 runs) past ``budget_s``."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def copy_bandwidth(device: str, quick: bool) -> tuple[float, float]:
+    """(GB/s, MB) of a large tensor copy (bytes read + bytes written): the memory-bandwidth floor of the run."""
+    n = (1 << 22) if quick else (1 << 26)  # 16 MiB or 256 MiB of float32
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, 5 if quick else 10, 2.0)
+    nbytes = src.numel() * src.element_size()
+    return 2 * nbytes / statistics.median(times) / 1e9, nbytes / 1e6
+
+
+# --- peak memory -----------------------------------------------------------------------------------------
+
+_MALLOC_SET = False
+
+
+def _malloc_returns_memory() -> None:
+    """Make glibc return every block of 64 KiB or more to the system on free (so RSS follows live memory)."""
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+
+
+def _status_kb(key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory of one call of ``fn`` above what was in use before it, in MB (see the module doc)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return (peak - before) / 1e6
+    _malloc_returns_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return math.nan
+    before = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM")
+    del out
+    if before is None or peak is None:
+        return math.nan
+    return max(peak - before, 0) * 1024 / 1e6
+
+
+# --- the cases -------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """Inputs of one (op, size, R) and how many bytes the op must move at least."""
+
+    op: str
+    size: Size
+    R: int
+    inputs: dict
+    bytes_moved: int
+
+
+def make_case(op: str, size: Size, R: int, device: str, seed: int = 0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    B, S = size.batch, size.spatial
+    V = size.voxels
+    if op in ("loss", "readout"):
+        logits = (torch.randn(B, R + 1, *S, generator=g) * 2).to(device)
+        k = torch.randint(0, R + 1, (B, *S), generator=g, dtype=torch.uint8).to(device)
+        if op == "loss":  # logits read + gradient written + k read
+            return Case(op, size, R, {"logits": logits, "k": k}, 2 * logits.numel() * 4 + V)
+        return Case(op, size, R, {"logits": logits}, logits.numel() * 4 + V * 4)  # logits read + p written
+    # stats: probabilities against rater masks, the way a user evaluates (pred read + masks read)
+    p = torch.rand(B, *S, generator=g)
+    masks = torch.rand(B, R, *S, generator=g) < p.unsqueeze(1)  # raters agree with p: a calibrated-ish model
+    return Case(op, size, R, {"p": p.to(device), "masks": masks.to(device)}, V * 4 + masks.numel())
+
+
+def _loss_step(fn: Callable, logits: torch.Tensor, k: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step():
+        z = logits.detach().requires_grad_()
+        loss = fn(z, k)
+        loss.backward()
+        return z.grad
+
+    return step
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _torchmetrics_ece(p: torch.Tensor, masks: torch.Tensor, n_bins: int = 15) -> float:
+    """MR-ECE the way it is measured today: a binary ECE over explicitly expanded voxel–rater pairs."""
+    from torchmetrics.classification import BinaryCalibrationError
+
+    metric = BinaryCalibrationError(n_bins=n_bins, norm="l1").to(p.device)
+    R = masks.shape[1]
+    pairs = p.unsqueeze(1).expand(-1, R, *p.shape[1:]).reshape(-1)
+    metric.update(pairs, masks.reshape(-1).long())
+    return float(metric.compute())
+
+
+def provider_fn(case: Case, provider: str) -> tuple[Callable[[], object], Callable[[object], object] | None]:
+    """(the call to time, a function of its output giving a comparable value or None)."""
+    x = case.inputs
+    if case.op == "loss":
+        if provider in ("cpp", "triton", "torch"):
+            return _loss_step(lambda z, k: orcal.ordinal_loss(z, k, backend=provider), x["logits"], x["k"]), None
+        if provider == "compile":
+            return _loss_step(_compiled(ref.ordinal_loss), x["logits"], x["k"]), None
+    if case.op == "readout":
+        if provider in ("cpp", "triton", "torch"):
+            return lambda: orcal.foreground_probability(x["logits"], backend=provider), None
+        if provider == "compile":
+            f = _compiled(ref.foreground_probability)
+            return lambda: f(x["logits"]), None
+    # stats
+    mr_ece = lambda st: orcal.calibration_metrics(st)["mr_ece"]  # noqa: E731
+    if provider in ("cpp", "triton", "torch"):
+        return lambda: orcal.calibration_stats(x["p"], x["masks"], backend=provider), mr_ece
+    if provider == "compile":
+        R = case.R
+        f = _compiled(lambda p, masks: ref.calibration_stats(p, ref.orc_targets(masks), R).pack())
+        return lambda: f(x["p"], x["masks"]), lambda packed: mr_ece(orcal.CalibrationStats.unpack(*packed, 15, 4096))
+    return lambda: _torchmetrics_ece(x["p"], x["masks"]), float
+
+
+def available(provider: str, op: str, device: str) -> str | None:
+    """None if ``provider`` can run ``op`` on ``device``, else why not."""
+    dev = torch.device(device)
+    if provider == "cpp" and not _ext.has_kernel({"loss": "ordinal_loss", "stats": "calibration_stats",
+                                                  "readout": "foreground_probability"}[op], dev):
+        return _ext.why_no_kernel(dev)
+    if provider == "triton":
+        return _ext.why_no_triton(dev)
+    if provider == "torchmetrics":
+        if op != "stats":
+            return "not applicable: torchmetrics only scores the statistics"
+        try:
+            import torchmetrics  # noqa: F401
+        except ImportError:
+            return "torchmetrics is not installed"
+    return None
+
+
+def run_case(case: Case, provider: str, device: str, repeats: int, budget_s: float, copy_gbs: float) -> Row:
+    row = Row(case.op, case.size.name, f"{case.size.batch}x{case.R + 1}x" + "x".join(map(str, case.size.spatial)),
+              case.R, provider)
+    fn, value_of = provider_fn(case, provider)
+    try:
+        times = time_fn(fn, device, repeats, budget_s)
+        row.peak_extra_mb = peak_extra_mb(fn, device)
+        out = fn()
+        if value_of is not None:
+            row.extra["value"] = float(value_of(out))
+    except Exception as err:  # a provider that fails is reported, the suite goes on
+        row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return row
+    t = statistics.median(times)
+    row.runs = len(times)
+    row.median_ms = t * 1e3
+    row.mvox_per_s = case.size.voxels / t / 1e6
+    row.gb_per_s = case.bytes_moved / t / 1e9
+    row.frac_copy = row.gb_per_s / copy_gbs
+    return row
+
+
+def _finish_rows(rows: list[Row]) -> None:
+    """Speed-ups against the eager reference, and value checks against it (or against cpp for torchmetrics)."""
+    by_case: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.op, r.size, r.R), {})[r.provider] = r
+    for group in by_case.values():
+        base = group.get("torch")
+        for r in group.values():
+            if base is not None and not r.error and not base.error:
+                r.speedup_vs_torch = base.median_ms / r.median_ms
+            if "value" in r.extra:
+                anchor = group.get("cpp") if r.provider == "torchmetrics" else base
+                if anchor is not None and "value" in anchor.extra and anchor is not r:
+                    r.check = f"MR-ECE {r.extra['value']:.6f}, |d| {abs(r.extra['value'] - anchor.extra['value']):.1e}"
+                else:
+                    r.check = f"MR-ECE {r.extra['value']:.6f}"
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    lines = [
+        f"# orcal benchmarks: {meta['device_description']}",
+        "",
+        f"torch {meta['torch']}, orcal {meta['orcal']} ({meta['cpu_isa']} CPU kernels), "
+        f"{meta['date']}. Memory floor: a {meta['copy_mb']:.0f} MB tensor copy moves {meta['copy_gbs']:.1f} GB/s "
+        "(read + write).",
+        "",
+        "Median of repeated runs after a warm-up. GB/s counts the bytes the op must move at least (loss fwd+bwd: "
+        "logits read + gradient written + k read; stats: probabilities + rater masks read; readout: logits read + "
+        "p written); `% copy` is that rate over the copy's. Peak extra MB: "
+        + ("`torch.cuda.max_memory_allocated` above the memory in use before the call."
+           if meta["device"] == "cuda" else
+           "growth of the resident-set high-water mark over the resident size before the call (glibc set to "
+           "return large blocks on free), outputs included: for the loss, the gradient left in `.grad`.")
+        + " Check: MR-ECE, and its distance to the eager reference (torchmetrics: to cpp).",
+        "",
+        "| op | size | shape (B x C x S) | R | provider | median ms | Mvoxel/s | GB/s | % copy | x eager | "
+        "peak extra MB | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.op} | {r.size} | {r.shape} | {r.R} | {r.provider} | failed: {r.error} "
+                         "| | | | | | |")
+            continue
+        lines.append(
+            f"| {r.op} | {r.size} | {r.shape} | {r.R} | {r.provider} | {_fmt(r.median_ms, '.2f')} | "
+            f"{_fmt(r.mvox_per_s, '.1f')} | {_fmt(r.gb_per_s, '.2f')} | {_fmt(100 * r.frac_copy, '.1f')} | "
+            f"{_fmt(r.speedup_vs_torch, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} | {r.check} |")
+    for name, extra in meta.get("extras", {}).items():
+        lines += ["", f"## {name}", "", "```", json.dumps(extra, indent=1, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _bench_staple(device: str, quick: bool) -> dict | None:
+    """The STAPLE benchmark of benchmarks.bench_fusion, when that module is present."""
+    try:
+        from benchmarks.bench_fusion import bench_staple
+    except ImportError:
+        return None
+    shape = (3, 32, 32, 16) if quick else (3, 128, 128, 64)
+    return bench_staple(device=device, shape=shape, repeats=2 if quick else 3)
+
+
+def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = OPS,
+              providers: tuple[str, ...] = PROVIDERS, raters: tuple[int, ...] = RATERS,
+              sizes: list[Size] | None = None, repeats: int | None = None, budget_s: float | None = None,
+              out_dir: Path | str | None = RESULTS, staple: bool = True, progress: bool = True
+              ) -> tuple[list[Row], dict]:
+    """Run the benchmark matrix; print nothing. Writes ``<out_dir>/<device-name>.{md,json}`` unless ``out_dir``
+    is None. Returns the rows and the run's metadata."""
+    from tqdm import tqdm
+
+    for name in ops:
+        if name not in OPS:
+            raise ValueError(f"ops must be among {OPS}, got {name!r}")
+    for name in providers:
+        if name not in PROVIDERS:
+            raise ValueError(f"providers must be among {PROVIDERS}, got {name!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' asked for, but no CUDA GPU is available")
+    sizes = sizes or default_sizes(device, quick)
+    repeats = repeats or (3 if quick else 7)
+    budget_s = budget_s if budget_s is not None else (0.5 if quick else 3.0)
+    copy_gbs, copy_mb = copy_bandwidth(device, quick)
+    meta = {
+        "device": device, "device_name": device_name(device), "device_description": device_description(device),
+        "torch": torch.__version__, "orcal": orcal.__version__, "threads": torch.get_num_threads(),
+        "cpu_isa": _cpu_isa(), "copy_gbs": copy_gbs, "copy_mb": copy_mb,
+        "date": time.strftime("%Y-%m-%d"), "quick": quick,
+    }
+    plan = [(op, size, R, p) for op in ops for size in sizes for R in raters for p in providers]
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    case_key, case = None, None
+    for op, size, R, provider in tqdm(plan, desc="benchmarks", disable=not progress):
+        reason = available(provider, op, device)
+        if reason is not None:
+            skipped[f"{provider}/{op}"] = reason
+            continue
+        if case_key != (op, size.name, R):
+            case_key, case = (op, size.name, R), make_case(op, size, R, device)
+        rows.append(run_case(case, provider, device, repeats, budget_s, copy_gbs))
+    _finish_rows(rows)
+    meta["skipped"] = skipped
+    extras = {}
+    if staple:
+        try:
+            result = _bench_staple(device, quick)
+        except Exception as err:  # another module's benchmark must not sink the suite
+            result = {"error": f"{type(err).__name__}: {err}"}
+        if result is not None:
+            extras["STAPLE (benchmarks.bench_fusion)"] = result
+    meta["extras"] = extras
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = meta["device_name"] + ("-quick" if quick else "")
+        (out / f"{stem}.md").write_text(markdown(rows, meta))
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1,
+                                                     default=str))
+        meta["written"] = [str(out / f"{stem}.md"), str(out / f"{stem}.json")]
+    return rows, meta
+
+
+def _cpu_isa() -> str:
+    """Which CPU kernel set the extension runs: AVX2/FMA where the CPU has it (csrc/cpu/kernels_base.cpp)."""
+    import os
+
+    if not _ext.compiled():
+        return "no compiled"
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if os.environ.get("ORCAL_CPU_ISA") == "baseline" or capability not in ("avx2", "avx512"):
+        return "baseline"
+    return "AVX2/FMA"
