@@ -41,8 +41,12 @@ def extensions():
     cxx = ["-O3", "-std=c++20"]
     if platform.system() != "Windows":
         # OpenMP makes at::parallel_for (inlined here) actually run in parallel.
-        cxx += ["-fopenmp", "-fno-math-errno", "-fopenmp-simd"]
-    extra_link = ["-fopenmp"] if platform.system() == "Linux" else []
+        # -fno-math-errno / -fno-trapping-math let GCC vectorise exp/log (glibc's libmvec, declared in
+        # csrc/cpu/vector_math.h) and if-convert the branch-free selects of the CPU kernels. No -ffast-math: it
+        # would break their NaN checks. No -march=native: csrc/cpu/kernels_avx2.cpp brings its own target
+        # and is picked at run time.
+        cxx += ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+    extra_link = ["-fopenmp", "-lm"] if platform.system() == "Linux" else []  # libm brings libmvec
     kwargs = dict(name="orcal._C", sources=sources, define_macros=macros,
                   extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
     if _want_cuda(torch):
