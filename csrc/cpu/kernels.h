@@ -70,7 +70,12 @@ extern const KernelSet kBaseKernels;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ORCAL_CPU_AVX2 1
 extern const KernelSet kAvx2Kernels;
+extern const KernelSet kAvx512Kernels;
 #endif
+
+// Ask the kernel to back a large, freshly allocated output with transparent huge pages: its first touch
+// then costs one fault per 2 MiB instead of one per 4 KiB (a no-op where unsupported).
+void advise_huge_pages(void* data, int64_t bytes);
 
 // The best kernel set for this CPU (chosen once).
 const KernelSet& kernels();

@@ -9,8 +9,13 @@
 #include "kernels_impl.h"
 #undef ORCAL_ISA
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace orcal {
 namespace cpu {
@@ -19,16 +24,35 @@ const KernelSet kBaseKernels{&base::loss_entry, &base::stats_entry, &base::reado
 
 namespace {
 const KernelSet& choose() {
-  // ORCAL_CPU_ISA=baseline forces the portable kernels (to compare, or to rule out a vector-math issue).
+  // ORCAL_CPU_ISA=baseline|avx2 caps the instruction set (to compare, or to rule out a vector-math issue).
   const char* forced = std::getenv("ORCAL_CPU_ISA");
-  const bool want_base = forced != nullptr && std::strcmp(forced, "baseline") == 0;
+  const bool cap_base = forced != nullptr && std::strcmp(forced, "baseline") == 0;
+  const bool cap_avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
 #ifdef ORCAL_CPU_AVX2
-  if (!want_base && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2Kernels;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  if (!cap_base && !cap_avx2 && avx512) return kAvx512Kernels;
+  if (!cap_base && avx2) return kAvx2Kernels;
 #endif
-  (void)want_base;
+  (void)cap_base;
+  (void)cap_avx2;
   return kBaseKernels;
 }
 }  // namespace
+
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 const KernelSet& kernels() {
   static const KernelSet& chosen = choose();

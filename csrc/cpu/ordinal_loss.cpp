@@ -43,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cpu(const at::Tensor& logits_in,
   const double scale = reduction == 1 ? 1.0 / static_cast<double>(count > 0 ? count : 1) : 1.0;
   at::Tensor grad = need_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   at::Tensor loss_map = reduction == 0 ? at::empty(spatial, loss_opts) : at::Tensor();
+  if (need_grad) cpu::advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
   const int64_t per_image = (V + cpu::kBlock - 1) / cpu::kBlock;
   const int64_t blocks = B * per_image;
