@@ -228,9 +228,12 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
 def _ordinal_loss_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
     ctx.reduction = inputs[5]
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the (unused) grad output
 
 
 def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:  # only the grad output was used downstream: it is not differentiable
+        return (None,) * 7
     (grad,) = ctx.saved_tensors
     if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits are >= 3D)
         raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
