@@ -225,6 +225,15 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
       const T* __restrict__ ec = e + c * NB;
       const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
       const T* __restrict__ ic = c < m ? inv_lo : inv_hi;
+      scalar_t* __restrict__ gp = G + (b * C + c) * V + v0;
+      if (c < R && n == NB) {  // a full block: straight to the output
+        const T* __restrict__ dc = d + c * NB;
+        for (int v = 0; v < NB; ++v) {
+          const T val = w * (ec[v] * ac[v]) * (dc[v] - qg[v]) + dl[v] * (ec[v] * ic[v]);
+          gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? ok[v] * val : T(0));
+        }
+        continue;
+      }
       if (c < R) {
         const T* __restrict__ dc = d + c * NB;
         for (int v = 0; v < NB; ++v) {
@@ -237,7 +246,6 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
           out[v] = ok[v] != T(0) ? ok[v] * val : T(0);
         }
       }
-      scalar_t* __restrict__ gp = G + (b * C + c) * V + v0;
       for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(out[v]);
     }
   }
@@ -277,17 +285,30 @@ void stats_chunks(const StatsArgs& a, int64_t ch0, int64_t ch1, int64_t* counts,
   const scalar_t* X = static_cast<const scalar_t*>(a.pred);
   Scratch<T> s(C);
   Groups<T> g;
+  // Chunk-local histograms. A voxel adds (R << 32) | k to one ECE bin and one AUC bin: pairs in the high
+  // half, positive pairs in the low half (a chunk holds at most kChunk * 255 < 2^32 of either), so each
+  // histogram costs one scattered add per voxel; they are unpacked into the int64 row after the chunk.
+  void* mem = std::aligned_alloc(64, static_cast<size_t>((4 * nb + tb) * 8 + 4 * nb * 8 + 63) / 64 * 64);
+  uint64_t* ece_pk = static_cast<uint64_t*>(mem);  // 4 interleaved copies
+  uint64_t* auc_pk = ece_pk + 4 * nb;
+  double* s_bin = reinterpret_cast<double*>(auc_pk + tb);  // 4 interleaved copies
   alignas(64) T p[NB], br[NB], nl[NB];
-  alignas(64) int32_t kk[NB], bi[NB], ti[NB], use[NB];
+  alignas(64) int32_t kk[NB], bi[NB], ti[NB], use[NB], fg_y[NB], fg_n[NB], bg_y[NB];
+  alignas(64) uint64_t pk[NB];
+  alignas(64) double rp[NB];
   const T Rf = static_cast<T>(R);
   const T half = static_cast<T>(0.5);
+  const uint64_t r_hi = static_cast<uint64_t>(R) << 32;
   for (int64_t ch = ch0; ch < ch1; ++ch) {
     const int64_t b = ch / a.chunks_per_image;
     const int64_t vstart = (ch % a.chunks_per_image) * kChunk;
     const int64_t vend = vstart + kChunk < V ? vstart + kChunk : V;
     int64_t* __restrict__ row = counts + b * a.count_cols;
     double* __restrict__ srow = chunk_sums + ch * a.sum_cols;
-    for (int64_t j = 0; j < a.sum_cols; ++j) srow[j] = 0;
+    std::memset(ece_pk, 0, static_cast<size_t>(4 * nb + tb) * 8);
+    for (int64_t j = 0; j < 4 * nb; ++j) s_bin[j] = 0;
+    double brier_lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, nll_lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int32_t tp = 0, fp = 0, fn = 0;
     for (int64_t v0 = vstart; v0 < vend; v0 += NB) {
       const int64_t n = vend - v0 < NB ? vend - v0 : NB;
       // Probability of each voxel.
@@ -331,50 +352,85 @@ void stats_chunks(const StatsArgs& a, int64_t ch0, int64_t ch1, int64_t* counts,
         for (int64_t v = 0; v < n; ++v) use[v] = 1;
       }
       for (int64_t v = n; v < NB; ++v) use[v] = 0;
-      // Bins and per-voxel Brier / NLL (vectorised); a probability outside [0, 1] is flagged by use = 2.
+      // Everything per voxel, vectorised. A voxel that does not count adds zeros to bin 0; a probability
+      // outside [0, 1] where it counts is flagged by use = 2 and reported after the block.
+      int32_t any_bad = 0;
       for (int v = 0; v < NB; ++v) {
         const bool in_range = p[v] >= T(0) && p[v] <= T(1);
-        use[v] = use[v] != 0 && !in_range ? 2 : use[v];
-        const T pp = in_range ? p[v] : T(0);
+        const bool bad = use[v] != 0 && !in_range;
+        any_bad |= bad ? 1 : 0;
+        const bool counts_here = use[v] != 0 && in_range;
+        use[v] = bad ? 2 : use[v];
+        const T pp = counts_here ? p[v] : T(0);
+        const int32_t k = counts_here ? kk[v] : 0;
         bi[v] = static_cast<int32_t>(bin_index(pp, nb));
         ti[v] = static_cast<int32_t>(bin_index(pp, tb));
-        const T kv = static_cast<T>(kk[v]);
-        br[v] = brier_voxel(pp, kv, Rf);
-        nl[v] = nll_voxel(pp, kv, Rf);
+        pk[v] = counts_here ? (r_hi | static_cast<uint64_t>(k)) : uint64_t(0);
+        rp[v] = static_cast<double>(counts_here ? Rf : T(0)) * static_cast<double>(pp);
+        const T kv = static_cast<T>(k);
+        br[v] = counts_here ? brier_voxel(pp, kv, Rf) : T(0);
+        nl[v] = counts_here ? nll_voxel(pp, kv, Rf) : T(0);
+        const bool fg = pp >= half, y = k >= m;
+        fg_y[v] = counts_here && fg && y;
+        fg_n[v] = counts_here && fg && !y;
+        bg_y[v] = counts_here && !fg && y;
       }
-      // Histograms (scalar scatter).
-      double brier = 0, nll = 0;
-      int64_t tp = 0, fp = 0, fn = 0;
-      for (int64_t v = 0; v < n; ++v) {
-        if (use[v] == 0) continue;
-        if (use[v] == 2) {
+      for (int j = 0; j < NB; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+          brier_lane[l] += static_cast<double>(br[j + l]);
+          nll_lane[l] += static_cast<double>(nl[j + l]);
+        }
+      }
+      for (int v = 0; v < NB; ++v) {
+        tp += fg_y[v];
+        fp += fg_n[v];
+        fn += bg_y[v];
+      }
+      // The histograms: scattered adds (the only scalar loop). Neighbouring voxels often share an ECE bin, so
+      // four interleaved copies of the ECE histograms keep four independent add chains in flight. The block
+      // tail holds zeros (added to bin 0), so the loop always runs over the whole block.
+      for (int v = 0; v < NB; v += 4) {
+        for (int l = 0; l < 4; ++l) {
+          ece_pk[l * nb + bi[v + l]] += pk[v + l];
+          s_bin[l * nb + bi[v + l]] += rp[v + l];
+          auc_pk[ti[v + l]] += pk[v + l];
+        }
+      }
+      if (any_bad) {
+        for (int64_t v = 0; v < n; ++v) {
+          if (use[v] != 2) continue;
           ++err->bad_count;
           if (b * V + v0 + v < err->first_bad_index) {
             err->first_bad_index = b * V + v0 + v;
             err->first_bad_value = static_cast<double>(p[v]);
           }
-          continue;
         }
-        const int64_t k = kk[v];
-        row[lay.n() + bi[v]] += R;
-        row[lay.a() + bi[v]] += k;
-        row[lay.pos() + ti[v]] += k;
-        row[lay.neg() + ti[v]] += R - k;
-        srow[lay.s() + bi[v]] += static_cast<double>(R) * static_cast<double>(p[v]);
-        brier += static_cast<double>(br[v]);
-        nll += static_cast<double>(nl[v]);
-        const bool fg = p[v] >= half, y = k >= m;
-        tp += fg && y;
-        fp += fg && !y;
-        fn += !fg && y;
       }
-      srow[lay.brier()] += brier;
-      srow[lay.nll()] += nll;
-      row[lay.tp()] += tp;
-      row[lay.fp()] += fp;
-      row[lay.fn()] += fn;
     }
+    const uint64_t low = 0xffffffffULL;
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint64_t e = ece_pk[j] + ece_pk[nb + j] + ece_pk[2 * nb + j] + ece_pk[3 * nb + j];
+      row[lay.n() + j] += static_cast<int64_t>(e >> 32);
+      row[lay.a() + j] += static_cast<int64_t>(e & low);
+      srow[lay.s() + j] = (s_bin[j] + s_bin[nb + j]) + (s_bin[2 * nb + j] + s_bin[3 * nb + j]);
+    }
+    for (int64_t j = 0; j < tb; ++j) {
+      const int64_t pairs = static_cast<int64_t>(auc_pk[j] >> 32), pos = static_cast<int64_t>(auc_pk[j] & low);
+      row[lay.pos() + j] += pos;
+      row[lay.neg() + j] += pairs - pos;
+    }
+    double brier = 0, nll = 0;
+    for (int l = 0; l < 8; ++l) {
+      brier += brier_lane[l];
+      nll += nll_lane[l];
+    }
+    srow[lay.brier()] = brier;
+    srow[lay.nll()] = nll;
+    row[lay.tp()] += tp;
+    row[lay.fp()] += fp;
+    row[lay.fn()] += fn;
   }
+  std::free(mem);
 }
 
 // --- type dispatch ---------------------------------------------------------------------------------------
