@@ -126,10 +126,10 @@ class ExperimentConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The built-in synthetic data: small enough for a 2-core CPU in a few minutes.
     "demo": {
-        "datasets": [("synthetic", None, {"n": 160, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
+        "datasets": [("synthetic", None, {"n": 400, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
                                           "val_fraction": 0.1}, "Synthetic (R=5)")],
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 6, "batch_size": 16, "lr": 3e-3, "max_steps": None,
+        "epochs": 15, "batch_size": 16, "lr": 1e-2, "max_steps": None,
         "n_boot": 1000,
     },
     # LIDC-IDRI slices (4 readers), centre crops, a small encoder: about half an hour on 2 CPU cores.
@@ -137,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "datasets": [("lidc_slices", None, {"crop": 64}, "LIDC-IDRI")],
         "default_root": "/work/shared/data/lidc-idri-slices",
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 3, "batch_size": 32, "lr": 3e-3, "max_steps": 30, "n_boot": 1000,
+        "epochs": 6, "batch_size": 32, "lr": 1e-2, "max_steps": 50, "n_boot": 1000,
     },
     # The paper's datasets (CoCaHis, REFUGE disc and cup, LongCIU) under one root folder.
     "paper": {
@@ -146,7 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      ("refuge", "cup", {}, "REFUGE-CUP", "refuge"),
                      ("longciu", None, {}, "LongCIU", "longciu")],
         "arch": "FPN", "encoder": "resnet34", "encoder_weights": "imagenet", "epochs": 100, "batch_size": 8,
-        "lr": 1e-4, "max_steps": None, "patch_size": (256, 256), "n_boot": 1000,
+        "lr": 1e-4, "max_steps": None, "patch_size": (256, 256), "n_boot": 1000, "cache": False,
     },
 }
 
@@ -226,13 +226,24 @@ def resolve_device(device: str) -> str:
     return str(device)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_info(device: str) -> dict[str, str]:
     """What the numbers were measured on."""
     import orcal
 
     info = {
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "platform": platform.platform(),
@@ -600,6 +611,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
 def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("datasets")
+    d.pop("out")
     d.pop("force")
     d.pop("progress")
     d["methods"] = ",".join(cfg.methods)

@@ -146,6 +146,11 @@ def test_command_line_builds_the_config(tmp_path):
     lidc = build_config(_experiment_args(["--preset", "lidc", "--root", "/somewhere", "--crop", "48"]))
     assert lidc.datasets[0].name == "lidc_slices" and lidc.datasets[0].root == "/somewhere"
     assert lidc.datasets[0].options["crop"] == 48
+    paper = build_config(_experiment_args(["--preset", "paper", "--root", "/p", "--encoder-weights", "none",
+                                           "--sigma", "2"]))
+    assert paper.encoder_weights is None and paper.fusion_options == {"sigma": 2.0}
+    assert [d.key for d in paper.datasets] == ["CoCaHis", "REFUGE-DISC", "REFUGE-CUP", "LongCIU"]
+    assert paper.datasets[1].root == "/p/refuge" and paper.datasets[2].task == "cup"
     with pytest.raises(ValueError, match="preset"):
         build_config(_experiment_args(["--preset", "lidc", "--dataset", "synthetic"]))
     with pytest.raises(ValueError, match="root"):

@@ -52,7 +52,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=None, help="training epochs per method")
     g.add_argument("--arch", default=None, help="network: fpn, unet, unet-small, ... (see orcal train --help)")
     g.add_argument("--encoder", default=None, help="encoder of the network, e.g. resnet18")
-    g.add_argument("--encoder-weights", default=None, help="pretrained encoder weights, e.g. imagenet")
+    g.add_argument("--encoder-weights", default=None,
+                   help="pretrained encoder weights, e.g. imagenet (none: random initialisation)")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="learning rate")
     g.add_argument("--max-steps", type=_int_or_none, default=None,
@@ -61,6 +62,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="side of the synthetic images, or the training patch size of other datasets")
     g.add_argument("--crop", type=int, default=None, help="centre crop of the dataset's images (e.g. LIDC: 64)")
     g.add_argument("--rps-weight", type=float, default=None, help="RPS weight of the ordinal method (1.0)")
+    g.add_argument("--sigma", type=float, default=None, help="Gaussian width (voxels) of soft_gaussian and svls")
     g.add_argument("--rps-weights", type=_floats, default=None,
                    help="also sweep the ordinal method's RPS weight over these values, e.g. 0,0.5,1,2")
     g.add_argument("--seed", type=int, default=None)
@@ -96,7 +98,7 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
     preset = getattr(args, "preset", None) or (default_preset if not names else None)
     train_overrides = {
         "methods": args.methods, "epochs": args.epochs, "arch": args.arch, "encoder": args.encoder,
-        "encoder_weights": args.encoder_weights, "batch_size": args.batch_size, "lr": args.lr,
+        "batch_size": args.batch_size, "lr": args.lr,
         "max_steps": args.max_steps, "rps_weight": args.rps_weight, "rps_weights": args.rps_weights,
         "seed": args.seed, "device": args.device, "amp": args.amp, "n_boot": args.n_boot,
         "fraction": args.fraction, "out": getattr(args, "out", None) or default_out,
@@ -119,6 +121,12 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         specs = [DatasetSpec.parse(n, r, **options) for n, r in zip(names, per)]
         kwargs = {k: v for k, v in train_overrides.items() if v is not None}
         cfg = ExperimentConfig(datasets=specs, **kwargs)
+    if args.encoder_weights is not None:
+        cfg.encoder_weights = None if args.encoder_weights.lower() == "none" else args.encoder_weights
+    if args.sigma is not None:
+        if not args.sigma > 0:
+            raise ValueError(f"--sigma must be > 0, got {args.sigma}")
+        cfg.fusion_options["sigma"] = args.sigma
     for spec in cfg.datasets:
         if args.crop is not None:
             spec.options["crop"] = args.crop
