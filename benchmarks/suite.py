@@ -391,6 +391,8 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
             raise ValueError(f"providers must be among {PROVIDERS}, got {name!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' asked for, but no CUDA GPU is available")
+    if device == "cpu":
+        _malloc_returns_memory()  # before any case allocates: freed blocks must not be reused silently
     sizes = sizes or default_sizes(device, quick)
     repeats = repeats or (3 if quick else 7)
     budget_s = budget_s if budget_s is not None else (0.5 if quick else 3.0)
