@@ -242,7 +242,9 @@ def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
     if ctx.reduction == REDUCTIONS["none"]:
         return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
     # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
-    if bool(grad_loss == 1):
+    # Only in eager mode: a traced graph (fake or functional tensors, torch.compile) must not branch on data.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager and bool(grad_loss == 1):
         return grad, *none
     return (grad * grad_loss).to(grad.dtype), *none
 
