@@ -438,12 +438,14 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
 
 
 def _cpu_isa() -> str:
-    """Which CPU kernel set the extension runs: AVX2/FMA where the CPU has it (csrc/cpu/kernels_base.cpp)."""
+    """Which CPU kernel set the extension runs: the widest of AVX-512, AVX2/FMA and the baseline that the CPU
+    has and ``ORCAL_CPU_ISA`` allows (the choice of csrc/cpu/kernels_base.cpp)."""
     import os
 
     if not _ext.compiled():
         return "no compiled"
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    if os.environ.get("ORCAL_CPU_ISA") == "baseline" or capability not in ("avx2", "avx512"):
+    cap = os.environ.get("ORCAL_CPU_ISA", "")
+    if cap == "baseline" or capability not in ("avx2", "avx512"):
         return "baseline"
-    return "AVX2/FMA"
+    return "AVX-512" if capability == "avx512" and cap != "avx2" else "AVX2/FMA"
