@@ -1,9 +1,10 @@
 // orc_targets on CUDA: the per-voxel math of csrc/common/votes.h, one thread per voxel.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common/votes.h"
@@ -37,7 +38,7 @@ at::Tensor orc_targets_cuda(const at::Tensor& masks_in) {
   at::Tensor bad = at::zeros({1}, masks.options().dtype(at::kInt));
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((B * V + threads - 1) / threads, 65535LL * 8);
-  orc_targets_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  orc_targets_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const uint8_t*>(masks.data_ptr()), k.data_ptr<uint8_t>(), R, V, B * V, bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   TORCH_CHECK_VALUE(bad.item<int>() == 0, "masks must be binary (0/1); found a value > 1");
