@@ -129,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "datasets": [("synthetic", None, {"n": 400, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
                                           "val_fraction": 0.1}, "Synthetic (R=5)")],
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 15, "batch_size": 16, "lr": 1e-2, "max_steps": None,
+        "epochs": 24, "batch_size": 16, "lr": 1e-2, "max_steps": None,
         "n_boot": 1000,
     },
     # LIDC-IDRI slices (4 readers; --root is the LIDC-IDRI-slices folder), 64x64 centre crops, a small
@@ -217,6 +217,14 @@ def _fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run) -> str:
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
+
+
+def _slug(text: str) -> str:
+    """A file-name friendly form of a dataset key: ``"Synthetic (R=5)"`` -> ``"synthetic-r-5"``."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "dataset"
 
 
 def resolve_device(device: str) -> str:
@@ -633,7 +641,7 @@ def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mappi
     fig_dir.mkdir(exist_ok=True)
     for spec in cfg.datasets:
         run_dir = out / "runs" / _safe_name(spec.key)
-        name = _safe_name(spec.key)
+        name = _slug(spec.key)
         stats_by_row: dict[str, Any] = {}
         agreement_by_row: dict[str, Any] = {}
         maps: dict[str, np.ndarray] = {}
@@ -655,8 +663,8 @@ def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mappi
     for key, sweep in results.get("sweeps", {}).items():
         text = report.sweep_table(sweep)
         sweeps_md[key] = text
-        (out / f"sweep_{_safe_name(key)}.md").write_text(text, encoding="utf-8")
-        path = report.plot_sweep(sweep, fig_dir / f"sweep_{_safe_name(key)}.png", title=key)
+        (out / f"sweep_{_slug(key)}.md").write_text(text, encoding="utf-8")
+        path = report.plot_sweep(sweep, fig_dir / f"sweep_{_slug(key)}.png", title=key)
         figures[f"{key}: MR-ECE and AUC against the RPS weight"] = str(path.relative_to(out))
     results["files"] = sorted(str(p.relative_to(out)) for p in paths.values())
     results["figures"] = figures
