@@ -659,6 +659,9 @@ def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mappi
                     maps[label] = case_maps[readout]
         figures.update(_plot_dataset(spec.key, name, fig_dir, stats_by_row, agreement_by_row, maps,
                                      cases[spec.key]))
+    for key in results["runs"]:
+        text = report.dataset_table(results["runs"], key, ("mr_ece", "auc", "dice", "brier"))
+        (out / f"summary_{_slug(key)}.md").write_text(text, encoding="utf-8")
     sweeps_md: dict[str, str] = {}
     for key, sweep in results.get("sweeps", {}).items():
         text = report.sweep_table(sweep)

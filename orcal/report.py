@@ -177,6 +177,24 @@ def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
                  higher_is_better=bool(higher_is_better), digits=int(digits), title=title)
 
 
+def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", "auc", "dice"),
+                  digits: int = 4) -> str:
+    """One dataset's results as a Markdown table: methods as rows, ``metrics`` as columns (mean ± std),
+    the best value of each column in bold."""
+    if dataset not in runs:
+        raise ValueError(f"dataset {dataset!r} is not in the results; have: {', '.join(runs)}")
+    tables = [metric_table({dataset: runs[dataset]}, m, digits=digits) for m in metrics]
+    heads = [f"{METRIC_LABELS.get(m, m)} {'↑' if t.higher_is_better else '↓'}" for m, t in zip(metrics, tables)]
+    lines = [f"| Method | {' | '.join(heads)} |", "|---|" + "---|" * len(metrics)]
+    for row in sort_rows(list(runs[dataset])):
+        cells = []
+        for t in tables:
+            text = t.cell_text(row, dataset)
+            cells.append(f"**{text}**" if row in t.best.get(dataset, ()) else text)
+        lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def metrics_csv(runs: Runs) -> str:
     """Every metric of every row and dataset in long form: dataset, method, metric, value (full test set),
     bootstrap mean, std, 2.5 % and 97.5 % percentiles."""

@@ -48,6 +48,15 @@ def test_best_value_marked_in_markdown_and_csv():
     assert float(next(r for r in rows if r["key"] == "soft")["B_mean"]) == 0.75
 
 
+def test_dataset_table_marks_the_best_of_each_metric():
+    md = report.dataset_table(HAND_MADE, "B", ("mr_ece", "auc"))
+    assert md.splitlines()[0] == "| Method | MR-ECE ↓ | AUC ↑ |"
+    assert _row(md, "Soft Consensus") == ["**0.1100 ± 0.0100**", "**0.7500 ± 0.0100**"]
+    assert _row(md, "Median Consensus") == ["0.1200 ± 0.0100", "0.7000 ± 0.0100"]
+    with pytest.raises(ValueError, match="dataset"):
+        report.dataset_table(HAND_MADE, "C")
+
+
 def test_table_rows_in_paper_order_and_missing_cells():
     runs = {"A": {"ordinal/majority": _summary(0.2, 0.9), "random": _summary(0.3, 0.8),
                   "staple": {"mr_ece": {"mean": math.nan, "std": math.nan}}}}
@@ -97,7 +106,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "exp"
     results = run_experiment(_tiny(out), log=lambda *a: None)
     for name in ("table1_mr_ece.md", "table1_mr_ece.csv", "table2_auc.md", "table2_auc.csv", "table3_dice.csv",
-                 "metrics.csv", "results.json", "report.md", "sweep_tiny.md"):
+                 "metrics.csv", "results.json", "report.md", "sweep_tiny.md", "summary_tiny.md"):
         assert (out / name).is_file(), name
     for fig in ("reliability_tiny.png", "agreement_tiny.png", "qualitative_tiny.png", "sweep_tiny.png"):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
