@@ -53,6 +53,49 @@ inline void check_valid(const std::optional<at::Tensor>& valid, at::IntArrayRef 
                     valid->device());
 }
 
+// Arguments of ordinal_loss, for the CPU and CUDA entry points alike; returns R.
+inline int64_t check_loss_args(const at::Tensor& logits, const at::Tensor& k, const std::optional<at::Tensor>& valid,
+                               int64_t majority) {
+  const int64_t R = check_ordinal_logits(logits, "logits");
+  const std::vector<int64_t> spatial = drop_channels(logits);
+  check_votes(k, spatial, "k");
+  check_valid(valid, spatial, logits);
+  TORCH_CHECK_VALUE(k.device() == logits.device(), "k must be on ", logits.device());
+  TORCH_CHECK_VALUE(majority >= 1 && majority <= R, "majority must lie in 1..R = 1..", R, ", got ", majority);
+  return R;
+}
+
+// Arguments of calibration_stats (kind: 0 prob, 1 logit, 2 ordinal); returns the images' shape (B, *S).
+inline std::vector<int64_t> check_stats_args(const at::Tensor& pred, const at::Tensor& target,
+                                             const std::optional<at::Tensor>& valid, int64_t R,
+                                             bool target_is_masks, int kind, int64_t majority, int64_t n_bins,
+                                             int64_t auc_bins) {
+  TORCH_CHECK_VALUE(R >= 1 && R <= 255, "num_raters must lie in 1..255, got ", R);
+  TORCH_CHECK_VALUE(majority >= 1 && majority <= R, "majority must lie in 1..R = 1..", R, ", got ", majority);
+  TORCH_CHECK_VALUE(n_bins >= 1 && auc_bins >= 2, "n_bins must be >= 1 and auc_bins >= 2, got ", n_bins, ", ",
+                    auc_bins);
+  std::vector<int64_t> spatial;
+  if (kind == 2) {
+    TORCH_CHECK_VALUE(check_ordinal_logits(pred, "pred") == R, "ordinal pred has ", pred.size(1),
+                      " channels but the target has R = ", R, " raters");
+    spatial = drop_channels(pred);
+  } else {
+    spatial = pred.sizes().vec();
+  }
+  if (target_is_masks) {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kByte || target.scalar_type() == at::kBool,
+                     "target masks must be bool or uint8, got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() >= 2 && target.size(1) == R && drop_channels(target) == spatial,
+                      "target masks must be (B, R, *S) = (", spatial[0], ", ", R, ", *S) with S of pred, got ",
+                      target.sizes());
+  } else {
+    check_votes(target, spatial, "target");
+  }
+  check_valid(valid, spatial, pred);
+  TORCH_CHECK_VALUE(target.device() == pred.device(), "target must be on ", pred.device());
+  return spatial;
+}
+
 inline int readout_code(c10::string_view readout) {
   if (readout == "majority") return 0;
   TORCH_CHECK_VALUE(readout == "expected", "readout must be 'majority' or 'expected', got '", readout, "'");

@@ -169,27 +169,8 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
   const int readout = readout_code(readout_s);
   const cpu::Dtype dtype = float_dtype(pred_in, "pred");
   const int64_t R = num_raters;
-  TORCH_CHECK_VALUE(R >= 1 && R <= 255, "num_raters must lie in 1..255, got ", R);
-  TORCH_CHECK_VALUE(majority >= 1 && majority <= R, "majority must lie in 1..R = 1..", R, ", got ", majority);
-  TORCH_CHECK_VALUE(n_bins >= 1 && auc_bins >= 2, "n_bins must be >= 1 and auc_bins >= 2");
-  std::vector<int64_t> spatial;
-  if (kind == 2) {
-    TORCH_CHECK_VALUE(check_ordinal_logits(pred_in, "pred") == R, "ordinal pred has ", pred_in.size(1),
-                      " channels but the target has R = ", R, " raters");
-    spatial = drop_channels(pred_in);
-  } else {
-    spatial = pred_in.sizes().vec();
-  }
-  if (target_is_masks) {
-    TORCH_CHECK_TYPE(target_in.scalar_type() == at::kByte || target_in.scalar_type() == at::kBool,
-                     "target masks must be bool or uint8, got ", target_in.scalar_type());
-    TORCH_CHECK_VALUE(target_in.dim() >= 2 && target_in.size(1) == R && drop_channels(target_in) == spatial,
-                      "target masks must be (B, R, *S) with S of pred, got ", target_in.sizes());
-  } else {
-    check_votes(target_in, spatial, "target");
-  }
-  check_valid(valid_in, spatial, pred_in);
-  TORCH_CHECK_VALUE(target_in.device() == pred_in.device(), "target must be on ", pred_in.device());
+  const std::vector<int64_t> spatial = check_stats_args(pred_in, target_in, valid_in, R, target_is_masks, kind,
+                                                        majority, n_bins, auc_bins);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor target = target_in.contiguous();

@@ -61,13 +61,9 @@ __global__ void __launch_bounds__(cuda::kThreads)
 std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in, const at::Tensor& k_in,
                                                      const std::optional<at::Tensor>& valid_in, double rps_weight,
                                                      int64_t majority, int64_t reduction, bool need_grad) {
-  const int64_t R = check_ordinal_logits(logits_in, "logits");
+  const int64_t R = check_loss_args(logits_in, k_in, valid_in, majority);
   const cpu::Dtype dtype = float_dtype(logits_in, "logits");
   const std::vector<int64_t> spatial = drop_channels(logits_in);
-  check_votes(k_in, spatial, "k");
-  check_valid(valid_in, spatial, logits_in);
-  TORCH_CHECK_VALUE(k_in.device() == logits_in.device(), "k must be on ", logits_in.device());
-  TORCH_CHECK_VALUE(majority >= 1 && majority <= R, "majority must lie in 1..R = 1..", R, ", got ", majority);
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0, 1 or 2, got ", reduction);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
