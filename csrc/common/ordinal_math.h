@@ -67,6 +67,37 @@ C10_HOST_DEVICE inline GroupSoftmax<T> combine_groups(T max_lo, T s_lo, T max_hi
   return {f_lo * inv, f_hi * inv, gap + ox_log(s_hi / s_lo)};
 }
 
+// Loss side of a voxel straight from its group sums, with one exponential, one logarithm and one division.
+// With S = s_lo f_lo + s_hi f_hi (f_group as in combine_groups):
+//   sigmoid(l)   = s_hi f_hi / S                        (= P_hi)
+//   softplus(l)  = max(gap, 0)  + log(S / s_lo)         BCE for y = 0
+//   softplus(-l) = max(-gap, 0) + log(S / s_hi)         BCE for y = 1 (softplus(l) - l)
+// so no softplus/sigmoid of l is evaluated. One reciprocal r = 1 / (s_lo s_hi S) gives 1/S, 1/s_lo and
+// 1/s_hi (all three factors lie in [1, R+1], so the product neither overflows nor underflows).
+template <typename T>
+struct GroupLoss {
+  T a_lo, a_hi;      // q_c = e_c * a_group
+  T inv_lo, inv_hi;  // 1 / s_group: dl/dz_c = -e_c / s_lo below m, e_c / s_hi from m on
+  T bce, dbce;       // BCE of the majority logit and dBCE/dl
+};
+
+template <typename T, typename Exp, typename Log>
+C10_HOST_DEVICE inline GroupLoss<T> group_loss(T max_lo, T s_lo, T max_hi, T s_hi, T y, const Exp& ex,
+                                               const Log& lg) {
+  const T gap = max_hi - max_lo;
+  const T small = ex(-ox_abs(gap));
+  const T f_lo = gap > T(0) ? small : T(1);
+  const T f_hi = gap > T(0) ? T(1) : small;
+  const T S = s_lo * f_lo + s_hi * f_hi;
+  const T r = T(1) / (s_lo * s_hi * S);
+  const T inv_s = r * (s_lo * s_hi);
+  const T inv_lo = r * (s_hi * S), inv_hi = r * (s_lo * S);
+  const T a_hi = f_hi * inv_s;
+  const bool pos = y != T(0);
+  const T bce = ox_max(pos ? -gap : gap, T(0)) + lg(S * (pos ? inv_hi : inv_lo));
+  return {f_lo * inv_s, a_hi, inv_lo, inv_hi, bce, s_hi * a_hi - y};
+}
+
 // BCE of the majority logit against y = [k >= m] (SPEC §3) and its derivative d/dl.
 template <typename T>
 C10_HOST_DEVICE inline T bce_from_logit(T l, T y) { return softplus(l) - y * l; }

@@ -135,6 +135,73 @@ inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T
 
 // --- ordinal loss --------------------------------------------------------------------------------------
 
+// exp for the loss kernel, inlined so its loops vectorise without a library call. float: Cody-Waite range
+// reduction x = n ln2 + r (|r| <= ln2/2) and a degree-6 polynomial, within 2 ulp of expf; exactly 0 below
+// -87 (where expf is denormal or 0). Only called with x <= 0; NaN passes through. double: libm/libmvec.
+inline float loss_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  const float res = p * scale;
+  return x < -87.0f ? 0.0f : (x != x ? x : res);
+}
+inline double loss_exp(double x) { return ox_exp(x); }
+
+// Per-voxel arrays of one block of the loss kernel (kept together so that they stay in L1).
+template <typename T>
+struct LossBlock {
+  alignas(64) T kf[NB], ok[NB], max_lo[NB], max_hi[NB], s_lo[NB], s_hi[NB];
+  alignas(64) T A_lo[NB], A_hi[NB], B_lo[NB], B_hi[NB], a_lo[NB], a_hi[NB];
+  alignas(64) T F[NB], P[NB], rps[NB], qp[NB], dg[NB], loss[NB], out[NB];
+};
+
+// Loads a block's logits into e (C planes, the tail zero) and takes both group maxima on the way.
+template <typename scalar_t, typename T>
+inline void load_with_max(const scalar_t* __restrict__ z, int64_t V, int64_t n, int R, int m, T* __restrict__ e,
+                          T* __restrict__ mlo, T* __restrict__ mhi) {
+  if (n < NB) {
+    load_planes<scalar_t, T>(z, V, n, R + 1, e);
+    for (int v = 0; v < NB; ++v) mlo[v] = e[v];
+    for (int c = 1; c < m; ++c)
+      for (int v = 0; v < NB; ++v) mlo[v] = ox_max(mlo[v], e[c * NB + v]);
+    for (int v = 0; v < NB; ++v) mhi[v] = e[m * NB + v];
+    for (int c = m + 1; c <= R; ++c)
+      for (int v = 0; v < NB; ++v) mhi[v] = ox_max(mhi[v], e[c * NB + v]);
+    return;
+  }
+  for (int c = 0; c <= R; ++c) {
+    const scalar_t* __restrict__ zc = z + c * V;
+    T* __restrict__ ec = e + c * NB;
+    T* __restrict__ mx = c < m ? mlo : mhi;
+    if (c == 0 || c == m) {
+      for (int v = 0; v < NB; ++v) {
+        const T x = static_cast<T>(zc[v]);
+        ec[v] = x;
+        mx[v] = x;
+      }
+    } else {
+      for (int v = 0; v < NB; ++v) {
+        const T x = static_cast<T>(zc[v]);
+        ec[v] = x;
+        mx[v] = ox_max(mx[v], x);
+      }
+    }
+  }
+}
+
+// Four passes over a block's channel planes: load + group maxima; exponentials + group sums; the forward
+// cumulative sums (F_j, D_j, the prefix sums of D and sum_j q_j * prefix_j, which give every suffix sum of
+// the gradient without a backward pass); and the gradient. g_c = (2/R) sum_{j >= c} D_j = (2/R)(D - P_c)
+// with D the total and P_c the prefix before c; qg = sum_c q_c g_c = (2/R)(D F_{R-1} - sum_c q_c P_c).
 template <typename scalar_t, typename T>
 bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
   const int R = static_cast<int>(a.R), m = static_cast<int>(a.m), C = R + 1;
@@ -144,16 +211,30 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
   T* L = static_cast<T*>(a.loss_map);
   const T w = static_cast<T>(a.rps_weight), scale = static_cast<T>(a.grad_scale);
   const T inv_r = T(1) / static_cast<T>(R), two_r = T(2) / static_cast<T>(R);
+  const T mf = static_cast<T>(m);
   Scratch<T> s(C);
   T* __restrict__ e = s.e;
-  T* __restrict__ d = s.d;
-  Groups<T> g;
-  alignas(64) T kf[NB], ok[NB], F[NB], rps[NB], dl[NB], loss[NB], qg[NB], inv_lo[NB], inv_hi[NB], out[NB];
+  T* __restrict__ d = s.d;  // two_r * prefix of D before each level
+  void* blk_mem = std::aligned_alloc(64, (sizeof(LossBlock<T>) + 63) / 64 * 64);
+  LossBlock<T>& lb = *static_cast<LossBlock<T>*>(blk_mem);
+  T* __restrict__ kf = lb.kf;
+  T* __restrict__ ok = lb.ok;
+  T* __restrict__ mlo = lb.max_lo;
+  T* __restrict__ mhi = lb.max_hi;
+  T* __restrict__ slo = lb.s_lo;
+  T* __restrict__ shi = lb.s_hi;
+  T* __restrict__ F = lb.F;
+  T* __restrict__ P = lb.P;
+  T* __restrict__ rps = lb.rps;
+  T* __restrict__ qp = lb.qp;
+  T* __restrict__ dg = lb.dg;
+  T* __restrict__ loss = lb.loss;
+  T* __restrict__ out = lb.out;
   bool bad = false;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t b = blk / a.blocks_per_image, v0 = (blk % a.blocks_per_image) * NB;
     const int64_t n = V - v0 < NB ? V - v0 : NB;
-    load_planes<scalar_t, T>(Z + b * C * V + v0, V, n, C, e);
+    load_with_max<scalar_t, T>(Z + b * C * V + v0, V, n, R, m, e, mlo, mhi);
     const uint8_t* __restrict__ kp = a.k + b * V + v0;
     uint8_t kmax = 0;
     for (int64_t v = 0; v < n; ++v) {
@@ -170,26 +251,51 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
     }
     for (int64_t v = n; v < NB; ++v) ok[v] = T(0);
 
-    grouped_softmax(e, R, m, g);
-    const T mf = static_cast<T>(m);
+    // Exponentials against the group maxima, and the group sums.
+    for (int v = 0; v < NB; ++v) slo[v] = T(0);
+    for (int v = 0; v < NB; ++v) shi[v] = T(0);
+    for (int c = 0; c <= R; ++c) {
+      T* __restrict__ ec = e + c * NB;
+      const T* __restrict__ mx = c < m ? mlo : mhi;
+      T* __restrict__ sg = c < m ? slo : shi;
+      for (int v = 0; v < NB; ++v) {
+        const T x = loss_exp(ec[v] - mx[v]);
+        ec[v] = x;
+        sg[v] += x;
+      }
+    }
+    // Per voxel: softmax scales, BCE and its gradient factors; ok becomes the gradient scale (0 if invalid).
     for (int v = 0; v < NB; ++v) {
       const T y = kf[v] >= mf ? T(1) : T(0);
-      loss[v] = bce_from_logit(g.l[v], y);
-      dl[v] = bce_grad(g.l[v], y);
+      const GroupLoss<T> gl = group_loss(
+          mlo[v], slo[v], mhi[v], shi[v], y, [](T x) { return loss_exp(x); }, [](T x) { return ox_log(x); });
+      lb.a_lo[v] = gl.a_lo;
+      lb.a_hi[v] = gl.a_hi;
+      const T sc = ok[v] != T(0) ? scale : T(0);
+      lb.A_lo[v] = sc * w * gl.a_lo;
+      lb.A_hi[v] = sc * w * gl.a_hi;
+      lb.B_lo[v] = -(sc * gl.dbce * gl.inv_lo);
+      lb.B_hi[v] = sc * gl.dbce * gl.inv_hi;
+      loss[v] = gl.bce;
       F[v] = T(0);
+      P[v] = T(0);
       rps[v] = T(0);
+      qp[v] = T(0);
     }
-    // Forward pass: F_j and D_j = F_j - [j >= k].
+    // Forward: F_j, D_j = F_j - [j >= k], their prefix sums P (stored scaled per level) and sum_j q_j P_j.
     for (int c = 0; c < R; ++c) {
       const T* __restrict__ ec = e + c * NB;
-      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
+      const T* __restrict__ ac = c < m ? lb.a_lo : lb.a_hi;
       T* __restrict__ dc = d + c * NB;
       const T level = static_cast<T>(c);
       for (int v = 0; v < NB; ++v) {
-        F[v] += ec[v] * ac[v];
+        const T q = ec[v] * ac[v];
+        qp[v] += q * P[v];
+        dc[v] = two_r * P[v];
+        F[v] += q;
         const T diff = F[v] - (level >= kf[v] ? T(1) : T(0));
         rps[v] += diff * diff;
-        dc[v] = diff;
+        P[v] += diff;
       }
     }
     for (int v = 0; v < NB; ++v) loss[v] = ok[v] != T(0) ? loss[v] + w * rps[v] * inv_r : T(0);
@@ -202,53 +308,48 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
     }
     if (G == nullptr) continue;
 
-    // Backward pass: d_c <- (2/R) sum_{j >= c} D_j, and qg = sum_c q_c g_c.
+    // Gradient: g_c - qg = (2/R)(D - P_c) - qg = dg - d_c; the last level has g_R = 0.
     for (int v = 0; v < NB; ++v) {
-      F[v] = T(0);  // reused as the running suffix sum
-      qg[v] = T(0);
-      inv_lo[v] = -T(1) / g.s_lo[v];  // signed: dl/dz_c = -e_c / s_lo below m
-      inv_hi[v] = T(1) / g.s_hi[v];
+      const T qg = two_r * (P[v] * F[v] - qp[v]);
+      dg[v] = two_r * P[v] - qg;
+      qp[v] = -qg;
     }
-    for (int c = R - 1; c >= 0; --c) {
-      const T* __restrict__ ec = e + c * NB;
-      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
-      T* __restrict__ dc = d + c * NB;
-      for (int v = 0; v < NB; ++v) {
-        F[v] += dc[v];
-        const T gc = two_r * F[v];
-        dc[v] = gc;
-        qg[v] += ec[v] * ac[v] * gc;
-      }
-    }
-    for (int v = 0; v < NB; ++v) ok[v] = ok[v] != T(0) ? scale : T(0);
     for (int c = 0; c <= R; ++c) {
       const T* __restrict__ ec = e + c * NB;
-      const T* __restrict__ ac = c < m ? g.a_lo : g.a_hi;
-      const T* __restrict__ ic = c < m ? inv_lo : inv_hi;
+      const T* __restrict__ Ac = c < m ? lb.A_lo : lb.A_hi;
+      const T* __restrict__ Bc = c < m ? lb.B_lo : lb.B_hi;
+      const T* __restrict__ dc = d + c * NB;
       scalar_t* __restrict__ gp = G + (b * C + c) * V + v0;
-      if (c < R && n == NB) {  // a full block: straight to the output
-        const T* __restrict__ dc = d + c * NB;
-        for (int v = 0; v < NB; ++v) {
-          const T val = w * (ec[v] * ac[v]) * (dc[v] - qg[v]) + dl[v] * (ec[v] * ic[v]);
-          gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? ok[v] * val : T(0));
-        }
-        continue;
-      }
+      T* __restrict__ o = n == NB ? nullptr : out;
       if (c < R) {
-        const T* __restrict__ dc = d + c * NB;
+        if (o == nullptr) {
+          for (int v = 0; v < NB; ++v) {
+            const T val = ec[v] * (Ac[v] * (dg[v] - dc[v]) + Bc[v]);
+            gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? val : T(0));
+          }
+          continue;
+        }
         for (int v = 0; v < NB; ++v) {
-          const T val = w * (ec[v] * ac[v]) * (dc[v] - qg[v]) + dl[v] * (ec[v] * ic[v]);
-          out[v] = ok[v] != T(0) ? ok[v] * val : T(0);
+          const T val = ec[v] * (Ac[v] * (dg[v] - dc[v]) + Bc[v]);
+          o[v] = ok[v] != T(0) ? val : T(0);
         }
       } else {
+        if (o == nullptr) {
+          for (int v = 0; v < NB; ++v) {
+            const T val = ec[v] * (Ac[v] * qp[v] + Bc[v]);
+            gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? val : T(0));
+          }
+          continue;
+        }
         for (int v = 0; v < NB; ++v) {
-          const T val = w * (ec[v] * ac[v]) * (-qg[v]) + dl[v] * (ec[v] * ic[v]);
-          out[v] = ok[v] != T(0) ? ok[v] * val : T(0);
+          const T val = ec[v] * (Ac[v] * qp[v] + Bc[v]);
+          o[v] = ok[v] != T(0) ? val : T(0);
         }
       }
-      for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(out[v]);
+      for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(o[v]);
     }
   }
+  std::free(blk_mem);
   return bad;
 }
 
