@@ -137,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lidc": {
         "datasets": [("lidc_slices", None, {"crop": 64}, "LIDC-IDRI")],
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 10, "batch_size": 32, "lr": 1e-2, "max_steps": 60, "n_boot": 1000,
+        "epochs": 6, "batch_size": 32, "lr": 1e-2, "max_steps": 50, "n_boot": 1000,
     },
     # The paper's datasets (CoCaHis, REFUGE disc and cup, LongCIU) under one root folder.
     "paper": {
@@ -522,6 +522,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         "history": history,
         "num_raters": getattr(result, "num_raters", None),
         "device": device,
+        "hardware": hardware_info(device),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
@@ -609,6 +610,9 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
                                                   "steps": recs[run.key].get("steps"),
                                                   "best_epoch": recs[run.key].get("best_epoch")}
                                         for run in all_runs}
+    trained_on = [rec["hardware"] for by in records.values() for rec in by.values() if rec.get("hardware")]
+    if trained_on:  # what the runs were measured on, rather than what rendered the report
+        results["hardware"] = trained_on[0]
     results["total_seconds"] = time.perf_counter() - start
     results["compute_seconds"] = sum(t["train_s"] + t["eval_s"] for by in results["timings"].values()
                                      for t in by.values())

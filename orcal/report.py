@@ -376,9 +376,13 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
                 lines.append(f"| {ds} | {run} | {t.get('train_s', 0):.1f} | {t.get('eval_s', 0):.1f} | "
                              f"{t.get('epochs', '')} | {t.get('steps', '')} |")
         lines.append("")
+        compute = results.get("compute_seconds")
         total = results.get("total_seconds")
-        if _finite(total):
-            lines += [f"Total wall time: {total / 60:.1f} min.", ""]
+        if _finite(compute):
+            text = f"Training and evaluation, all runs: {compute / 60:.1f} min"
+            if _finite(total):
+                text += f" (the last invocation, which reuses finished runs, took {total / 60:.1f} min)"
+            lines += [text + ".", ""]
     hw = results.get("hardware", {})
     if hw:
         lines += ["## Hardware and software", "", "| | |", "|---|---|"]
