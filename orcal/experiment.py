@@ -457,7 +457,8 @@ def _jsonable(x):
 
 def _run_files(run_dir: Path, run: Run) -> dict[str, Path]:
     base = run_dir / _safe_name(run.key)
-    return {"json": base.with_suffix(".json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
+    # never with_suffix: a key such as "ordinal@0.5" has a dot of its own
+    return {"json": Path(f"{base}.json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
 
 
 def load_run(run_dir: Path, run: Run, fingerprint: str) -> dict[str, Any] | None:
@@ -528,7 +529,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
     torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
     maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
     np.savez_compressed(files["case"], **maps)
-    tmp = files["json"].with_suffix(".json.tmp")
+    tmp = Path(f"{files['json']}.tmp")
     tmp.write_text(json.dumps(_jsonable(record), indent=1))
     tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
     return json.loads(files["json"].read_text())

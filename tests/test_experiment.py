@@ -92,12 +92,19 @@ def test_config_validation_and_plan():
     assert sweep[1.0] is main[1]  # the main ordinal run is reused by the sweep
     assert [sweep[w].key for w in (0.0, 2.0)] == ["ordinal@0", "ordinal@2"]
     assert DatasetSpec.parse("refuge:cup", "/data").key == "refuge:cup"
+    from pathlib import Path
+
+    from orcal.experiment import Run, _run_files
+
+    files = [_run_files(Path("d"), Run("ordinal", w, f"ordinal@{w:g}")) for w in (0.0, 0.5, 2.0)]
+    for kind in ("json", "stats", "case"):
+        assert len({f[kind] for f in files}) == 3, kind  # weights that differ after a dot never share a file
 
 
 def _tiny(out, **kw) -> ExperimentConfig:
     opts = {"n": 12, "R": 3, "shape": (16, 16), "test_fraction": 0.34, "val_fraction": 0.1}
     settings = dict(out=str(out), methods=("median", "ordinal"), arch="unet-small", encoder="none", epochs=1,
-                    batch_size=4, max_steps=1, n_boot=20, rps_weights=(0.0, 1.0), progress=False, device="cpu")
+                    batch_size=4, max_steps=1, n_boot=20, rps_weights=(0.5, 1.0), progress=False, device="cpu")
     settings.update(kw)
     return ExperimentConfig(datasets=[DatasetSpec("synthetic", options=opts, label="tiny")], **settings)
 
@@ -115,7 +122,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
     for summary in saved["runs"]["tiny"].values():
         assert 0.0 <= summary["mr_ece"]["mean"] <= 1.0 and summary["mr_ece"]["std"] >= 0.0
         assert set(summary["auc"]) >= {"mean", "std", "low", "high", "value"}
-    assert set(saved["sweeps"]["tiny"]) == {"0", "1"}
+    assert set(saved["sweeps"]["tiny"]) == {"0.5", "1"}
     table1 = (out / "table1_mr_ece.md").read_text()
     assert "ORC (majority)" in table1 and "ORC (expected)" in table1 and "**" in table1
     assert "Table 1" in (out / "report.md").read_text()
