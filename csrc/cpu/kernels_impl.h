@@ -299,9 +299,12 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
       }
     }
     for (int v = 0; v < NB; ++v) loss[v] = ok[v] != T(0) ? loss[v] + w * rps[v] * inv_r : T(0);
-    double acc = 0;
-    for (int64_t v = 0; v < n; ++v) acc += static_cast<double>(loss[v]);
-    a.partials[blk] = acc;
+    // Eight double lanes (a fixed order, so the block sum does not depend on the thread count); the tail
+    // of the block holds zeros.
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < NB; j += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(loss[j + l]);
+    a.partials[blk] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     if (L != nullptr) {
       T* __restrict__ lp = L + b * V + v0;
       for (int64_t v = 0; v < n; ++v) lp[v] = loss[v];
