@@ -152,7 +152,7 @@ inline float loss_exp(float x) {
   p = p * (r * r) + r + 1.0f;
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   const float res = p * scale;
-  return x < -87.0f ? 0.0f : (x != x ? x : res);
+  return x < -87.0f ? 0.0f : res;  // a NaN x stays NaN through p
 }
 inline double loss_exp(double x) { return ox_exp(x); }
 
@@ -234,6 +234,12 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t b = blk / a.blocks_per_image, v0 = (blk % a.blocks_per_image) * NB;
     const int64_t n = V - v0 < NB ? V - v0 : NB;
+    if (n == NB && v0 + 3 * NB <= V) {  // the block after next: eight 64-byte lines per channel plane
+      const char* nz = reinterpret_cast<const char*>(Z + b * C * V + v0 + 2 * NB);
+      for (int c = 0; c < C; ++c)
+        for (int j = 0; j < NB * static_cast<int>(sizeof(scalar_t)); j += 64)
+          __builtin_prefetch(nz + static_cast<int64_t>(c) * V * static_cast<int64_t>(sizeof(scalar_t)) + j);
+    }
     load_with_max<scalar_t, T>(Z + b * C * V + v0, V, n, R, m, e, mlo, mhi);
     const uint8_t* __restrict__ kp = a.k + b * V + v0;
     uint8_t kmax = 0;
