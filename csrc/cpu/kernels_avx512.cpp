@@ -15,12 +15,15 @@
 
 #include "../common/stats_layout.h"
 #include "vector_math.h"
+#include <immintrin.h>  // streaming stores of the loss gradient (kernels_impl.h)
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
 #define ORCAL_ISA avx512
+#define ORCAL_ISA_AVX512 1
 #include "kernels_impl.h"
 #undef ORCAL_ISA
+#undef ORCAL_ISA_AVX512
 #pragma GCC pop_options
 
 namespace orcal {

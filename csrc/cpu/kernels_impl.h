@@ -14,6 +14,7 @@
 #error "define ORCAL_ISA before including kernels_impl.h"
 #endif
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -155,6 +156,23 @@ inline float loss_exp(float x) {
   return x < -87.0f ? 0.0f : res;  // a NaN x stays NaN through p
 }
 inline double loss_exp(double x) { return ox_exp(x); }
+
+// Writes n gradient values of a block. A full, 64-byte aligned float block goes out with streaming stores
+// under AVX-512 (ORCAL_ISA_AVX512, set by kernels_avx512.cpp): the gradient is written once and not read
+// back by this pass, so its cache lines need not be read in first.
+template <typename scalar_t, typename T>
+inline void store_grad(scalar_t* __restrict__ gp, const T* __restrict__ o, int64_t n) {
+#ifdef ORCAL_ISA_AVX512
+  if constexpr (sizeof(scalar_t) == 4 && sizeof(T) == 4) {
+    if (n == NB && (reinterpret_cast<uintptr_t>(gp) & 63) == 0) {
+      float* g = reinterpret_cast<float*>(gp);
+      for (int v = 0; v < NB; v += 16) _mm512_stream_ps(g + v, _mm512_load_ps(o + v));
+      return;
+    }
+  }
+#endif
+  for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(o[v]);
+}
 
 // Per-voxel arrays of one block of the loss kernel (kept together so that they stay in L1).
 template <typename T>
@@ -329,35 +347,24 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
       const T* __restrict__ Bc = c < m ? lb.B_lo : lb.B_hi;
       const T* __restrict__ dc = d + c * NB;
       scalar_t* __restrict__ gp = G + (b * C + c) * V + v0;
-      T* __restrict__ o = n == NB ? nullptr : out;
+      T* __restrict__ o = out;
       if (c < R) {
-        if (o == nullptr) {
-          for (int v = 0; v < NB; ++v) {
-            const T val = ec[v] * (Ac[v] * (dg[v] - dc[v]) + Bc[v]);
-            gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? val : T(0));
-          }
-          continue;
-        }
         for (int v = 0; v < NB; ++v) {
           const T val = ec[v] * (Ac[v] * (dg[v] - dc[v]) + Bc[v]);
           o[v] = ok[v] != T(0) ? val : T(0);
         }
       } else {
-        if (o == nullptr) {
-          for (int v = 0; v < NB; ++v) {
-            const T val = ec[v] * (Ac[v] * qp[v] + Bc[v]);
-            gp[v] = static_cast<scalar_t>(ok[v] != T(0) ? val : T(0));
-          }
-          continue;
-        }
         for (int v = 0; v < NB; ++v) {
           const T val = ec[v] * (Ac[v] * qp[v] + Bc[v]);
           o[v] = ok[v] != T(0) ? val : T(0);
         }
       }
-      for (int64_t v = 0; v < n; ++v) gp[v] = static_cast<scalar_t>(o[v]);
+      store_grad<scalar_t, T>(gp, o, n);
     }
   }
+#ifdef ORCAL_ISA_AVX512
+  _mm_sfence();  // order the streaming stores before the op returns
+#endif
   std::free(blk_mem);
   return bad;
 }
