@@ -86,6 +86,7 @@ class ExperimentConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     fusion_options: dict[str, Any] = field(default_factory=dict)
     cache: bool = True
+    threads: int | None = None
     n_boot: int = 1000
     fraction: float = 0.6
     n_bins: int = 15
@@ -109,6 +110,8 @@ class ExperimentConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if int(self.n_boot) < 1:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
         if not 0 < float(self.fraction) <= 1:
@@ -129,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "datasets": [("synthetic", None, {"n": 400, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
                                           "val_fraction": 0.1}, "Synthetic (R=5)")],
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 24, "batch_size": 16, "lr": 1e-2, "max_steps": None,
+        "epochs": 24, "batch_size": 16, "lr": 1e-2, "max_steps": None, "threads": 1,
         "n_boot": 1000,
     },
     # LIDC-IDRI slices (4 readers; --root is the LIDC-IDRI-slices folder), 64x64 centre crops, a small
@@ -549,9 +552,12 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None and device == "cpu":
+        # small networks gain little from intra-op threads, and lose a lot on a busy machine
+        torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     start = time.perf_counter()
     main_runs, sweep_runs = plan_runs(cfg)
     all_runs = list(main_runs) + [r for r in sweep_runs.values() if r not in main_runs]

@@ -67,6 +67,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also sweep the ordinal method's RPS weight over these values, e.g. 0,0.5,1,2")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: torch's)")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
                    help="mixed precision: auto (bfloat16 on a GPU), bf16 or off")
     e = parser.add_argument_group("evaluation and output")
@@ -100,7 +101,7 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         "methods": args.methods, "epochs": args.epochs, "arch": args.arch, "encoder": args.encoder,
         "batch_size": args.batch_size, "lr": args.lr,
         "max_steps": args.max_steps, "rps_weight": args.rps_weight, "rps_weights": args.rps_weights,
-        "seed": args.seed, "device": args.device, "amp": args.amp, "n_boot": args.n_boot,
+        "seed": args.seed, "device": args.device, "threads": args.threads, "amp": args.amp, "n_boot": args.n_boot,
         "fraction": args.fraction, "out": getattr(args, "out", None) or default_out,
         "force": args.force, "progress": not args.quiet,
     }
