@@ -37,10 +37,6 @@ C10_HOST_DEVICE inline T ox_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 C10_HOST_DEVICE inline T ox_abs(T a) { return a < T(0) ? -a : a; }
 
-// softplus(x) = log(1 + e^x) without overflow.
-template <typename T>
-C10_HOST_DEVICE inline T softplus(T x) { return ox_max(x, T(0)) + ox_log1p(ox_exp(-ox_abs(x))); }
-
 // sigmoid(x) without overflow: both branches use e^-|x| <= 1.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
@@ -97,12 +93,6 @@ C10_HOST_DEVICE inline GroupLoss<T> group_loss(T max_lo, T s_lo, T max_hi, T s_h
   const T bce = ox_max(pos ? -gap : gap, T(0)) + lg(S * (pos ? inv_hi : inv_lo));
   return {f_lo * inv_s, a_hi, inv_lo, inv_hi, bce, s_hi * a_hi - y};
 }
-
-// BCE of the majority logit against y = [k >= m] (SPEC §3) and its derivative d/dl.
-template <typename T>
-C10_HOST_DEVICE inline T bce_from_logit(T l, T y) { return softplus(l) - y * l; }
-template <typename T>
-C10_HOST_DEVICE inline T bce_grad(T l, T y) { return sigmoid(l) - y; }
 
 // ECE / AUC bin of a probability: min(floor(p * bins), bins - 1), computed in T exactly as the reference does
 // (p * bins rounded in T, then floored), so integer counts match it bit for bit. p must be in [0, 1].
@@ -166,8 +156,10 @@ template <typename T, typename Load, typename Store>
 C10_HOST_DEVICE inline T voxel_loss(const Load& z, int R, int m, int k, T rps_weight, T gscale, bool want_grad,
                                     const Store& store) {
   const VoxelGroups<T> g = voxel_groups<T>(z, R, m);
-  const GroupSoftmax<T> s = combine_groups(g.max_lo, g.s_lo, g.max_hi, g.s_hi);
   const T y = k >= m ? T(1) : T(0);
+  // The same BCE formulation as the CPU kernels (group_loss), with the library exp and log.
+  const GroupLoss<T> s = group_loss(g.max_lo, g.s_lo, g.max_hi, g.s_hi, y, [](T x) { return ox_exp(x); },
+                                    [](T x) { return ox_log(x); });
   auto q_of = [&](int c) {
     return c < m ? ox_exp(z(c) - g.max_lo) * s.a_lo : ox_exp(z(c) - g.max_hi) * s.a_hi;
   };
@@ -179,7 +171,7 @@ C10_HOST_DEVICE inline T voxel_loss(const Load& z, int R, int m, int k, T rps_we
     rps += d * d;
     d_total += d;
   }
-  const T loss = bce_from_logit(s.l, y) + rps_weight * rps / T(R);
+  const T loss = s.bce + rps_weight * rps / T(R);
   if (!want_grad) return loss;
   // g_c = (2/R) sum_{j >= c} D_j = (2/R) (d_total - sum_{j < c} D_j); qg = sum_c q_c g_c.
   const T two_r = T(2) / T(R);
@@ -191,8 +183,8 @@ C10_HOST_DEVICE inline T voxel_loss(const Load& z, int R, int m, int k, T rps_we
     F += q;
     prefix += F - (c >= k ? T(1) : T(0));
   }
-  const T dl = bce_grad(s.l, y);
-  const T inv_lo = T(1) / g.s_lo, inv_hi = T(1) / g.s_hi;
+  const T dl = s.dbce;
+  const T inv_lo = s.inv_lo, inv_hi = s.inv_hi;
   prefix = T(0);
   F = T(0);
   for (int c = 0; c <= R; ++c) {
