@@ -274,6 +274,19 @@ def probability(model_output: torch.Tensor, head: str, readout: str = "majority"
     return foreground_probability(out, readout=readout, majority=majority).float()
 
 
+def init_output_bias(model: nn.Module, bias: torch.Tensor) -> None:
+    """Set the bias of the model's output layer: the last convolution with ``len(bias)`` output channels."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    last = None
+    for module in model.modules():
+        if isinstance(module, convs) and module.out_channels == len(bias) and module.bias is not None:
+            last = module
+    if last is None:
+        raise ValueError(f"found no output convolution with {len(bias)} channels and a bias")
+    with torch.no_grad():
+        last.bias.copy_(bias.to(last.bias))
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from orcal.models import as_tuple, build_model, probability
+from orcal.models import as_tuple, build_model, init_output_bias, probability
 
 AMP_MODES = ("auto", "bf16", "off")
 LAST, BEST = "last.pt", "best.pt"
@@ -65,7 +65,9 @@ class TrainConfig:
     Optimisation: AdamW (``lr``, ``weight_decay``), cosine decay over ``epochs``, optional ``grad_clip``;
     ``batch_size`` per process; ``patch_size`` (None: whole images; required in 3D unless volumes are small)
     with ``fg_prob`` foreground-centred patches and ``patches_per_image`` patches per image per epoch;
-    ``augment`` adds random flips; ``max_steps_per_epoch`` caps an epoch.
+    ``augment`` adds random flips; ``max_steps_per_epoch`` caps an epoch. ``prior_bias`` starts the output
+    layer's bias at the training set's label frequencies (vote counts for the ordinal head, the mean vote for
+    a binary head), so early steps are not spent learning the foreground fraction.
 
     Runtime: ``seed``, ``out_dir`` (None: nothing written, no resume), ``resume``, ``amp`` (``"auto"``:
     bfloat16 autocast on CUDA, off on CPU; ``"bf16"``; ``"off"``), ``device`` (``"auto"``, ``"cpu"``,
@@ -93,6 +95,7 @@ class TrainConfig:
     fg_prob: float = 0.33
     patches_per_image: int = 1
     augment: bool = True
+    prior_bias: bool = True
     epochs: int = 10
     batch_size: int = 8
     lr: float = 1e-3
@@ -550,6 +553,27 @@ def _probe(ds: Dataset) -> tuple[int, int, int]:
     return int(image.shape[0]), int(masks.ndim - 1), int(masks.shape[0])
 
 
+def _label_prior(ds: Dataset, head: str, num_raters: int, max_items: int = 64) -> torch.Tensor:
+    """Output bias that reproduces the label frequencies of (up to ``max_items`` evenly spaced) training items.
+
+    Ordinal head: log-frequency of each vote count 0..R, so the initial softmax is the empirical distribution.
+    Binary head: logit of the mean vote fraction.
+    """
+    step = max(1, len(ds) // max_items)
+    counts = torch.zeros(num_raters + 1, dtype=torch.float64)
+    for i in range(0, len(ds), step):
+        item = ds[i]
+        k = item["masks"].to(torch.int64).sum(0)
+        if item.get("valid") is not None:
+            k = k[item["valid"]]
+        counts += torch.bincount(k.reshape(-1), minlength=num_raters + 1)[: num_raters + 1].double()
+    freq = (counts + 1.0) / (counts.sum() + num_raters + 1)  # add-one: no level starts impossible
+    if head == "ordinal":
+        return torch.log(freq).float()
+    mean = float((freq * torch.arange(num_raters + 1)).sum() / num_raters)
+    return torch.tensor([math.log(mean / (1 - mean))], dtype=torch.float32)
+
+
 def _model_spec(cfg: TrainConfig, in_channels: int, spatial_dims: int, num_raters: int) -> dict:
     arch = cfg.arch
     if arch == "auto":
@@ -604,6 +628,8 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
                         encoder_weights=cfg.encoder_weights, head=cfg.head, num_raters=num_raters,
                         **cfg.model_options).to(device)
     model.orcal_spec = dict(spec)
+    if cfg.prior_bias:  # a resumed run overwrites it with the checkpoint's weights below
+        init_output_bias(model, _label_prior(train_ds, cfg.head, num_raters))
     objective = _Objective(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)

@@ -45,11 +45,34 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_loss_decreases_on_learnable_toy():
-    result = train(tiny(epochs=5, val_split=None, augment=False), progress=False)
+    # from a plain zero bias, so that the decrease measures learning from the image
+    result = train(tiny(epochs=5, val_split=None, augment=False, prior_bias=False), progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 5 and losses[-1] < 0.8 * losses[0]
     assert result.best_epoch == 5 and result.best_val_loss is None
     assert not result.model.training
+
+
+@pytest.mark.parametrize("head", ["ordinal", "binary"])
+def test_prior_bias_starts_at_the_label_frequencies(head):
+    from orcal.data import load_dataset
+    from orcal.train import _label_prior
+
+    ds = load_dataset("synthetic", None, **DATA)
+    bias = _label_prior(ds, head, num_raters=3)
+    k = torch.cat([ds[i]["masks"].long().sum(0).reshape(-1) for i in range(len(ds))])
+    freq = torch.bincount(k, minlength=4).double() / k.numel()
+    if head == "ordinal":
+        torch.testing.assert_close(torch.softmax(bias.double(), 0), freq, atol=0.01, rtol=0)
+    else:
+        assert torch.sigmoid(bias.double()).item() == pytest.approx(float(k.double().mean() / 3), abs=0.01)
+    from orcal.models import build_model, init_output_bias
+
+    model = build_model("unet-small", head=head, num_raters=3, base_channels=4, depth=2)
+    init_output_bias(model, bias)
+    out = model(torch.zeros(1, 1, 8, 8))  # zero input: the output is the bias plus what the body adds
+    assert [m.bias for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1].tolist() == bias.tolist()
+    assert out.shape[1] == bias.numel()
 
 
 @pytest.mark.parametrize("method", METHODS)
