@@ -39,6 +39,26 @@ def orc_targets_kernel(masks_ptr, k_ptr, flag_ptr, R, V, nblk,
 
 
 @triton.jit
+def _readout(z, c, C, m, EXPECTED: tl.constexpr):
+    """Foreground probability of a (C_PAD, BLOCK_V) tile of logits (padding channels hold -inf), SPEC §2:
+    the expected vote fraction, or the sigmoid of the majority logit from the two groups' LSEs."""
+    if EXPECTED:
+        mx = tl.max(z, axis=0)
+        e = tl.exp(z - mx[None, :])
+        p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1)
+    else:
+        hi = c >= m
+        mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
+        mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
+        e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
+        s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
+        s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
+        lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)
+        p = 1.0 / (1.0 + tl.exp(-lgt))
+    return p
+
+
+@triton.jit
 def foreground_probability_kernel(x_ptr, p_ptr, C, V, m, nblk,
                                   EXPECTED: tl.constexpr, IS_F64: tl.constexpr,
                                   C_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -55,19 +75,7 @@ def foreground_probability_kernel(x_ptr, p_ptr, C, V, m, nblk,
     else:
         z = x.to(tl.float32)
     z = tl.where(cm, z, -float("inf"))
-    if EXPECTED:
-        mx = tl.max(z, axis=0)
-        e = tl.exp(z - mx[None, :])
-        p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1)
-    else:
-        hi = c >= m
-        mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
-        mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
-        e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
-        s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
-        s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
-        lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)
-        p = 1.0 / (1.0 + tl.exp(-lgt))
+    p = _readout(z, c, C, m, EXPECTED)
     tl.store(p_ptr + b * V + v, p.to(p_ptr.dtype.element_ty), mask=vm)
 
 
@@ -200,19 +208,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
             x = tl.load(pred_ptr + b * C * V + c.to(tl.int64) * V + v[None, :], mask=cm & vm[None, :],
                         other=0.0)
             z = tl.where(cm, x.to(acc_t), -float("inf"))
-            if EXPECTED:
-                mx = tl.max(z, axis=0)
-                e = tl.exp(z - mx[None, :])
-                p = tl.sum(e * c.to(acc_t), axis=0) / tl.sum(e, axis=0) / (C - 1)
-            else:
-                hi = c >= m
-                mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
-                mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
-                e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
-                s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
-                s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
-                lgt = (mx_hi - mx_lo) + tl.log(s_hi) - tl.log(s_lo)
-                p = 1.0 / (1.0 + tl.exp(-lgt))
+            p = _readout(z, c, C, m, EXPECTED)
         else:
             x = tl.load(pred_ptr + b * V + v, mask=vm, other=0.0).to(acc_t)
             if KIND == 1:
