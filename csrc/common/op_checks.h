@@ -39,6 +39,13 @@ inline std::vector<int64_t> drop_channels(const at::Tensor& x) {
   return shape;
 }
 
+// Rater masks (B, R, *S), bool or uint8; their values are checked by the kernels in their pass.
+inline void check_masks(const at::Tensor& masks) {
+  TORCH_CHECK_VALUE(masks.dim() >= 3, "masks must be (B, R, *S), got ", masks.sizes());
+  TORCH_CHECK_TYPE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
+                   "masks must be bool or uint8, got ", masks.scalar_type());
+}
+
 inline void check_votes(const at::Tensor& k, at::IntArrayRef spatial, const char* name) {
   TORCH_CHECK_TYPE(k.scalar_type() == at::kByte, name, " (vote counts) must be uint8, got ", k.scalar_type());
   TORCH_CHECK_VALUE(k.sizes() == spatial, name, " must have shape ", spatial, ", got ", k.sizes());
