@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -16,9 +17,17 @@ try:
     from orcal import _C  # noqa: F401  (registers the ops)
 
     LOAD_ERROR: str | None = None
-except ImportError as err:  # pure-Python install
+except ImportError as err:
     _C = None
     LOAD_ERROR = str(err)
+    # A pure-Python install has no orcal._C: nothing to say. A built extension that fails to load (most often
+    # a torch upgraded under it by another package) would make every op fall back to the slow reference.
+    if importlib.util.find_spec("orcal._C") is not None:
+        warnings.warn(f"orcal's compiled extension exists but could not be loaded ({err}); every op falls back to "
+                      f"the pure-PyTorch reference. It was probably built against another torch than the "
+                      f"installed {torch.__version__}: rebuild it with "
+                      "`pip install --no-build-isolation --force-reinstall --no-deps -e .` (or `orcal info` "
+                      "to see what was built)", RuntimeWarning, stacklevel=2)
 
 
 def compiled() -> bool:

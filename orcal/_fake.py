@@ -52,4 +52,4 @@ def register() -> None:
         return
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"orcal::{name}")(fake)
-    ops.register_autograd("orcal::ordinal_loss")
+    ops.register_autograd("orcal::ordinal_loss", "cpp")

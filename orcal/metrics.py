@@ -180,15 +180,15 @@ class MultiRaterCalibration:
             valid: optional ``(B, *S)`` bool mask of the voxels that count.
             kind: overrides the ``kind`` given at construction for this update.
 
-        An empty batch (``B = 0`` in both ``pred`` and ``target``) is a no-op.
+        An empty batch (``B = 0`` in both ``pred`` and ``target``, with shapes that agree) adds nothing.
         """
         kind = self.kind if kind is None else kind
         ops._check_choice("kind", kind, ops.KINDS)
         ops._check_tensor("pred", pred)
         ops._check_tensor("target", target)
-        if pred.ndim >= 1 and target.ndim >= 1 and pred.shape[0] == 0 and target.shape[0] == 0:
+        st = self._stats(pred, target, num_raters, valid, kind)  # validates the batch, even an empty one
+        if st.n_images == 0:
             return
-        st = self._stats(pred, target, num_raters, valid, kind)
         R = target.shape[1] if num_raters is None else int(num_raters)
         if self.agreement or self.exact_auc:
             self._accumulate_votes(pred, target, num_raters, R, valid, kind)

@@ -7,6 +7,8 @@ Triton on CUDA tensors, else the pure-PyTorch reference. All backends compute th
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -20,9 +22,34 @@ READOUTS = ("majority", "expected")
 KINDS = ("prob", "logit", "ordinal")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_RATERS = 255
+#: Bounds of the histogram sizes of ``calibration_stats`` on every backend (SPEC §8): more ECE bins than this
+#: leave most bins empty on any real image, and each AUC bin costs 16 bytes per image row.
+MAX_ECE_BINS = 1024
+MAX_AUC_BINS = 2**20
 
 
 # --- validation (SPEC §8) --------------------------------------------------------------------------------
+
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """An integer argument: a Python or NumPy integer (never a bool, a float or a string) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+    return value
+
+
+def check_real(name: str, value: object, low: float = 0.0) -> float:
+    """A finite real argument ``>= low``: a Python or NumPy number (never a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
+    return value
+
 
 def _check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -72,7 +99,8 @@ def _check_valid(valid: torch.Tensor | None, shape: torch.Size, what: str) -> No
         raise ValueError(f"valid must have the shape of {what} {tuple(shape)}, got {tuple(valid.shape)}")
 
 
-def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "k") -> torch.Tensor:
+def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "k",
+              device: torch.device | None = None) -> torch.Tensor:
     """Check vote counts ``k`` (B, *S) and return them as uint8 (a copy only if the dtype differs)."""
     _check_tensor(name, k)
     if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
@@ -80,19 +108,23 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
     if k.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)} (the prediction without its channel axis), "
                          f"got {tuple(k.shape)}")
+    if device is not None and k.device != device:
+        raise ValueError(f"{name} must be on the prediction's device {device}, got {k.device}")
     if k.dtype != torch.uint8:
-        if k.numel() and (int(k.min()) < 0 or int(k.max()) > num_raters):
-            raise ValueError(f"{name} must lie in 0..R = 0..{num_raters}; found "
-                             f"{int(k.min())}..{int(k.max())}")
+        if k.numel() and k.device.type != "meta":
+            # min/max exist for the signed types on every device; the wider unsigned ones go through int64
+            signed = k if k.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else k.to(torch.int64)
+            lo, hi = (int(v) for v in torch.aminmax(signed))
+            if lo < 0 or hi > num_raters:
+                raise ValueError(f"{name} must lie in 0..R = 0..{num_raters}; found {lo}..{hi}")
         k = k.to(torch.uint8)
     return k
 
 
 def _majority(num_raters: int, majority: int | None) -> int:
-    m = reference.majority_threshold(num_raters, majority)
-    if not 1 <= m <= num_raters:
-        raise ValueError(f"majority must lie in 1..R = 1..{num_raters}, got {majority}")
-    return m
+    if majority is None:
+        return reference.majority_threshold(num_raters)
+    return check_int(f"majority (with R = {num_raters})", majority, 1, num_raters)
 
 
 def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
@@ -141,6 +173,16 @@ def _triton():
     return _triton
 
 
+def _call(op, device: torch.device, *args):
+    """Run a compiled op; running out of CPU memory there is Python's ``MemoryError`` (SPEC §8)."""
+    try:
+        return op(*args)
+    except torch.OutOfMemoryError as err:
+        if device.type != "cpu":
+            raise
+        raise MemoryError(f"orcal ran out of CPU memory: {err}") from err
+
+
 # --- §1 ORC target ---------------------------------------------------------------------------------------
 
 def orc_targets(masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -181,7 +223,7 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
     if logits.requires_grad and torch.is_grad_enabled():
         which = "torch"
     if which == "cpp":
-        return torch.ops.orcal.foreground_probability(logits, readout, m)
+        return _call(torch.ops.orcal.foreground_probability, logits.device, logits, readout, m)
     if which == "triton":
         return _triton().foreground_probability(logits, readout, m)
     return reference.foreground_probability(logits, readout, m).to(logits.dtype)
@@ -209,20 +251,33 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     """
     R = _check_ordinal_logits(logits)
     spatial = logits.shape[:1] + logits.shape[2:]
-    k = _as_votes(k, spatial, R)
+    k = _as_votes(k, spatial, R, device=logits.device)
     _check_valid(valid, spatial, "k")
     _check_same_device(logits=logits, k=k, valid=valid)
     _check_choice("reduction", reduction, tuple(REDUCTIONS))
+    w = check_real("rps_weight", rps_weight)
     m = _majority(R, majority)
     which = resolve_backend("ordinal_loss", backend, logits.device)
+    if which != "torch" and _under_func_transform():
+        # torch.func (grad, vjp, hessian, ...) differentiates through the op; the fused backward is a saved
+        # constant, so only the reference gives the right answer there.
+        if backend != "auto":
+            raise RuntimeError(f"torch.func transforms are not supported by the fused ordinal_loss of "
+                               f"backend={backend!r}; use backend='torch' or 'auto' (which uses it under torch.func)")
+        which = "torch"
     if which == "torch":
-        if k.numel() and int(k.max()) > R:
+        if k.numel() and k.device.type != "meta" and int(k.max()) > R:
             raise ValueError(f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
-        return reference.ordinal_loss(logits, k, float(rps_weight), m, valid, reduction)
+        return reference.ordinal_loss(logits, k, w, m, valid, reduction)
     fused = torch.ops.orcal.ordinal_loss if which == "cpp" else _triton().ordinal_loss_op()
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = fused(logits, k, valid, float(rps_weight), m, REDUCTIONS[reduction], need_grad)
+    loss, _ = _call(fused, logits.device, logits, k, valid, w, m, REDUCTIONS[reduction], need_grad)
     return loss
+
+
+def _under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, ...) is active around this call."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
 
 
 def _ordinal_loss_setup(ctx, inputs, output) -> None:
@@ -231,27 +286,50 @@ def _ordinal_loss_setup(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the (unused) grad output
 
 
-def _ordinal_loss_backward(ctx, grad_loss, _grad_grad):
-    if grad_loss is None:  # only the grad output was used downstream: it is not differentiable
-        return (None,) * 7
-    (grad,) = ctx.saved_tensors
-    if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits are >= 3D)
-        raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
-                           "require grad")
-    none = (None,) * 6
-    if ctx.reduction == REDUCTIONS["none"]:
-        return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
-    # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
-    # Only in eager mode: a traced graph (fake or functional tensors, torch.compile) must not branch on data.
-    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and bool(grad_loss == 1):
-        return grad, *none
-    return (grad * grad_loss).to(grad.dtype), *none
+def _unsupported_transform(backend: str) -> str | None:
+    """Why the fused loss's backward cannot serve the current autograd call, or None if it can.
+
+    The fused kernels save the first derivative as a constant, so anything that differentiates it again
+    (``create_graph=True``, ``torch.func`` transforms, which always build a graph) would silently get a
+    zero Hessian. Traced graphs (``torch.compile``) run their backward without a graph and are fine.
+    """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    if _under_func_transform():
+        what = "torch.func transforms (grad, vjp, jacrev, hessian)"
+    else:
+        what = "double backward (create_graph=True, e.g. a Hessian-vector product or a gradient penalty)"
+    return (f"{what} is not supported by the fused ordinal_loss of backend={backend!r}, whose backward is a saved "
+            "constant; use backend='torch' (plain PyTorch, differentiable to any order)")
 
 
-def register_autograd(op) -> None:
+def _ordinal_loss_backward(backend: str):
+    def backward(ctx, grad_loss, _grad_grad):
+        if grad_loss is None:  # only the grad output was used downstream: it is not differentiable
+            return (None,) * 7
+        reason = _unsupported_transform(backend)
+        if reason:
+            raise RuntimeError(reason)
+        (grad,) = ctx.saved_tensors
+        if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits >= 3D)
+            raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
+                               "require grad")
+        none = (None,) * 6
+        if ctx.reduction == REDUCTIONS["none"]:
+            return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
+        # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
+        # Only in eager mode: a traced graph (fake or functional tensors, torch.compile) must not branch on data.
+        eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+        if eager and bool(grad_loss == 1):
+            return grad, *none
+        return (grad * grad_loss).to(grad.dtype), *none
+
+    return backward
+
+
+def register_autograd(op, backend: str) -> None:
     """Make a fused ``ordinal_loss`` op differentiable: backward scales the gradient it saved."""
-    torch.library.register_autograd(op, _ordinal_loss_backward, setup_context=_ordinal_loss_setup)
+    torch.library.register_autograd(op, _ordinal_loss_backward(backend), setup_context=_ordinal_loss_setup)
 
 
 # --- §4 calibration statistics and metrics ---------------------------------------------------------------
@@ -280,17 +358,14 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     _check_choice("kind", kind, KINDS)
     _check_choice("readout", readout, READOUTS)
     _check_float("pred", pred)
-    for name, value, low in (("n_bins", n_bins, 1), ("auc_bins", auc_bins, 2)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    n_bins = check_int("n_bins", n_bins, 1, MAX_ECE_BINS)
+    auc_bins = check_int("auc_bins", auc_bins, 2, MAX_AUC_BINS)
     if num_raters is None:  # target are masks
         check_masks(target, "target", check_values=False)
         R = target.shape[1]
         spatial = target.shape[:1] + target.shape[2:]
     else:
-        R = int(num_raters)
-        if not 1 <= R <= MAX_RATERS:
-            raise ValueError(f"num_raters must lie in 1..{MAX_RATERS}, got {num_raters}")
+        R = check_int("num_raters", num_raters, 1, MAX_RATERS)
         spatial = target.shape
     if kind == "ordinal":
         if _check_ordinal_logits(pred, "pred") != R:
@@ -315,7 +390,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     if num_raters is not None:
         target = _as_votes(target, spatial, R, "target")
     fused = torch.ops.orcal.calibration_stats if which == "cpp" else _triton().calibration_stats_op()
-    counts, sums = fused(pred, target, valid, R, num_raters is None, kind, readout, m, n_bins, auc_bins)
+    counts, sums = _call(fused, pred.device, pred, target, valid, R, num_raters is None, kind, readout, m, n_bins,
+                         auc_bins)
     return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
 
 
@@ -328,20 +404,29 @@ def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_
         if k.numel() and int(k.max()) > R:
             raise ValueError(f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
     p = reference.binary_probability(pred, kind, readout, m)
-    check_probabilities(p, valid)
+    check_probabilities(p, valid, kind=kind)
     return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
 
 
-def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name: str = "pred") -> None:
-    """Raise if a probability that counts is NaN or outside [0, 1]."""
+def probability_error(kind: str, first: float, count: int) -> str:
+    """The message for ``count`` probabilities that are NaN or outside [0, 1] (the first one ``first``)."""
+    if kind == "prob":
+        return (f"pred must hold probabilities in [0, 1]; found {first} ({count} bad values). "
+                "Pass kind='logit' for logits.")
+    return (f"pred (kind={kind!r}) gives {count} probabilities that are NaN or outside [0, 1], the first "
+            f"{first}: the logits hold NaN or infinite values")
+
+
+def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, kind: str = "prob") -> None:
+    """Raise if a probability that counts is NaN or outside [0, 1] (what was found, and how many)."""
+    if p.device.type == "meta":
+        return
     considered = p if valid is None else p[valid]
     if considered.numel() == 0:
         return
     bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
     if bool(bad.any()):
-        first = considered[bad][0].item()
-        raise ValueError(f"{name} must hold probabilities in [0, 1]; found {first} "
-                         f"({int(bad.sum())} bad values). Pass kind='logit' for logits.")
+        raise ValueError(probability_error(kind, considered[bad][0].item(), int(bad.sum())))
 
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
@@ -362,8 +447,10 @@ def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6
     """
     if not isinstance(stats, CalibrationStats):
         raise TypeError(f"stats must be CalibrationStats, got {type(stats).__name__}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if count is None and not 0 < fraction <= 1:
+    n_boot = check_int("n_boot", n_boot, 1)
+    seed = check_int("seed", seed)
+    if count is not None:
+        count = check_int("count", count, 1)
+    elif not 0 < check_real("fraction", fraction) <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     return reference.bootstrap(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)

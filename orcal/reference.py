@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from orcal.stats import CalibrationStats
 
-NLL_EPS = 1e-7  # SPEC §4: p is clamped to [NLL_EPS, 1 - NLL_EPS] for the NLL
+NLL_EPS = 1e-7  # SPEC §4: log p and log(1 - p) are bounded below by log(NLL_EPS) for the NLL
 DICE_THRESHOLD = 0.5  # SPEC §4: a voxel is predicted foreground when p >= 0.5
 
 
@@ -61,7 +61,8 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority",
         z = logits.to(opmath_dtype(logits.dtype))
         R = z.shape[1] - 1
         levels = torch.arange(R + 1, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
-        return (torch.softmax(z, dim=1) * levels).sum(1) / R
+        # Rounding can carry the sum just past 1 on confident voxels (e.g. 1.0000001): clamp, keep NaN.
+        return ((torch.softmax(z, dim=1) * levels).sum(1) / R).clamp(0, 1)
     raise ValueError(f"readout must be 'majority' or 'expected', got {readout!r}")
 
 
@@ -115,10 +116,17 @@ def _reduce(per_voxel: torch.Tensor, valid: torch.Tensor | None, reduction: str)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _valid_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Logits with 0 at invalid voxels: whatever they held (NaN, inf) then gets exactly zero gradient."""
+    if valid is None:
+        return logits
+    return torch.where(valid.unsqueeze(1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+
+
 def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
                  valid: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """The ordinal loss of SPEC §3 with its reduction over valid voxels; differentiable by autograd."""
-    return _reduce(ordinal_loss_map(logits, k, rps_weight, majority), valid, reduction)
+    return _reduce(ordinal_loss_map(_valid_logits(logits, valid), k, rps_weight, majority), valid, reduction)
 
 
 def ordinal_loss_grad(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
@@ -129,7 +137,7 @@ def ordinal_loss_grad(logits: torch.Tensor, k: torch.Tensor, rps_weight: float =
     For ``reduction="none"`` each voxel's gradient is that of its own loss. Returned in the accumulation
     dtype, shape of ``logits``.
     """
-    z = logits.to(opmath_dtype(logits.dtype))
+    z = _valid_logits(logits, valid).to(opmath_dtype(logits.dtype))
     R = z.shape[1] - 1
     m = majority_threshold(R, majority)
     q = torch.softmax(z, dim=1)
@@ -144,7 +152,7 @@ def ordinal_loss_grad(logits: torch.Tensor, k: torch.Tensor, rps_weight: float =
     dl_dz = torch.cat([-torch.softmax(z[:, :m], 1), torch.softmax(z[:, m:], 1)], dim=1)
     grad = d_l.unsqueeze(1) * dl_dz + rps_weight * d_rps
     if valid is not None:
-        grad = grad * valid.unsqueeze(1).to(grad.dtype)
+        grad = torch.where(valid.unsqueeze(1), grad, 0.0)
     if reduction == "mean":
         count = grad[:, 0].numel() if valid is None else int(valid.sum())
         grad = grad / max(count, 1)
@@ -164,10 +172,10 @@ def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins:
     """Per-image statistics (SPEC §4) of probabilities ``p`` (B, *S) against vote counts ``k`` (B, *S)."""
     R = int(num_raters)
     m = majority_threshold(R, majority)
-    B = p.shape[0]
-    p = p.to(opmath_dtype(p.dtype)).reshape(B, -1)
-    k = k.reshape(B, -1).long()
-    w = torch.ones_like(k) if valid is None else valid.reshape(B, -1).long()  # 1 for voxels that count
+    B, V = p.shape[0], math.prod(p.shape[1:])
+    p = p.to(opmath_dtype(p.dtype)).reshape(B, V)
+    k = k.reshape(B, V).long()
+    w = torch.ones_like(k) if valid is None else valid.reshape(B, V).long()  # 1 for voxels that count
     if valid is not None:  # an invalid voxel may hold anything, even NaN: give it a harmless value
         p = torch.where(w.bool(), p, 0.0)
     kw, rw = k * w, R * w
@@ -180,8 +188,10 @@ def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins:
     b = _bin_index(p, n_bins)
     t = _bin_index(p, auc_bins)
     brier = k * (1 - p) ** 2 + (R - k) * p ** 2
-    pc = p.clamp(NLL_EPS, 1 - NLL_EPS)
-    nll = -(k * torch.log(pc) + (R - k) * torch.log1p(-pc))
+    # The bound applies to the logarithms, so a confident miss costs -log(NLL_EPS) on either side (clamping p
+    # to [eps, 1 - eps] would not: 1 - 1e-7 rounds to 1 - 1.19e-7 in float32).
+    log_eps = float(torch.log(torch.tensor(NLL_EPS, dtype=p.dtype)))
+    nll = -(k * torch.log(p).clamp_min(log_eps) + (R - k) * torch.log1p(-p).clamp_min(log_eps))
     fg = p >= DICE_THRESHOLD
     y = k >= m
     wb = w.bool()

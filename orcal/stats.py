@@ -27,7 +27,7 @@ class CalibrationStats:
     - ``a`` (B, n_bins) int64: positive pairs per bin (``k`` per voxel);
     - ``s`` (B, n_bins) float64: confidence mass per bin (``R * p`` per voxel);
     - ``brier`` (B,) float64: ``sum k (1-p)^2 + (R-k) p^2``;
-    - ``nll`` (B,) float64: ``-sum k log p + (R-k) log(1-p)`` with ``p`` clamped to [1e-7, 1-1e-7];
+    - ``nll`` (B,) float64: ``-sum k log p + (R-k) log(1-p)``, each log bounded below by log(1e-7);
     - ``tp``, ``fp``, ``fn`` (B,) int64: voxel counts at threshold ``p >= 0.5`` against the majority label;
     - ``pos``, ``neg`` (B, auc_bins) int64: positive / negative pairs per score bin (streaming AUC).
     """

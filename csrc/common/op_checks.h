@@ -39,11 +39,13 @@ inline std::vector<int64_t> drop_channels(const at::Tensor& x) {
   return shape;
 }
 
-// Rater masks (B, R, *S), bool or uint8; their values are checked by the kernels in their pass.
+// Rater masks (B, R, *S), bool or uint8, 1..255 raters; their values are checked by the kernels in their pass.
 inline void check_masks(const at::Tensor& masks) {
   TORCH_CHECK_VALUE(masks.dim() >= 3, "masks must be (B, R, *S), got ", masks.sizes());
   TORCH_CHECK_TYPE(masks.scalar_type() == at::kByte || masks.scalar_type() == at::kBool,
                    "masks must be bool or uint8, got ", masks.scalar_type());
+  TORCH_CHECK_VALUE(masks.size(1) >= 1 && masks.size(1) <= 255, "masks must have 1..255 raters along dim 1, got ",
+                    masks.size(1));
 }
 
 inline void check_votes(const at::Tensor& k, at::IntArrayRef spatial, const char* name) {
@@ -79,8 +81,9 @@ inline std::vector<int64_t> check_stats_args(const at::Tensor& pred, const at::T
                                              int64_t auc_bins) {
   TORCH_CHECK_VALUE(R >= 1 && R <= 255, "num_raters must lie in 1..255, got ", R);
   TORCH_CHECK_VALUE(majority >= 1 && majority <= R, "majority must lie in 1..R = 1..", R, ", got ", majority);
-  TORCH_CHECK_VALUE(n_bins >= 1 && auc_bins >= 2, "n_bins must be >= 1 and auc_bins >= 2, got ", n_bins, ", ",
-                    auc_bins);
+  // The bounds of orcal.ops.MAX_ECE_BINS and MAX_AUC_BINS (SPEC §8).
+  TORCH_CHECK_VALUE(n_bins >= 1 && n_bins <= 1024, "n_bins must lie in 1..1024, got ", n_bins);
+  TORCH_CHECK_VALUE(auc_bins >= 2 && auc_bins <= (1 << 20), "auc_bins must lie in 2..1048576, got ", auc_bins);
   std::vector<int64_t> spatial;
   if (kind == 2) {
     TORCH_CHECK_VALUE(check_ordinal_logits(pred, "pred") == R, "ordinal pred has ", pred.size(1),

@@ -37,6 +37,12 @@ C10_HOST_DEVICE inline T ox_min(T a, T b) { return a < b ? a : b; }
 template <typename T>
 C10_HOST_DEVICE inline T ox_abs(T a) { return a < T(0) ? -a : a; }
 
+// x if finite, else 0: the shift of a group whose maximum is +-inf (or NaN), so that exp(z - shift) gives
+// inf or 0 instead of exp(inf - inf) = NaN and the majority readout of +-inf logits is 1 or 0 as in the
+// reference. Branch-free (x - x is NaN exactly for inf and NaN), so CPU loops stay vectorised.
+template <typename T>
+C10_HOST_DEVICE inline T finite_or_zero(T x) { return x - x == T(0) ? x : T(0); }
+
 // sigmoid(x) without overflow: both branches use e^-|x| <= 1.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
@@ -103,7 +109,8 @@ C10_HOST_DEVICE inline int64_t bin_index(T p, int64_t bins) {
 }
 
 // Multi-rater Brier and NLL of one voxel with k of R raters voting foreground (SPEC §4), in T like the
-// reference (float32 for float inputs), before they are summed in double.
+// reference (float32 for float inputs), before they are summed in double. The NLL bounds log p and
+// log(1 - p) below by log(eps), so a confident miss costs -log(eps) on either side.
 constexpr double kNllEps = 1e-7;
 
 template <typename T>
@@ -112,8 +119,8 @@ C10_HOST_DEVICE inline T brier_voxel(T p, T k, T R) {
 }
 template <typename T>
 C10_HOST_DEVICE inline T nll_voxel(T p, T k, T R) {
-  const T pc = ox_min(ox_max(p, static_cast<T>(kNllEps)), static_cast<T>(1.0 - kNllEps));
-  return -(k * ox_log(pc) + (R - k) * ox_log1p(-pc));
+  const T log_eps = ox_log(static_cast<T>(kNllEps));
+  return -(k * ox_max(ox_log(p), log_eps) + (R - k) * ox_max(ox_log1p(-p), log_eps));
 }
 
 // --- one voxel at a time (the CUDA kernels; the CPU kernels run the same steps with voxels innermost) ---
@@ -131,6 +138,8 @@ C10_HOST_DEVICE inline VoxelGroups<T> voxel_groups(const Load& z, int R, int m) 
   VoxelGroups<T> g{z(0), z(m), T(0), T(0)};
   for (int c = 1; c < m; ++c) g.max_lo = ox_max(g.max_lo, z(c));
   for (int c = m + 1; c <= R; ++c) g.max_hi = ox_max(g.max_hi, z(c));
+  g.max_lo = finite_or_zero(g.max_lo);
+  g.max_hi = finite_or_zero(g.max_hi);
   for (int c = 0; c < m; ++c) g.s_lo += ox_exp(z(c) - g.max_lo);
   for (int c = m; c <= R; ++c) g.s_hi += ox_exp(z(c) - g.max_hi);
   return g;
@@ -147,7 +156,8 @@ C10_HOST_DEVICE inline T voxel_readout(const Load& z, int R, int m, int readout)
     const T e = c < m ? ox_exp(z(c) - g.max_lo) * s.a_lo : ox_exp(z(c) - g.max_hi) * s.a_hi;
     acc += T(c) * e;
   }
-  return acc / T(R);
+  const T p = acc / T(R);
+  return p > T(1) ? T(1) : p;  // rounding can carry it just past 1 on confident voxels; NaN stays NaN
 }
 
 // Loss of one voxel (SPEC §3) and, when `store` is given, its gradient scaled by `gscale`

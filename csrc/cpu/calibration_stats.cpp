@@ -89,8 +89,9 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cpu(const at::Tensor& pred_
       TORCH_CHECK_VALUE(false, "pred must hold probabilities in [0, 1]; found ", err.first_bad_value, " (",
                         err.bad_count, " bad values). Pass kind='logit' for logits.");
     }
-    TORCH_CHECK_VALUE(false, "pred (kind='", kind_s, "') gives a probability that is NaN; found ", err.first_bad_value,
-                      " (", err.bad_count, " bad values): the logits hold NaN");
+    TORCH_CHECK_VALUE(false, "pred (kind='", kind_s, "') gives ", err.bad_count,
+                      " probabilities that are NaN or outside [0, 1], the first ", err.first_bad_value,
+                      ": the logits hold NaN or infinite values");
   }
 
   int64_t* out = counts.data_ptr<int64_t>();

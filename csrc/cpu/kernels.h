@@ -4,6 +4,7 @@
 // per-ISA translation units do not instantiate any ATen code with a non-baseline target.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace orcal {
@@ -76,6 +77,10 @@ extern const KernelSet kAvx512Kernels;
 // Ask the kernel to back a large, freshly allocated output with transparent huge pages: its first touch
 // then costs one fault per 2 MiB instead of one per 4 KiB (a no-op where unsupported).
 void advise_huge_pages(void* data, int64_t bytes);
+
+// 64-byte aligned scratch memory for the kernels (free with std::free); throws c10::OutOfMemoryError (a
+// MemoryError in Python) instead of returning null. Defined once, in kernels_base.cpp.
+void* aligned_or_throw(size_t bytes);
 
 // The best kernel set for this CPU (chosen once).
 const KernelSet& kernels();

@@ -1,6 +1,7 @@
 // The CPU block kernels for the baseline instruction set of the build, and the run-time choice between
 // them and the AVX2/FMA build of the same code (kernels_avx2.cpp).
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "vector_math.h"
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -52,6 +54,15 @@ void advise_huge_pages(void* data, int64_t bytes) {
   (void)data;
   (void)bytes;
 #endif
+}
+
+void* aligned_or_throw(size_t bytes) {
+  void* mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (mem == nullptr) {
+    C10_THROW_ERROR(OutOfMemoryError, "orcal: could not allocate " + std::to_string(bytes) +
+                                          " bytes of CPU scratch memory");
+  }
+  return mem;
 }
 
 const KernelSet& kernels() {

@@ -37,7 +37,7 @@ struct Scratch {
   void* mem;
   explicit Scratch(int64_t C) {
     const size_t bytes = sizeof(T) * static_cast<size_t>(2 * C * NB);
-    mem = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    mem = aligned_or_throw(bytes);
     e = static_cast<T*>(mem);
     d = e + C * NB;
   }
@@ -83,6 +83,10 @@ inline void grouped_softmax(T* __restrict__ e, int R, int m, Groups<T>& g) {
   for (int c = m + 1; c <= R; ++c) {
     const T* __restrict__ ec = e + c * NB;
     for (int v = 0; v < NB; ++v) mhi[v] = ox_max(mhi[v], ec[v]);
+  }
+  for (int v = 0; v < NB; ++v) {  // +-inf logits: see finite_or_zero
+    mlo[v] = finite_or_zero(mlo[v]);
+    mhi[v] = finite_or_zero(mhi[v]);
   }
   T* __restrict__ slo = g.s_lo;
   T* __restrict__ shi = g.s_hi;
@@ -131,7 +135,10 @@ inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T
     for (int v = 0; v < NB; ++v) p[v] += level * (ec[v] * ac[v]);
   }
   const T inv_r = T(1) / static_cast<T>(R);
-  for (int v = 0; v < NB; ++v) p[v] *= inv_r;
+  for (int v = 0; v < NB; ++v) {  // rounding can carry it just past 1 on confident voxels; NaN stays NaN
+    const T x = p[v] * inv_r;
+    p[v] = x > T(1) ? T(1) : x;
+  }
 }
 
 // --- ordinal loss --------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ bool loss_blocks(const LossArgs& a, int64_t blk0, int64_t blk1) {
   Scratch<T> s(C);
   T* __restrict__ e = s.e;
   T* __restrict__ d = s.d;  // two_r * prefix of D before each level
-  void* blk_mem = std::aligned_alloc(64, (sizeof(LossBlock<T>) + 63) / 64 * 64);
+  void* blk_mem = aligned_or_throw(sizeof(LossBlock<T>));
   LossBlock<T>& lb = *static_cast<LossBlock<T>*>(blk_mem);
   T* __restrict__ kf = lb.kf;
   T* __restrict__ ok = lb.ok;
@@ -405,7 +412,7 @@ void stats_chunks(const StatsArgs& a, int64_t ch0, int64_t ch1, int64_t* counts,
   // Chunk-local histograms. A voxel adds (R << 32) | k to one ECE bin and one AUC bin: pairs in the high
   // half, positive pairs in the low half (a chunk holds at most kChunk * 255 < 2^32 of either), so each
   // histogram costs one scattered add per voxel; they are unpacked into the int64 row after the chunk.
-  void* mem = std::aligned_alloc(64, static_cast<size_t>((4 * nb + tb) * 8 + 4 * nb * 8 + 63) / 64 * 64);
+  void* mem = aligned_or_throw(static_cast<size_t>((4 * nb + tb) * 8 + 4 * nb * 8));
   uint64_t* ece_pk = static_cast<uint64_t*>(mem);  // 4 interleaved copies
   uint64_t* auc_pk = ece_pk + 4 * nb;
   double* s_bin = reinterpret_cast<double*>(auc_pk + tb);  // 4 interleaved copies

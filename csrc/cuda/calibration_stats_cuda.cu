@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
       TORCH_CHECK_VALUE(false, "pred must hold probabilities in [0, 1]; found ", value, " (", bad_count,
                         " bad values). Pass kind='logit' for logits.");
     }
-    TORCH_CHECK_VALUE(false, "pred (kind='", kind_s, "') gives a probability that is NaN (", bad_count,
-                      " bad values): the logits hold NaN");
+    TORCH_CHECK_VALUE(false, "pred (kind='", kind_s, "') gives ", bad_count,
+                      " probabilities that are NaN or outside [0, 1]: the logits hold NaN or infinite values");
   }
   return {counts, at::sum(partials, 1)};
 }

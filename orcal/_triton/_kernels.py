@@ -39,17 +39,25 @@ def orc_targets_kernel(masks_ptr, k_ptr, flag_ptr, R, V, nblk,
 
 
 @triton.jit
+def _finite_or_zero(x):
+    """x where finite, else 0: the shift of a group whose maximum is +-inf, so that exp(z - shift) is inf or 0
+    instead of NaN and the majority readout of +-inf logits is 1 or 0 as in the reference."""
+    return tl.where(x - x == 0, x, 0.0)
+
+
+@triton.jit
 def _readout(z, c, C, m, EXPECTED: tl.constexpr):
     """Foreground probability of a (C_PAD, BLOCK_V) tile of logits (padding channels hold -inf), SPEC §2:
     the expected vote fraction, or the sigmoid of the majority logit from the two groups' LSEs."""
     if EXPECTED:
         mx = tl.max(z, axis=0)
         e = tl.exp(z - mx[None, :])
-        p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1)
+        p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1).to(z.dtype)
+        p = tl.where(p > 1.0, 1.0, p)  # rounding can carry it just past 1 on confident voxels; NaN stays NaN
     else:
         hi = c >= m
-        mx_hi = tl.max(tl.where(hi, z, -float("inf")), axis=0)
-        mx_lo = tl.max(tl.where(hi, -float("inf"), z), axis=0)
+        mx_hi = _finite_or_zero(tl.max(tl.where(hi, z, -float("inf")), axis=0))
+        mx_lo = _finite_or_zero(tl.max(tl.where(hi, -float("inf"), z), axis=0))
         e = tl.exp(z - tl.where(hi, mx_hi[None, :], mx_lo[None, :]))
         s_hi = tl.sum(tl.where(hi, e, 0.0), axis=0)
         s_lo = tl.sum(tl.where(hi, 0.0, e), axis=0)
@@ -80,15 +88,17 @@ def foreground_probability_kernel(x_ptr, p_ptr, C, V, m, nblk,
 
 
 @triton.jit
-def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_ptr, grad_ptr, flag_ptr,
-                        C, V, m, nblk, rps_weight,
+def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_ptr, grad_ptr, flag_ptr,
+                        C, V, m, nblk,
                         HAS_VALID: tl.constexpr, MAP: tl.constexpr, GRAD: tl.constexpr, IS_F64: tl.constexpr,
                         C_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """SPEC §3 per voxel: loss = BCE(l, [k >= m]) + w * RPS, and its gradient in the same pass.
 
     ``MAP``: write the per-voxel loss (0 where invalid) to ``loss_ptr``; else one partial sum per program
     to ``partial_ptr`` (reduced on the host side in a fixed order, so the result is deterministic).
-    ``GRAD``: write d(loss)/d(logits) scaled by ``scale_ptr[0]`` (1 / valid count for the mean).
+    ``GRAD``: write d(loss)/d(logits) scaled by ``params_ptr[0]`` (1 / valid count for the mean); invalid
+    voxels get exactly 0, whatever their logits hold. ``params_ptr[1]`` is the RPS weight (in the math dtype:
+    a float argument would reach the kernel as float32).
     """
     pid = tl.program_id(0)
     b = (pid // nblk).to(tl.int64)
@@ -105,6 +115,8 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_pt
     else:
         z = x.to(tl.float32)
     z = tl.where(cm, z, -float("inf"))
+    Rf = R.to(z.dtype)
+    rps_weight = tl.load(params_ptr + 1)
     k = tl.load(k_ptr + b * V + v, mask=vm, other=0).to(tl.int32)
     tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=(k > R) & vm)
     w = vm
@@ -129,7 +141,7 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_pt
     cum = tl.cumsum(q, axis=0)
     target_cum = (c >= k[None, :]).to(z.dtype)
     diff = tl.where(c < R, cum - target_cum, 0.0)
-    rps = tl.sum(diff * diff, axis=0) / R
+    rps = tl.sum(diff * diff, axis=0) / Rf
 
     y = (k >= m).to(z.dtype)
     a = tl.abs(lgt)
@@ -147,13 +159,13 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, scale_ptr, loss_ptr, partial_pt
     if GRAD:
         # dRPS/dq_i = (2/R) sum_{j >= i} diff_j: the reverse cumulative sum, from the total.
         rev = tl.sum(diff, axis=0)[None, :] - tl.cumsum(diff, axis=0) + diff
-        g = rev * (2.0 / R)
+        g = rev * (2.0 / Rf)
         qg = tl.sum(q * g, axis=0)
         d_rps = q * (g - qg[None, :])
         d_l = p_hi - y
         dl_dz = tl.where(hi, soft, -soft)
-        scale = tl.where(w, tl.load(scale_ptr), 0.0)
-        grad = (d_l[None, :] * dl_dz + rps_weight * d_rps) * scale[None, :]
+        grad = (d_l[None, :] * dl_dz + rps_weight * d_rps) * tl.load(params_ptr)
+        grad = tl.where(w[None, :], grad, 0.0)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -183,6 +195,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         acc_t = tl.float32
     # Integer accumulators are int32: the launcher keeps iters * BLOCK_V * R below 2^31. Every thread
     # holds a copy of the bin vectors, so their width costs registers.
+    log_eps = tl.log(tl.full([1], 1e-7, acc_t))
     n_acc = tl.zeros([NB_PAD], dtype=tl.int32)
     a_acc = tl.zeros([NB_PAD], dtype=tl.int32)
     s_acc = tl.zeros([NB_PAD], dtype=tl.float64)
@@ -243,10 +256,10 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         kf = kw.to(acc_t)
         rk = tl.where(w, R - kw, 0).to(acc_t)
         brier = kf * (1.0 - p) * (1.0 - p) + rk * p * p
-        pc = tl.minimum(tl.maximum(p, 1e-7), 1.0 - 1e-7)
-        t1 = 1.0 - pc  # log1p(-pc) with Goldberg's trick, exact for small pc
-        log1m = tl.where(t1 == 1.0, -pc, tl.log(t1) * (-pc) / tl.where(t1 == 1.0, 1.0, t1 - 1.0))
-        nll = -(kf * tl.log(pc) + rk * log1m)
+        # log p and log(1 - p) bounded below by log(1e-7) (SPEC §4), the bound in the math dtype
+        t1 = 1.0 - p  # log1p(-p) with Goldberg's trick, exact for small p
+        log1m = tl.where(t1 == 1.0, -p, tl.log(t1) * (-p) / tl.where(t1 == 1.0, 1.0, t1 - 1.0))
+        nll = -(kf * tl.maximum(tl.log(p), log_eps) + rk * tl.maximum(log1m, log_eps))
         brier_acc += tl.sum(tl.where(w, brier, 0.0), axis=0).to(tl.float64)
         nll_acc += tl.sum(tl.where(w, nll, 0.0), axis=0).to(tl.float64)
         fg = p >= 0.5

@@ -73,15 +73,18 @@ def _new_flags(device: torch.device) -> torch.Tensor:
     return torch.zeros(3, dtype=torch.int32, device=device)
 
 
-def _raise_flags(flags: torch.Tensor, num_raters: int, masks_name: str, votes_name: str) -> None:
+def _raise_flags(flags: torch.Tensor, num_raters: int, masks_name: str, votes_name: str, kind: str = "prob") -> None:
     bad_masks, bad_votes, bad_prob = flags.tolist()  # one synchronisation per call
     if bad_masks:
         raise ValueError(f"{masks_name} must be binary (0/1); found a value > 1")
     if bad_votes:
         raise ValueError(f"{votes_name} must lie in 0..R = 0..{num_raters}; found a value > {num_raters}")
     if bad_prob:
-        raise ValueError("pred must hold probabilities in [0, 1]; found NaN or a value outside [0, 1] "
-                         "(pass kind='logit' for logits)")
+        if kind == "prob":
+            raise ValueError("pred must hold probabilities in [0, 1]; found NaN or a value outside [0, 1] "
+                             "(pass kind='logit' for logits)")
+        raise ValueError(f"pred (kind={kind!r}) gives probabilities that are NaN or outside [0, 1]: the logits "
+                         "hold NaN or infinite values")
 
 
 def _on(device: torch.device):
@@ -161,11 +164,12 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     loss_map = torch.empty((B, V) if is_map else (0,), dtype=acc, device=dev)
     partial = torch.empty(0 if is_map else B * nblk, dtype=acc, device=dev)
     grad = torch.empty_like(x) if need_grad else logits.new_empty(0)
+    params = torch.cat([scale, torch.full((1,), float(rps_weight), dtype=acc, device=dev)])
     if n_vox:
         flags = _new_flags(dev)
         with _on(dev):
             kernels().ordinal_loss_kernel[(B * nblk,)](
-                x, kf, vf, scale, loss_map, partial, grad, flags, C, V, int(majority), nblk, float(rps_weight),
+                x, kf, vf, params, loss_map, partial, grad, flags, C, V, int(majority), nblk,
                 HAS_VALID=valid is not None, MAP=is_map, GRAD=bool(need_grad), IS_F64=acc == torch.float64,
                 C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
         _raise_flags(flags, C - 1, "masks", "k")
@@ -226,7 +230,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
                 MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
                 PACKED=packed,
                 C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
-        _raise_flags(flags, R, "target", "target vote counts")
+        _raise_flags(flags, R, "target", "target vote counts", kind)
         if packed:
             pos = 2 * n_bins + 3
             counts[:, pos:pos + auc_bins] += auc & 0xFFFFFFFF
@@ -246,4 +250,4 @@ torch.library.register_fake("orcal_triton::orc_targets")(_fake._orc_targets)
 torch.library.register_fake("orcal_triton::foreground_probability")(_fake._foreground_probability)
 torch.library.register_fake("orcal_triton::ordinal_loss")(_fake._ordinal_loss)
 torch.library.register_fake("orcal_triton::calibration_stats")(_fake._calibration_stats)
-ops.register_autograd(ordinal_loss)
+ops.register_autograd(ordinal_loss, "triton")
