@@ -105,9 +105,9 @@ def rater_folder_cases(raters_dir: str | os.PathLike, rater_glob: str = "*") -> 
 
 
 def _read_rater_masks(files: list[Path]) -> torch.Tensor:
-    from orcal.data.base import binary_mask
+    from orcal.io import read_mask
 
-    masks = [binary_mask(read_array(f), str(f)) for f in files]
+    masks = [read_mask(f) for f in files]
     shapes = {m.shape for m in masks}
     if len(shapes) > 1:
         raise ValueError(f"rater masks of {files[0].parent} have different shapes: "

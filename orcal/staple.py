@@ -181,13 +181,12 @@ def staple(masks: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 
         ``W`` ``(B, *S)`` in [0, 1], or ``(W, p, q)`` when ``return_performance``.
     """
     from orcal.fusion import check_masks
+    from orcal.ops import check_int, check_real
 
     masks = check_masks(masks)
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if not 0 < confidence_weight:
+    max_iter = check_int("max_iter", max_iter, 1)
+    tol = check_real("tol", tol)
+    if not check_real("confidence_weight", confidence_weight) > 0:
         raise ValueError(f"confidence_weight must be > 0, got {confidence_weight!r}")
     B, R, *S = masks.shape
     W, p, q, _ = staple_em(masks.reshape(B, R, math.prod(S)), confidence_weight, max_iter, tol, hard, dtype)

@@ -130,11 +130,12 @@ def test_different_shapes_name_the_file(tmp_path, capsys):
 
 
 def test_non_binary_values_name_the_file(tmp_path, capsys):
+    # The loaders' rule: background 0 and one foreground value (1, 255, 7, ...); a second one is an error.
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    np.save(a, np.zeros((4, 4), np.uint8))
-    np.save(b, np.full((4, 4), 7, np.uint8))
+    np.save(a, np.full((4, 4), 7, np.uint8))
+    np.save(b, np.array([[0, 1], [7, 0]], np.uint8))
     err = _error(capsys, ["fuse", "--method", "soft", "--out", str(tmp_path / "o"), str(a), str(b)])
-    assert "b.npy" in err and "0/1 or 0/255" in err and "7" in err
+    assert "b.npy" in err and "one foreground value" in err and "7" in err
 
 
 def test_fewer_than_two_raters(tmp_path, capsys):

@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="glob of the rater files inside each case folder (default: every mask file)")
     parser.add_argument("--format", choices=tuple(FORMATS), help="output format (default: as the input)")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
+    parser.add_argument("--mask-channel", type=int, default=None, metavar="C",
+                        help="channel of colour mask images that holds the annotation (0 red, 1 green, 2 blue, "
+                             "3 alpha; default: masks must be grey)")
     opts = parser.add_argument_group("method options")
     opts.add_argument("--sigma", type=float, help="Gaussian width in voxels (soft_gaussian, svls; default 1)")
     opts.add_argument("--padding", choices=("reflect", "replicate"), help="border of soft_gaussian")
@@ -75,33 +78,23 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
     cases = []
     for folder in folders:
         if args.raters:
-            files = sorted(Path(p) for p in glob.glob(str(folder / args.raters)) if Path(p).is_file())
+            # the folder's own name may hold glob characters (case[1]): only the --raters part is a pattern
+            files = sorted(Path(p) for p in glob.glob(str(Path(glob.escape(str(folder))) / args.raters))
+                           if Path(p).is_file())
         else:
             files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(EXTENSIONS))
         cases.append((folder.name, files))
     return cases
 
 
-def load_mask(path: Path):
-    """A rater's mask as a bool array; 0/1 and 0/255 are accepted, anything else names the file."""
-    import numpy as np
+def load_mask(path: Path, channel: int | None = None):
+    """A rater's mask as a bool array, read by the loaders' rule (:func:`orcal.io.read_mask`)."""
+    from orcal.io import read_mask
 
-    from orcal.io import file_format, read_array
-
-    arr = read_array(path)
-    if file_format(path) == "image" and arr.ndim == 3:  # grey mask saved as RGB(A): all colours equal
-        if not (arr[..., :3] == arr[..., :1]).all():
-            raise ValueError(f"{path}: a colour image, expected a grey-level mask")
-        arr = arr[..., 0]
+    arr = read_mask(path, channel)
     if arr.ndim not in (2, 3):
         raise ValueError(f"{path}: a mask must be 2D or 3D, got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        return arr
-    for top in (1, 255):
-        if ((arr == 0) | (arr == top)).all():
-            return arr == top
-    bad = np.unique(arr[(arr != 0) & (arr != 1) & (arr != 255)])[:5]
-    raise ValueError(f"{path}: a mask must hold 0/1 or 0/255 values, found {', '.join(map(str, bad))}")
+    return arr.astype(bool)
 
 
 def agreement(masks) -> tuple[float, float]:
@@ -169,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if len(files) < 2:
             where = f"case {name}" if name else "fuse"
             raise ValueError(f"{where}: {len(files)} rater file(s) found; fusing needs at least 2")
-        arrays = [load_mask(f) for f in files]
+        arrays = [load_mask(f, args.mask_channel) for f in files]
         for f, a in zip(files, arrays):
             if a.shape != arrays[0].shape:
                 raise ValueError(f"{f}: shape {a.shape} differs from {arrays[0].shape} of {files[0]}")

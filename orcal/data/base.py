@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from orcal.io import binary_mask, read_mask  # noqa: F401  (the loaders' one mask rule, re-exported)
+
 SPLITS = ("train", "val", "test")
 
 
@@ -116,19 +118,6 @@ def official_split(cases: Sequence[Case], split: str | None, official: Callable[
     return [c for c in train if assign[c.group] == split]
 
 
-def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
-    """A rater's mask as uint8 {0, 1}; foreground may be stored as 1, 255 or any single non-zero value."""
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    values = np.unique(arr)
-    if values.size > 2 or (values.size == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
-        raise ValueError(f"{source}: a binary mask must hold background 0 and one foreground value, "
-                         f"found {values.size} values ({shown})")
-    return (arr != 0).astype(np.uint8)
-
-
 def label_mask(arr: np.ndarray, labels: Sequence[int], allowed: Sequence[int], source: str) -> np.ndarray:
     """Foreground = voxels whose label is in ``labels``; labels outside ``allowed`` are an error."""
     arr = np.asarray(arr)
@@ -149,9 +138,16 @@ def check_same_shape(mask: np.ndarray, shape: tuple[int, ...], source: str, imag
                          f"{tuple(shape)} of {image_source}")
 
 
-def scale_intensity(arr: np.ndarray, mode: str | tuple[float, float] = "auto") -> np.ndarray:
-    """Image intensities to float32: uint8 / 255, a (low, high) window to [0, 1], or 0.5-99.5 percentiles."""
+def scale_intensity(arr: np.ndarray, mode: str | tuple[float, float] = "auto", source: str = "image") -> np.ndarray:
+    """Image intensities to float32: uint8 / 255, a (low, high) window to [0, 1], or 0.5-99.5 percentiles.
+
+    NaN or infinite intensities are an error naming ``source`` (one NaN would make every percentile, and so
+    the whole image, NaN).
+    """
     arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ValueError(f"{source}: the image holds {bad} NaN or infinite values; fill or mask them first")
     if isinstance(mode, tuple | list):
         lo, hi = float(mode[0]), float(mode[1])
         if not hi > lo:

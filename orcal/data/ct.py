@@ -54,7 +54,7 @@ class LongCIU(MultiRaterDataset):
         volume = read_array(image_path)
         if volume.ndim != 3:
             raise ValueError(f"{image_path}: expected a 3D stack of slices, found shape {volume.shape}")
-        self.volume = np.moveaxis(scale_intensity(volume, HU_WINDOW), slice_axis, 0)
+        self.volume = np.moveaxis(scale_intensity(volume, HU_WINDOW, str(image_path)), slice_axis, 0)
         self.labels = []
         for r in (1, 2, 3):
             path = root / f"longciu_{r}_tgt.nii.gz"
@@ -131,4 +131,4 @@ class Curvas(MultiRaterDataset):
             lab = read_array(path)
             check_same_shape(lab, image.shape, str(path), str(image_path))
             masks.append(label_mask(lab, (self.tasks[self.task],), (0, 1, 2, 3), str(path)))
-        return make_item(scale_intensity(image, self.window)[None], masks, case.id)
+        return make_item(scale_intensity(image, self.window, str(image_path))[None], masks, case.id)

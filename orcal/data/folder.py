@@ -10,12 +10,12 @@ from ._io import read_array
 from .base import (
     Case,
     MultiRaterDataset,
-    binary_mask,
     channels_first,
     check_root,
     check_same_shape,
     make_item,
     natural_key,
+    read_mask,
     scale_intensity,
     seeded_split,
 )
@@ -37,7 +37,8 @@ class FolderDataset(MultiRaterDataset):
 
     ``<ext>`` is NIfTI (.nii/.nii.gz), PNG/JPG/TIFF or .npy. Options: ``rater_glob`` (default "rater*",
     matched against file names, sorted naturally), ``intensity`` ("auto": uint8 / 255, other types by
-    0.5/99.5 percentiles; "percentile", "none" or a (low, high) window). ``split``: seeded by case
+    0.5/99.5 percentiles; "percentile", "none" or a (low, high) window), ``mask_channel`` (the channel of colour
+    mask images that holds the annotation; default: masks must be grey). ``split``: seeded by case
     (``val_fraction``, ``test_fraction``, ``seed``). Published: your own data.
     """
 
@@ -47,11 +48,12 @@ class FolderDataset(MultiRaterDataset):
 
     def __init__(self, root, split: str | None = None, task: str | None = None, rater_glob: str = "rater*",
                  intensity: str | tuple[float, float] = "auto", val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None):
+                 test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None,
+                 mask_channel: int | None = None):
         if task not in (None, "default"):
             raise ValueError(f"unknown task {task!r} for dataset 'folder'; valid tasks: default")
         root = check_root(root, self.name, self.published, self.layout)
-        self.rater_glob, self.intensity = rater_glob, intensity
+        self.rater_glob, self.intensity, self.mask_channel = rater_glob, intensity, mask_channel
         cases = []
         for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
             images = [p for p in d.iterdir() if p.name.lower().startswith("image.") and _has_ext(p)]
@@ -75,13 +77,8 @@ class FolderDataset(MultiRaterDataset):
 
     def load_case(self, case: Case) -> dict:
         image_path, rater_paths = case.info
-        masks = []
-        for path in rater_paths:
-            m = read_array(path)
-            if path.name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")) and m.ndim == 3:
-                m = m[..., 0]  # a greyscale mask saved as RGB
-            masks.append(binary_mask(m, str(path)))
+        masks = [read_mask(path, self.mask_channel) for path in rater_paths]
         for path, m in zip(rater_paths[1:], masks[1:]):
             check_same_shape(m, masks[0].shape, str(path), str(rater_paths[0]))
         image = channels_first(read_array(image_path), masks[0].shape, str(image_path))
-        return make_item(scale_intensity(image, self.intensity), masks, case.id)
+        return make_item(scale_intensity(image, self.intensity, str(image_path)), masks, case.id)

@@ -16,6 +16,7 @@ from .base import (
     check_same_shape,
     make_item,
     natural_key,
+    read_mask,
     scale_intensity,
     seeded_split,
 )
@@ -102,7 +103,7 @@ class LIDCSlices(MultiRaterDataset):
             path = nodule / f"mask-{r}" / image_path.name
             if not path.is_file():
                 raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
-            m = binary_mask(read_array(path), str(path))
+            m = read_mask(path)
             check_same_shape(m, shape, str(path), str(image_path))
             out.append(m)
         return out
@@ -112,7 +113,7 @@ class LIDCSlices(MultiRaterDataset):
         if image.ndim == 3:  # a greyscale slice saved as RGB
             image = image[..., 0]
         masks = self._masks(case.info, image.shape)
-        return make_item(center_crop(scale_intensity(image)[None], self.crop),
+        return make_item(center_crop(scale_intensity(image, source=str(case.info))[None], self.crop),
                          center_crop(np.stack(masks), self.crop), case.id)
 
 
@@ -170,6 +171,6 @@ class LIDCPickle(MultiRaterDataset):
             raise ValueError(f"{source}: no masks")
         for r, m in enumerate(masks):
             check_same_shape(m, image.shape, f"{source} mask {r}", source)
-        image = scale_intensity(image, "none" if image.min() >= 0 and image.max() <= 1 else "percentile")
+        image = scale_intensity(image, "none" if image.min() >= 0 and image.max() <= 1 else "percentile", source)
         masks = center_crop(np.stack(masks), self.crop)
         return make_item(center_crop(image[None], self.crop), masks, case.id)

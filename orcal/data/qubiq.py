@@ -100,5 +100,5 @@ class QUBIQ(MultiRaterDataset):
         image = channels_first(read_array(image_path), masks[0].shape, str(image_path))
         for r, m in zip(self.raters, masks):
             check_same_shape(m, image.shape[1:], f"{folder} rater {r}", str(image_path))
-        image = scale_intensity(image.astype("float32"), "percentile")
+        image = scale_intensity(image.astype("float32"), "percentile", str(image_path))
         return make_item(image, masks, case.id)

@@ -10,12 +10,12 @@ from ._io import read_array
 from .base import (
     Case,
     MultiRaterDataset,
-    binary_mask,
     check_root,
     check_same_shape,
     make_item,
     natural_key,
     official_split,
+    read_mask,
     resolve_task,
     scale_intensity,
 )
@@ -32,7 +32,8 @@ class Refuge(MultiRaterDataset):
     Published: the REFUGE challenge (https://refuge.grand-challenge.org) with the per-rater annotations
     released with Ji et al., "Learning calibrated medical image segmentation via multi-rater agreement
     modeling" (CVPR 2021). ``task`` is "disc" or "cup". ``split``: Training-400 is train (a seeded "val"
-    carved out with ``val_fraction``, ``seed``), Test-400 is test.
+    carved out with ``val_fraction``, ``seed``), Test-400 is test. ``mask_channel`` picks the channel of colour
+    mask files (default: they must be grey).
     """
 
     name = "refuge"
@@ -43,10 +44,11 @@ class Refuge(MultiRaterDataset):
     folders = {"Training-400": "train", "Test-400": "test"}
 
     def __init__(self, root, split: str | None = None, task: str | None = None, num_raters: int = 7,
-                 val_fraction: float = 0.1, seed: int = 0, transform: Callable | None = None):
+                 val_fraction: float = 0.1, seed: int = 0, transform: Callable | None = None,
+                 mask_channel: int | None = None):
         self.task = resolve_task(task, self.tasks, None, self.name)
         root = check_root(root, self.name, self.published, self.layout)
-        self.num_raters = int(num_raters)
+        self.num_raters, self.mask_channel = int(num_raters), mask_channel
         cases = []
         for folder, official in self.folders.items():
             for case_dir in sorted((root / folder).glob("*"), key=lambda p: natural_key(p.name)):
@@ -70,10 +72,7 @@ class Refuge(MultiRaterDataset):
             path = image_path.parent / f"{case.id}_seg_{self.task}_{r}.png"
             if not path.is_file():
                 raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
-            m = read_array(path)
-            if m.ndim == 3:
-                m = m[..., 0]
-            m = binary_mask(m, str(path))
+            m = read_mask(path, self.mask_channel)
             check_same_shape(m, image.shape[:2], str(path), str(image_path))
             masks.append(m)
-        return make_item(np.moveaxis(scale_intensity(image), -1, 0), masks, case.id)
+        return make_item(np.moveaxis(scale_intensity(image, source=str(image_path)), -1, 0), masks, case.id)
