@@ -293,10 +293,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def as_tuple(size: int | Sequence[int] | None, dims: int, name: str = "patch_size") -> tuple[int, ...] | None:
-    """``size`` as a ``dims``-tuple of positive ints (an int is repeated); None stays None."""
+    """``size`` as a ``dims``-tuple of positive ints (an int, or a sequence of one, is repeated); None stays None."""
     if size is None:
         return None
     out = (int(size),) * dims if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(out) == 1:
+        out = out * dims
     if len(out) != dims or min(out) < 1:
         raise ValueError(f"{name} must be a positive int or {dims} positive ints, got {size!r}")
     return out

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from orcal import ops
 from orcal.models import as_tuple, build_model, init_output_bias, probability
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -155,6 +156,11 @@ class TrainConfig:
             raise ValueError(f"spatial_dims must be 2, 3 or None (from the data), got {self.spatial_dims!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint to resume from lives)")
+        if self.out_dir is not None and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ValueError(f"out_dir {self.out_dir} is an existing file, not a folder for checkpoints")
+        ops.check_real("rps_weight", self.rps_weight)
+        if self.majority is not None:
+            ops.check_int("majority", self.majority, 1)
         if not isinstance(self.dataset_options, dict) or not isinstance(self.fusion_options, dict) \
                 or not isinstance(self.model_options, dict):
             raise TypeError("dataset_options, fusion_options and model_options must be dicts")
@@ -268,7 +274,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def _load_checkpoint(path: str | os.PathLike) -> dict:
+#: What a ``last.pt`` holds beyond the weights: everything :func:`train` needs to resume.
+RESUME_KEYS = ("optimizer", "rng", "epoch", "history", "best_val", "best_epoch", "best_model", "config")
+
+
+def _load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -278,7 +288,41 @@ def _load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {path} could not be read as an orcal checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an orcal checkpoint (no 'model' / 'model_spec')")
+    missing = [key for key in required if key not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}"
+                         + (" (a best.pt holds weights only; resume needs last.pt)" if "optimizer" in missing else ""))
     return ckpt
+
+
+def _load_weights(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint {path} does not fit its own model (missing or wrong-shaped weights): "
+                         f"{str(err).splitlines()[0]}") from err
+
+
+def clean_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the temporary files that a checkpoint write killed midway left in ``out_dir`` (see
+    :func:`atomic_save`); returns what was removed."""
+    removed = []
+    for name in (LAST, BEST):
+        for tmp in out_dir.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) of ``epochs``: cosine decay from ``base_lr`` towards 0.
+
+    Closed form, so extending a finished run continues the curve over the new length instead of staying at 0.
+    """
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def _model_from_spec(spec: dict) -> nn.Module:
@@ -298,8 +342,11 @@ def load_model(checkpoint_path: str | os.PathLike, device: str | torch.device = 
     num_raters, in_channels, spatial_dims), and the run's :class:`TrainConfig`.
     """
     ckpt = _load_checkpoint(checkpoint_path)
-    model = _model_from_spec(ckpt["model_spec"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = _model_from_spec(ckpt["model_spec"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint {checkpoint_path} is incomplete: its model_spec lacks {err}") from err
+    _load_weights(model, ckpt["model"], Path(checkpoint_path))
     model.to(_resolve_device(device)).eval()
     return model, TrainConfig.from_dict(ckpt.get("config", {}))
 
@@ -632,24 +679,34 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
         init_output_bias(model, _label_prior(train_ds, cfg.head, num_raters))
     objective = _Objective(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    if out_dir is not None and info.main:
+        clean_stale_temporaries(out_dir)
     start_epoch, best_val, best_epoch, history = 0, math.inf, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     if cfg.resume and out_dir is not None and (out_dir / LAST).is_file():
-        ckpt = _load_checkpoint(out_dir / LAST)
-        _check_resumable(ckpt, spec, cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.T_max = cfg.epochs  # a resumed run may extend the schedule
-        _set_rng_state(ckpt["rng"])
+        path = out_dir / LAST
+        ckpt = _load_checkpoint(path, RESUME_KEYS)
+        _check_resumable(ckpt, spec, cfg, path)
+        _load_weights(model, ckpt["model"], path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise ValueError(f"checkpoint {path} is incomplete or damaged: {err}") from err
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         best_val, best_epoch = float(ckpt["best_val"]), int(ckpt["best_epoch"])
         best_state = ckpt["best_model"]
         if info.main and progress:
-            print(f"resuming from {out_dir / LAST} after epoch {start_epoch}")
+            print(f"resuming from {path} after epoch {start_epoch}")
+            done = int(ckpt["config"].get("epochs", start_epoch))
+            if cfg.epochs != done:
+                print(f"extending the run from {done} to {cfg.epochs} epochs: from epoch {start_epoch + 1} on the "
+                      f"learning rate follows the cosine schedule over {cfg.epochs} epochs")
+    elif cfg.resume and out_dir is not None and (out_dir / BEST).is_file():
+        raise ValueError(f"cannot resume: {out_dir} holds {BEST} (the selected weights) but no {LAST} (the training "
+                         f"state); training again would overwrite {out_dir / BEST}. Use another --out, or remove it")
     elif cfg.resume and info.main and progress:
         print(f"no checkpoint in {out_dir} to resume from; starting a new run")
 
@@ -677,6 +734,8 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
         sampler.set_epoch(epoch)
         view.set_epoch(epoch)
         target_gen = torch.Generator().manual_seed(_mix(cfg.seed, epoch, info.rank, 7))
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs)
         net.train()
         loss_sum, n_steps = 0.0, 0
         bar = None
@@ -715,7 +774,6 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
         if val_ds is not None and len(val_ds) > 0:
             val_loss = _validate(model, val_ds, cfg, objective, spatial_dims, patch, info, device, show)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                   "seconds": time.perf_counter() - t0}
         history.append(record)
@@ -731,7 +789,7 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
                              "config": cfg.to_dict(), "epoch": epoch + 1, "val_loss": val_loss}, out_dir / BEST)
             atomic_save({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_spec": spec,
                          "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                         "rng": _rng_state(), "epoch": epoch + 1,
                          "history": history, "best_val": best_val, "best_epoch": best_epoch,
                          "best_model": best_state}, out_dir / LAST)
         if show:
@@ -749,19 +807,28 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
                        spatial_dims=spatial_dims, in_channels=in_channels)
 
 
-def _check_resumable(ckpt: dict, spec: dict, cfg: TrainConfig) -> None:
-    if "optimizer" not in ckpt:
-        raise ValueError("the checkpoint holds weights only (best.pt); resume needs last.pt")
+#: Settings that may differ when a run is resumed: where and how it runs, and (extending it) its length.
+RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "out_dir", "root", "device", "amp", "num_workers", "log_every"})
+
+
+def _check_resumable(ckpt: dict, spec: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a run under settings other than its own, naming the first that differs."""
     old = ckpt["model_spec"]
     for key in ("arch", "encoder", "in_channels", "spatial_dims", "head", "num_raters"):
         if old.get(key) != spec.get(key):
-            raise ValueError(f"cannot resume: the checkpoint was trained with {key}={old.get(key)!r}, this run has "
+            raise ValueError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, this run has "
                              f"{key}={spec.get(key)!r}")
-    old_cfg = ckpt.get("config", {})
-    for key in ("method", "seed", "batch_size"):
-        if old_cfg.get(key) != getattr(cfg, key):
-            raise ValueError(f"cannot resume: the checkpoint was trained with {key}={old_cfg.get(key)!r}, this "
-                             f"run has {key}={getattr(cfg, key)!r}")
+    old_cfg, new_cfg = ckpt["config"], cfg.to_dict()
+    for key in sorted(set(new_cfg) - RESUME_MAY_CHANGE):
+        if key in old_cfg and old_cfg[key] != new_cfg[key]:
+            raise ValueError(f"cannot resume {path}: it was trained with {key}={old_cfg[key]!r}, this run has "
+                             f"{key}={new_cfg[key]!r}. Resume with the run's own settings (only "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may change), or start a new run "
+                             "in another folder")
+    done = int(ckpt["epoch"])
+    if cfg.epochs < done:
+        raise ValueError(f"cannot resume {path}: it has already trained {done} epochs, more than epochs="
+                         f"{cfg.epochs}; pass epochs >= {done}")
 
 
 # --- prediction -----------------------------------------------------------------------------------------
