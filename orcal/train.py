@@ -652,12 +652,17 @@ def train(config: TrainConfig, progress: bool = True, train_dataset: Dataset | N
     cfg = copy.deepcopy(config)
     cfg.validate()
     info, device = _setup_distributed(cfg.device)
+    import torch.distributed as dist
+
     try:
-        return _train(cfg, progress, train_dataset, val_dataset, callback, info, device)
+        result = _train(cfg, progress, train_dataset, val_dataset, callback, info, device)
+        if info.owned:
+            # Tear the group down together: a gloo rank that destroys it while rank 0 still writes checkpoints
+            # can abort at exit ("terminate called without an active exception").
+            dist.barrier()
+        return result
     finally:
         if info.owned:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
