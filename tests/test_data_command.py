@@ -2,9 +2,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pytest
 
 from orcal.cli import main
+
+Image = pytest.importorskip("PIL.Image")
 
 
 def write_lidc_slices(root: Path, patients: int = 3, size: int = 8) -> Path:

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from orcal.data import UnsafePickleError, load_dataset, safe_load
 from orcal.data.safe_pickle import safe_loads
+
+Image = pytest.importorskip("PIL.Image")
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc-idri-slices"
 

@@ -2,13 +2,14 @@ import json
 from pathlib import Path
 
 import h5py
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from orcal.data import DATASETS, load_dataset
+
+nib = pytest.importorskip("nibabel")
+Image = pytest.importorskip("PIL.Image")
 
 RNG = np.random.default_rng(0)
 

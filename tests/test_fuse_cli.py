@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch
 from orcal import fusion
 from orcal.cli import main
 from orcal.commands import fuse as fuse_cmd
+
+nib = pytest.importorskip("nibabel")
 
 
 def _affine():

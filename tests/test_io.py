@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from orcal.io import extension, file_format, read_array, write_array
+
+nib = pytest.importorskip("nibabel")
 
 
 def _affine():
