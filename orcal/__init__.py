@@ -10,7 +10,7 @@ The public API (SPEC §7)::
     ci   = orcal.bootstrap(st, n_boot=1000)
 """
 
-from orcal import _ext, _fake
+from orcal import _ext, _schema
 from orcal.ops import (
     bootstrap,
     calibration_metrics,
@@ -23,7 +23,8 @@ from orcal.stats import CalibrationStats
 
 __version__ = "0.1.0"
 
-_fake.register()
+if _ext.compiled():
+    _schema.register("orcal", "cpp")
 build_info = _ext.build_info
 
 

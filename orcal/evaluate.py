@@ -22,17 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import reference
+from orcal import metric_table, reference
 from orcal.io import EXTENSIONS, extension, read_array
 from orcal.metrics import MultiRaterCalibration, bootstrap
 from orcal.stats import CalibrationStats
 
 __all__ = ["evaluate", "find_predictions", "load_prediction", "rater_folder_cases"]
 
-#: Columns of ``per_image.csv`` after ``case`` and ``raters``.
-METRICS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
-_LABELS = {"mr_ece": "MR-ECE", "mr_ece_l2": "MR-ECE (l2)", "mr_mce": "MR-MCE", "auc": "AUC",
-           "auc_error_bound": "AUC error bound", "brier": "Brier", "nll": "NLL", "dice": "Dice"}
 
 
 def _case_id(path: Path) -> str:
@@ -190,13 +186,13 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
     if ci:
         lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of the images (2.5 / 97.5 percentiles).",
                   "", "| metric | value | mean | std | 95% CI |", "|---|---:|---:|---:|---|"]
-        for key in METRICS:
+        for key in metric_table.keys():
             c = ci[key]
-            lines.append(f"| {_LABELS[key]} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
+            lines.append(f"| {metric_table.label(key)} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
                          f"[{_fmt(c['low'])}, {_fmt(c['high'])}] |")
     else:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {_LABELS[key]} | {_fmt(result[key])} |" for key in METRICS]
+        lines += [f"| {metric_table.label(key)} | {_fmt(result[key])} |" for key in metric_table.keys()]
     if "auc_binned" in result:
         lines += ["", f"AUC is exact; the streaming (binned) AUC is {_fmt(result['auc_binned'])}."]
     return "\n".join(lines) + "\n"
@@ -259,7 +255,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     _write_per_image(out / "per_image.csv", ids, raters_per_case, stats)
     report = {
         "method": name,
-        "metrics": {key: result[key] for key in (*METRICS, "auc_binned") if key in result},
+        "metrics": {key: result[key] for key in (*metric_table.keys(), "auc_binned") if key in result},
         "bootstrap": ci,
         "n_images": result["n_images"], "n_pairs": result["n_pairs"],
         "bins": {key: result["bins"][key] for key in ("lower", "upper", "count", "confidence", "accuracy")},
@@ -282,8 +278,8 @@ def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: Calib
     values = reference.metrics_from_totals(stats)  # one value per row: each image on its own
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "raters", "pairs", *METRICS])
+        writer.writerow(["case", "raters", "pairs", *metric_table.keys()])
         for i, case in enumerate(ids):
-            row = [float(values[key][i]) for key in METRICS]
+            row = [float(values[key][i]) for key in metric_table.keys()]
             writer.writerow([case, raters[i], int(stats.n[i].sum()),
                              *("" if math.isnan(v) else f"{v:.6g}" for v in row)])

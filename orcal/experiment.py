@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import report
-from orcal.fusion import METHODS
+from orcal import fusion, report
+from orcal.experiment_runs import (
+    RESULTS_VERSION,
+    jsonable,
+    load_run,
+    run_files,
+    safe_name,
+)
+from orcal.training.runtime import hardware_info, resolve_device
 
 #: Readouts reported for the ordinal method (SPEC §2), the paper's first.
 ORDINAL_READOUTS = ("majority", "expected")
-#: Version of the per-run results files; a different version is recomputed.
-RESULTS_VERSION = 1
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ExperimentConfig:
 
     datasets: list[DatasetSpec]
     out: str = "orcal-experiment"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=fusion.names)  # every registered strategy
     rps_weight: float = 1.0
     rps_weights: tuple[float, ...] = ()
     arch: str = "FPN"
@@ -99,9 +102,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("datasets must name at least one dataset (argument --dataset or --preset)")
-        bad = [m for m in self.methods if m not in METHODS]
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in fusion.names()]
         if bad:
-            raise ValueError(f"unknown method(s) {', '.join(bad)} (argument --methods); valid: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(bad)} (argument --methods); valid: "
+                             f"{', '.join(fusion.names())}")
         if not self.methods:
             raise ValueError("methods must name at least one method (argument --methods)")
         if int(self.epochs) < 1:
@@ -184,11 +189,18 @@ class Run:
     key: str
 
     @property
+    def readouts(self) -> tuple[str, ...]:
+        """The readouts evaluated: both for an ordinal head (SPEC §2), the probability itself otherwise."""
+        return ORDINAL_READOUTS if fusion.get(self.method).head == "ordinal" else ("majority",)
+
+    def row(self, readout: str) -> str:
+        """The table row of one readout: the method, or ``method/readout`` for an ordinal head."""
+        return f"{self.method}/{readout}" if len(self.readouts) > 1 else self.method
+
+    @property
     def rows(self) -> list[str]:
         """Table rows this run produces (two readouts for the ordinal method)."""
-        if self.method == "ordinal":
-            return [f"ordinal/{r}" for r in ORDINAL_READOUTS]
-        return [self.method]
+        return [self.row(r) for r in self.readouts]
 
 
 def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
@@ -216,60 +228,6 @@ def _fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run) -> str:
         "version": RESULTS_VERSION,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
-
-
-def _slug(text: str) -> str:
-    """A file-name friendly form of a dataset key: ``"Synthetic (R=5)"`` -> ``"synthetic-r-5"``."""
-    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
-    while "--" in out:
-        out = out.replace("--", "-")
-    return out.strip("-") or "dataset"
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` is the GPU when there is one, else the CPU."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_info(device: str) -> dict[str, str]:
-    """What the numbers were measured on."""
-    import orcal
-
-    info = {
-        "device": device,
-        "cpu": _cpu_name(),
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "orcal": orcal.__version__,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    try:
-        build = orcal.build_info()
-        info["orcal_build"] = ", ".join(f"{k}={v}" for k, v in build.items() if not isinstance(v, (dict, list)))
-    except Exception as err:  # build info is informative only
-        info["orcal_build"] = f"unavailable ({err})"
-    return info
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -328,7 +286,7 @@ def pick_case(dataset, limit: int = 256) -> dict[str, Any]:
 
 def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: Path, device: str):
     """The :class:`orcal.train.TrainConfig` of one run."""
-    from orcal.train import TrainConfig
+    from orcal.training.config import TrainConfig
 
     fields = {
         "dataset": spec.name, "root": spec.root, "task": spec.task, "dataset_options": dict(spec.options),
@@ -347,76 +305,19 @@ def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: P
     return tcfg
 
 
-def _autocast(amp: str, device: str):
-    from contextlib import nullcontext
-
-    dev = torch.device(device)
-    if amp == "off" or (amp == "auto" and dev.type != "cuda"):
-        return nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-
-
-def predict_batches(result, dataset, readouts: Sequence[str], batch_size: int, device: str, amp: str = "auto"):
-    """Yield ``(ids, {readout: p (B, *S)}, masks (B, R, *S), valid (B, *S) or None)`` for a 2D dataset,
-    ``batch_size`` images of one shape per forward pass; every readout comes from the same logits."""
-    from orcal.models import probability
-
-    model = result.model.to(device).eval()
-    majority = result.config.majority
-    batch: list[dict] = []
-
-    def flush(items: list[dict]):
-        images = torch.stack([it["image"] for it in items]).to(device)
-        with torch.no_grad(), _autocast(amp, device):
-            logits = model(images)
-        logits = logits.float()
-        probs = {r: probability(logits, result.head, readout=r, majority=majority).float().cpu() for r in readouts}
-        masks = torch.stack([it["masks"] for it in items])
-        valid = None
-        if any("valid" in it for it in items):
-            valid = torch.stack([it["valid"] if "valid" in it else torch.ones(it["masks"].shape[1:], dtype=torch.bool)
-                                 for it in items]).bool()
-        return [str(it["id"]) for it in items], probs, masks, valid
-
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if batch and (item["image"].shape != batch[0]["image"].shape
-                      or item["masks"].shape != batch[0]["masks"].shape):
-            yield flush(batch)
-            batch = []
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield flush(batch)
-            batch = []
-    if batch:
-        yield flush(batch)
-
-
-def _predictions(result, dataset, readouts: Sequence[str], cfg: ExperimentConfig, device: str):
-    """Batched 2D prediction, or :func:`orcal.train.predict` (sliding windows) one image at a time in 3D."""
-    if len(dataset) and dataset[0]["masks"].ndim == 3:
-        yield from predict_batches(result, dataset, readouts, int(cfg.batch_size), device, cfg.amp)
-        return
-    from orcal.train import predict
-
-    iters = {r: predict(result, dataset, result.head, readout=r, device=device, amp=cfg.amp) for r in readouts}
-    for outs in zip(*iters.values()):
-        ident, _, masks, valid = outs[0]
-        probs = {r: o[1][None] for r, o in zip(readouts, outs)}
-        yield [ident], probs, torch.as_tensor(masks)[None], None if valid is None else torch.as_tensor(valid)[None]
-
-
 def evaluate_run(result, test_ds, run: Run, cfg: ExperimentConfig, case: dict[str, Any], device: str
                  ) -> dict[str, Any]:
     """Predict the test split and return, per readout, the per-image statistics, the metrics, the
     confidence-vs-agreement table and the probability map of the qualitative case."""
     from orcal.metrics import MultiRaterCalibration
+    from orcal.training.predict import predict_readouts
 
-    readouts = ORDINAL_READOUTS if run.method == "ordinal" else ("majority",)
+    readouts = run.readouts
     metrics = {r: MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=True, agreement=True)
                for r in readouts}
     case_maps: dict[str, np.ndarray] = {}
-    for ids, probs, masks, valid in _predictions(result, test_ds, readouts, cfg, device):
+    for ids, probs, masks, valid in predict_readouts(result, test_ds, readouts, device=device,
+                                                     batch_size=int(cfg.batch_size), amp=cfg.amp):
         masks = masks.cpu()
         valid = None if valid is None else valid.cpu()
         for r in readouts:
@@ -440,69 +341,14 @@ def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]
     return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed))
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _run_files(run_dir: Path, run: Run) -> dict[str, Path]:
-    base = run_dir / _safe_name(run.key)
-    # never with_suffix: a key such as "ordinal@0.5" has a dot of its own
-    return {"json": Path(f"{base}.json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
-
-
-def load_run(run_dir: Path, run: Run, fingerprint: str) -> dict[str, Any] | None:
-    """A finished run's record, or None when it is absent, incomplete or from other settings."""
-    files = _run_files(run_dir, run)
-    if not files["json"].is_file() or not files["stats"].is_file():
-        return None
-    try:
-        record = json.loads(files["json"].read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("fingerprint") != fingerprint:
-        return None
-    return record
-
-
-def load_run_stats(run_dir: Path, run: Run) -> dict[str, Any]:
-    """Per-readout :class:`~orcal.stats.CalibrationStats` of a finished run."""
-    from orcal.stats import CalibrationStats
-
-    saved = torch.load(_run_files(run_dir, run)["stats"], weights_only=True)
-    return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
-
-
-def load_case_maps(run_dir: Path, run: Run) -> dict[str, np.ndarray]:
-    """Per-readout probability map of the qualitative case (empty when it was not predicted)."""
-    path = _run_files(run_dir, run)["case"]
-    if not path.is_file():
-        return {}
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],
                 case: dict[str, Any], device: str) -> dict[str, Any]:
     """Train and evaluate one run on ``splits`` (train, val, test datasets), save its files, return its record."""
-    from orcal.train import train
+    from orcal.training.loop import train
 
-    files = _run_files(run_dir, run)
+    files = run_files(run_dir, run)
     t0 = time.perf_counter()
-    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / _safe_name(run.key), device)
+    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / safe_name(run.key), device)
     result = train(tcfg, progress=cfg.progress, train_dataset=splits["train"], val_dataset=splits["val"])
     test_ds = splits["test"]
     t1 = time.perf_counter()
@@ -533,7 +379,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
     maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
     np.savez_compressed(files["case"], **maps)
     tmp = Path(f"{files['json']}.tmp")
-    tmp.write_text(json.dumps(_jsonable(record), indent=1))
+    tmp.write_text(json.dumps(jsonable(record), indent=1))
     tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
     return json.loads(files["json"].read_text())
 
@@ -552,7 +398,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device))
     if cfg.threads is not None and device == "cpu":
         # small networks gain little from intra-op threads, and lose a lot on a busy machine
         torch.set_num_threads(int(cfg.threads))
@@ -570,7 +416,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     total = len(cfg.datasets) * len(all_runs)
     bar = tqdm(total=total, desc="experiment", unit="run", disable=not cfg.progress)
     for spec in cfg.datasets:
-        run_dir = out / "runs" / _safe_name(spec.key)
+        run_dir = out / "runs" / safe_name(spec.key)
         run_dir.mkdir(parents=True, exist_ok=True)
         splits = {s: load_split(spec, s) for s in ("train", "val", "test")}
         if cfg.cache:
@@ -591,7 +437,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
             fp = _fingerprint(cfg, spec, run)
             record = None if cfg.force else load_run(run_dir, run, fp)
             if record is not None:
-                log(f"[{spec.key}] {run.key}: finished earlier, reusing {_run_files(run_dir, run)['json']}")
+                log(f"[{spec.key}] {run.key}: finished earlier, reusing {run_files(run_dir, run)['json']}")
             else:
                 log(f"[{spec.key}] {run.key}: training ({device})")
                 record = execute_run(cfg, spec, run, run_dir, splits, case, device)
@@ -606,7 +452,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
         rows: dict[str, Any] = {}
         for run in main_runs:
             for readout, entry in recs[run.key]["readouts"].items():
-                rows[run.rows[0] if run.method != "ordinal" else f"ordinal/{readout}"] = entry["summary"]
+                rows[run.row(readout)] = entry["summary"]
         results["runs"][spec.key] = rows
         if sweep_runs:
             results["sweeps"][spec.key] = {f"{w:g}": {r: e["summary"] for r, e in recs[run.key]["readouts"].items()}
@@ -623,7 +469,8 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     results["total_seconds"] = time.perf_counter() - start
     results["compute_seconds"] = sum(t["train_s"] + t["eval_s"] for by in results["timings"].values()
                                      for t in by.values())
-    write_outputs(results, cfg, records, cases, main_runs, sweep_runs)
+    folders = [(spec.key, out / "runs" / safe_name(spec.key)) for spec in cfg.datasets]
+    report.write_outputs(results, out, folders, records, cases, main_runs)
     return results
 
 
@@ -637,79 +484,6 @@ def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
     d["rps_weights"] = ",".join(f"{w:g}" for w in cfg.rps_weights)
     d["device"] = device
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mapping[str, Mapping[str, dict]],
-                  cases: Mapping[str, dict], main_runs: Sequence[Run], sweep_runs: Mapping[float, Run]) -> None:
-    """Tables (md, csv), figures, ``report.md`` and ``results.json`` under ``cfg.out``."""
-    out = Path(cfg.out)
-    paths = report.write_tables(results["runs"], out)
-    tables = {name: report.metric_table(results["runs"], metric, title=title) for name, metric, title in
-              (("table1_mr_ece", "mr_ece", "Table 1: calibration"), ("table2_auc", "auc", "Table 2: discrimination"),
-               ("table3_dice", "dice", "Dice against the majority label"))}
-    figures: dict[str, str] = {}
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    for spec in cfg.datasets:
-        run_dir = out / "runs" / _safe_name(spec.key)
-        name = _slug(spec.key)
-        stats_by_row: dict[str, Any] = {}
-        agreement_by_row: dict[str, Any] = {}
-        maps: dict[str, np.ndarray] = {}
-        for run in main_runs:
-            stats = load_run_stats(run_dir, run)
-            case_maps = load_case_maps(run_dir, run)
-            for readout, st in stats.items():
-                row = run.method if run.method != "ordinal" else f"ordinal/{readout}"
-                label = report.row_label(row)
-                stats_by_row[label] = st
-                agreement = records[spec.key][run.key]["readouts"][readout].get("agreement")
-                if agreement:
-                    agreement_by_row[label] = {k: np.asarray(v) for k, v in agreement.items()}
-                if readout in case_maps:
-                    maps[label] = case_maps[readout]
-        figures.update(_plot_dataset(spec.key, name, fig_dir, stats_by_row, agreement_by_row, maps,
-                                     cases[spec.key]))
-    for key in results["runs"]:
-        text = report.dataset_table(results["runs"], key, ("mr_ece", "auc", "dice", "brier"))
-        (out / f"summary_{_slug(key)}.md").write_text(text, encoding="utf-8")
-    sweeps_md: dict[str, str] = {}
-    for key, sweep in results.get("sweeps", {}).items():
-        text = report.sweep_table(sweep)
-        sweeps_md[key] = text
-        (out / f"sweep_{_slug(key)}.md").write_text(text, encoding="utf-8")
-        path = report.plot_sweep(sweep, fig_dir / f"sweep_{_slug(key)}.png", title=key)
-        figures[f"{key}: MR-ECE and AUC against the RPS weight"] = str(path.relative_to(out))
-    results["files"] = sorted(str(p.relative_to(out)) for p in paths.values())
-    results["figures"] = figures
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1), encoding="utf-8")
-    (out / "report.md").write_text(report.render_report(results, tables, figures, sweeps_md), encoding="utf-8")
-
-
-def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreement_by_row: dict,
-                  maps: dict, case: dict) -> dict[str, str]:
-    """Reliability diagram, confidence-vs-agreement plot and qualitative figure of one dataset."""
-    figures: dict[str, str] = {}
-    rel = fig_dir.parent
-    try:
-        from orcal import plots
-    except ImportError:
-        plots = None
-    if plots is not None and stats_by_row:
-        path = fig_dir / f"reliability_{name}.png"
-        plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs)")
-        figures[f"{key}: reliability diagram"] = str(path.relative_to(rel))
-    if plots is not None and agreement_by_row:
-        path = fig_dir / f"agreement_{name}.png"
-        plots.confidence_vs_agreement(agreement_by_row, path, title=f"{key}: mean confidence per rater agreement")
-        figures[f"{key}: confidence against rater agreement"] = str(path.relative_to(rel))
-    if maps:
-        path = fig_dir / f"qualitative_{name}.png"
-        where = case["id"] + ("" if case["slice"] is None else f", slice {case['slice']}")
-        report.plot_qualitative(case["image"], case["votes"], case["num_raters"], maps, path,
-                                title=f"{key}: test case {where}")
-        figures[f"{key}: one test case, rater agreement and each method's probability"] = str(path.relative_to(rel))
-    return figures
 
 
 def cfg_with(cfg: ExperimentConfig, **changes) -> ExperimentConfig:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orcal.masks import binary_mask, mask_plane
+
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NUMPY_EXTENSIONS = (".npy",)
@@ -75,50 +77,6 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except Exception as err:  # decoding errors of three libraries: report them uniformly
         raise ValueError(f"{path}: could not read it as {kind} ({type(err).__name__}: {err})") from err
-
-
-def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
-    """A rater's mask as uint8 {0, 1}; foreground may be stored as 1, 255 or any single non-zero value.
-
-    The one binarisation rule of every reader (loaders, ``orcal fuse``, ``orcal evaluate``).
-    """
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    values = np.unique(arr)
-    if values.size > 2 or (values.size == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
-        raise ValueError(f"{source}: a binary mask must hold background 0 and one foreground value, "
-                         f"found {values.size} values ({shown})")
-    return (arr != 0).astype(np.uint8)
-
-
-def mask_plane(arr: np.ndarray, source: str, channel: int | None = None) -> np.ndarray:
-    """The annotation plane of a mask stored as a colour image ``(H, W, C)`` (grey+alpha, RGB or RGBA).
-
-    With ``channel`` that channel is taken (0 red / grey, 1 green, 2 blue, 3 alpha). Without it the image
-    must be grey: every channel that varies holds the same values (a constant, fully opaque alpha channel is
-    ignored). A mask drawn in colour, or stored in the alpha channel alone, is an error naming ``source``
-    rather than silently read from channel 0.
-    """
-    arr = np.asarray(arr)
-    if arr.ndim != 3:
-        return arr
-    C = arr.shape[2]
-    if channel is not None:
-        from orcal.ops import check_int
-
-        return arr[..., check_int("mask channel", channel, 0, C - 1)]
-    colour = arr
-    if C in (2, 4) and (arr[..., -1] == arr[..., -1].flat[0]).all():
-        colour = arr[..., :-1]  # a constant alpha channel carries no annotation
-    if (colour == colour[..., :1]).all():
-        return colour[..., 0]
-    names = ("red", "green", "blue", "alpha") if C >= 3 else ("grey", "alpha")
-    varying = [names[c] for c in range(C) if not (arr[..., c] == arr[..., c].flat[0]).all()]
-    raise ValueError(f"{source}: a colour mask (its {', '.join(varying)} channels differ); choose the channel that "
-                     f"holds the annotation ({', '.join(f'{i} {n}' for i, n in enumerate(names[:C]))}), e.g. "
-                     "mask_channel=1 in the loaders or --mask-channel 1 in orcal fuse")
 
 
 def read_mask(path: str | os.PathLike, channel: int | None = None) -> np.ndarray:

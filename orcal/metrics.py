@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import ops, reference
+from orcal import metric_table, ops, reference
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
 
@@ -30,7 +30,6 @@ _AGREEMENT_CHUNK = 1 << 22
 #: With the pure-PyTorch backend, a batch larger than this many voxels is fed to calibration_stats in slabs
 #: along the first spatial axis: its int64 temporaries would otherwise take tens of bytes per voxel.
 _SLAB_VOXELS = 1 << 22
-_METRIC_KEYS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
 
 
 def _distributed_world() -> int:
@@ -146,9 +145,9 @@ class MultiRaterCalibration:
         for name, value, low in (("n_bins", n_bins, 1), ("auc_bins", auc_bins, 2)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        ops._check_choice("kind", kind, ops.KINDS)
-        ops._check_choice("readout", readout, ops.READOUTS)
-        ops._check_choice("backend", backend, ops.BACKENDS)
+        ops.check_choice("kind", kind, ops.KINDS)
+        ops.check_choice("readout", readout, ops.READOUTS)
+        ops.check_choice("backend", backend, ops.BACKENDS)
         if majority is not None and (not isinstance(majority, int) or majority < 1):
             raise ValueError(f"majority must be a positive integer or None, got {majority!r}")
         self.n_bins, self.auc_bins = n_bins, auc_bins
@@ -183,9 +182,9 @@ class MultiRaterCalibration:
         An empty batch (``B = 0`` in both ``pred`` and ``target``, with shapes that agree) adds nothing.
         """
         kind = self.kind if kind is None else kind
-        ops._check_choice("kind", kind, ops.KINDS)
-        ops._check_tensor("pred", pred)
-        ops._check_tensor("target", target)
+        ops.check_choice("kind", kind, ops.KINDS)
+        ops.check_tensor("pred", pred)
+        ops.check_tensor("target", target)
         st = self._stats(pred, target, num_raters, valid, kind)  # validates the batch, even an empty one
         if st.n_images == 0:
             return
@@ -328,7 +327,7 @@ class MultiRaterCalibration:
             raise RuntimeError("MultiRaterCalibration.compute() called before any non-empty update")
         total: CalibrationStats = state["total"]
         values = {key: float(v[0]) for key, v in reference.metrics_from_totals(total).items()}
-        out: dict[str, Any] = {key: values[key] for key in _METRIC_KEYS}
+        out: dict[str, Any] = {key: values[key] for key in metric_table.keys()}
         if self.exact_auc:
             out["auc_binned"] = out["auc"]
             out["auc"] = _auc_from_scores(state["scores"][1], state["scores"][2])
@@ -434,7 +433,7 @@ def _make_torchmetrics_class():
             n_bins, auc_bins = self._inner.n_bins, self._inner.auc_bins
             total = CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), n_bins, auc_bins)
             values = reference.metrics_from_totals(total)
-            return {key: values[key][0].float() for key in _METRIC_KEYS}
+            return {key: values[key][0].float() for key in metric_table.keys()}
 
     return MultiRaterCalibrationMetric
 

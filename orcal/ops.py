@@ -7,55 +7,29 @@ Triton on CUDA tensors, else the pure-PyTorch reference. All backends compute th
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 
 import torch
 
 from orcal import _ext, reference
+from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
+    FLOAT_DTYPES,
+    KINDS,
+    MAX_AUC_BINS,
+    MAX_ECE_BINS,
+    MAX_RATERS,
+    READOUTS,
+    REDUCTIONS,
+    under_func_transform,
+)
+from orcal.checks import check_choice, check_int, check_real, check_tensor  # noqa: F401  (re-exported)
+from orcal.masks import check_masks
 from orcal.stats import CalibrationStats
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-READOUTS = ("majority", "expected")
-KINDS = ("prob", "logit", "ordinal")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_RATERS = 255
-#: Bounds of the histogram sizes of ``calibration_stats`` on every backend (SPEC §8): more ECE bins than this
-#: leave most bins empty on any real image, and each AUC bin costs 16 bytes per image row.
-MAX_ECE_BINS = 1024
-MAX_AUC_BINS = 2**20
 
 
 # --- validation (SPEC §8) --------------------------------------------------------------------------------
-
-def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
-    """An integer argument: a Python or NumPy integer (never a bool, a float or a string) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must lie in {bounds}, got {value}")
-    return value
-
-
-def check_real(name: str, value: object, low: float = 0.0) -> float:
-    """A finite real argument ``>= low``: a Python or NumPy number (never a bool or a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
-    return value
-
-
-def _check_tensor(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
 
 def _check_spatial(name: str, x: torch.Tensor, extra_dims: int) -> None:
     """``x`` must be (B, [C,] H, W) or (B, [C,] D, H, W): ``extra_dims`` is 1 with a channel axis."""
@@ -76,23 +50,10 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = True) -> None:
-    """Validate binary rater masks ``(B, R, *S)``; values are checked here only when asked (a full pass)."""
-    _check_tensor(name, masks)
-    _check_spatial(name, masks, 1)
-    if masks.dtype not in (torch.bool, torch.uint8):
-        raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got {masks.dtype}")
-    R = masks.shape[1]
-    if not 1 <= R <= MAX_RATERS:
-        raise ValueError(f"{name} must have 1..{MAX_RATERS} raters along dim 1, got {R}")
-    if check_values and masks.dtype == torch.uint8 and masks.numel() and int(masks.max()) > 1:
-        raise ValueError(f"{name} must be binary (0/1); found value {int(masks.max())}")
-
-
 def _check_valid(valid: torch.Tensor | None, shape: torch.Size, what: str) -> None:
     if valid is None:
         return
-    _check_tensor("valid", valid)
+    check_tensor("valid", valid)
     if valid.dtype != torch.bool:
         raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
     if valid.shape != shape:
@@ -102,7 +63,7 @@ def _check_valid(valid: torch.Tensor | None, shape: torch.Size, what: str) -> No
 def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "k",
               device: torch.device | None = None) -> torch.Tensor:
     """Check vote counts ``k`` (B, *S) and return them as uint8 (a copy only if the dtype differs)."""
-    _check_tensor(name, k)
+    check_tensor(name, k)
     if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
         raise TypeError(f"{name} (vote counts) must be an integer tensor (uint8), got {k.dtype}")
     if k.shape != shape:
@@ -128,7 +89,7 @@ def _majority(num_raters: int, majority: int | None) -> int:
 
 
 def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
-    _check_tensor(name, logits)
+    check_tensor(name, logits)
     _check_spatial(name, logits, 1)
     _check_float(name, logits)
     R = logits.shape[1] - 1
@@ -138,19 +99,14 @@ def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
     return R
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 # --- backend choice --------------------------------------------------------------------------------------
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device``: 'torch', 'cpp' or 'triton'."""
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         forced = os.environ.get("ORCAL_BACKEND", "auto")
-        _check_choice("ORCAL_BACKEND", forced, BACKENDS)
+        check_choice("ORCAL_BACKEND", forced, BACKENDS)
         backend = forced
     if backend == "auto":
         if _ext.has_kernel(op, device):
@@ -217,7 +173,7 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
     require grad the differentiable reference is used.
     """
     R = _check_ordinal_logits(logits)
-    _check_choice("readout", readout, READOUTS)
+    check_choice("readout", readout, READOUTS)
     m = _majority(R, majority)
     which = resolve_backend("foreground_probability", backend, logits.device)
     if logits.requires_grad and torch.is_grad_enabled():
@@ -254,11 +210,11 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     k = _as_votes(k, spatial, R, device=logits.device)
     _check_valid(valid, spatial, "k")
     _check_same_device(logits=logits, k=k, valid=valid)
-    _check_choice("reduction", reduction, tuple(REDUCTIONS))
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
     w = check_real("rps_weight", rps_weight)
     m = _majority(R, majority)
     which = resolve_backend("ordinal_loss", backend, logits.device)
-    if which != "torch" and _under_func_transform():
+    if which != "torch" and under_func_transform():
         # torch.func (grad, vjp, hessian, ...) differentiates through the op; the fused backward is a saved
         # constant, so only the reference gives the right answer there.
         if backend != "auto":
@@ -273,63 +229,6 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, _ = _call(fused, logits.device, logits, k, valid, w, m, REDUCTIONS[reduction], need_grad)
     return loss
-
-
-def _under_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, ...) is active around this call."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
-
-
-def _ordinal_loss_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.reduction = inputs[5]
-    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the (unused) grad output
-
-
-def _unsupported_transform(backend: str) -> str | None:
-    """Why the fused loss's backward cannot serve the current autograd call, or None if it can.
-
-    The fused kernels save the first derivative as a constant, so anything that differentiates it again
-    (``create_graph=True``, ``torch.func`` transforms, which always build a graph) would silently get a
-    zero Hessian. Traced graphs (``torch.compile``) run their backward without a graph and are fine.
-    """
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return None
-    if _under_func_transform():
-        what = "torch.func transforms (grad, vjp, jacrev, hessian)"
-    else:
-        what = "double backward (create_graph=True, e.g. a Hessian-vector product or a gradient penalty)"
-    return (f"{what} is not supported by the fused ordinal_loss of backend={backend!r}, whose backward is a saved "
-            "constant; use backend='torch' (plain PyTorch, differentiable to any order)")
-
-
-def _ordinal_loss_backward(backend: str):
-    def backward(ctx, grad_loss, _grad_grad):
-        if grad_loss is None:  # only the grad output was used downstream: it is not differentiable
-            return (None,) * 7
-        reason = _unsupported_transform(backend)
-        if reason:
-            raise RuntimeError(reason)
-        (grad,) = ctx.saved_tensors
-        if grad.dim() == 1 and grad_loss.numel() != 0:  # the [0] placeholder of need_grad=False (logits >= 3D)
-            raise RuntimeError("orcal ordinal_loss was run without its gradient; call it with logits that "
-                               "require grad")
-        none = (None,) * 6
-        if ctx.reduction == REDUCTIONS["none"]:
-            return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
-        # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
-        # Only in eager mode: a traced graph (fake or functional tensors, torch.compile) must not branch on data.
-        eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-        if eager and bool(grad_loss == 1):
-            return grad, *none
-        return (grad * grad_loss).to(grad.dtype), *none
-
-    return backward
-
-
-def register_autograd(op, backend: str) -> None:
-    """Make a fused ``ordinal_loss`` op differentiable: backward scales the gradient it saved."""
-    torch.library.register_autograd(op, _ordinal_loss_backward(backend), setup_context=_ordinal_loss_setup)
 
 
 # --- §4 calibration statistics and metrics ---------------------------------------------------------------
@@ -353,10 +252,10 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     Returns:
         :class:`~orcal.stats.CalibrationStats` with one row per image.
     """
-    _check_tensor("pred", pred)
-    _check_tensor("target", target)
-    _check_choice("kind", kind, KINDS)
-    _check_choice("readout", readout, READOUTS)
+    check_tensor("pred", pred)
+    check_tensor("target", target)
+    check_choice("kind", kind, KINDS)
+    check_choice("readout", readout, READOUTS)
     _check_float("pred", pred)
     n_bins = check_int("n_bins", n_bins, 1, MAX_ECE_BINS)
     auc_bins = check_int("auc_bins", auc_bins, 2, MAX_AUC_BINS)

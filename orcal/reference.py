@@ -16,15 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orcal._schema import opmath_dtype  # noqa: F401  (the accumulation dtype of every backend)
+from orcal.metric_table import metrics_from_totals, safe_div
 from orcal.stats import CalibrationStats
 
 NLL_EPS = 1e-7  # SPEC §4: log p and log(1 - p) are bounded below by log(NLL_EPS) for the NLL
 DICE_THRESHOLD = 0.5  # SPEC §4: a voxel is predicted foreground when p >= 0.5
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of an input dtype: float32 for half types and float32, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def majority_threshold(num_raters: int, majority: int | None = None) -> int:
@@ -205,41 +202,6 @@ def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins:
 
 # --- §4 metrics from statistics --------------------------------------------------------------------------
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` with NaN where ``den`` is 0 (an undefined metric, e.g. AUC without positives)."""
-    den = den.to(torch.float64)
-    return torch.where(den > 0, num.to(torch.float64) / den.clamp_min(1e-300), torch.nan)
-
-
-def metrics_from_totals(st: CalibrationStats) -> dict[str, torch.Tensor]:
-    """Every metric of SPEC §4, one value per row of ``st`` (each row a pooled set of images).
-
-    Metrics that are undefined on a row (no pairs; no positive or no negative pair for AUC) are NaN.
-    """
-    n, a, s = st.n.double(), st.a.double(), st.s
-    N = n.sum(1)
-    gap = (s - a).abs()
-    nonempty = n > 0
-    per_bin_gap = torch.where(nonempty, gap / n.clamp_min(1), 0.0)
-    pos, neg = st.pos.double(), st.neg.double()
-    P, Q = pos.sum(1), neg.sum(1)
-    neg_below = torch.cumsum(neg, 1) - neg
-    wins = (pos * (neg_below + 0.5 * neg)).sum(1)
-    shared = (pos * neg).sum(1)
-    tp, fp, fn = st.tp.double(), st.fp.double(), st.fn.double()
-    dice_den = 2 * tp + fp + fn
-    return {
-        "mr_ece": _safe_div(gap.sum(1), N),
-        "mr_ece_l2": torch.sqrt(_safe_div((n * per_bin_gap ** 2).sum(1), N)),
-        "mr_mce": torch.where(N > 0, per_bin_gap.amax(1), torch.nan),
-        "auc": _safe_div(wins, P * Q),
-        # Pairs that share a score bin are counted one half; the truth for each lies in [0, 1].
-        "auc_error_bound": _safe_div(0.5 * shared, P * Q),
-        "brier": _safe_div(st.brier, N),
-        "nll": _safe_div(st.nll, N),
-        "dice": torch.where(dice_den > 0, 2 * tp / dice_den.clamp_min(1), 1.0),
-    }
-
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
     """Dataset-level metrics from per-image statistics: all rows are pooled first (SPEC §4)."""
@@ -254,8 +216,8 @@ def bin_table(stats: CalibrationStats) -> dict[str, np.ndarray]:
         "lower": np.linspace(0, 1, stats.n_bins + 1)[:-1],
         "upper": np.linspace(0, 1, stats.n_bins + 1)[1:],
         "count": tot.n[0].cpu().numpy(),
-        "confidence": _safe_div(tot.s[0], n).cpu().numpy(),
-        "accuracy": _safe_div(tot.a[0].double(), n).cpu().numpy(),
+        "confidence": safe_div(tot.s[0], n).cpu().numpy(),
+        "accuracy": safe_div(tot.a[0].double(), n).cpu().numpy(),
     }
 
 

@@ -13,56 +13,42 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-#: Row order of the tables: the paper's order, the ordinal method last.
-ROW_ORDER = ("random", "median", "soft", "soft_gaussian", "simple", "staple", "svls",
-             "ordinal/majority", "ordinal/expected")
-
-#: Human-readable row labels (the paper's names for the baselines).
-ROW_LABELS = {
-    "random": "Random Sampling",
-    "median": "Median Consensus",
-    "soft": "Soft Consensus",
-    "soft_gaussian": "Soft Consensus-G",
-    "simple": "SIMPLE",
-    "staple": "STAPLE",
-    "svls": "SVLS",
-    "ordinal/majority": "ORC (majority)",
-    "ordinal/expected": "ORC (expected)",
-}
-
-#: Metrics where a larger value is better; every other metric is better when smaller.
-HIGHER_IS_BETTER = frozenset({"auc", "dice"})
-
-#: Display names of the metrics.
-METRIC_LABELS = {
-    "mr_ece": "MR-ECE", "mr_ece_l2": "MR-ECE (l2)", "mr_mce": "MR-MCE", "auc": "AUC", "brier": "Brier",
-    "nll": "NLL", "dice": "Dice",
-}
+from orcal.metric_table import higher_is_better as metric_higher_is_better
+from orcal.metric_table import label as metric_label
+from orcal.plots import sweep_keys
 
 Summary = Mapping[str, Mapping[str, float]]       # {metric: {"mean", "std", ...}}
 Runs = Mapping[str, Mapping[str, Summary]]        # {dataset: {row: Summary}}
 
 
 def row_label(row: str) -> str:
-    """Display label of a table row key (``"ordinal/expected"`` -> ``"ORC (expected)"``)."""
-    if row in ROW_LABELS:
-        return ROW_LABELS[row]
-    if row.startswith("ordinal/"):
-        return f"ORC ({row.split('/', 1)[1]})"
-    return row
+    """Display label of a table row key: the strategy's label (:mod:`orcal.fusion`), with the readout of an
+    ordinal head (``"ordinal/expected"`` -> ``"ORC (expected)"``)."""
+    from orcal import fusion
+
+    method, _, readout = row.partition("/")
+    if method not in fusion.names():
+        return row
+    label = fusion.get(method).label
+    return f"{label} ({readout})" if readout else label
 
 
 def sort_rows(rows: Sequence[str]) -> list[str]:
-    """Rows in the paper's order; unknown rows keep their given order after the known ones."""
-    known = [r for r in ROW_ORDER if r in rows]
-    return known + [r for r in rows if r not in ROW_ORDER]
+    """Rows in the order strategies were registered (the paper's order for the built-ins, ORC last, then
+    strategies added since); a method's readouts in the order given; unknown rows last."""
+    from orcal import fusion
+
+    order = {name: i for i, name in enumerate(fusion.names())}
+    return sorted(rows, key=lambda r: order.get(r.partition("/")[0], len(order)))
 
 
 def _finite(x) -> bool:
@@ -118,7 +104,7 @@ class Table:
         head = f"| Method | {' | '.join(self.columns)} |"
         lines = []
         if self.title:
-            lines += [f"**{self.title}** ({METRIC_LABELS.get(self.metric, self.metric)} {arrow}, "
+            lines += [f"**{self.title}** ({metric_label(self.metric)} {arrow}, "
                       "bootstrap mean ± std; best in bold)", ""]
         lines += [head, "|---|" + "---|" * len(self.columns)]
         for row in self.rows:
@@ -162,7 +148,7 @@ def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
     if not isinstance(metric, str) or not metric:
         raise ValueError(f"metric must be a metric name such as 'mr_ece', got {metric!r}")
     if higher_is_better is None:
-        higher_is_better = metric in HIGHER_IS_BETTER
+        higher_is_better = metric_higher_is_better(metric)
     columns = list(runs)
     rows: list[str] = []
     cells: dict[tuple[str, str], tuple[float, float]] = {}
@@ -184,7 +170,7 @@ def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", 
     if dataset not in runs:
         raise ValueError(f"dataset {dataset!r} is not in the results; have: {', '.join(runs)}")
     tables = [metric_table({dataset: runs[dataset]}, m, digits=digits) for m in metrics]
-    heads = [f"{METRIC_LABELS.get(m, m)} {'↑' if t.higher_is_better else '↓'}" for m, t in zip(metrics, tables)]
+    heads = [f"{metric_label(m)} {'↑' if t.higher_is_better else '↓'}" for m, t in zip(metrics, tables)]
     lines = [f"| Method | {' | '.join(heads)} |", "|---|" + "---|" * len(metrics)]
     for row in sort_rows(list(runs[dataset])):
         cells = []
@@ -231,92 +217,12 @@ def write_tables(runs: Runs, out_dir: str | Path, digits: int = 4) -> dict[str, 
 
 # --- figures ---------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_qualitative(image: np.ndarray, votes: np.ndarray, num_raters: int, maps: Mapping[str, np.ndarray],
-                     path: str | Path, title: str = "") -> Path:
-    """One test case side by side: the image, the rater agreement ``k / R`` and each method's probability.
-
-    ``image`` is ``(C, H, W)`` or ``(H, W)`` (first channel shown, or RGB when C = 3), ``votes`` the vote
-    count ``k`` ``(H, W)``, ``maps`` ``{label: p (H, W)}``.
-    """
-    plt = _pyplot()
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = np.moveaxis(image[:3], 0, -1) if image.shape[0] == 3 else image[0]
-    if image.ndim != 2 and not (image.ndim == 3 and image.shape[-1] == 3):
-        raise ValueError(f"image must be 2D (or 3 channels), got shape {image.shape}")
-    panels = [("image", image, "gray"), (f"agreement k/R (R={num_raters})",
-                                         np.asarray(votes, np.float32) / max(int(num_raters), 1), "viridis")]
-    panels += [(label, np.asarray(p, np.float32), "viridis") for label, p in maps.items()]
-    cols = min(len(panels), 6)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    im = None
-    for ax, (label, arr, cmap) in zip(axes.ravel(), panels):
-        if cmap == "gray":
-            lo, hi = float(np.min(arr)), float(np.max(arr))
-            ax.imshow(arr if arr.ndim == 2 else np.clip((arr - lo) / max(hi - lo, 1e-8), 0, 1), cmap=cmap)
-        else:
-            im = ax.imshow(arr, cmap=cmap, vmin=0.0, vmax=1.0)
-        ax.set_title(label, fontsize=8)
-    if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_sweep(sweep: Mapping[float, Mapping[str, Summary]], path: str | Path, title: str = "") -> Path:
-    """MR-ECE and AUC (bootstrap mean ± std) against the RPS weight, one line per readout.
-
-    ``sweep`` is ``{rps_weight: {readout: {metric: summary}}}``.
-    """
-    plt = _pyplot()
-    weights = sorted(float(w) for w in sweep)
-    readouts = sorted({r for by in sweep.values() for r in by})
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, metric in zip(axes, ("mr_ece", "auc")):
-        for readout in readouts:
-            mean = [sweep[w].get(readout, {}).get(metric, {}).get("mean", math.nan) for w in _keys(sweep, weights)]
-            std = [sweep[w].get(readout, {}).get(metric, {}).get("std", math.nan) for w in _keys(sweep, weights)]
-            ax.errorbar(weights, mean, yerr=std, marker="o", capsize=3, label=f"ORC ({readout})")
-        ax.set_xlabel("RPS weight λ")
-        ax.set_ylabel(METRIC_LABELS[metric])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _keys(sweep: Mapping, weights: Sequence[float]) -> list:
-    """The sweep's own keys in the order of ``weights`` (keys may be floats or their strings)."""
-    by_value = {float(k): k for k in sweep}
-    return [by_value[w] for w in weights]
-
 
 def sweep_table(sweep: Mapping[float, Mapping[str, Summary]], digits: int = 4) -> str:
     """Markdown table of the RPS-weight sweep: one row per weight and readout, MR-ECE and AUC."""
     lines = ["| RPS weight λ | readout | MR-ECE ↓ | AUC ↑ | Dice ↑ |", "|---|---|---|---|---|"]
     weights = sorted(float(w) for w in sweep)
-    for w, key in zip(weights, _keys(sweep, weights)):
+    for w, key in zip(weights, sweep_keys(sweep, weights)):
         for readout in sorted(sweep[key]):
             s = sweep[key][readout]
             cells = []
@@ -392,3 +298,79 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
     if command:
         lines += ["## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+# --- the experiment's outputs ---------------------------------------------------------------------------
+
+def write_outputs(results: dict[str, Any], out: Path, datasets: Sequence[tuple[str, Path]],
+                  records: Mapping[str, Mapping[str, dict]], cases: Mapping[str, dict], main_runs: Sequence) -> None:
+    """An experiment's tables (md, csv), figures, ``report.md`` and ``results.json`` under ``out``.
+
+    ``datasets`` holds (key, folder of its run files); ``main_runs`` the :class:`orcal.experiment.Run` s of the
+    tables, ``records`` their records per dataset, ``cases`` the qualitative case per dataset.
+    """
+    from orcal import plots
+    from orcal.experiment_runs import jsonable, load_case_maps, load_run_stats, slug
+
+    paths = write_tables(results["runs"], out)
+    tables = {name: metric_table(results["runs"], metric, title=title) for name, metric, title in
+              (("table1_mr_ece", "mr_ece", "Table 1: calibration"), ("table2_auc", "auc", "Table 2: discrimination"),
+               ("table3_dice", "dice", "Dice against the majority label"))}
+    figures: dict[str, str] = {}
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    for key, run_dir in datasets:
+        name = slug(key)
+        stats_by_row: dict[str, Any] = {}
+        agreement_by_row: dict[str, Any] = {}
+        maps: dict[str, np.ndarray] = {}
+        for run in main_runs:
+            stats = load_run_stats(run_dir, run)
+            case_maps = load_case_maps(run_dir, run)
+            for readout, st in stats.items():
+                label = row_label(run.row(readout))
+                stats_by_row[label] = st
+                agreement = records[key][run.key]["readouts"][readout].get("agreement")
+                if agreement:
+                    agreement_by_row[label] = {k: np.asarray(v) for k, v in agreement.items()}
+                if readout in case_maps:
+                    maps[label] = case_maps[readout]
+        figures.update(_plot_dataset(key, name, fig_dir, stats_by_row, agreement_by_row, maps, cases[key]))
+    for key in results["runs"]:
+        text = dataset_table(results["runs"], key, ("mr_ece", "auc", "dice", "brier"))
+        (out / f"summary_{slug(key)}.md").write_text(text, encoding="utf-8")
+    sweeps_md: dict[str, str] = {}
+    for key, sweep in results.get("sweeps", {}).items():
+        text = sweep_table(sweep)
+        sweeps_md[key] = text
+        (out / f"sweep_{slug(key)}.md").write_text(text, encoding="utf-8")
+        path = plots.plot_sweep(sweep, fig_dir / f"sweep_{slug(key)}.png", title=key)
+        figures[f"{key}: MR-ECE and AUC against the RPS weight"] = str(path.relative_to(out))
+    results["files"] = sorted(str(p.relative_to(out)) for p in paths.values())
+    results["figures"] = figures
+    (out / "results.json").write_text(json.dumps(jsonable(results), indent=1), encoding="utf-8")
+    (out / "report.md").write_text(render_report(results, tables, figures, sweeps_md), encoding="utf-8")
+
+
+def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreement_by_row: dict,
+                  maps: dict, case: dict) -> dict[str, str]:
+    """Reliability diagram, confidence-vs-agreement plot and qualitative figure of one dataset."""
+    figures: dict[str, str] = {}
+    rel = fig_dir.parent
+    from orcal import plots
+
+    if stats_by_row:
+        path = fig_dir / f"reliability_{name}.png"
+        plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs)")
+        figures[f"{key}: reliability diagram"] = str(path.relative_to(rel))
+    if agreement_by_row:
+        path = fig_dir / f"agreement_{name}.png"
+        plots.confidence_vs_agreement(agreement_by_row, path, title=f"{key}: mean confidence per rater agreement")
+        figures[f"{key}: confidence against rater agreement"] = str(path.relative_to(rel))
+    if maps:
+        path = fig_dir / f"qualitative_{name}.png"
+        where = case["id"] + ("" if case["slice"] is None else f", slice {case['slice']}")
+        plots.plot_qualitative(case["image"], case["votes"], case["num_raters"], maps, path,
+                                title=f"{key}: test case {where}")
+        figures[f"{key}: one test case, rater agreement and each method's probability"] = str(path.relative_to(rel))
+    return figures

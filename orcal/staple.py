@@ -15,6 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from orcal.checks import check_int, check_real
+from orcal.masks import as_bool_masks
+
 # Vote patterns are looked up in a dense table when it has at most this many entries (B x 2^R).
 _DENSE_TABLE_MAX = 1 << 22
 # Votes are packed this many to an int32 word (int32 arithmetic is much faster than int64 on CPUs).
@@ -180,10 +183,7 @@ def staple(masks: torch.Tensor, confidence_weight: float = 1.0, max_iter: int = 
     Returns:
         ``W`` ``(B, *S)`` in [0, 1], or ``(W, p, q)`` when ``return_performance``.
     """
-    from orcal.fusion import check_masks
-    from orcal.ops import check_int, check_real
-
-    masks = check_masks(masks)
+    masks = as_bool_masks(masks)
     max_iter = check_int("max_iter", max_iter, 1)
     tol = check_real("tol", tol)
     if not check_real("confidence_weight", confidence_weight) > 0:

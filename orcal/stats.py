@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from orcal._schema import StatsLayout
+
 #: Fields that are integer counts (int64, exact under summation).
 COUNT_FIELDS = ("n", "a", "tp", "fp", "fn", "pos", "neg")
 #: Fields that are float sums (float64).
@@ -115,11 +117,11 @@ class CalibrationStats:
 
     @classmethod
     def unpack(cls, counts: torch.Tensor, sums: torch.Tensor, n_bins: int, auc_bins: int) -> CalibrationStats:
-        """Inverse of :meth:`pack` (column layout documented in ``csrc/common/stats_layout.h``)."""
-        nb, t = n_bins, auc_bins
+        """Inverse of :meth:`pack` (the columns of :class:`orcal._schema.StatsLayout`)."""
+        lay = StatsLayout(n_bins, auc_bins)
         return cls(
-            n=counts[:, :nb], a=counts[:, nb:2 * nb],
-            tp=counts[:, 2 * nb], fp=counts[:, 2 * nb + 1], fn=counts[:, 2 * nb + 2],
-            pos=counts[:, 2 * nb + 3:2 * nb + 3 + t], neg=counts[:, 2 * nb + 3 + t:],
-            s=sums[:, :nb], brier=sums[:, nb], nll=sums[:, nb + 1],
+            n=counts[:, lay.n():lay.a()], a=counts[:, lay.a():lay.tp()],
+            tp=counts[:, lay.tp()], fp=counts[:, lay.fp()], fn=counts[:, lay.fn()],
+            pos=counts[:, lay.pos():lay.neg()], neg=counts[:, lay.neg():lay.count_cols()],
+            s=sums[:, lay.s():lay.brier()], brier=sums[:, lay.brier()], nll=sums[:, lay.nll()],
         )

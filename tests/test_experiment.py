@@ -94,7 +94,8 @@ def test_config_validation_and_plan():
     assert DatasetSpec.parse("refuge:cup", "/data").key == "refuge:cup"
     from pathlib import Path
 
-    from orcal.experiment import Run, _run_files
+    from orcal.experiment import Run
+    from orcal.experiment_runs import run_files as _run_files
 
     files = [_run_files(Path("d"), Run("ordinal", w, f"ordinal@{w:g}")) for w in (0.0, 0.5, 2.0)]
     for kind in ("json", "stats", "case"):
@@ -128,12 +129,12 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "Table 1" in (out / "report.md").read_text()
 
     # a rerun reuses every finished run: training is never called
-    import orcal.train
+    import orcal.training.loop
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(orcal.train, "train", no_training)
+    monkeypatch.setattr(orcal.training.loop, "train", no_training)
     again = run_experiment(_tiny(out), log=lambda *a: None)
     assert again["runs"] == results["runs"]
     # --force, or a changed setting, trains again

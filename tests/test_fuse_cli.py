@@ -37,8 +37,15 @@ def _write_nifti(folder, masks):
     return paths
 
 
-def test_methods_list_matches_fusion():
-    assert fuse_cmd.METHODS == fusion.METHODS
+def test_method_choices_come_from_the_registry():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    fuse_cmd.configure(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "method")
+    assert tuple(choices) == fusion.names() == fusion.METHODS
+    for flag in fuse_cmd.OPTION_FLAGS:  # every flag reaches at least one strategy
+        assert any(flag in fusion.get(m).options for m in fusion.names()), flag
 
 
 def test_one_case_staple_nifti(tmp_path, capsys):

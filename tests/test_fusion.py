@@ -437,4 +437,5 @@ def test_property_any_valid_input_gives_a_valid_target(method, B, R, spatial, p,
 
 
 def test_fusion_module_exports():
-    assert set(METHODS) <= set(fusion._STRATEGIES)
+    assert set(METHODS) == set(fusion.names())
+    assert all(callable(fusion.get(m).fn) and fusion.get(m).label for m in METHODS)

@@ -56,7 +56,7 @@ def test_loss_decreases_on_learnable_toy():
 @pytest.mark.parametrize("head", ["ordinal", "binary"])
 def test_prior_bias_starts_at_the_label_frequencies(head):
     from orcal.data import load_dataset
-    from orcal.train import _label_prior
+    from orcal.training.data import label_prior as _label_prior
 
     ds = load_dataset("synthetic", None, **DATA)
     bias = _label_prior(ds, head, num_raters=3)
@@ -212,7 +212,7 @@ def test_collate_pads_different_sizes_and_refuses_mixed_raters():
 
 
 def test_fusion_options_reach_the_strategy_that_takes_them():
-    from orcal.train import _Objective
+    from orcal.training.objective import Objective as _Objective
 
     opts = {"sigma": 2.0, "alpha": 0.5}
     assert _Objective(tiny(method="svls", fusion_options=opts)).options == {"sigma": 2.0}
@@ -238,11 +238,12 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     import orcal.train as T
+    import orcal.training.loop as loop
 
     torch.set_num_threads(1)
     calls = []
-    real_save = T.atomic_save
-    T.atomic_save = lambda obj, path: (calls.append(str(path)), real_save(obj, path))
+    real_save = loop.atomic_save
+    loop.atomic_save = lambda obj, path: (calls.append(str(path)), real_save(obj, path))
     out = sys.argv[2]
     result = T.train(T.TrainConfig(**json.loads(sys.argv[1])), progress=False,
                      callback=lambda e, s, loss: calls.append(f"step {e} {s}"))

@@ -8,19 +8,19 @@
 #include <optional>
 #include <vector>
 
-#include "../cpu/kernels.h"
+#include "dtype.h"
 
 namespace orcal {
 
-inline cpu::Dtype float_dtype(const at::Tensor& x, const char* name) {
+inline Dtype float_dtype(const at::Tensor& x, const char* name) {
   switch (x.scalar_type()) {
-    case at::kFloat: return cpu::Dtype::f32;
-    case at::kHalf: return cpu::Dtype::f16;
-    case at::kBFloat16: return cpu::Dtype::bf16;
-    case at::kDouble: return cpu::Dtype::f64;
+    case at::kFloat: return Dtype::f32;
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    case at::kDouble: return Dtype::f64;
     default: TORCH_CHECK_TYPE(false, name, " must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   }
-  return cpu::Dtype::f32;
+  return Dtype::f32;
 }
 
 // Logits (B, R+1, *S): returns R.

@@ -7,10 +7,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace orcal {
 namespace cpu {
 
-enum class Dtype : int { f32, f16, bf16, f64 };
+using orcal::Dtype;
 
 // Voxels per SoA block: every inner loop runs over this many voxels of one channel plane.
 constexpr int64_t kBlock = 128;

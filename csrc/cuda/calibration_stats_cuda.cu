@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
                                                           int64_t majority, int64_t n_bins, int64_t auc_bins) {
   const int kind = kind_code(kind_s);
   const int readout = readout_code(readout_s);
-  const cpu::Dtype dtype = float_dtype(pred_in, "pred");
+  const Dtype dtype = float_dtype(pred_in, "pred");
   const int64_t R = num_raters;
   const std::vector<int64_t> spatial = check_stats_args(pred_in, target_in, valid_in, R, target_is_masks, kind,
                                                         majority, n_bins, auc_bins);
@@ -229,10 +229,10 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
       stats_kernel<scalar_t, T><<<grid, cuda::kThreads, shared, stream>>>(P);
     };
     switch (dtype) {
-      case cpu::Dtype::f32: launch(float{}, float{}); break;
-      case cpu::Dtype::f16: launch(c10::Half{}, float{}); break;
-      case cpu::Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
-      case cpu::Dtype::f64: launch(double{}, double{}); break;
+      case Dtype::f32: launch(float{}, float{}); break;
+      case Dtype::f16: launch(c10::Half{}, float{}); break;
+      case Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
+      case Dtype::f64: launch(double{}, double{}); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -47,10 +47,10 @@ at::Tensor foreground_probability_cuda(const at::Tensor& logits_in, c10::string_
         static_cast<int>(R), static_cast<int>(majority), mode);
   };
   switch (float_dtype(logits, "logits")) {
-    case cpu::Dtype::f32: launch(float{}, float{}); break;
-    case cpu::Dtype::f16: launch(c10::Half{}, float{}); break;
-    case cpu::Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
-    case cpu::Dtype::f64: launch(double{}, double{}); break;
+    case Dtype::f32: launch(float{}, float{}); break;
+    case Dtype::f16: launch(c10::Half{}, float{}); break;
+    case Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
+    case Dtype::f64: launch(double{}, double{}); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
                                                      const std::optional<at::Tensor>& valid_in, double rps_weight,
                                                      int64_t majority, int64_t reduction, bool need_grad) {
   const int64_t R = check_loss_args(logits_in, k_in, valid_in, majority);
-  const cpu::Dtype dtype = float_dtype(logits_in, "logits");
+  const Dtype dtype = float_dtype(logits_in, "logits");
   const std::vector<int64_t> spatial = drop_channels(logits_in);
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0, 1 or 2, got ", reduction);
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
   const std::optional<at::Tensor> valid =
       valid_in.has_value() ? std::optional<at::Tensor>(valid_in->contiguous()) : std::nullopt;
   const int64_t B = logits.size(0), V = B == 0 ? 0 : logits.numel() / (B * (R + 1));
-  const auto loss_opts = logits.options().dtype(dtype == cpu::Dtype::f64 ? at::kDouble : at::kFloat);
+  const auto loss_opts = logits.options().dtype(dtype == Dtype::f64 ? at::kDouble : at::kFloat);
   const auto long_opts = logits.options().dtype(at::kLong);
   const at::Tensor count = valid.has_value() ? at::sum(*valid).to(at::kLong) : at::full({}, B * V, long_opts);
   at::Tensor grad = need_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
@@ -94,10 +94,10 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
           static_cast<T>(rps_weight), static_cast<int>(reduction));
     };
     switch (dtype) {
-      case cpu::Dtype::f32: launch(float{}, float{}); break;
-      case cpu::Dtype::f16: launch(c10::Half{}, float{}); break;
-      case cpu::Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
-      case cpu::Dtype::f64: launch(double{}, double{}); break;
+      case Dtype::f32: launch(float{}, float{}); break;
+      case Dtype::f16: launch(c10::Half{}, float{}); break;
+      case Dtype::bf16: launch(c10::BFloat16{}, float{}); break;
+      case Dtype::f64: launch(double{}, double{}); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // One synchronisation: a vote count above R must raise, as on the CPU.

@@ -171,7 +171,7 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
 
 @triton.jit
 def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, auc_ptr, flag_ptr,
-                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols,
+                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols, tp_col, pos_col, sum_cols,
                              KIND: tl.constexpr, EXPECTED: tl.constexpr, MASKS: tl.constexpr,
                              HAS_VALID: tl.constexpr, IS_F64: tl.constexpr, PACKED: tl.constexpr,
                              C_PAD: tl.constexpr, R_PAD: tl.constexpr, NB_PAD: tl.constexpr,
@@ -182,7 +182,8 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     program (integer atomics, exact). Inner AUC bins take one integer atomic per voxel and level, spread
     over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that ``V * R < 2^32``) positives and
     negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits), unpacked by the launcher.
-    Float sums go to ``partial_ptr`` (one row of ``n_bins + 2`` per program).
+    Float sums go to ``partial_ptr`` (one row of ``sum_cols`` per program). Column offsets come from
+    :class:`orcal._schema.StatsLayout` (``count_cols``, ``tp_col``, ``pos_col``, ``sum_cols``).
     KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
     """
     pid = tl.program_id(0)
@@ -209,7 +210,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     pos_last = tl.zeros([1], dtype=tl.int32)
     neg_last = tl.zeros([1], dtype=tl.int32)
     row = counts_ptr + b * count_cols
-    pos_ptr = row + 2 * n_bins + 3
+    pos_ptr = row + pos_col
     neg_ptr = pos_ptr + auc_bins
     for it in range(iters):
         v = (j * iters + it) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -289,14 +290,14 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     tl.atomic_add(row + nb, n_acc.to(tl.int64) * R, mask=bm)
     tl.atomic_add(row + n_bins + nb, a_acc.to(tl.int64), mask=bm)
     one = tl.arange(0, 1)
-    tl.atomic_add(row + 2 * n_bins + one, tp.to(tl.int64))
-    tl.atomic_add(row + 2 * n_bins + 1 + one, fp.to(tl.int64))
-    tl.atomic_add(row + 2 * n_bins + 2 + one, fn.to(tl.int64))
+    tl.atomic_add(row + tp_col + one, tp.to(tl.int64))
+    tl.atomic_add(row + tp_col + 1 + one, fp.to(tl.int64))
+    tl.atomic_add(row + tp_col + 2 + one, fn.to(tl.int64))
     tl.atomic_add(pos_ptr + one, pos_first.to(tl.int64))
     tl.atomic_add(neg_ptr + one, neg_first.to(tl.int64))
     tl.atomic_add(pos_ptr + auc_bins - 1 + one, pos_last.to(tl.int64))
     tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last.to(tl.int64))
-    prow = partial_ptr + pid.to(tl.int64) * (n_bins + 2)
+    prow = partial_ptr + pid.to(tl.int64) * sum_cols
     tl.store(prow + nb, s_acc * R, mask=bm)
     tl.store(prow + n_bins + one, brier_acc)
     tl.store(prow + n_bins + 1 + one, nll_acc)

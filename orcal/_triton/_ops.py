@@ -18,8 +18,7 @@ from types import ModuleType
 
 import torch
 
-from orcal import _fake, ops
-from orcal.reference import opmath_dtype
+from orcal._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, opmath_dtype, register
 
 _KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
 _MODULES: dict[bool, ModuleType] = {}
@@ -120,8 +119,8 @@ def orc_targets(masks: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("orcal_triton::foreground_probability", mutates_args=())
 def foreground_probability(logits: torch.Tensor, readout: str, majority: int) -> torch.Tensor:
     """(B, R+1, *S) ordinal logits -> (B, *S) foreground probability in the logits' dtype."""
-    if readout not in ops.READOUTS:
-        raise ValueError(f"readout must be one of {ops.READOUTS}, got {readout!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     B, C = logits.shape[0], logits.shape[1]
     x = _flatten(logits, True)
     V = x.shape[2]
@@ -151,14 +150,14 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
         raise TypeError(f"k must be uint8 vote counts, got {k.dtype}")
     vf = _as_bytes(_flatten(valid, False)) if valid is not None else kf
     n_vox = B * V
-    if reduction == ops.REDUCTIONS["mean"]:
+    if reduction == REDUCTIONS["mean"]:
         count = torch.tensor(float(n_vox), dtype=acc, device=dev) if valid is None else valid.sum().to(acc)
         scale = (1.0 / count.clamp_min(1)).reshape(1)
-    elif reduction in (ops.REDUCTIONS["sum"], ops.REDUCTIONS["none"]):
+    elif reduction in (REDUCTIONS["sum"], REDUCTIONS["none"]):
         scale = torch.ones(1, dtype=acc, device=dev)
     else:
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
-    is_map = reduction == ops.REDUCTIONS["none"]
+    is_map = reduction == REDUCTIONS["none"]
     c_pad, block = voxel_block(C, logits.element_size())
     nblk = triton_cdiv(V, block) if V else 0
     loss_map = torch.empty((B, V) if is_map else (0,), dtype=acc, device=dev)
@@ -178,7 +177,7 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     if is_map:
         return loss_map.reshape(spatial), grad
     total = partial.sum(dtype=torch.float64)  # a fixed-order reduction: deterministic
-    if reduction == ops.REDUCTIONS["mean"]:
+    if reduction == REDUCTIONS["mean"]:
         total = total * scale[0].to(torch.float64)
     return total.to(acc), grad
 
@@ -188,10 +187,10 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
                       target_is_masks: bool, kind: str, readout: str, majority: int, n_bins: int,
                       auc_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused SPEC §4 statistics: (counts int64, sums float64), one row per image (``stats_layout.h``)."""
-    if kind not in ops.KINDS:
-        raise ValueError(f"kind must be one of {ops.KINDS}, got {kind!r}")
-    if readout not in ops.READOUTS:
-        raise ValueError(f"readout must be one of {ops.READOUTS}, got {readout!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     B, R, dev = pred.shape[0], int(num_raters), pred.device
     ordinal = kind == "ordinal"
     x = _flatten(pred, ordinal)
@@ -201,7 +200,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     if not target_is_masks and tgt.dtype != torch.uint8:
         raise TypeError(f"target must be uint8 vote counts, got {target.dtype}")
     vf = _as_bytes(_flatten(valid, False)) if valid is not None else tgt
-    count_cols = 2 * n_bins + 3 + 2 * auc_bins
+    layout = StatsLayout(n_bins, auc_bins)
+    count_cols = layout.count_cols()
     counts = torch.zeros((B, count_cols), dtype=torch.int64, device=dev)
     elem = pred.element_size()
     c_pad, block = voxel_block(C if ordinal else 1, elem)
@@ -217,7 +217,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     iters = triton_cdiv(nblocks, programs) if programs else 0
     iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
     programs = triton_cdiv(nblocks, iters) if iters else 0
-    partial = torch.zeros((B * programs, n_bins + 2), dtype=torch.float64, device=dev)
+    partial = torch.zeros((B * programs, layout.sum_cols()), dtype=torch.float64, device=dev)
     # One 64-bit atomic per voxel for both AUC counts when neither can reach 2^32 in one image.
     packed = V * max(R, 1) < 2**32 - 1
     auc = torch.zeros((B, auc_bins) if packed else (1,), dtype=torch.int64, device=dev)
@@ -226,16 +226,15 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         with _on(dev):
             kernels().calibration_stats_kernel[(B * programs,)](
                 x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
-                count_cols, KIND=ops.KINDS.index(kind), EXPECTED=readout == "expected",
-                MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
-                PACKED=packed,
+                count_cols, layout.tp(), layout.pos(), layout.sum_cols(), KIND=KINDS.index(kind),
+                EXPECTED=readout == "expected", MASKS=bool(target_is_masks), HAS_VALID=valid is not None,
+                IS_F64=pred.dtype == torch.float64, PACKED=packed,
                 C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts", kind)
         if packed:
-            pos = 2 * n_bins + 3
-            counts[:, pos:pos + auc_bins] += auc & 0xFFFFFFFF
-            counts[:, pos + auc_bins:] += auc >> 32
-    sums = partial.reshape(B, programs, n_bins + 2).sum(1)  # fixed order: deterministic
+            counts[:, layout.pos():layout.neg()] += auc & 0xFFFFFFFF
+            counts[:, layout.neg():] += auc >> 32
+    sums = partial.reshape(B, programs, layout.sum_cols()).sum(1)  # fixed order: deterministic
     return counts, sums
 
 
@@ -246,8 +245,4 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # --- shapes for fake tensors and autograd -----------------------------------------------------------------
 
-torch.library.register_fake("orcal_triton::orc_targets")(_fake._orc_targets)
-torch.library.register_fake("orcal_triton::foreground_probability")(_fake._foreground_probability)
-torch.library.register_fake("orcal_triton::ordinal_loss")(_fake._ordinal_loss)
-torch.library.register_fake("orcal_triton::calibration_stats")(_fake._calibration_stats)
-ops.register_autograd(ordinal_loss, "triton")
+register("orcal_triton", "triton")

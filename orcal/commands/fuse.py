@@ -15,26 +15,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# The names of orcal.fusion.METHODS, repeated here so that building the parser stays cheap.
-METHODS = ("random", "median", "soft", "soft_gaussian", "staple", "simple", "svls", "ordinal")
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "png": ".png", "npy": ".npy"}
-
-# Which method each option applies to (an option given to another method is an error, not ignored).
-OPTION_METHODS = {
-    "sigma": ("soft_gaussian", "svls"),
-    "padding": ("soft_gaussian",),
-    "alpha": ("simple",),
-    "confidence_weight": ("staple",),
-    "max_iter": ("staple",),
-    "hard": ("staple", "simple"),
-    "majority": ("median", "simple"),
-    "seed": ("random",),
-}
+#: The option flags below (a strategy takes those named in its registry entry's ``options``).
+OPTION_FLAGS = ("sigma", "padding", "alpha", "confidence_weight", "max_iter", "hard", "majority", "seed")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", metavar="RATER_FILE", help="one mask file per rater (one case)")
-    parser.add_argument("--method", required=True, choices=METHODS, help="fusion strategy (SPEC §6)")
+    from orcal import fusion
+
+    parser.add_argument("--method", required=True, choices=fusion.names(), help="fusion strategy (SPEC §6)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--cases", metavar="GLOB", help="glob of case folders, e.g. 'data/*/'")
     parser.add_argument("--raters", metavar="GLOB",
@@ -53,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opts.add_argument("--hard", action="store_true", default=None, help="binary output (staple, simple)")
     opts.add_argument("--majority", type=int, help="votes that make a voxel foreground (default R // 2 + 1)")
     opts.add_argument("--seed", type=int, help="seed of the random rater choice (default 0)")
+    opts.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other option of the strategy (repeatable), e.g. --option max_rounds=5")
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
@@ -138,16 +130,20 @@ def run(args: argparse.Namespace) -> int:
     from orcal.fusion import make_target
     from orcal.io import extension
 
+    from orcal import fusion
+    from orcal.commands.train import _option
+
+    strategy = fusion.get(args.method)
+    given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    given.update(_option(text) for text in args.option)
     options = {}
-    for name, methods in OPTION_METHODS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if args.method not in methods:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} does not apply to --method {args.method} (only to {', '.join(methods)})")
+    for name, value in given.items():
+        if name not in strategy.options:
+            takers = [s for s in fusion.names() if name in fusion.get(s).options]
+            flag = "--" + name.replace("_", "-") if name in OPTION_FLAGS else f"--option {name}="
+            raise ValueError(f"{flag} does not apply to --method {args.method} (only to {', '.join(takers) or 'none'})")
         options[name] = value
-    if args.method == "random":
+    if strategy.needs_generator:
         options.setdefault("seed", 0)
 
     cases = _cases(args)

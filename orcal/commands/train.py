@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import ast
 
-METHODS = ("ordinal", "random", "median", "soft", "soft_gaussian", "staple", "simple", "svls")
-
 
 def _patch_size(text: str) -> int | tuple[int, ...] | None:
     """``64`` (a square or cube), ``64,64`` / ``96x96x96`` (one size per axis), or none (whole images)."""
@@ -54,7 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, default=None, help="fraction of training cases to validate on")
     data.add_argument("--no-val", action="store_true", help="no validation: keep the last epoch")
     method = parser.add_argument_group("method")
-    method.add_argument("--method", default="ordinal", choices=METHODS, help="training target (default: ordinal)")
+    from orcal import fusion
+
+    method.add_argument("--method", default="ordinal", choices=fusion.names(),
+                        help="training target, a registered strategy (default: ordinal)")
     method.add_argument("--rps-weight", type=float, default=1.0, help="weight of the RPS term (ordinal)")
     method.add_argument("--majority", type=int, default=None, help="majority threshold m (default R // 2 + 1)")
     method.add_argument("--sigma", type=float, default=None, help="Gaussian width for soft_gaussian / svls")

@@ -1,0 +1,40 @@
+"""Argument checks shared by every public function (SPEC §8): each error names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """An integer argument: a Python or NumPy integer (never a bool, a float or a string) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+    return value
+
+
+def check_real(name: str, value: object, low: float = 0.0) -> float:
+    """A finite real argument ``>= low``: a Python or NumPy number (never a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value}")
+    return value
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,85 @@
+"""The files an experiment keeps per run (``runs/<dataset>/<run>.{json,stats.pt,case.npz}``), so that an
+interrupted experiment resumes where it stopped: a run whose json exists with the same fingerprint is done."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Version of the per-run results files; a different version is recomputed.
+RESULTS_VERSION = 1
+
+
+def safe_name(text: str) -> str:
+    """``text`` with only file-name safe characters."""
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
+
+
+def slug(text: str) -> str:
+    """A file-name friendly form of a dataset key: ``"Synthetic (R=5)"`` -> ``"synthetic-r-5"``."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "dataset"
+
+
+def jsonable(x):
+    """``x`` with arrays as lists and non-finite floats as None, for ``json.dumps``."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def run_files(run_dir: Path, run) -> dict[str, Path]:
+    """The json record, statistics and qualitative-case files of ``run`` (an :class:`orcal.experiment.Run`)."""
+    base = run_dir / safe_name(run.key)
+    # never with_suffix: a key such as "ordinal@0.5" has a dot of its own
+    return {"json": Path(f"{base}.json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
+
+
+def load_run(run_dir: Path, run, fingerprint: str) -> dict[str, Any] | None:
+    """A finished run's record, or None when it is absent, incomplete or from other settings."""
+    files = run_files(run_dir, run)
+    if not files["json"].is_file() or not files["stats"].is_file():
+        return None
+    try:
+        record = json.loads(files["json"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    return record
+
+
+def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
+    """Per-readout :class:`~orcal.stats.CalibrationStats` of a finished run."""
+    from orcal.stats import CalibrationStats
+
+    saved = torch.load(run_files(run_dir, run)["stats"], weights_only=True)
+    return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
+
+
+def load_case_maps(run_dir: Path, run) -> dict[str, np.ndarray]:
+    """Per-readout probability map of the qualitative case (empty when it was not predicted)."""
+    path = run_files(run_dir, run)["case"]
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,96 @@
+"""The one rule for rater masks, wherever they come from: tensors given to the ops and to the fusion
+strategies, and arrays read from files by the loaders, ``orcal fuse`` and ``orcal evaluate``.
+
+- :func:`check_masks`: the kernels' contract, ``(B, R, *S)`` bool or uint8 in {0, 1}.
+- :func:`as_bool_masks`: the fusion strategies' contract, any real dtype holding 0/1, returned as bool.
+- :func:`binary_mask` and :func:`mask_plane`: a rater's file array as uint8 {0, 1} (background 0 and one
+  foreground value; colour images must be grey unless a channel is chosen).
+
+Both tensor rules share the layout check; both file rules name the file in every error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from orcal._schema import MAX_RATERS
+from orcal.checks import check_int
+
+
+def _check_layout(masks: object, name: str) -> torch.Tensor:
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, R, H, W) or (B, R, D, H, W), "
+                        f"got {type(masks).__name__}")
+    if masks.ndim not in (4, 5):
+        raise ValueError(f"{name} must be rater masks (B, R, H, W) or (B, R, D, H, W) (S 2D or 3D, i.e. 4 or 5 "
+                         f"dimensions); got shape {tuple(masks.shape)} ({masks.ndim} dimensions)")
+    R = masks.shape[1]
+    if not 1 <= R <= MAX_RATERS:
+        raise ValueError(f"{name} must hold at least one rater and at most {MAX_RATERS} (1..{MAX_RATERS} raters "
+                         f"along dim 1), got {R}")
+    return masks
+
+
+def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = True) -> None:
+    """Rater masks for the kernels: ``(B, R, *S)``, bool or uint8; values in {0, 1} checked when asked (a full
+    pass, which the compiled kernels do themselves)."""
+    _check_layout(masks, name)
+    if masks.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got {masks.dtype}")
+    if check_values and masks.dtype == torch.uint8 and masks.numel() and masks.device.type != "meta":
+        top = int(masks.max())
+        if top > 1:
+            raise ValueError(f"{name} must be binary (0/1); found value {top}")
+
+
+def as_bool_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    """Rater masks of any real dtype holding 0/1 (bool, integers, floats), returned as a bool tensor."""
+    _check_layout(masks, name)
+    if masks.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got dtype {masks.dtype}")
+    if masks.dtype == torch.bool:
+        return masks
+    if masks.numel() and not bool(((masks == 0) | (masks == 1)).all()):
+        bad = masks[(masks != 0) & (masks != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be binary (values 0 or 1), found the value {bad}")
+    return masks != 0
+
+
+def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
+    """A rater's mask array as uint8 {0, 1}; foreground may be stored as 1, 255 or any single non-zero value."""
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    values = np.unique(arr)
+    if values.size > 2 or (values.size == 2 and values[0] != 0):
+        shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
+        raise ValueError(f"{source}: a binary mask must hold background 0 and one foreground value, "
+                         f"found {values.size} values ({shown})")
+    return (arr != 0).astype(np.uint8)
+
+
+def mask_plane(arr: np.ndarray, source: str, channel: int | None = None) -> np.ndarray:
+    """The annotation plane of a mask stored as a colour image ``(H, W, C)`` (grey+alpha, RGB or RGBA).
+
+    With ``channel`` that channel is taken (0 red / grey, 1 green, 2 blue, 3 alpha). Without it the image
+    must be grey: every channel that varies holds the same values (a constant, fully opaque alpha channel is
+    ignored). A mask drawn in colour, or stored in the alpha channel alone, is an error naming ``source``
+    rather than silently read from channel 0.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        return arr
+    C = arr.shape[2]
+    if channel is not None:
+        return arr[..., check_int("mask channel", channel, 0, C - 1)]
+    colour = arr
+    if C in (2, 4) and (arr[..., -1] == arr[..., -1].flat[0]).all():
+        colour = arr[..., :-1]  # a constant alpha channel carries no annotation
+    if (colour == colour[..., :1]).all():
+        return colour[..., 0]
+    names = ("red", "green", "blue", "alpha") if C >= 3 else ("grey", "alpha")
+    varying = [names[c] for c in range(C) if not (arr[..., c] == arr[..., c].flat[0]).all()]
+    raise ValueError(f"{source}: a colour mask (its {', '.join(varying)} channels differ); choose the channel that "
+                     f"holds the annotation ({', '.join(f'{i} {n}' for i, n in enumerate(names[:C]))}), e.g. "
+                     "mask_channel=1 in the loaders or --mask-channel 1 in orcal fuse")

@@ -1,0 +1,45 @@
+"""The training objective of a method: the ordinal loss to ``k``, or BCE to the strategy's target."""
+
+from __future__ import annotations
+
+import torch
+
+from orcal import fusion
+from orcal.training.config import TrainConfig
+
+
+def fusion_options(method: str, options: dict) -> dict:
+    """The options of ``method``'s strategy; options meant for other strategies are dropped, unknown ones
+    refused (so one options dict can drive every method of an experiment). A seed is training's to give."""
+    known = {o for name in fusion.names() for o in fusion.get(name).options}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"fusion_options {sorted(unknown)} are not options of any strategy; known: {sorted(known)}")
+    strategy = fusion.get(method)
+    return {k: v for k, v in options.items() if k in strategy.options and not (strategy.needs_generator
+                                                                                 and k == "seed")}
+
+
+class Objective:
+    """The training objective of a method: ordinal loss to ``k`` or BCE to the strategy's target."""
+
+    def __init__(self, cfg: TrainConfig):
+        from orcal.losses import OrdinalLoss, SoftBCELoss
+
+        self.method = cfg.method
+        self.strategy = fusion.get(cfg.method)
+        self.options = fusion_options(cfg.method, cfg.fusion_options)
+        if cfg.majority is not None and self.strategy.uses_majority:
+            self.options.setdefault("majority", cfg.majority)  # one majority threshold for the whole run
+        if self.strategy.head == "ordinal":
+            self.mean = OrdinalLoss(cfg.rps_weight, cfg.majority, "mean")
+            self.sum = OrdinalLoss(cfg.rps_weight, cfg.majority, "sum")
+        else:
+            self.mean, self.sum = SoftBCELoss("mean"), SoftBCELoss("sum")
+
+    def __call__(self, logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None,
+                 generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
+        extra = {"generator": generator} if self.strategy.needs_generator else {}
+        target = fusion.make_target(self.method, masks, **self.options, **extra)
+        fn = self.mean if reduction == "mean" else self.sum
+        return fn(logits.float(), target, valid)

@@ -1,0 +1,133 @@
+"""Prediction: whole images in 2D, blended sliding windows in 3D, probabilities of either head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from orcal.models import as_tuple, probability
+from orcal.training.config import AMP_MODES, TrainResult
+from orcal.training.runtime import autocast, resolve_device
+
+
+def infer_logits(model: nn.Module, image: torch.Tensor, spatial_dims: int, patch_size: tuple[int, ...] | None,
+                  overlap: float, amp: str, device: torch.device, sw_batch: int = 2) -> torch.Tensor:
+    """Logits for whole images: one forward pass in 2D (and small 3D), blended sliding windows in 3D."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast(amp, device):
+            return model(x).float()
+
+    needs_window = spatial_dims == 3 and patch_size is not None and \
+        any(n > s for n, s in zip(image.shape[2:], patch_size))
+    if not needs_window:
+        return forward(image)
+    from orcal.data.transforms import sliding_window_inference
+
+    return sliding_window_inference(image, forward, patch_size, overlap=overlap, batch_size=sw_batch)
+
+
+def _resolve(model_or_result, head, majority, patch_size):
+    """Model, head, majority and 3D patch size from a :class:`TrainResult` or a model's ``orcal_spec``."""
+    if isinstance(model_or_result, TrainResult):
+        res = model_or_result
+        if patch_size is None and res.spatial_dims == 3:
+            patch_size = res.config.patch_size
+        return res.model, head or res.head, res.config.majority if majority is None else majority, patch_size
+    if isinstance(model_or_result, nn.Module):
+        spec = getattr(model_or_result, "orcal_spec", {})
+        head = head or spec.get("head")
+        if head is None:
+            raise ValueError("head must be given ('ordinal' or 'binary') for a model without orcal_spec")
+        return model_or_result, head, spec.get("majority") if majority is None else majority, patch_size
+    raise TypeError(f"model_or_result must be an nn.Module or a TrainResult, got {type(model_or_result).__name__}")
+
+
+def _batches(dataset: Dataset, batch_size: int, progress: bool) -> Iterator[list[dict]]:
+    """Items in runs of at most ``batch_size`` with one image and mask shape; 3D volumes one at a time."""
+    it: Any = range(len(dataset))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="predict", unit="image")
+    batch: list[dict] = []
+    for i in it:
+        item = dict(dataset[i])
+        item.setdefault("id", i)
+        if batch and (item["image"].shape != batch[0]["image"].shape or item["masks"].shape != batch[0]["masks"].shape
+                      or item["masks"].ndim == 4):
+            yield batch
+            batch = []
+        batch.append(item)
+        if len(batch) == batch_size or item["masks"].ndim == 4:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
+                     readouts: Sequence[str] = ("majority",), head: str | None = None, majority: int | None = None,
+                     device: str | torch.device = "auto", patch_size: int | Sequence[int] | None = None,
+                     batch_size: int = 2, overlap: float = 0.5, amp: str = "auto", progress: bool = False
+                     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]]:
+    """Foreground probabilities of every item of ``dataset`` for several readouts from one forward pass.
+
+    2D images of one shape go ``batch_size`` per forward pass; 3D volumes one at a time through blended
+    sliding windows of ``patch_size`` (default: the training patch), ``batch_size`` tiles per pass. Arguments
+    as :func:`predict`.
+
+    Yields:
+        ``(ids, {readout: p (B, *S) float32 on the CPU}, masks (B, R, *S) uint8, valid (B, *S) bool or None)``.
+    """
+    model, head, majority, patch_size = _resolve(model_or_result, head, majority, patch_size)
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    for items in _batches(dataset, batch_size, progress):
+        masks = torch.stack([it["masks"] for it in items])
+        spatial_dims = masks.ndim - 2
+        patch = as_tuple(patch_size, spatial_dims) if spatial_dims == 3 else None
+        images = torch.stack([it["image"] for it in items]).to(dev)
+        with torch.no_grad():
+            logits = infer_logits(model, images, spatial_dims, patch, overlap, amp, dev, sw_batch=batch_size)
+            probs = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
+        valid = None
+        if any(it.get("valid") is not None for it in items):
+            valid = torch.stack([it["valid"] if it.get("valid") is not None
+                                 else torch.ones(it["masks"].shape[1:], dtype=torch.bool) for it in items]).bool()
+        yield [str(it["id"]) for it in items], probs, masks, valid
+
+
+def predict(model_or_result: nn.Module | TrainResult, dataset: Dataset, head: str | None = None,
+            readout: str = "majority", majority: int | None = None, device: str | torch.device = "auto",
+            patch_size: int | Sequence[int] | None = None, batch_size: int = 2, overlap: float = 0.5,
+            amp: str = "auto", progress: bool = False
+            ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Foreground probabilities for every item of ``dataset``, yielded one image at a time.
+
+    Args:
+        model_or_result: a :class:`TrainResult` (head, majority and 3D patch size taken from it) or a model.
+        dataset: items ``{"image", "masks", "id"[, "valid"]}``.
+        head: ``"ordinal"`` or ``"binary"``; default from the result or ``model.orcal_spec``.
+        readout: ``"majority"`` or ``"expected"`` (ordinal head).
+        majority: majority threshold of the readout; default the training run's (``R // 2 + 1``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...; the model is moved there.
+        patch_size: sliding-window tile size for 3D (default: the training patch size); 2D images go
+            through whole.
+        batch_size: 2D images, or 3D sliding-window tiles, per forward pass.
+        overlap: sliding-window overlap.
+        amp: ``"auto"`` (bfloat16 on CUDA), ``"bf16"`` or ``"off"``.
+
+    Yields:
+        ``(id, p, masks, valid)``: ``p`` ``(*S)`` float32 on the CPU, ``masks`` ``(R, *S)`` uint8, ``valid``
+        ``(*S)`` bool or None.
+    """
+    for ids, probs, masks, valid in predict_readouts(model_or_result, dataset, (readout,), head, majority, device,
+                                                     patch_size, batch_size, overlap, amp, progress):
+        for j, ident in enumerate(ids):
+            yield ident, probs[readout][j], masks[j], None if valid is None else valid[j]
