@@ -10,7 +10,6 @@ One pass over each case feeds :class:`orcal.metrics.MultiRaterCalibration`; the 
 from __future__ import annotations
 
 import csv
-import fnmatch
 import json
 import math
 import os
@@ -83,15 +82,14 @@ def load_prediction(path: str | os.PathLike, kind: str = "prob") -> np.ndarray:
 
 def rater_folder_cases(raters_dir: str | os.PathLike, rater_glob: str = "*") -> dict[str, list[Path]]:
     """``{case: [rater files]}`` of a folder ``RATERS/<case>/<files matching rater_glob>``."""
-    from orcal.data.base import natural_key
+    from orcal.io import natural_key, rater_files
 
     raters_dir = Path(raters_dir)
     if not raters_dir.is_dir():
         raise FileNotFoundError(f"--raters: no such directory: {raters_dir}")
     cases: dict[str, list[Path]] = {}
     for d in sorted((p for p in raters_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
-        files = sorted((p for p in d.iterdir() if p.is_file() and p.name.lower().endswith(EXTENSIONS)
-                        and fnmatch.fnmatch(p.name, rater_glob)), key=lambda p: natural_key(p.name))
+        files = rater_files(d, rater_glob)
         if not files:
             raise FileNotFoundError(f"--raters: no rater file matching {rater_glob!r} in {d}")
         cases[d.name] = files

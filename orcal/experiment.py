@@ -6,25 +6,40 @@ bootstraps them (SPEC §5) and keeps one results file per run, so that an interr
 where it stopped. The ordinal method is evaluated with both readouts (SPEC §2). Finally it writes the
 tables (:mod:`orcal.report`), the figures and ``report.md`` / ``results.json``.
 
->>> cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic", options={"n": 48})], out="exp", epochs=2)
->>> results = run_experiment(cfg)
+>>> import tempfile
+>>> cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic", options={"n": 24, "shape": (16, 16)})],
+...                        methods=("soft", "ordinal"), arch="unet-small", epochs=1, max_steps=1, n_boot=20,
+...                        out=tempfile.mkdtemp(), progress=False)
+>>> results = run_experiment(cfg, log=lambda *args: None)
+>>> sorted(results["runs"]["synthetic"])
+['ordinal/expected', 'ordinal/majority', 'soft']
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from orcal import fusion, report
+from orcal import report
+from orcal.experiment_config import (  # noqa: F401  (the experiment's public names)
+    ORDINAL_READOUTS,
+    PRESETS,
+    DatasetSpec,
+    ExperimentConfig,
+    Run,
+    cfg_with,
+    fingerprint,
+    plan_runs,
+    preset_config,
+)
 from orcal.experiment_runs import (
     RESULTS_VERSION,
     jsonable,
@@ -33,202 +48,6 @@ from orcal.experiment_runs import (
     safe_name,
 )
 from orcal.training.runtime import hardware_info, resolve_device
-
-#: Readouts reported for the ordinal method (SPEC §2), the paper's first.
-ORDINAL_READOUTS = ("majority", "expected")
-
-
-@dataclass
-class DatasetSpec:
-    """One dataset of an experiment: loader ``name``, optional ``task``, ``root`` and loader ``options``."""
-
-    name: str
-    task: str | None = None
-    root: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None
-
-    @property
-    def key(self) -> str:
-        """Identifier used in file names and as the table column (``label`` when given)."""
-        return self.label or (self.name if self.task is None else f"{self.name}:{self.task}")
-
-    @classmethod
-    def parse(cls, text: str, root: str | None = None, **options) -> DatasetSpec:
-        """``"NAME"`` or ``"NAME:TASK"`` as given on the command line."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"dataset must be NAME or NAME:TASK, got {text!r}")
-        name, _, task = text.strip().partition(":")
-        from orcal.data import DATASETS
-
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r} (argument --dataset); valid datasets: {', '.join(DATASETS)}")
-        return cls(name=name, task=task or None, root=root, options=dict(options))
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything an experiment depends on. Training fields go to :class:`orcal.train.TrainConfig`."""
-
-    datasets: list[DatasetSpec]
-    out: str = "orcal-experiment"
-    methods: tuple[str, ...] = field(default_factory=fusion.names)  # every registered strategy
-    rps_weight: float = 1.0
-    rps_weights: tuple[float, ...] = ()
-    arch: str = "FPN"
-    encoder: str = "resnet18"
-    encoder_weights: str | None = None
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    max_steps: int | None = None
-    patch_size: tuple[int, ...] | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    fusion_options: dict[str, Any] = field(default_factory=dict)
-    cache: bool = True
-    threads: int | None = None
-    n_boot: int = 1000
-    fraction: float = 0.6
-    n_bins: int = 15
-    auc_bins: int = 4096
-    train_options: dict[str, Any] = field(default_factory=dict)
-    force: bool = False
-    progress: bool = True
-    preset: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.datasets:
-            raise ValueError("datasets must name at least one dataset (argument --dataset or --preset)")
-        self.methods = tuple(self.methods)
-        bad = [m for m in self.methods if m not in fusion.names()]
-        if bad:
-            raise ValueError(f"unknown method(s) {', '.join(bad)} (argument --methods); valid: "
-                             f"{', '.join(fusion.names())}")
-        if not self.methods:
-            raise ValueError("methods must name at least one method (argument --methods)")
-        if int(self.epochs) < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_steps is not None and int(self.max_steps) < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.threads is not None and int(self.threads) < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
-        if int(self.n_boot) < 1:
-            raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
-        if not 0 < float(self.fraction) <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
-        for w in (self.rps_weight, *self.rps_weights):
-            if not math.isfinite(float(w)) or float(w) < 0:
-                raise ValueError(f"RPS weights must be finite and >= 0, got {w}")
-        keys = [d.key for d in self.datasets]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"datasets must be distinct, got {keys}")
-
-
-#: Named experiment settings. ``datasets`` entries are (name, task, options, label); a preset's root is the
-#: ``--root`` argument (the dataset's folder, or for "paper" the folder holding each dataset's folder).
-PRESETS: dict[str, dict[str, Any]] = {
-    # The built-in synthetic data: small enough for a 2-core CPU in a few minutes.
-    "demo": {
-        "datasets": [("synthetic", None, {"n": 400, "R": 5, "shape": (48, 48), "test_fraction": 0.25,
-                                          "val_fraction": 0.1}, "Synthetic (R=5)")],
-        "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 24, "batch_size": 16, "lr": 1e-2, "max_steps": None, "threads": 1,
-        "n_boot": 1000,
-    },
-    # LIDC-IDRI slices (4 readers; --root is the LIDC-IDRI-slices folder), 64x64 centre crops, a small
-    # U-Net, 500 steps per method: about half an hour on 2 CPU cores.
-    "lidc": {
-        "datasets": [("lidc_slices", None, {"crop": 64}, "LIDC-IDRI")],
-        "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 10, "batch_size": 32, "lr": 1e-2, "max_steps": 50, "n_boot": 1000,
-    },
-    # The paper's datasets (CoCaHis, REFUGE disc and cup, LongCIU) under one root folder.
-    "paper": {
-        "datasets": [("cocahis", None, {}, "CoCaHis", "cocahis"),
-                     ("refuge", "disc", {}, "REFUGE-DISC", "refuge"),
-                     ("refuge", "cup", {}, "REFUGE-CUP", "refuge"),
-                     ("longciu", None, {}, "LongCIU", "longciu")],
-        "arch": "FPN", "encoder": "resnet34", "encoder_weights": None, "epochs": 100, "batch_size": 8,
-        "lr": 1e-4, "max_steps": None, "patch_size": (256, 256), "n_boot": 1000, "cache": False,
-    },
-}
-
-
-def preset_config(name: str, root: str | None = None, **overrides) -> ExperimentConfig:
-    """The :class:`ExperimentConfig` of preset ``name`` (see :data:`PRESETS`), with ``overrides`` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (argument --preset); valid presets: {', '.join(PRESETS)}")
-    p = dict(PRESETS[name])
-    entries = p.pop("datasets")
-    default_root = p.pop("default_root", None)
-    datasets = []
-    for entry in entries:
-        ds_name, task, options, label = entry[:4]
-        sub = entry[4] if len(entry) > 4 else None
-        ds_root = root if root is not None else default_root
-        if sub is not None and ds_root is not None:
-            ds_root = str(Path(ds_root) / sub)
-        datasets.append(DatasetSpec(ds_name, task, ds_root, dict(options), label))
-    p.update({k: v for k, v in overrides.items() if v is not None})
-    return ExperimentConfig(datasets=datasets, preset=name, **p)
-
-
-# --- runs ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Run:
-    """One model to train: a method, and for the ordinal method its RPS weight."""
-
-    method: str
-    rps_weight: float
-    key: str
-
-    @property
-    def readouts(self) -> tuple[str, ...]:
-        """The readouts evaluated: both for an ordinal head (SPEC §2), the probability itself otherwise."""
-        return ORDINAL_READOUTS if fusion.get(self.method).head == "ordinal" else ("majority",)
-
-    def row(self, readout: str) -> str:
-        """The table row of one readout: the method, or ``method/readout`` for an ordinal head."""
-        return f"{self.method}/{readout}" if len(self.readouts) > 1 else self.method
-
-    @property
-    def rows(self) -> list[str]:
-        """Table rows this run produces (two readouts for the ordinal method)."""
-        return [self.row(r) for r in self.readouts]
-
-
-def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
-    """The main runs (one per method) and the RPS-weight sweep runs (reusing the main ordinal run)."""
-    main = [Run(m, float(cfg.rps_weight), m) for m in cfg.methods]
-    sweep: dict[float, Run] = {}
-    for w in cfg.rps_weights:
-        w = float(w)
-        if "ordinal" in cfg.methods and w == float(cfg.rps_weight):
-            sweep[w] = main[list(cfg.methods).index("ordinal")]
-        else:
-            sweep[w] = Run("ordinal", w, f"ordinal@{w:g}")
-    return main, sweep
-
-
-def _fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run) -> str:
-    """Hash of every setting a run's result depends on (a changed setting is recomputed)."""
-    data = {
-        "dataset": [spec.name, spec.task, spec.root, sorted((k, str(v)) for k, v in spec.options.items())],
-        "run": [run.method, run.rps_weight],
-        "train": [cfg.arch, cfg.encoder, cfg.encoder_weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.max_steps,
-                  cfg.patch_size, cfg.seed, cfg.amp] + [sorted((k, str(v)) for k, v in d.items()) for d in
-                                                        (cfg.model_options, cfg.fusion_options, cfg.train_options)],
-        "eval": [cfg.n_boot, cfg.fraction, cfg.n_bins, cfg.auc_bins],
-        "version": RESULTS_VERSION,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -357,7 +176,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
     history = getattr(result, "history", None)
     record = {
         "version": RESULTS_VERSION,
-        "fingerprint": _fingerprint(cfg, spec, run),
+        "fingerprint": fingerprint(cfg, spec, run),
         "dataset": spec.key,
         "method": run.method,
         "rps_weight": run.rps_weight,
@@ -434,7 +253,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
         records[spec.key] = {}
         for run in all_runs:
             bar.set_postfix_str(f"{spec.key} {run.key}")
-            fp = _fingerprint(cfg, spec, run)
+            fp = fingerprint(cfg, spec, run)
             record = None if cfg.force else load_run(run_dir, run, fp)
             if record is not None:
                 log(f"[{spec.key}] {run.key}: finished earlier, reusing {run_files(run_dir, run)['json']}")
@@ -486,6 +305,3 @@ def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def cfg_with(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
-    """A copy of ``cfg`` with ``changes`` (None values are ignored)."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -7,6 +7,7 @@ Every error names the file. Arrays are returned in the file's own axis order and
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ EXTENSIONS = NIFTI_EXTENSIONS + IMAGE_EXTENSIONS + NUMPY_EXTENSIONS
 #: Files larger than this are refused before reading (a wrong path or a hostile file).
 MAX_FILE_BYTES = 8 * 1024**3
 
-__all__ = ["EXTENSIONS", "binary_mask", "extension", "file_format", "mask_plane", "read_array", "read_mask",
-           "write_array"]
+__all__ = ["EXTENSIONS", "binary_mask", "extension", "file_format", "mask_plane", "natural_key", "rater_files",
+           "read_array", "read_mask", "write_array"]
 
 
 def file_format(path: str | os.PathLike) -> str:
@@ -77,6 +78,22 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except Exception as err:  # decoding errors of three libraries: report them uniformly
         raise ValueError(f"{path}: could not read it as {kind} ({type(err).__name__}: {err})") from err
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``slice-2`` before ``slice-10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+def rater_files(folder: str | os.PathLike, pattern: str = "*", exclude: tuple = ()) -> list[Path]:
+    """The rater files of one case folder: files with a supported extension whose name matches ``pattern``
+    (``fnmatch``), in natural order (``rater2`` before ``rater10``). Every reader of rater folders uses it."""
+    import fnmatch
+
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p not in exclude
+                   and p.name.lower().endswith(EXTENSIONS) and fnmatch.fnmatch(p.name, pattern)),
+                  key=lambda p: natural_key(p.name))
 
 
 def read_mask(path: str | os.PathLike, channel: int | None = None) -> np.ndarray:

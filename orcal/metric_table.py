@@ -97,9 +97,10 @@ def _bin_gap(st: CalibrationStats) -> tuple[torch.Tensor, torch.Tensor]:
     return gap, torch.where(n > 0, gap / n.clamp_min(1), 0.0)
 
 
-def _auc_counts(st: CalibrationStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Wins (ties counted one half), pairs sharing a score bin, and all positive-negative pairs."""
-    pos, neg = st.pos.double(), st.neg.double()
+def auc_counts(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of score-ordered pair counts ``(rows, bins)``: the wins (a positive above a negative, ties
+    counted one half), the pairs sharing a bin, and all positive-negative pairs."""
+    pos, neg = pos.double(), neg.double()
     neg_below = torch.cumsum(neg, 1) - neg
     return (pos * (neg_below + 0.5 * neg)).sum(1), (pos * neg).sum(1), pos.sum(1) * neg.sum(1)
 
@@ -118,13 +119,13 @@ def _mr_mce(st):
 
 
 def _auc(st):
-    wins, _, total = _auc_counts(st)
+    wins, _, total = auc_counts(st.pos, st.neg)
     return safe_div(wins, total)
 
 
 def _auc_error_bound(st):
     # Pairs that share a score bin are counted one half; the truth for each lies in [0, 1].
-    _, shared, total = _auc_counts(st)
+    _, shared, total = auc_counts(st.pos, st.neg)
     return safe_div(0.5 * shared, total)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import metric_table, ops, reference
+from orcal import distributed, metric_table, ops, reference
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
 
@@ -30,63 +30,6 @@ _AGREEMENT_CHUNK = 1 << 22
 #: With the pure-PyTorch backend, a batch larger than this many voxels is fed to calibration_stats in slabs
 #: along the first spatial axis: its int64 temporaries would otherwise take tens of bytes per voxel.
 _SLAB_VOXELS = 1 << 22
-
-
-def _distributed_world() -> int:
-    """World size of an initialised ``torch.distributed`` process group, else 1."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _comm_device() -> torch.device:
-    """The device collective tensors must live on: the current GPU for NCCL, else the CPU."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    out = t.to(_comm_device()).clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-    return out.to(t.device)
-
-
-def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate, in rank order, tensors whose first dimension differs between ranks (padded to the max)."""
-    dist = torch.distributed
-    device = _comm_device()
-    world = dist.get_world_size()
-    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s) for s in sizes]
-    longest = max(counts)
-    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
-    padded[: t.shape[0]] = t.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(t.device)
-
-
-def _merge_scores(scores: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collapse repeated scores: sorted unique scores with their summed positive / negative pair counts."""
-    unique, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    merged_pos = torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, pos)
-    merged_neg = torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, neg)
-    return unique, merged_pos, merged_neg
-
-
-def _auc_from_scores(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """Exact AUC from per-unique-score counts sorted by score (ties count one half)."""
-    pos, neg = pos.double(), neg.double()
-    P, Q = float(pos.sum()), float(neg.sum())
-    if P == 0 or Q == 0:
-        return math.nan
-    neg_below = torch.cumsum(neg, 0) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (P * Q))
 
 
 def agreement_table(sum_p: dict[int, torch.Tensor], count: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -255,14 +198,11 @@ class MultiRaterCalibration:
                 sum_p += torch.bincount(kc, weights=pd, minlength=R + 1).cpu()[: R + 1]
                 count += torch.bincount(kc, minlength=R + 1).cpu()[: R + 1]
             if self.exact_auc:
-                scores, inverse = torch.unique(pd, sorted=True, return_inverse=True)
                 kl = kc.long()
-                pos = torch.zeros(scores.shape[0], dtype=torch.int64, device=pd.device).index_add_(0, inverse, kl)
-                neg = torch.zeros_like(pos).index_add_(0, inverse, R - kl)
-                parts.append((scores.cpu(), pos.cpu(), neg.cpu()))
+                parts.append(tuple(t.cpu() for t in reference.merge_scores(pd, kl, R - kl)))
         if parts:  # one merge per update keeps the cost O(distinct scores) per update
             old = self._scores
-            self._scores = _merge_scores(torch.cat([old[0], *(q[0] for q in parts)]),
+            self._scores = reference.merge_scores(torch.cat([old[0], *(q[0] for q in parts)]),
                                          torch.cat([old[1], *(q[1] for q in parts)]),
                                          torch.cat([old[2], *(q[2] for q in parts)]))
         if self.agreement:
@@ -275,19 +215,20 @@ class MultiRaterCalibration:
         """This process's state, or the sum over every rank of an initialised process group."""
         state = {"total": self._total, "n_images": self._n_images, "rows": self._rows,
                  "sum_p": dict(self._sum_p), "count": dict(self._count), "scores": self._scores}
-        if _distributed_world() == 1:
+        if distributed.world_size() == 1:
             return state
         dist = torch.distributed
         counts, sums = self._total.pack()
-        counts = _all_reduce_sum(torch.cat([counts, torch.tensor([[self._n_images]])], dim=1))
-        state["total"] = CalibrationStats.unpack(counts[:, :-1], _all_reduce_sum(sums), self.n_bins, self.auc_bins)
+        counts = distributed.all_reduce_sum(torch.cat([counts, torch.tensor([[self._n_images]])], dim=1))
+        state["total"] = CalibrationStats.unpack(counts[:, :-1], distributed.all_reduce_sum(sums), self.n_bins,
+                                                 self.auc_bins)
         state["n_images"] = int(counts[0, -1])
         if self.per_image:
             local = (CalibrationStats.cat(self._rows) if self._rows
                      else CalibrationStats.empty(self.n_bins, self.auc_bins))
             row_counts, row_sums = local.pack()
-            rows = CalibrationStats.unpack(_all_gather_rows(row_counts), _all_gather_rows(row_sums),
-                                           self.n_bins, self.auc_bins)
+            rows = CalibrationStats.unpack(distributed.all_gather_rows(row_counts),
+                                           distributed.all_gather_rows(row_sums), self.n_bins, self.auc_bins)
             state["rows"] = [rows]
         if self.agreement:
             raters: list[list[int]] = [[] for _ in range(dist.get_world_size())]
@@ -296,15 +237,15 @@ class MultiRaterCalibration:
             zeros_f = {R: torch.zeros(R + 1, dtype=torch.float64) for R in every}
             zeros_i = {R: torch.zeros(R + 1, dtype=torch.int64) for R in every}
             if every:
-                flat_p = _all_reduce_sum(torch.cat([self._sum_p.get(R, zeros_f[R]) for R in every]))
-                flat_c = _all_reduce_sum(torch.cat([self._count.get(R, zeros_i[R]) for R in every]))
+                flat_p = distributed.all_reduce_sum(torch.cat([self._sum_p.get(R, zeros_f[R]) for R in every]))
+                flat_c = distributed.all_reduce_sum(torch.cat([self._count.get(R, zeros_i[R]) for R in every]))
                 sizes = [R + 1 for R in every]
                 state["sum_p"] = dict(zip(every, flat_p.split(sizes)))
                 state["count"] = dict(zip(every, flat_c.split(sizes)))
         if self.exact_auc:
-            scores = _all_gather_rows(self._scores[0])
-            pos, neg = _all_gather_rows(self._scores[1]), _all_gather_rows(self._scores[2])
-            state["scores"] = _merge_scores(scores, pos, neg)
+            scores = distributed.all_gather_rows(self._scores[0])
+            pos, neg = distributed.all_gather_rows(self._scores[1]), distributed.all_gather_rows(self._scores[2])
+            state["scores"] = reference.merge_scores(scores, pos, neg)
         return state
 
     # --- results -----------------------------------------------------------------------------------------
@@ -330,7 +271,7 @@ class MultiRaterCalibration:
         out: dict[str, Any] = {key: values[key] for key in metric_table.keys()}
         if self.exact_auc:
             out["auc_binned"] = out["auc"]
-            out["auc"] = _auc_from_scores(state["scores"][1], state["scores"][2])
+            out["auc"] = reference.auc_from_sorted_counts(state["scores"][1], state["scores"][2])
         out["bins"] = reference.bin_table(total)
         if self.agreement:
             out["agreement"] = agreement_table(state["sum_p"], state["count"])

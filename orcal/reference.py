@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from orcal._schema import opmath_dtype  # noqa: F401  (the accumulation dtype of every backend)
-from orcal.metric_table import metrics_from_totals, safe_div
+from orcal.metric_table import auc_counts, metrics_from_totals, safe_div
 from orcal.stats import CalibrationStats
 
 NLL_EPS = 1e-7  # SPEC §4: log p and log(1 - p) are bounded below by log(NLL_EPS) for the NLL
@@ -228,18 +228,28 @@ def auc_exact(p: torch.Tensor, k: torch.Tensor, num_raters: int, valid: torch.Te
     by sorting, so nothing is expanded.
     """
     p = p.reshape(-1).double()
-    k = k.reshape(-1).double()
+    k = k.reshape(-1).long()
     if valid is not None:
         keep = valid.reshape(-1)
         p, k = p[keep], k[keep]
-    scores, inverse = torch.unique(p, sorted=True, return_inverse=True)
-    pos = torch.zeros_like(scores).index_add_(0, inverse, k)
-    neg = torch.zeros_like(scores).index_add_(0, inverse, num_raters - k)
-    neg_below = torch.cumsum(neg, 0) - neg
-    P, Q = pos.sum(), neg.sum()
-    if P == 0 or Q == 0:
-        return math.nan
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (P * Q))
+    _, pos, neg = merge_scores(p, k, num_raters - k)
+    return auc_from_sorted_counts(pos, neg)
+
+
+def merge_scores(scores: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted unique scores with the summed positive and negative pair counts of each."""
+    unique, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    merged_pos = torch.zeros(unique.shape[0], dtype=pos.dtype, device=pos.device).index_add_(0, inverse, pos)
+    merged_neg = torch.zeros(unique.shape[0], dtype=neg.dtype, device=neg.device).index_add_(0, inverse, neg)
+    return unique, merged_pos, merged_neg
+
+
+def auc_from_sorted_counts(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Exact AUC from pair counts per distinct score in increasing order (ties count one half); NaN without
+    a positive or a negative pair. The same count as the binned AUC of SPEC §4, with one bin per score."""
+    wins, _, total = auc_counts(pos[None], neg[None])
+    return float(wins[0] / total[0]) if float(total[0]) > 0 else math.nan
 
 
 # --- §5 bootstrap ----------------------------------------------------------------------------------------

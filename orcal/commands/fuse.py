@@ -4,10 +4,11 @@ One case:    orcal fuse --method staple --out OUTDIR rater1.nii.gz rater2.nii.gz
 Many cases:  orcal fuse --method soft --cases 'data/*/' --raters 'rater*.nii.gz' --out OUTDIR
 
 Writes OUTDIR/<method><ext> for one case, OUTDIR/<case>/<method><ext> for many (one folder per case), and
-OUTDIR/agreement.csv. Per case it prints the inter-rater agreement: the mean pairwise Dice and the fraction
-of voxels where the raters do not all agree. Masks hold 0/1 or 0/255. The output follows the input format
-(NIfTI keeps the affine of the first rater's file, PNG stores the probability scaled to 0..255, .npy is
-float32) unless --format is given; the ordinal method writes the vote count k as uint8.
+OUTDIR/agreement.csv. Per case it prints the inter-rater agreement as `orcal data info` defines it: the mean
+pairwise Dice and, among the voxels some rater marked, the fraction where the raters do not all agree. A
+mask holds background 0 and one foreground value (1, 255, ...), read by the loaders' rule. The output follows
+the input format (NIfTI keeps the affine of the first rater's file, PNG stores the probability scaled to
+0..255, .npy is float32) unless --format is given; the ordinal method writes the vote count k as uint8.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--cases", metavar="GLOB", help="glob of case folders, e.g. 'data/*/'")
     parser.add_argument("--raters", metavar="GLOB",
-                        help="glob of the rater files inside each case folder (default: every mask file)")
+                        help="pattern of the rater file names in each case folder (default: every mask file)")
     parser.add_argument("--format", choices=tuple(FORMATS), help="output format (default: as the input)")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
     parser.add_argument("--mask-channel", type=int, default=None, metavar="C",
@@ -51,7 +52,7 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
     """``(case name, rater files)`` pairs from the command line."""
     import glob
 
-    from orcal.io import EXTENSIONS
+    from orcal.io import rater_files
 
     if args.files and args.cases:
         raise ValueError("give either rater files or --cases, not both")
@@ -68,14 +69,8 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
     if len(set(names)) != len(names):
         raise ValueError(f"--cases {args.cases!r} matched folders with the same name; outputs would collide")
     cases = []
-    for folder in folders:
-        if args.raters:
-            # the folder's own name may hold glob characters (case[1]): only the --raters part is a pattern
-            files = sorted(Path(p) for p in glob.glob(str(Path(glob.escape(str(folder))) / args.raters))
-                           if Path(p).is_file())
-        else:
-            files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(EXTENSIONS))
-        cases.append((folder.name, files))
+    for folder in folders:  # the folder's own name may hold glob characters (case[1]): only --raters is a pattern
+        cases.append((folder.name, rater_files(folder, args.raters or "*")))
     return cases
 
 
@@ -90,20 +85,12 @@ def load_mask(path: Path, channel: int | None = None):
 
 
 def agreement(masks) -> tuple[float, float]:
-    """Mean pairwise Dice (two empty masks agree fully) and the fraction of voxels with any disagreement."""
-    import itertools
+    """Mean pairwise Dice (pairs that both left the case empty skipped) and the fraction of the raters' union
+    where they do not all agree: the definitions of ``orcal data info`` (:mod:`orcal.data.agreement`)."""
+    from orcal.data.agreement import agreement_stats
 
-    import torch
-
-    R = masks.shape[0]
-    sizes = masks.flatten(1).sum(1)
-    dice = []
-    for a, b in itertools.combinations(range(R), 2):
-        total = int(sizes[a] + sizes[b])
-        dice.append(1.0 if total == 0 else 2.0 * int((masks[a] & masks[b]).sum()) / total)
-    k = masks.sum(0, dtype=torch.int32)
-    split = ((k > 0) & (k < R)).sum()
-    return sum(dice) / max(len(dice), 1), int(split) / max(k.numel(), 1)
+    stats = agreement_stats([masks])
+    return stats["mean_pairwise_dice"], stats["disagreement_fraction"]
 
 
 def _output(target, method: str, fmt: str, path: Path, like: Path) -> None:
@@ -127,11 +114,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from orcal.fusion import make_target
-    from orcal.io import extension
-
     from orcal import fusion
     from orcal.commands.train import _option
+    from orcal.fusion import make_target
+    from orcal.io import extension
 
     strategy = fusion.get(args.method)
     given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
@@ -171,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         _output(target, args.method, ext, out_path, files[0])
         shape = "x".join(map(str, arrays[0].shape))
         bar.write(f"{label:<24} {len(files):>6} {shape:>16} {dice:>7.4f} {split:>9.4f}  {out_path}")
-        rows.append({"case": label, "raters": len(files), "shape": shape, "pairwise_dice": f"{dice:.6f}",
-                     "disagreement": f"{split:.6f}", "output": str(out_path)})
+        rows.append({"case": label, "raters": len(files), "shape": shape, "mean_pairwise_dice": f"{dice:.6f}",
+                     "disagreement_fraction": f"{split:.6f}", "output": str(out_path)})
 
     with open(args.out / "agreement.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

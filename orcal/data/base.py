@@ -6,7 +6,6 @@ An item is a dict with ``"image"`` (float32, ``(C, *S)``), ``"masks"`` (uint8 in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from orcal.io import binary_mask, read_mask  # noqa: F401  (the loaders' one mask rule, re-exported)
+from orcal.io import binary_mask, natural_key, read_mask  # noqa: F401  (one rule for every reader)
 
 SPLITS = ("train", "val", "test")
 
@@ -28,11 +27,6 @@ class Case:
     id: str
     group: str
     info: Any = field(default=None, compare=False)
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders ``slice-2`` before ``slice-10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
 
 
 def check_root(root: str | Path | None, name: str, published: str, layout: str) -> Path:

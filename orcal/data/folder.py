@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
-from pathlib import Path
+
+from orcal.io import EXTENSIONS, rater_files
 
 from ._io import read_array
 from .base import (
@@ -19,12 +19,6 @@ from .base import (
     scale_intensity,
     seeded_split,
 )
-
-_EXTS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".npy", ".tif", ".tiff", ".bmp")
-
-
-def _has_ext(path: Path) -> bool:
-    return path.name.lower().endswith(_EXTS)
 
 
 class FolderDataset(MultiRaterDataset):
@@ -56,12 +50,12 @@ class FolderDataset(MultiRaterDataset):
         self.rater_glob, self.intensity, self.mask_channel = rater_glob, intensity, mask_channel
         cases = []
         for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
-            images = [p for p in d.iterdir() if p.name.lower().startswith("image.") and _has_ext(p)]
+            images = [p for p in d.iterdir() if p.name.lower().startswith("image.")
+                      and p.name.lower().endswith(EXTENSIONS)]
             if len(images) != 1:
                 raise FileNotFoundError(f"expected exactly one image.<ext> in {d}, found {len(images)}; "
                                         f"layout: {self.layout}")
-            raters = sorted((p for p in d.iterdir() if p != images[0] and _has_ext(p)
-                             and fnmatch.fnmatch(p.name, rater_glob)), key=lambda p: natural_key(p.name))
+            raters = rater_files(d, rater_glob, exclude=(images[0],))
             if not raters:
                 raise FileNotFoundError(f"missing rater file: no file matching {rater_glob!r} in {d}; "
                                         f"layout: {self.layout}")

@@ -111,13 +111,12 @@ def autocast(amp: str, device: torch.device):
 
 
 def all_reduce(values: Sequence[float], info: Dist, device: torch.device) -> list[float]:
+    """``values`` summed over the ranks of the run."""
     if info.world == 1:
         return [float(v) for v in values]
-    import torch.distributed as dist
+    from orcal.distributed import all_reduce_sum
 
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum(torch.tensor(list(values), dtype=torch.float64, device=device)).tolist()
 
 
 def _cpu_name() -> str:
