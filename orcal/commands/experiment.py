@@ -12,9 +12,10 @@ Each finished run is kept under OUT/runs/, so an interrupted experiment resumes 
 from __future__ import annotations
 
 import argparse
-import ast
 import shlex
 import sys
+
+from orcal.commands._args import key_value
 
 
 def _int_or_none(text: str) -> int | None:
@@ -30,17 +31,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _methods(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip(), parsed
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset to run on (repeatable), e.g. lidc_slices, refuge:cup, synthetic")
     parser.add_argument("--root", action="append", default=[],
                         help="dataset folder: once for all datasets, or once per --dataset in order")
-    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="dataset loader option for every dataset, e.g. n=128 or min_raters_foreground=1")
     parser.add_argument("--out", default=None, help="output folder (default: orcal-experiment)")
     add_training_arguments(parser)

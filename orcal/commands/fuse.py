@@ -115,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from orcal import fusion
-    from orcal.commands.train import _option
+    from orcal.commands._args import key_value
     from orcal.fusion import make_target
     from orcal.io import extension
 
     strategy = fusion.get(args.method)
     given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
-    given.update(_option(text) for text in args.option)
+    given.update(key_value(text) for text in args.option)
     options = {}
     for name, value in given.items():
         if name not in strategy.options:

@@ -11,7 +11,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ast
+
+from orcal.commands._args import key_value
 
 
 def _patch_size(text: str) -> int | tuple[int, ...] | None:
@@ -27,17 +28,6 @@ def _patch_size(text: str) -> int | tuple[int, ...] | None:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"options are KEY=VALUE, got {text!r}")
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value  # a plain string
-    return key.strip(), parsed
-
-
 def _none(text: str) -> str | None:
     return None if text.lower() in ("none", "") else text
 
@@ -47,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="synthetic", help="dataset name (default: synthetic)")
     data.add_argument("--root", default=None, help="dataset folder (not needed for synthetic)")
     data.add_argument("--task", default=None, help="structure / task where a dataset has several")
-    data.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    data.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                       help="dataset option, repeatable (e.g. n=64, R=5, shape=(64,64), val_fraction=0.1)")
     data.add_argument("--val-fraction", type=float, default=None, help="fraction of training cases to validate on")
     data.add_argument("--no-val", action="store_true", help="no validation: keep the last epoch")
