@@ -31,6 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
     parser.add_argument("--out", default=str(RESULTS), help="directory for <device-name>.{md,json}")
     parser.add_argument("--no-staple", action="store_true", help="skip the STAPLE benchmark of bench_fusion")
+    parser.add_argument("--sizes", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()), default=None,
+                        help="only these of the default sizes (2d, ct; quick: 2d-quick, ct-quick)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="also time each case in this many fresh processes, for the spread between runs "
+                             "(default 5; 1 with --quick)")
+    parser.add_argument("--no-training-step", action="store_true",
+                        help="skip the loss's share of a training step (a 3D U-Net, FPN-ResNet18 in 2D)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = tuple(p for p in args.providers if not (args.no_compile and p == "compile"))
+    processes = args.processes if args.processes is not None else (1 if args.quick else 5)
+    if processes < 1:
+        raise SystemExit("--processes must be >= 1")
     rows, meta = run_suite(device=device, quick=args.quick, ops=args.ops, providers=providers, raters=args.raters,
-                           repeats=args.repeats, out_dir=args.out, staple=not args.no_staple)
+                           repeats=args.repeats, out_dir=args.out, staple=not args.no_staple, processes=processes,
+                           size_names=args.sizes, training_step=not args.no_training_step)
     print(markdown(rows, meta))
     for key, why in meta["skipped"].items():
         print(f"skipped {key}: {why}")

@@ -2,13 +2,21 @@
 
 For each case (op, size, R) and provider it measures the median wall time of repeated runs after a warm-up,
 voxels/s, effective GB/s (the bytes the op must move at least), that rate as a fraction of the memory
-bandwidth of a large tensor copy measured in the same run, and the peak extra memory of one call.
+bandwidth of a large tensor copy measured in the same run, and the peak extra memory of one call. With
+``processes > 1`` each case is also timed in that many fresh processes: the spread a user sees between runs.
+
+The pattern timed is a user's loop: the loss step takes a fresh logits leaf each call
+(``z = x.detach().requires_grad_(); loss(z, k).backward()``), the gradient is freed with it, and the
+allocator is the platform's default (glibc's, untuned) while timing. Peers are what users would otherwise
+call (:mod:`benchmarks.peers`): ``F.cross_entropy`` and one-channel BCE for the loss, torchmetrics on
+expanded pairs, MONAI's ECE and torchmetrics' binned AUROC for the statistics.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 On the CPU, the growth of the process's resident-set high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``) over its resident size before the call, with glibc's malloc told to return
-every large block to the system on free, so the number is what the call really touched: outputs included
-(for the loss, the gradient kept in ``.grad``), caches of the allocator excluded.
+``/proc/self/clear_refs``) over its resident size before the call, measured after the timing (in the fresh
+processes of the spread when there are some) with glibc's malloc then told to return every large block to
+the system on free, so the number is what the call really touched: outputs included (for the loss, the
+gradient kept in ``.grad``), caches of the allocator excluded.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import math
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,11 +39,12 @@ from pathlib import Path
 import torch
 
 import orcal
+from benchmarks import peers
 from orcal import _ext
 from orcal import reference as ref
 
 OPS = ("loss", "stats", "readout")
-PROVIDERS = ("cpp", "triton", "torch", "compile", "torchmetrics")
+PROVIDERS = ("cpp", "triton", "torch", "compile", "torchmetrics", *peers.LOSS_PEERS, *peers.STATS_PEERS)
 RATERS = (3, 7)
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,6 +85,7 @@ class Row:
     peak_extra_mb: float = math.nan
     check: str = ""
     runs: int = 0
+    spread_ms: tuple[float, float] | None = None  # min and max of the medians of separate processes
     error: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -143,7 +155,8 @@ _MALLOC_SET = False
 
 
 def _malloc_returns_memory() -> None:
-    """Make glibc return every block of 64 KiB or more to the system on free (so RSS follows live memory)."""
+    """Make glibc return every block of 64 KiB or more to the system on free (so RSS follows live memory),
+    and give back what it holds now. Only for the memory pass: timings use the default allocator."""
     global _MALLOC_SET
     if _MALLOC_SET:
         return
@@ -152,6 +165,7 @@ def _malloc_returns_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
 
 
 def _status_kb(key: str) -> int | None:
@@ -217,16 +231,6 @@ def make_case(op: str, size: Size, R: int, device: str, seed: int = 0) -> Case:
     return Case(op, size, R, {"p": p.to(device), "masks": masks.to(device)}, V * 4 + masks.numel())
 
 
-def _loss_step(fn: Callable, logits: torch.Tensor, k: torch.Tensor) -> Callable[[], torch.Tensor]:
-    def step():
-        z = logits.detach().requires_grad_()
-        loss = fn(z, k)
-        loss.backward()
-        return z.grad
-
-    return step
-
-
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
@@ -247,24 +251,32 @@ def provider_fn(case: Case, provider: str) -> tuple[Callable[[], object], Callab
     x = case.inputs
     if case.op == "loss":
         if provider in ("cpp", "triton", "torch"):
-            return _loss_step(lambda z, k: orcal.ordinal_loss(z, k, backend=provider), x["logits"], x["k"]), None
+            return peers.user_step(lambda z, k: orcal.ordinal_loss(z, k, backend=provider), x["logits"], x["k"]), None
         if provider == "compile":
-            return _loss_step(_compiled(ref.ordinal_loss), x["logits"], x["k"]), None
+            return peers.user_step(_compiled(ref.ordinal_loss), x["logits"], x["k"]), None
+        return peers.user_step(peers.loss_peer(provider), x["logits"], x["k"]), None
     if case.op == "readout":
         if provider in ("cpp", "triton", "torch"):
             return lambda: orcal.foreground_probability(x["logits"], backend=provider), None
         if provider == "compile":
             f = _compiled(ref.foreground_probability)
             return lambda: f(x["logits"]), None
-    # stats
-    mr_ece = lambda st: orcal.calibration_metrics(st)["mr_ece"]  # noqa: E731
+    # stats: the values each provider reports, by name (compared in _finish_rows)
+    def metrics(st):
+        m = orcal.calibration_metrics(st)
+        return {"mr_ece": m["mr_ece"], "auc": m["auc"]}
+
     if provider in ("cpp", "triton", "torch"):
-        return lambda: orcal.calibration_stats(x["p"], x["masks"], backend=provider), mr_ece
+        return lambda: orcal.calibration_stats(x["p"], x["masks"], backend=provider), metrics
+    if provider in peers.STATS_PEERS:
+        fn = peers.stats_peer(provider, case.R)
+        key = "auc" if provider == "auroc" else "ece_per_image"
+        return lambda: fn(x["p"], x["masks"]), lambda v: {key: float(v)}
     if provider == "compile":
         R = case.R
         f = _compiled(lambda p, masks: ref.calibration_stats(p, ref.orc_targets(masks), R).pack())
-        return lambda: f(x["p"], x["masks"]), lambda packed: mr_ece(orcal.CalibrationStats.unpack(*packed, 15, 4096))
-    return lambda: _torchmetrics_ece(x["p"], x["masks"]), float
+        return lambda: f(x["p"], x["masks"]), lambda packed: metrics(orcal.CalibrationStats.unpack(*packed, 15, 4096))
+    return lambda: _torchmetrics_ece(x["p"], x["masks"]), lambda v: {"mr_ece": float(v)}
 
 
 def available(provider: str, op: str, device: str) -> str | None:
@@ -275,54 +287,89 @@ def available(provider: str, op: str, device: str) -> str | None:
         return _ext.why_no_kernel(dev)
     if provider == "triton":
         return _ext.why_no_triton(dev)
+    if provider in ("torchmetrics", *peers.STATS_PEERS) and op != "stats":
+        return "not applicable: a statistics peer"
+    if provider in peers.LOSS_PEERS and op != "loss":
+        return "not applicable: a loss peer"
     if provider == "torchmetrics":
-        if op != "stats":
-            return "not applicable: torchmetrics only scores the statistics"
         try:
             import torchmetrics  # noqa: F401
         except ImportError:
             return "torchmetrics is not installed"
-    return None
+    return peers.peer_available(provider)
 
 
-def run_case(case: Case, provider: str, device: str, repeats: int, budget_s: float, copy_gbs: float) -> Row:
+def run_case(case: Case, provider: str, device: str, repeats: int, budget_s: float, copy_gbs: float
+             ) -> tuple[Row, Callable[[], object] | None]:
+    """Time one provider on one case (the default allocator); returns the row and the call (for the memory
+    pass), or no call when the provider failed."""
     row = Row(case.op, case.size.name, f"{case.size.batch}x{case.R + 1}x" + "x".join(map(str, case.size.spatial)),
               case.R, provider)
     fn, value_of = provider_fn(case, provider)
     try:
         times = time_fn(fn, device, repeats, budget_s)
-        row.peak_extra_mb = peak_extra_mb(fn, device)
         out = fn()
         if value_of is not None:
-            row.extra["value"] = float(value_of(out))
+            row.extra["values"] = value_of(out)
+        del out
     except Exception as err:  # a provider that fails is reported, the suite goes on
         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        return row
+        return row, None
     t = statistics.median(times)
     row.runs = len(times)
     row.median_ms = t * 1e3
     row.mvox_per_s = case.size.voxels / t / 1e6
     row.gb_per_s = case.bytes_moved / t / 1e9
     row.frac_copy = row.gb_per_s / copy_gbs
-    return row
+    return row, fn
+
+
+def process_spread(row: Row, case: Case, device: str, processes: int, repeats: int) -> None:
+    """Time ``row``'s call in ``processes`` fresh interpreters (the same seeded inputs); their medians' range
+    goes to ``row.spread_ms``. torch.compile is left out: each process would compile again."""
+    if processes < 2 or row.error or row.provider == "compile" or row.median_ms > 1000:
+        return
+    spec = json.dumps({"op": case.op, "size": [case.size.name, case.size.batch, list(case.size.spatial)],
+                       "R": case.R, "provider": row.provider, "device": device, "repeats": repeats})
+    medians, peaks = [], []
+    for _ in range(processes):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", spec], capture_output=True, text=True,
+                              timeout=600, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode == 0:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            medians.append(statistics.median(result["times"]))
+            peaks.append(result["peak_mb"])
+    if medians:
+        row.spread_ms = (min(medians) * 1e3, max(medians) * 1e3)
+        row.extra["process_medians_ms"] = [m * 1e3 for m in medians]
+        # a fresh process's heap holds nothing of other cases: its peak is the call's own
+        row.peak_extra_mb = statistics.median(peaks)
 
 
 def _finish_rows(rows: list[Row]) -> None:
-    """Speed-ups against the eager reference, and value checks against it (or against cpp for torchmetrics)."""
+    """Speed-ups against the eager reference; each provider's values beside those of the compiled kernels
+    (or the reference where none are built)."""
     by_case: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         by_case.setdefault((r.op, r.size, r.R), {})[r.provider] = r
+    names = {"mr_ece": "MR-ECE", "auc": "AUC", "ece_per_image": "ECE per image (MONAI, y = k/R)"}
     for group in by_case.values():
         base = group.get("torch")
+        anchor = group.get("cpp") if "cpp" in group and not group["cpp"].error else base
         for r in group.values():
             if base is not None and not r.error and not base.error:
                 r.speedup_vs_torch = base.median_ms / r.median_ms
-            if "value" in r.extra:
-                anchor = group.get("cpp") if r.provider == "torchmetrics" else base
-                if anchor is not None and "value" in anchor.extra and anchor is not r:
-                    r.check = f"MR-ECE {r.extra['value']:.6f}, |d| {abs(r.extra['value'] - anchor.extra['value']):.1e}"
-                else:
-                    r.check = f"MR-ECE {r.extra['value']:.6f}"
+            values = r.extra.get("values", {})
+            ref_values = anchor.extra.get("values", {}) if anchor is not None and anchor is not r else {}
+            parts = []
+            for key, value in values.items():
+                text = f"{names[key]} {value:.6f}"
+                if key in ref_values:
+                    text += f", |d| {abs(value - ref_values[key]):.1e}"
+                elif key == "ece_per_image" and "mr_ece" in ref_values:
+                    text += f" (pooled MR-ECE {ref_values['mr_ece']:.6f})"
+                parts.append(text)
+            r.check = "; ".join(parts)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -337,6 +384,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"{meta['date']}. Memory floor: a {meta['copy_mb']:.0f} MB tensor copy moves {meta['copy_gbs']:.1f} GB/s "
         "(read + write).",
         "",
+        "Pattern: a user's loop. Each loss call takes a fresh logits leaf (`z = x.detach().requires_grad_(); "
+        "loss(z, k).backward()`), its gradient freed with it; the allocator is the default one while timing. "
+        f"Spread: the range of the medians of {meta.get('processes', 1)} separate processes (one process: none). "
         "Median of repeated runs after a warm-up. GB/s counts the bytes the op must move at least (loss fwd+bwd: "
         "logits read + gradient written + k read; stats: probabilities + rater masks read; readout: logits read + "
         "p written); `% copy` is that rate over the copy's. Peak extra MB: "
@@ -344,23 +394,40 @@ def markdown(rows: list[Row], meta: dict) -> str:
            if meta["device"] == "cuda" else
            "growth of the resident-set high-water mark over the resident size before the call (glibc set to "
            "return large blocks on free), outputs included: for the loss, the gradient left in `.grad`.")
-        + " Check: MR-ECE, and its distance to the eager reference (torchmetrics: to cpp).",
+        + " Check: what the provider computes, and its distance to the compiled kernels' value (the eager "
+        "reference where none are built). Peers: `cross_entropy` is `F.cross_entropy` on the same R + 1 "
+        "channels, `bce` a one-channel BCE with logits to k / R, `torchmetrics` a binary ECE on expanded pairs, "
+        "`monai_ece` MONAI's CalibrationErrorMetric per image on y = k / R (averaged over images, not pooled), "
+        "`auroc` torchmetrics' exact BinaryAUROC on expanded pairs. Spread is left out for torch.compile (each "
+        "process would compile again) and for calls slower than a second.",
         "",
-        "| op | size | shape (B x C x S) | R | provider | median ms | Mvoxel/s | GB/s | % copy | x eager | "
-        "peak extra MB | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | size | shape (B x C x S) | R | provider | median ms | spread ms | Mvoxel/s | GB/s | % copy | "
+        "x eager | peak extra MB | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    order = {p: i for i, p in enumerate(PROVIDERS)}
+    for r in sorted(rows, key=lambda r: (OPS.index(r.op), r.size, r.R, order[r.provider])):
         if r.error:
             lines.append(f"| {r.op} | {r.size} | {r.shape} | {r.R} | {r.provider} | failed: {r.error} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
+        spread = "-" if r.spread_ms is None else f"{r.spread_ms[0]:.2f}–{r.spread_ms[1]:.2f}"
         lines.append(
-            f"| {r.op} | {r.size} | {r.shape} | {r.R} | {r.provider} | {_fmt(r.median_ms, '.2f')} | "
+            f"| {r.op} | {r.size} | {r.shape} | {r.R} | {r.provider} | {_fmt(r.median_ms, '.2f')} | {spread} | "
             f"{_fmt(r.mvox_per_s, '.1f')} | {_fmt(r.gb_per_s, '.2f')} | {_fmt(100 * r.frac_copy, '.1f')} | "
             f"{_fmt(r.speedup_vs_torch, '.1f')} | {_fmt(r.peak_extra_mb, '.1f')} | {r.check} |")
     for name, extra in meta.get("extras", {}).items():
-        lines += ["", f"## {name}", "", "```", json.dumps(extra, indent=1, default=str), "```"]
+        lines += ["", f"## {name}", ""]
+        if name.startswith("Share of a training step") and "error" not in extra:
+            lines += ["One SGD step (forward, loss, backward, update; median) and the loss alone (fwd + bwd on the "
+                      "step's logits, a fresh leaf each call).", "",
+                      "| network | input | loss | step ms | loss ms | share of the step |", "|---|---|---|---|---|---|"]
+            for net, entry in extra.items():
+                for loss, t in entry["losses"].items():
+                    lines.append(f"| {net} | {'x'.join(map(str, entry['input']))} | {loss} | {t['step_ms']:.1f} | "
+                                 f"{t['loss_ms']:.2f} | {100 * t['share_of_step']:.2f} % |")
+            continue
+        lines += ["```", json.dumps(extra, indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -377,10 +444,15 @@ def _bench_staple(device: str, quick: bool) -> dict | None:
 def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = OPS,
               providers: tuple[str, ...] = PROVIDERS, raters: tuple[int, ...] = RATERS,
               sizes: list[Size] | None = None, repeats: int | None = None, budget_s: float | None = None,
-              out_dir: Path | str | None = RESULTS, staple: bool = True, progress: bool = True
+              out_dir: Path | str | None = RESULTS, staple: bool = True, progress: bool = True,
+              processes: int = 1, size_names: tuple[str, ...] | None = None, training_step: bool = False
               ) -> tuple[list[Row], dict]:
-    """Run the benchmark matrix; print nothing. Writes ``<out_dir>/<device-name>.{md,json}`` unless ``out_dir``
-    is None. Returns the rows and the run's metadata."""
+    """Run the benchmark matrix; print nothing. Writes ``<out_dir>/<device-name>.{md,json}`` after every case
+    (a run cut short keeps what it measured) unless ``out_dir`` is None. Returns the rows and the metadata.
+
+    ``processes``: also time every case in that many fresh processes (the spread); ``size_names`` keeps the
+    default sizes of those names; ``training_step`` adds the loss's share of an optimiser step.
+    """
     from tqdm import tqdm
 
     for name in ops:
@@ -391,50 +463,72 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
             raise ValueError(f"providers must be among {PROVIDERS}, got {name!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' asked for, but no CUDA GPU is available")
-    if device == "cpu":
-        _malloc_returns_memory()  # before any case allocates: freed blocks must not be reused silently
     sizes = sizes or default_sizes(device, quick)
+    if size_names:
+        sizes = [s for s in sizes if s.name in size_names]
+        if not sizes:
+            raise ValueError(f"sizes {size_names} match none of {[s.name for s in default_sizes(device, quick)]}")
     repeats = repeats or (3 if quick else 7)
     budget_s = budget_s if budget_s is not None else (0.5 if quick else 3.0)
     copy_gbs, copy_mb = copy_bandwidth(device, quick)
     meta = {
         "device": device, "device_name": device_name(device), "device_description": device_description(device),
         "torch": torch.__version__, "orcal": orcal.__version__, "threads": torch.get_num_threads(),
-        "cpu_isa": _cpu_isa(), "copy_gbs": copy_gbs, "copy_mb": copy_mb,
-        "date": time.strftime("%Y-%m-%d"), "quick": quick,
+        "cpu_isa": _cpu_isa(), "copy_gbs": copy_gbs, "copy_mb": copy_mb, "processes": processes,
+        "date": time.strftime("%Y-%m-%d"), "quick": quick, "skipped": {}, "extras": {},
     }
-    plan = [(op, size, R, p) for op in ops for size in sizes for R in raters for p in providers]
+    # Provider-major, in the order given: a run cut short keeps every op of the first providers.
+    plan = [(op, size, R, p) for p in providers for op in ops for size in sizes for R in raters]
     rows: list[Row] = []
-    skipped: dict[str, str] = {}
+    calls: list[tuple[Row, Callable[[], object]]] = []
     case_key, case = None, None
     for op, size, R, provider in tqdm(plan, desc="benchmarks", disable=not progress):
         reason = available(provider, op, device)
         if reason is not None:
-            skipped[f"{provider}/{op}"] = reason
+            meta["skipped"][f"{provider}/{op}"] = reason
             continue
         if case_key != (op, size.name, R):
             case_key, case = (op, size.name, R), make_case(op, size, R, device)
-        rows.append(run_case(case, provider, device, repeats, budget_s, copy_gbs))
-    _finish_rows(rows)
-    meta["skipped"] = skipped
-    extras = {}
+        row, fn = run_case(case, provider, device, repeats, budget_s, copy_gbs)
+        process_spread(row, case, device, processes, repeats)
+        rows.append(row)
+        if fn is not None:
+            calls.append((row, fn))
+        _finish_rows(rows)
+        _write(rows, meta, out_dir)
+    if device == "cpu":
+        _malloc_returns_memory()  # the memory pass, after every timing: freed blocks go back to the system
+    for row, fn in calls:
+        if math.isnan(row.peak_extra_mb):  # not measured by the fresh processes of process_spread
+            with contextlib.suppress(Exception):
+                row.peak_extra_mb = peak_extra_mb(fn, device)
+    del calls
+    if training_step:
+        try:
+            meta["extras"]["Share of a training step spent in the loss"] = peers.training_step_share(device, quick)
+        except Exception as err:  # another benchmark must not sink the suite
+            meta["extras"]["Share of a training step spent in the loss"] = {"error": f"{type(err).__name__}: {err}"}
     if staple:
         try:
             result = _bench_staple(device, quick)
-        except Exception as err:  # another module's benchmark must not sink the suite
+        except Exception as err:
             result = {"error": f"{type(err).__name__}: {err}"}
         if result is not None:
-            extras["STAPLE (benchmarks.bench_fusion)"] = result
-    meta["extras"] = extras
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = meta["device_name"] + ("-quick" if quick else "")
-        (out / f"{stem}.md").write_text(markdown(rows, meta))
-        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1,
-                                                     default=str))
-        meta["written"] = [str(out / f"{stem}.md"), str(out / f"{stem}.json")]
+            meta["extras"]["STAPLE (benchmarks.bench_fusion)"] = result
+    _write(rows, meta, out_dir)
     return rows, meta
+
+
+def _write(rows: list[Row], meta: dict, out_dir: Path | str | None) -> None:
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = meta["device_name"] + ("-quick" if meta["quick"] else "")
+    (out / f"{stem}.md").write_text(markdown(rows, meta))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1,
+                                                 default=str))
+    meta["written"] = [str(out / f"{stem}.md"), str(out / f"{stem}.json")]
 
 
 def _cpu_isa() -> str:
@@ -449,3 +543,20 @@ def _cpu_isa() -> str:
     if cap == "baseline" or capability not in ("avx2", "avx512"):
         return "baseline"
     return "AVX-512" if capability == "avx512" and cap != "avx2" else "AVX2/FMA"
+
+
+def _worker(spec_json: str) -> None:
+    """``python -m benchmarks.suite SPEC``: time one case in this fresh process, then its peak memory; prints
+    both as JSON."""
+    spec = json.loads(spec_json)
+    name, batch, spatial = spec["size"]
+    case = make_case(spec["op"], Size(name, batch, tuple(spatial)), spec["R"], spec["device"])
+    fn, _ = provider_fn(case, spec["provider"])
+    times = time_fn(fn, spec["device"], spec["repeats"], 3.0)
+    if spec["device"] == "cpu":
+        _malloc_returns_memory()  # after the timing, as in the suite
+    print(json.dumps({"times": times, "peak_mb": peak_extra_mb(fn, spec["device"])}))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

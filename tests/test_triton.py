@@ -290,3 +290,19 @@ def test_opcheck(device):
         torch.library.opcheck(loss_op, (logits.clone().requires_grad_(), k, valid, 1.0, 2, reduction, True))
     torch.library.opcheck(_triton.calibration_stats_op(), (logits, masks, valid, 3, True, "ordinal", "majority",
                                                            2, 15, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU (about 8 GB)")
+def test_sizes_above_2_to_the_31_elements():
+    """64-bit offsets: logits of more than 2^31 elements, checked at the far end against the reference."""
+    R, V = 7, (1 << 28) + 3
+    logits = torch.randn(1, R + 1, V, device="cuda", dtype=torch.float16)
+    assert logits.numel() > 2**31
+    k = torch.randint(0, R + 1, (1, V), device="cuda", dtype=torch.uint8)
+    loss_map, _ = ops._triton().ordinal_loss_op()(logits, k, None, 1.0, R // 2 + 1, ops.REDUCTIONS["none"], False)
+    tail = slice(V - 1000, V)
+    want = reference.ordinal_loss(logits[:, :, tail].float().cpu(), k[:, tail].cpu(), reduction="none")
+    torch.testing.assert_close(loss_map[:, tail].cpu(), want, rtol=2e-3, atol=2e-3)
+    st = ops.calibration_stats(logits, k, num_raters=R, kind="ordinal", backend="triton")
+    assert int(st.n.sum()) == V * R and int(st.a.sum()) == int(k.long().sum())
