@@ -76,14 +76,16 @@ def stats_peer(name: str, R: int) -> Callable[[torch.Tensor, torch.Tensor], floa
 
 
 def peer_available(name: str) -> str | None:
-    """None if the peer's package is installed, else why not."""
-    package = {"monai_ece": "monai", "auroc": "torchmetrics"}.get(name)
-    if package is None:
+    """None if the peer can be built here (its package and class import), else why not."""
+    needs = {"monai_ece": ("monai.metrics", "CalibrationErrorMetric"),
+             "auroc": ("torchmetrics.classification", "BinaryAUROC")}.get(name)
+    if needs is None:
         return None
+    module, attr = needs
     try:
-        __import__(package)
-    except ImportError:
-        return f"{package} is not installed"
+        getattr(__import__(module, fromlist=[attr]), attr)
+    except (ImportError, AttributeError):
+        return f"{module}.{attr} is not available (not installed, or another version)"
     return None
 
 

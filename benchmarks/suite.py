@@ -9,7 +9,7 @@ The pattern timed is a user's loop: the loss step takes a fresh logits leaf each
 (``z = x.detach().requires_grad_(); loss(z, k).backward()``), the gradient is freed with it, and the
 allocator is the platform's default (glibc's, untuned) while timing. Peers are what users would otherwise
 call (:mod:`benchmarks.peers`): ``F.cross_entropy`` and one-channel BCE for the loss, torchmetrics on
-expanded pairs, MONAI's ECE and torchmetrics' binned AUROC for the statistics.
+expanded pairs, MONAI's ECE and torchmetrics' exact AUROC for the statistics.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 On the CPU, the growth of the process's resident-set high-water mark (``VmHWM``, reset through
@@ -305,8 +305,8 @@ def run_case(case: Case, provider: str, device: str, repeats: int, budget_s: flo
     pass), or no call when the provider failed."""
     row = Row(case.op, case.size.name, f"{case.size.batch}x{case.R + 1}x" + "x".join(map(str, case.size.spatial)),
               case.R, provider)
-    fn, value_of = provider_fn(case, provider)
     try:
+        fn, value_of = provider_fn(case, provider)
         times = time_fn(fn, device, repeats, budget_s)
         out = fn()
         if value_of is not None:
@@ -333,9 +333,12 @@ def process_spread(row: Row, case: Case, device: str, processes: int, repeats: i
                        "R": case.R, "provider": row.provider, "device": device, "repeats": repeats})
     medians, peaks = [], []
     for _ in range(processes):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", spec], capture_output=True, text=True,
-                              timeout=600, cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode == 0:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", spec], capture_output=True, text=True,
+                                  timeout=600, cwd=Path(__file__).resolve().parents[1])
+        except subprocess.TimeoutExpired:
+            continue
+        if proc.returncode == 0 and proc.stdout.strip():
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             medians.append(statistics.median(result["times"]))
             peaks.append(result["peak_mb"])

@@ -281,3 +281,9 @@ def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: Calib
             row = [float(values[key][i]) for key in metric_table.keys()]
             writer.writerow([case, raters[i], int(stats.n[i].sum()),
                              *("" if math.isnan(v) else f"{v:.6g}" for v in row)])
+
+
+def __getattr__(name: str):
+    if name == "METRICS":  # the columns of per_image.csv after case, raters and pairs: the metric table's keys
+        return metric_table.keys()
+    raise AttributeError(f"module 'orcal.evaluate' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from orcal import report
 from orcal.experiment_config import (  # noqa: F401  (the experiment's public names)
     ORDINAL_READOUTS,
     PRESETS,
+    RESULTS_VERSION,
     DatasetSpec,
     ExperimentConfig,
     Run,
@@ -40,14 +41,16 @@ from orcal.experiment_config import (  # noqa: F401  (the experiment's public na
     plan_runs,
     preset_config,
 )
-from orcal.experiment_runs import (
-    RESULTS_VERSION,
+from orcal.experiment_runs import (  # noqa: F401  (load_run_stats, load_case_maps: public names)
     jsonable,
+    load_case_maps,
     load_run,
+    load_run_stats,
     run_files,
     safe_name,
 )
-from orcal.training.runtime import hardware_info, resolve_device
+from orcal.training import runtime
+from orcal.training.runtime import hardware_info
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -217,7 +220,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
-    device = str(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
     if cfg.threads is not None and device == "cpu":
         # small networks gain little from intra-op threads, and lose a lot on a busy machine
         torch.set_num_threads(int(cfg.threads))
@@ -288,8 +291,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     results["total_seconds"] = time.perf_counter() - start
     results["compute_seconds"] = sum(t["train_s"] + t["eval_s"] for by in results["timings"].values()
                                      for t in by.values())
-    folders = [(spec.key, out / "runs" / safe_name(spec.key)) for spec in cfg.datasets]
-    report.write_outputs(results, out, folders, records, cases, main_runs)
+    write_outputs(results, cfg, records, cases, main_runs)
     return results
 
 
@@ -305,3 +307,29 @@ def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` is the GPU when there is one, else the CPU (as a string, e.g. ``"cuda:0"``)."""
+    return str(runtime.resolve_device(device))
+
+
+def predict_batches(result, dataset, readouts: Sequence[str], batch_size: int, device: str, amp: str = "auto"):
+    """Yield ``(ids, {readout: p}, masks, valid)``: :func:`orcal.training.predict.predict_readouts`."""
+    from orcal.training.predict import predict_readouts
+
+    yield from predict_readouts(result, dataset, readouts, device=device, batch_size=batch_size, amp=amp)
+
+
+def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mapping[str, Mapping[str, dict]],
+                  cases: Mapping[str, dict], main_runs: Sequence[Run], sweep_runs: Mapping | None = None) -> None:
+    """Tables, figures, ``report.md`` and ``results.json`` under ``cfg.out`` (:func:`orcal.report.write_outputs`)."""
+    out = Path(cfg.out)
+    folders = [(spec.key, out / "runs" / safe_name(spec.key)) for spec in cfg.datasets]
+    report.write_outputs(results, out, folders, records, cases, main_runs)
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # every registered strategy (orcal.fusion)
+        from orcal import fusion
+
+        return fusion.names()
+    raise AttributeError(f"module 'orcal.experiment' has no attribute {name!r}")

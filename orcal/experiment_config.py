@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from orcal import fusion
-from orcal.experiment_runs import RESULTS_VERSION
+
+#: Version of the per-run results files; a different version is recomputed.
+RESULTS_VERSION = 1
 
 #: Readouts reported for the ordinal method (SPEC §2), the paper's first.
 ORDINAL_READOUTS = ("majority", "expected")

@@ -11,9 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-#: Version of the per-run results files; a different version is recomputed.
-RESULTS_VERSION = 1
-
 
 def safe_name(text: str) -> str:
     """``text`` with only file-name safe characters."""

@@ -85,14 +85,13 @@ class MultiRaterCalibration:
     def __init__(self, n_bins: int = 15, auc_bins: int = 4096, per_image: bool = False, exact_auc: bool = False,
                  kind: str = "prob", readout: str = "majority", majority: int | None = None,
                  agreement: bool = True, backend: str = "auto") -> None:
-        for name, value, low in (("n_bins", n_bins, 1), ("auc_bins", auc_bins, 2)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        n_bins = ops.check_int("n_bins", n_bins, 1, ops.MAX_ECE_BINS)
+        auc_bins = ops.check_int("auc_bins", auc_bins, 2, ops.MAX_AUC_BINS)
         ops.check_choice("kind", kind, ops.KINDS)
         ops.check_choice("readout", readout, ops.READOUTS)
         ops.check_choice("backend", backend, ops.BACKENDS)
-        if majority is not None and (not isinstance(majority, int) or majority < 1):
-            raise ValueError(f"majority must be a positive integer or None, got {majority!r}")
+        if majority is not None:
+            majority = ops.check_int("majority", majority, 1, ops.MAX_RATERS)
         self.n_bins, self.auc_bins = n_bins, auc_bins
         self.per_image, self.exact_auc, self.agreement = bool(per_image), bool(exact_auc), bool(agreement)
         self.kind, self.readout, self.majority, self.backend = kind, readout, majority, backend

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from orcal import _ext, reference
+from orcal import _ext, _schema, reference
 from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
     FLOAT_DTYPES,
     KINDS,
@@ -303,20 +303,21 @@ def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_
         if k.numel() and int(k.max()) > R:
             raise ValueError(f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
     p = reference.binary_probability(pred, kind, readout, m)
-    check_probabilities(p, valid, kind=kind)
+    check_probabilities(p, valid, "pred", kind)
     return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
 
 
-def probability_error(kind: str, first: float, count: int) -> str:
+def probability_error(kind: str, first: float, count: int, name: str = "pred") -> str:
     """The message for ``count`` probabilities that are NaN or outside [0, 1] (the first one ``first``)."""
     if kind == "prob":
-        return (f"pred must hold probabilities in [0, 1]; found {first} ({count} bad values). "
+        return (f"{name} must hold probabilities in [0, 1]; found {first} ({count} bad values). "
                 "Pass kind='logit' for logits.")
-    return (f"pred (kind={kind!r}) gives {count} probabilities that are NaN or outside [0, 1], the first "
+    return (f"{name} (kind={kind!r}) gives {count} probabilities that are NaN or outside [0, 1], the first "
             f"{first}: the logits hold NaN or infinite values")
 
 
-def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, kind: str = "prob") -> None:
+def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name: str = "pred",
+                        kind: str = "prob") -> None:
     """Raise if a probability that counts is NaN or outside [0, 1] (what was found, and how many)."""
     if p.device.type == "meta":
         return
@@ -325,7 +326,7 @@ def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, kind
         return
     bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
     if bool(bad.any()):
-        raise ValueError(probability_error(kind, considered[bad][0].item(), int(bad.sum())))
+        raise ValueError(probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
 
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
@@ -353,3 +354,10 @@ def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6
     elif not 0 < check_real("fraction", fraction) <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     return reference.bootstrap(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)
+
+
+def register_autograd(op, backend: str = "cpp") -> None:
+    """Make a fused ``ordinal_loss`` op (a qualified name or a custom op) differentiable: backward scales the
+    gradient it saved (:mod:`orcal._schema`)."""
+    name = op if isinstance(op, str) else op._qualname
+    torch.library.register_autograd(name, _schema._loss_backward(backend), setup_context=_schema._setup)

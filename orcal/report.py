@@ -24,7 +24,7 @@ import numpy as np
 
 from orcal.metric_table import higher_is_better as metric_higher_is_better
 from orcal.metric_table import label as metric_label
-from orcal.plots import sweep_keys
+from orcal.plots import plot_qualitative, plot_sweep, sweep_keys  # noqa: F401  (figures live in plots)
 
 Summary = Mapping[str, Mapping[str, float]]       # {metric: {"mean", "std", ...}}
 Runs = Mapping[str, Mapping[str, Summary]]        # {dataset: {row: Summary}}
@@ -195,15 +195,18 @@ def metrics_csv(runs: Runs) -> str:
     return buf.getvalue()
 
 
+#: The report's tables: (file name, metric, title).
+TABLES = (("table1_mr_ece", "mr_ece", "Table 1: calibration"), ("table2_auc", "auc", "Table 2: discrimination"),
+          ("table3_dice", "dice", "Dice against the majority label"))
+
+
 def write_tables(runs: Runs, out_dir: str | Path, digits: int = 4) -> dict[str, Path]:
     """Write Table 1 (MR-ECE), Table 2 (AUC) and a Dice table as Markdown and CSV, plus every metric in
     ``metrics.csv``. Returns the written paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name, metric, title in (("table1_mr_ece", "mr_ece", "Table 1: calibration"),
-                                ("table2_auc", "auc", "Table 2: discrimination"),
-                                ("table3_dice", "dice", "Dice against the majority label")):
+    for name, metric, title in TABLES:
         table = metric_table(runs, metric, digits=digits, title=title)
         for ext, text in (("md", table.to_markdown()), ("csv", table.to_csv())):
             path = out / f"{name}.{ext}"
@@ -313,9 +316,7 @@ def write_outputs(results: dict[str, Any], out: Path, datasets: Sequence[tuple[s
     from orcal.experiment_runs import jsonable, load_case_maps, load_run_stats, slug
 
     paths = write_tables(results["runs"], out)
-    tables = {name: metric_table(results["runs"], metric, title=title) for name, metric, title in
-              (("table1_mr_ece", "mr_ece", "Table 1: calibration"), ("table2_auc", "auc", "Table 2: discrimination"),
-               ("table3_dice", "dice", "Dice against the majority label"))}
+    tables = {name: metric_table(results["runs"], metric, title=title) for name, metric, title in TABLES}
     figures: dict[str, str] = {}
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -374,3 +375,19 @@ def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreem
                                 title=f"{key}: test case {where}")
         figures[f"{key}: one test case, rater agreement and each method's probability"] = str(path.relative_to(rel))
     return figures
+
+
+def __getattr__(name: str):
+    # The lists these names held now live in the registries (orcal.fusion, orcal.metric_table).
+    from orcal import fusion, metric_table
+
+    if name == "ROW_ORDER":
+        return tuple(r for m in fusion.names() for r in (
+            [f"{m}/majority", f"{m}/expected"] if fusion.get(m).head == "ordinal" else [m]))
+    if name == "ROW_LABELS":
+        return {r: row_label(r) for r in __getattr__("ROW_ORDER")}
+    if name == "METRIC_LABELS":
+        return {key: m.label for key, m in metric_table.METRICS.items()}
+    if name == "HIGHER_IS_BETTER":
+        return frozenset(key for key, m in metric_table.METRICS.items() if m.higher_is_better)
+    raise AttributeError(f"module 'orcal.report' has no attribute {name!r}")

@@ -22,6 +22,8 @@ OPTION_FLAGS = ("sigma", "padding", "alpha", "confidence_weight", "max_iter", "h
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from orcal.commands._args import key_value
+
     parser.add_argument("files", nargs="*", metavar="RATER_FILE", help="one mask file per rater (one case)")
     from orcal import fusion
 
@@ -44,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opts.add_argument("--hard", action="store_true", default=None, help="binary output (staple, simple)")
     opts.add_argument("--majority", type=int, help="votes that make a voxel foreground (default R // 2 + 1)")
     opts.add_argument("--seed", type=int, help="seed of the random rater choice (default 0)")
-    opts.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    opts.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                       help="any other option of the strategy (repeatable), e.g. --option max_rounds=5")
 
 
@@ -115,22 +117,21 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from orcal import fusion
-    from orcal.commands._args import key_value
     from orcal.fusion import make_target
     from orcal.io import extension
 
     strategy = fusion.get(args.method)
-    given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
-    given.update(key_value(text) for text in args.option)
+    given = {name: (value, "--" + name.replace("_", "-")) for name in OPTION_FLAGS
+             if (value := getattr(args, name)) is not None}
+    given.update((name, (value, f"--option {name}=")) for name, value in args.option)
     options = {}
-    for name, value in given.items():
+    for name, (value, flag) in given.items():
         if name not in strategy.options:
             takers = [s for s in fusion.names() if name in fusion.get(s).options]
-            flag = "--" + name.replace("_", "-") if name in OPTION_FLAGS else f"--option {name}="
             raise ValueError(f"{flag} does not apply to --method {args.method} (only to {', '.join(takers) or 'none'})")
         options[name] = value
-    if strategy.needs_generator:
-        options.setdefault("seed", 0)
+    if strategy.needs_generator and "seed" in strategy.options:
+        options.setdefault("seed", 0)  # a file output is reproducible
 
     cases = _cases(args)
     device = torch.device(args.device)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from orcal.checks import check_int, check_real
 from orcal.fusion.voting import median
 from orcal.masks import as_bool_masks as check_masks
 
@@ -24,10 +25,8 @@ def simple(masks: torch.Tensor, *, alpha: float = 1.0, max_rounds: int = 10, har
     ``hard=True``).
     """
     m = check_masks(masks)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+    alpha = check_real("alpha", alpha, low=-math.inf)
+    max_rounds = check_int("max_rounds", max_rounds, 1)
     B, R, *S = m.shape
     d = m.reshape(B, R, math.prod(S))
     df = d.to(torch.float32)

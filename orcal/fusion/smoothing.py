@@ -3,27 +3,20 @@ smoothing (SVLS)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from orcal.checks import check_real
 from orcal.fusion.voting import mean_vote
 from orcal.masks import as_bool_masks as check_masks
 
 PADDINGS = ("reflect", "replicate")
 
 
-def _check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0 (in voxels), got {sigma!r}")
-    return float(sigma)
-
-
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0, dtype: torch.dtype = torch.float32,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """Normalised 1D Gaussian of width ``sigma``, radius ``round(truncate * sigma)``; ``[1]`` for sigma 0."""
-    sigma = _check_sigma(sigma)
+    sigma = check_real("sigma (in voxels)", sigma)
     radius = int(truncate * sigma + 0.5)
     if sigma == 0 or radius == 0:
         return torch.ones(1, dtype=dtype, device=device)
@@ -89,7 +82,7 @@ def svls_kernel(ndim: int, sigma: float = 1.0, dtype: torch.dtype = torch.float3
     """
     if ndim not in (1, 2, 3):
         raise ValueError(f"ndim must be 1, 2 or 3, got {ndim!r}")
-    sigma = _check_sigma(sigma)
+    sigma = check_real("sigma (in voxels)", sigma)
     if sigma == 0:
         raise ValueError("sigma must be > 0 for the SVLS kernel")
     axes = torch.meshgrid(*[torch.arange(-1.0, 2.0, dtype=torch.float64)] * ndim, indexing="ij")

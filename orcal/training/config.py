@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,15 +110,13 @@ class TrainConfig:
             raise ValueError(f"max_steps_per_epoch must be a positive int or None, got {self.max_steps_per_epoch!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not check_real("lr", self.lr) > 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not self.rps_weight >= 0:
-            raise ValueError(f"rps_weight must be >= 0, got {self.rps_weight!r}")
-        if not 0.0 <= self.fg_prob <= 1.0:
+        check_real("weight_decay", self.weight_decay)
+        check_real("rps_weight", self.rps_weight)
+        if not check_real("fg_prob", self.fg_prob) <= 1.0:
             raise ValueError(f"fg_prob must be in [0, 1], got {self.fg_prob!r}")
-        if not 0.0 <= self.sw_overlap < 1.0:
+        if not check_real("sw_overlap", self.sw_overlap) < 1.0:
             raise ValueError(f"sw_overlap must be in [0, 1), got {self.sw_overlap!r}")
         if self.spatial_dims not in (None, 2, 3):
             raise ValueError(f"spatial_dims must be 2, 3 or None (from the data), got {self.spatial_dims!r}")
@@ -127,7 +124,6 @@ class TrainConfig:
             raise ValueError("resume=True needs out_dir (where the checkpoint to resume from lives)")
         if self.out_dir is not None and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
             raise ValueError(f"out_dir {self.out_dir} is an existing file, not a folder for checkpoints")
-        check_real("rps_weight", self.rps_weight)
         if self.majority is not None:
             check_int("majority", self.majority, 1)
         if not isinstance(self.dataset_options, dict) or not isinstance(self.fusion_options, dict) \
