@@ -26,7 +26,6 @@ import ctypes
 import gc
 import json
 import math
-import platform
 import re
 import statistics
 import subprocess
@@ -98,11 +97,9 @@ def _slug(text: str) -> str:
 
 
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    from orcal.training.runtime import cpu_name
+
+    return cpu_name()
 
 
 def device_name(device: str) -> str:

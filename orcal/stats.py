@@ -110,9 +110,15 @@ class CalibrationStats:
 
     # Packed form used by the compiled kernels: one int64 and one float64 tensor per call.
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = torch.cat([self.n, self.a, self.tp[:, None], self.fp[:, None], self.fn[:, None],
-                            self.pos, self.neg], dim=1)
-        sums = torch.cat([self.s, self.brier[:, None], self.nll[:, None]], dim=1)
+        """The packed ``(counts, sums)`` of the kernels, columns as :class:`orcal._schema.StatsLayout` says."""
+        lay = StatsLayout(self.n_bins, self.auc_bins)
+        rows = self.n.shape[0]
+        counts = self.n.new_zeros(rows, lay.count_cols())
+        sums = self.s.new_zeros(rows, lay.sum_cols())
+        counts[:, lay.n():lay.a()], counts[:, lay.a():lay.tp()] = self.n, self.a
+        counts[:, lay.tp()], counts[:, lay.fp()], counts[:, lay.fn()] = self.tp, self.fp, self.fn
+        counts[:, lay.pos():lay.neg()], counts[:, lay.neg():] = self.pos, self.neg
+        sums[:, lay.s():lay.brier()], sums[:, lay.brier()], sums[:, lay.nll()] = self.s, self.brier, self.nll
         return counts, sums
 
     @classmethod

@@ -171,7 +171,8 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
 
 @triton.jit
 def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, auc_ptr, flag_ptr,
-                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols, tp_col, pos_col, sum_cols,
+                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols, a_col, tp_col, pos_col, sum_cols,
+                             brier_col,
                              KIND: tl.constexpr, EXPECTED: tl.constexpr, MASKS: tl.constexpr,
                              HAS_VALID: tl.constexpr, IS_F64: tl.constexpr, PACKED: tl.constexpr,
                              C_PAD: tl.constexpr, R_PAD: tl.constexpr, NB_PAD: tl.constexpr,
@@ -183,7 +184,8 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that ``V * R < 2^32``) positives and
     negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits), unpacked by the launcher.
     Float sums go to ``partial_ptr`` (one row of ``sum_cols`` per program). Column offsets come from
-    :class:`orcal._schema.StatsLayout` (``count_cols``, ``tp_col``, ``pos_col``, ``sum_cols``).
+    :class:`orcal._schema.StatsLayout` (``count_cols``, ``a_col``, ``tp_col``, ``pos_col``, ``sum_cols``,
+    ``brier_col``; ``n`` and ``s`` start at column 0).
     KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
     """
     pid = tl.program_id(0)
@@ -288,7 +290,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     # --- flush: integer atomics (exact, order-free), float partials by plain stores
     bm = nb < n_bins
     tl.atomic_add(row + nb, n_acc.to(tl.int64) * R, mask=bm)
-    tl.atomic_add(row + n_bins + nb, a_acc.to(tl.int64), mask=bm)
+    tl.atomic_add(row + a_col + nb, a_acc.to(tl.int64), mask=bm)
     one = tl.arange(0, 1)
     tl.atomic_add(row + tp_col + one, tp.to(tl.int64))
     tl.atomic_add(row + tp_col + 1 + one, fp.to(tl.int64))
@@ -299,5 +301,5 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last.to(tl.int64))
     prow = partial_ptr + pid.to(tl.int64) * sum_cols
     tl.store(prow + nb, s_acc * R, mask=bm)
-    tl.store(prow + n_bins + one, brier_acc)
-    tl.store(prow + n_bins + 1 + one, nll_acc)
+    tl.store(prow + brier_col + one, brier_acc)
+    tl.store(prow + brier_col + 1 + one, nll_acc)

@@ -226,7 +226,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         with _on(dev):
             kernels().calibration_stats_kernel[(B * programs,)](
                 x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
-                count_cols, layout.tp(), layout.pos(), layout.sum_cols(), KIND=KINDS.index(kind),
+                count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(), layout.brier(),
+                KIND=KINDS.index(kind),
                 EXPECTED=readout == "expected", MASKS=bool(target_is_masks), HAS_VALID=valid is not None,
                 IS_F64=pred.dtype == torch.float64, PACKED=packed,
                 C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)

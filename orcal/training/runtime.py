@@ -119,7 +119,8 @@ def all_reduce(values: Sequence[float], info: Dist, device: torch.device) -> lis
     return all_reduce_sum(torch.tensor(list(values), dtype=torch.float64, device=device)).tolist()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -137,7 +138,7 @@ def hardware_info(device: str | torch.device) -> dict[str, str]:
     device = str(device)
     info = {
         "device": device,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "platform": platform.platform(),
