@@ -20,27 +20,40 @@ class OrdinalLoss(nn.Module):
         majority: smallest vote count that is foreground; default ``R // 2 + 1``.
         reduction: ``"mean"`` over valid voxels, ``"sum"`` or ``"none"`` (a ``(B, *S)`` map).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+        from_masks: the target is the rater stack ``(B, R, *S)``; its vote count is taken here.
+        ignore_index: a target value marking voxels to leave out (nnU-Net's -1 padding).
 
-    Forward: ``loss(logits (B, R+1, *S), k (B, *S) uint8, valid=None (B, *S) bool)``.
+    Forward: ``loss(logits (B, R+1, *S), target, valid=None (B, *S) bool)`` with ``target`` the vote count
+    ``k`` — ``(B, *S)`` or ``(B, 1, *S)``, any integer dtype or a float holding integers, a MONAI
+    ``MetaTensor`` too — or, with ``from_masks=True``, the rater masks ``(B, R, *S)``.
     """
 
     def __init__(self, rps_weight: float = 1.0, majority: int | None = None, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", from_masks: bool = False, ignore_index: int | None = None):
         super().__init__()
+        from orcal.checks import check_int, check_real
+
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if not float(rps_weight) >= 0:
-            raise ValueError(f"rps_weight must be >= 0, got {rps_weight!r}")
-        self.rps_weight, self.majority, self.reduction, self.backend = float(rps_weight), majority, reduction, backend
+        self.rps_weight, self.majority, self.reduction, self.backend = check_real("rps_weight", rps_weight), \
+            majority, reduction, backend
+        self.from_masks = bool(from_masks)
+        self.ignore_index = None if ignore_index is None else check_int("ignore_index", ignore_index)
 
     def forward(self, logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        from orcal.ops import ordinal_loss
+        from orcal.ops import orc_targets, ordinal_loss, plain_tensor
 
+        if self.from_masks:
+            from orcal.masks import as_bool_masks
+
+            k = orc_targets(as_bool_masks(plain_tensor(k), "target"))
         return ordinal_loss(logits, k, rps_weight=self.rps_weight, majority=self.majority, valid=valid,
-                            reduction=self.reduction, backend=self.backend)
+                            reduction=self.reduction, backend=self.backend, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
-        return f"rps_weight={self.rps_weight}, majority={self.majority}, reduction={self.reduction!r}"
+        return (f"rps_weight={self.rps_weight}, majority={self.majority}, reduction={self.reduction!r}"
+                + (", from_masks=True" if self.from_masks else "")
+                + (f", ignore_index={self.ignore_index}" if self.ignore_index is not None else ""))
 
 
 class SoftBCELoss(nn.Module):
@@ -50,21 +63,38 @@ class SoftBCELoss(nn.Module):
     and is 0 with a zero gradient when no voxel is valid; ``"sum"``; ``"none"`` gives a ``(B, *S)`` map with 0
     where invalid.
 
-    Forward: ``loss(logit (B, 1, *S) or (B, *S), target (B, *S) float in [0, 1], valid=None (B, *S) bool)``.
+    Forward: ``loss(logit (B, 1, *S) or (B, *S), target, valid=None (B, *S) bool)`` with ``target`` in [0, 1],
+    ``(B, *S)`` or ``(B, 1, *S)`` (MONAI ``MetaTensor`` s too), or with ``from_masks=True`` the rater masks
+    ``(B, R, *S)``, whose soft consensus ``k / R`` is the target. ``ignore_index``: a target value marking
+    voxels to leave out (nnU-Net's -1 padding).
     """
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: str = "mean", from_masks: bool = False, ignore_index: float | None = None):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
+        self.reduction, self.from_masks, self.ignore_index = reduction, bool(from_masks), ignore_index
 
     def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        from orcal.ops import plain_tensor
+
+        logit, target, valid = plain_tensor(logit), plain_tensor(target), plain_tensor(valid)
         for name, x in (("logit", logit), ("target", target)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not logit.is_floating_point():
             raise TypeError(f"logit must be a float tensor, got {logit.dtype}")
+        if self.from_masks:
+            from orcal.masks import as_bool_masks
+
+            target = as_bool_masks(target, "target").float().mean(1)
+        spatial_dims = logit.ndim - 1 if logit.shape[1:2] != (1,) else logit.ndim - 2
+        if target.ndim == spatial_dims + 2 and target.shape[1] == 1:
+            target = target[:, 0]
+        if self.ignore_index is not None:
+            ignored = target == self.ignore_index
+            target = torch.where(ignored, torch.zeros((), dtype=target.dtype, device=target.device), target)
+            valid = ~ignored if valid is None else valid & ~ignored
         if logit.ndim == target.ndim + 1 and logit.shape[1] == 1:
             logit = logit[:, 0]
         if logit.shape != target.shape:

@@ -82,6 +82,35 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
     return k
 
 
+def plain_tensor(x):
+    """A ``torch.Tensor`` subclass (MONAI's ``MetaTensor``) as a plain tensor over the same data; autograd stays
+    attached. Anything else is returned as it is."""
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
+
+
+def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Size, ignore_index: int | None,
+                  name: str = "k") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The targets of a loss as the ecosystem hands them over: ``(B, *S)`` or channel-first ``(B, 1, *S)``,
+    any integer dtype or a float holding integers, and ``ignore_index`` voxels (nnU-Net's -1 padding) turned
+    into invalid ones. Returns ``(k, valid)`` with ``k`` ``(B, *S)`` (its own dtype) and the combined mask."""
+    check_tensor(name, k)
+    if k.ndim == len(spatial) + 1 and k.shape[1] == 1:
+        k = k[:, 0]
+    if k.dtype.is_floating_point and k.device.type != "meta":
+        if k.numel() and not bool((torch.isfinite(k) & (k == k.round())).all()):
+            raise TypeError(f"{name} (vote counts) is a float tensor holding non-integer values; pass integers")
+        k = k.to(torch.int16)  # 0..255 and a negative ignore_index fit
+    elif k.dtype.is_floating_point:
+        k = k.to(torch.int16)
+    if ignore_index is not None:
+        ignore_index = check_int("ignore_index", ignore_index)
+        if k.shape == spatial:
+            ignored = k == ignore_index
+            k = torch.where(ignored, torch.zeros((), dtype=k.dtype, device=k.device), k)
+            valid = ~ignored if valid is None else valid & ~ignored
+    return k, valid
+
+
 def _majority(num_raters: int, majority: int | None) -> int:
     if majority is None:
         return reference.majority_threshold(num_raters)
@@ -188,25 +217,30 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
 # --- §3 loss ---------------------------------------------------------------------------------------------
 
 def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
-                 valid: torch.Tensor | None = None, reduction: str = "mean", backend: str = "auto"
-                 ) -> torch.Tensor:
+                 valid: torch.Tensor | None = None, reduction: str = "mean", backend: str = "auto",
+                 ignore_index: int | None = None) -> torch.Tensor:
     """Ordinal rater-consensus loss: ``BCE(majority logit, [k >= m]) + rps_weight * RPS`` (SPEC §3).
 
     Args:
         logits: ``(B, R+1, *S)`` float32/float16/bfloat16 logits, one per consensus level 0..R.
-        k: ``(B, *S)`` vote counts (uint8, or another integer dtype) in 0..R.
+        k: ``(B, *S)`` or channel-first ``(B, 1, *S)`` vote counts in 0..R: uint8, another integer dtype, or a
+            float tensor holding integers (MONAI's loaders give float32). MONAI ``MetaTensor`` s are accepted.
         rps_weight: weight ``lambda`` of the Ranked Probability Score term (normalised by R).
         majority: smallest vote count that is foreground; default ``R // 2 + 1``.
         valid: optional ``(B, *S)`` bool mask of voxels that count.
         reduction: ``"mean"`` over valid voxels, ``"sum"``, or ``"none"`` (a ``(B, *S)`` map, 0 where invalid).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+        ignore_index: a value of ``k`` that marks voxels to leave out (nnU-Net pads with -1): they are treated
+            as invalid (no loss, zero gradient).
 
     Returns:
         The loss in float32 (float64 for float64 logits). Compiled backends compute the gradient in the
         same pass when ``logits`` requires grad; backward only scales it.
     """
+    logits, k, valid = plain_tensor(logits), plain_tensor(k), plain_tensor(valid)
     R = _check_ordinal_logits(logits)
     spatial = logits.shape[:1] + logits.shape[2:]
+    k, valid = _loss_targets(k, valid, spatial, ignore_index)
     k = _as_votes(k, spatial, R, device=logits.device)
     _check_valid(valid, spatial, "k")
     _check_same_device(logits=logits, k=k, valid=valid)

@@ -107,7 +107,9 @@ BAD = [  # (id, call factory, exception, words the message must hold)
     ("loss-rps-str", lambda d: _loss(d, rps_weight="abc"), TypeError, ["rps_weight", "'abc'"]),
     ("loss-rps-none", lambda d: _loss(d, rps_weight=None), TypeError, ["rps_weight", "None"]),
     ("loss-reduction", lambda d: _loss(d, reduction="avg"), ValueError, ["reduction", "'avg'"]),
-    ("loss-k-float", lambda d: _loss(d, k=torch.zeros(1, 4, 4, device=d)), TypeError, ["k", "integer"]),
+    ("loss-k-float", lambda d: _loss(d, k=torch.full((1, 4, 4), 0.5, device=d)), TypeError, ["k", "non-integer"]),
+    ("loss-k-bool", lambda d: _loss(d, k=torch.zeros(1, 4, 4, dtype=torch.bool, device=d)), TypeError,
+     ["k", "integer"]),
     ("loss-k-shape", lambda d: _loss(d, k=torch.zeros(1, 4, 5, dtype=torch.uint8, device=d)), ValueError,
      ["k", "shape"]),
     ("loss-k-above-R", lambda d: _loss(d, k=torch.full((1, 4, 4), 4, dtype=torch.int64, device=d)), ValueError,
@@ -611,3 +613,52 @@ def test_a_single_patch_size_means_a_cube():
     assert as_tuple(16, 3) == (16, 16, 16) and as_tuple((16,), 3) == (16, 16, 16) and as_tuple((4, 5), 2) == (4, 5)
     with pytest.raises(ValueError, match="patch_size"):
         as_tuple((4, 5), 3)
+
+
+# --- the ecosystem's targets (MONAI, nnU-Net) --------------------------------------------------------------
+
+class _Meta(torch.Tensor):
+    """A torch.Tensor subclass standing in for MONAI's MetaTensor (which dispatches like one)."""
+
+
+def test_loss_takes_the_ecosystems_targets(be):
+    backend, dev = be
+    z = _logits(2, 3, (4, 5), device=dev)
+    k = _votes((2, 4, 5), 3, device=dev)
+    want = orcal.ordinal_loss(z, k, backend=backend)
+    for other in (k[:, None], k.float(), k[:, None].to(torch.int16), k.to(torch.float16)):
+        torch.testing.assert_close(orcal.ordinal_loss(z, other, backend=backend), want)
+    with pytest.raises(TypeError, match="non-integer"):
+        orcal.ordinal_loss(z, k.float() + 0.5, backend=backend)
+    # nnU-Net pads with -1: those voxels are invalid
+    padded = k.to(torch.int16).clone()
+    padded[:, :, -1] = -1
+    valid = padded != -1
+    torch.testing.assert_close(orcal.ordinal_loss(z, padded, ignore_index=-1, backend=backend),
+                               orcal.ordinal_loss(z, k, valid=valid, backend=backend))
+    # a tensor subclass keeps its gradient
+    x = z.clone().as_subclass(_Meta).requires_grad_()
+    orcal.ordinal_loss(x, k.as_subclass(_Meta), backend=backend).backward()
+    y = z.clone().requires_grad_()
+    orcal.ordinal_loss(y, k, backend=backend).backward()
+    torch.testing.assert_close(torch.Tensor.as_subclass(x.grad, torch.Tensor), y.grad)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
+def test_loss_modules_take_rater_stacks_and_padding():
+    from orcal.losses import OrdinalLoss, SoftBCELoss
+
+    masks = (torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(4)) < 0.5)
+    z = _logits(2, 3, (4, 5))
+    k = orcal.orc_targets(masks)
+    torch.testing.assert_close(OrdinalLoss(from_masks=True)(z, masks.float()), OrdinalLoss()(z, k[:, None].float()))
+    logit = torch.randn(2, 1, 4, 5)
+    soft = masks.float().mean(1)
+    torch.testing.assert_close(SoftBCELoss(from_masks=True)(logit, masks.float()), SoftBCELoss()(logit, soft))
+    torch.testing.assert_close(SoftBCELoss()(logit, soft[:, None]), SoftBCELoss()(logit, soft))
+    padded = soft.clone()
+    padded[:, 0] = -1
+    torch.testing.assert_close(SoftBCELoss(ignore_index=-1)(logit, padded), SoftBCELoss()(logit, soft, padded != -1))
+    with pytest.raises(ValueError, match="binary"):
+        OrdinalLoss(from_masks=True)(z, masks.float() * 2)
+    assert "from_masks=True" in repr(OrdinalLoss(from_masks=True, ignore_index=-1))
