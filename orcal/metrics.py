@@ -80,11 +80,18 @@ class MultiRaterCalibration:
             one extra read of the prediction and the target per update (and, for ordinal logits, one
             readout to a probability map).
         backend: kernel backend of :func:`orcal.calibration_stats` (``"auto"`` picks the fastest).
+        sync: whether :meth:`compute` and :meth:`stats` sum the state over the ranks of ``torch.distributed``:
+            ``"auto"`` (when a process group of several ranks is initialised), ``True`` (it must be), or
+            ``False`` (this process only: evaluation on rank 0 alone, which would otherwise wait for the
+            other ranks forever).
     """
 
     def __init__(self, n_bins: int = 15, auc_bins: int = 4096, per_image: bool = False, exact_auc: bool = False,
                  kind: str = "prob", readout: str = "majority", majority: int | None = None,
-                 agreement: bool = True, backend: str = "auto") -> None:
+                 agreement: bool = True, backend: str = "auto", sync: bool | str = "auto") -> None:
+        if sync not in (True, False, "auto"):
+            raise ValueError(f"sync must be True, False or 'auto', got {sync!r}")
+        self.sync = sync
         n_bins = ops.check_int("n_bins", n_bins, 1, ops.MAX_ECE_BINS)
         auc_bins = ops.check_int("auc_bins", auc_bins, 2, ops.MAX_AUC_BINS)
         ops.check_choice("kind", kind, ops.KINDS)
@@ -127,6 +134,7 @@ class MultiRaterCalibration:
         ops.check_choice("kind", kind, ops.KINDS)
         ops.check_tensor("pred", pred)
         ops.check_tensor("target", target)
+        pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
         st = self._stats(pred, target, num_raters, valid, kind)  # validates the batch, even an empty one
         if st.n_images == 0:
             return
@@ -214,7 +222,10 @@ class MultiRaterCalibration:
         """This process's state, or the sum over every rank of an initialised process group."""
         state = {"total": self._total, "n_images": self._n_images, "rows": self._rows,
                  "sum_p": dict(self._sum_p), "count": dict(self._count), "scores": self._scores}
-        if distributed.world_size() == 1:
+        if self.sync is True and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("MultiRaterCalibration(sync=True) needs an initialised torch.distributed process "
+                               "group; use sync='auto' or False for a single process")
+        if self.sync is False or distributed.world_size() == 1:
             return state
         dist = torch.distributed
         counts, sums = self._total.pack()

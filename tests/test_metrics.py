@@ -298,3 +298,41 @@ def test_slabs_of_large_batches_equal_one_call(monkeypatch):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="spatial shapes"):  # mismatches are still reported as such
         sliced.update(p[:, :, :4], masks)
+
+
+def _rank_zero_only(rank: int, world: int, init: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        if rank == 0:  # rank 0 evaluates alone; "auto" would wait for rank 1 in an all-reduce forever
+            p, masks = make_data(B=2, R=3, shape=(6, 6), seed=3)
+            metric = MultiRaterCalibration(sync=False)
+            metric.update(p, masks)
+            torch.save(metric.compute()["n_images"], os.path.join(out_dir, "n.pt"))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_only_evaluation_with_sync_false(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_zero_only, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / "n.pt") == 2
+    with pytest.raises(RuntimeError, match="sync=True"):
+        MultiRaterCalibration(sync=True).compute()
+    with pytest.raises(ValueError, match="sync"):
+        MultiRaterCalibration(sync="yes")
+
+
+class _Meta(torch.Tensor):
+    """A tensor subclass standing in for MONAI's MetaTensor."""
+
+
+def test_update_takes_tensor_subclasses():
+    p, masks = make_data(B=3, R=3, shape=(6, 6), seed=5)
+    a, b = MultiRaterCalibration(), MultiRaterCalibration()
+    a.update(p.as_subclass(_Meta), masks.as_subclass(_Meta))
+    b.update(p, masks)
+    assert a.compute()["mr_ece"] == b.compute()["mr_ece"] and a.compute()["n_images"] == 3
