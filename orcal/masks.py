@@ -39,8 +39,9 @@ def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = T
     if masks.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got {masks.dtype}")
     if check_values and masks.dtype == torch.uint8 and masks.numel() and masks.device.type != "meta":
-        top = int(masks.max())
-        if top > 1:
+        if torch.compiler.is_compiling():
+            torch._assert_async(masks.max() <= 1, f"orcal: {name} must be binary (0/1)")
+        elif (top := int(masks.max())) > 1:
             raise ValueError(f"{name} must be binary (0/1); found value {top}")
 
 

@@ -75,11 +75,20 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
         if k.numel() and k.device.type != "meta":
             # min/max exist for the signed types on every device; the wider unsigned ones go through int64
             signed = k if k.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else k.to(torch.int64)
-            lo, hi = (int(v) for v in torch.aminmax(signed))
-            if lo < 0 or hi > num_raters:
-                raise ValueError(f"{name} must lie in 0..R = 0..{num_raters}; found {lo}..{hi}")
+            lo, hi = torch.aminmax(signed)
+            _data_check((lo >= 0) & (hi <= num_raters),
+                        lambda: f"{name} must lie in 0..R = 0..{num_raters}; found {int(lo)}..{int(hi)}")
         k = k.to(torch.uint8)
     return k
+
+
+def _data_check(ok: torch.Tensor, message) -> None:
+    """Raise ``ValueError(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile`` the check is
+    an asynchronous assertion in the graph (no data-dependent branch, no graph break)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "orcal: an argument holds values outside its range (see SPEC §8)")
+    elif not bool(ok):
+        raise ValueError(message())
 
 
 def plain_tensor(x):
@@ -97,8 +106,11 @@ def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Si
     if k.ndim == len(spatial) + 1 and k.shape[1] == 1:
         k = k[:, 0]
     if k.dtype.is_floating_point and k.device.type != "meta":
-        if k.numel() and not bool((torch.isfinite(k) & (k == k.round())).all()):
-            raise TypeError(f"{name} (vote counts) is a float tensor holding non-integer values; pass integers")
+        if k.numel() and (torch.compiler.is_compiling() or not bool((torch.isfinite(k) & (k == k.round())).all())):
+            if torch.compiler.is_compiling():
+                torch._assert_async((torch.isfinite(k) & (k == k.round())).all(), "orcal: k holds non-integers")
+            else:
+                raise TypeError(f"{name} (vote counts) is a float tensor holding non-integer values; pass integers")
         k = k.to(torch.int16)  # 0..255 and a negative ignore_index fit
     elif k.dtype.is_floating_point:
         k = k.to(torch.int16)
@@ -130,6 +142,7 @@ def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
 
 # --- backend choice --------------------------------------------------------------------------------------
 
+@torch.compiler.assume_constant_result  # the choice is made once, outside a traced graph
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device``: 'torch', 'cpp' or 'triton'."""
     check_choice("backend", backend, BACKENDS)
@@ -256,8 +269,8 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
                                f"backend={backend!r}; use backend='torch' or 'auto' (which uses it under torch.func)")
         which = "torch"
     if which == "torch":
-        if k.numel() and k.device.type != "meta" and int(k.max()) > R:
-            raise ValueError(f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
+        if k.numel() and k.device.type != "meta":
+            _data_check(k.max() <= R, lambda: f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
         return reference.ordinal_loss(logits, k, w, m, valid, reduction)
     fused = torch.ops.orcal.ordinal_loss if which == "cpp" else _triton().ordinal_loss_op()
     need_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -334,8 +347,8 @@ def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_
         k = reference.orc_targets(target)
     else:
         k = _as_votes(target, target.shape, R, "target")
-        if k.numel() and int(k.max()) > R:
-            raise ValueError(f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
+        if k.numel():
+            _data_check(k.max() <= R, lambda: f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
     p = reference.binary_probability(pred, kind, readout, m)
     check_probabilities(p, valid, "pred", kind)
     return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
@@ -359,8 +372,7 @@ def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name
     if considered.numel() == 0:
         return
     bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
-    if bool(bad.any()):
-        raise ValueError(probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
+    _data_check(~bad.any(), lambda: probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
 
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:

@@ -108,8 +108,9 @@ def _reduce(per_voxel: torch.Tensor, valid: torch.Tensor | None, reduction: str)
     if reduction == "sum":
         return total
     if reduction == "mean":
-        count = per_voxel.numel() if valid is None else int(valid.sum())
-        return total / max(count, 1)  # no valid voxel: 0 with a zero gradient, never NaN
+        if valid is None:
+            return total / max(per_voxel.numel(), 1)
+        return total / valid.sum().clamp_min(1)  # no valid voxel: 0 with a zero gradient, never NaN
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
@@ -151,8 +152,7 @@ def ordinal_loss_grad(logits: torch.Tensor, k: torch.Tensor, rps_weight: float =
     if valid is not None:
         grad = torch.where(valid.unsqueeze(1), grad, 0.0)
     if reduction == "mean":
-        count = grad[:, 0].numel() if valid is None else int(valid.sum())
-        grad = grad / max(count, 1)
+        grad = grad / (max(grad[:, 0].numel(), 1) if valid is None else valid.sum().clamp_min(1))
     return grad
 
 

@@ -662,3 +662,31 @@ def test_loss_modules_take_rater_stacks_and_padding():
     with pytest.raises(ValueError, match="binary"):
         OrdinalLoss(from_masks=True)(z, masks.float() * 2)
     assert "from_masks=True" in repr(OrdinalLoss(from_masks=True, ignore_index=-1))
+
+
+# --- torch.compile(fullgraph=True) ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiled graphs of the interpreter are not what users run")
+def test_every_op_compiles_with_fullgraph(be):
+    """The backend is chosen outside the graph and data checks are asynchronous assertions inside it."""
+    backend, dev = be
+    torch._dynamo.reset()
+    z, k = _logits(1, 3, (6, 5), device=dev), _votes((1, 6, 5), 3, device=dev)
+    valid = torch.rand(1, 6, 5, generator=torch.Generator().manual_seed(9)).to(dev) > 0.3
+    loss = torch.compile(lambda x, kk, v: orcal.ordinal_loss(x, kk, valid=v, backend=backend), fullgraph=True)
+    x = z.clone().requires_grad_()
+    value = loss(x, k, valid)
+    value.backward()
+    y = z.clone().requires_grad_()
+    want = orcal.ordinal_loss(y, k, valid=valid, backend=backend)
+    want.backward()
+    torch.testing.assert_close(value, want)
+    torch.testing.assert_close(x.grad, y.grad)
+    readout = torch.compile(lambda x: orcal.foreground_probability(x, "expected", backend=backend), fullgraph=True)
+    torch.testing.assert_close(readout(z), orcal.foreground_probability(z, "expected", backend=backend))
+    stats = torch.compile(lambda x, kk: orcal.calibration_stats(x, kk, num_raters=3, kind="ordinal",
+                                                               backend=backend).pack(), fullgraph=True)
+    counts, _ = stats(z, k)
+    assert torch.equal(counts.cpu(), orcal.calibration_stats(z, k, num_raters=3, kind="ordinal",
+                                                            backend=backend).pack()[0].cpu())
