@@ -142,7 +142,14 @@ def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
 
 # --- backend choice --------------------------------------------------------------------------------------
 
-@torch.compiler.assume_constant_result  # the choice is made once, outside a traced graph
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo when orcal is imported: that
+    function only sets this mark (torch 2.9 to 2.14); tests/test_hardening.py compiles with fullgraph=True."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result  # the choice is made once, outside a traced graph
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device``: 'torch', 'cpp' or 'triton'."""
     check_choice("backend", backend, BACKENDS)
