@@ -38,3 +38,12 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def data_check(ok: torch.Tensor, message, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile`` the check is an
+    asynchronous assertion in the graph (no data-dependent branch, no graph break)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "orcal: an argument holds values outside its range (see SPEC §8)")
+    elif not bool(ok):
+        raise error(message())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from orcal._schema import MAX_RATERS
-from orcal.checks import check_int
+from orcal.checks import check_int, data_check
 
 
 def _check_layout(masks: object, name: str) -> torch.Tensor:
@@ -39,10 +39,8 @@ def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = T
     if masks.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"{name} must be bool or uint8 in {{0, 1}}, got {masks.dtype}")
     if check_values and masks.dtype == torch.uint8 and masks.numel() and masks.device.type != "meta":
-        if torch.compiler.is_compiling():
-            torch._assert_async(masks.max() <= 1, f"orcal: {name} must be binary (0/1)")
-        elif (top := int(masks.max())) > 1:
-            raise ValueError(f"{name} must be binary (0/1); found value {top}")
+        top = masks.max()
+        data_check(top <= 1, lambda: f"{name} must be binary (0/1); found value {int(top)}")
 
 
 def as_bool_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:

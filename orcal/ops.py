@@ -22,7 +22,7 @@ from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
     REDUCTIONS,
     under_func_transform,
 )
-from orcal.checks import check_choice, check_int, check_real, check_tensor  # noqa: F401  (re-exported)
+from orcal.checks import check_choice, check_int, check_real, check_tensor, data_check  # noqa: F401
 from orcal.masks import check_masks
 from orcal.stats import CalibrationStats
 
@@ -76,19 +76,10 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
             # min/max exist for the signed types on every device; the wider unsigned ones go through int64
             signed = k if k.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else k.to(torch.int64)
             lo, hi = torch.aminmax(signed)
-            _data_check((lo >= 0) & (hi <= num_raters),
+            data_check((lo >= 0) & (hi <= num_raters),
                         lambda: f"{name} must lie in 0..R = 0..{num_raters}; found {int(lo)}..{int(hi)}")
         k = k.to(torch.uint8)
     return k
-
-
-def _data_check(ok: torch.Tensor, message) -> None:
-    """Raise ``ValueError(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile`` the check is
-    an asynchronous assertion in the graph (no data-dependent branch, no graph break)."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(ok, "orcal: an argument holds values outside its range (see SPEC §8)")
-    elif not bool(ok):
-        raise ValueError(message())
 
 
 def plain_tensor(x):
@@ -105,15 +96,12 @@ def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Si
     check_tensor(name, k)
     if k.ndim == len(spatial) + 1 and k.shape[1] == 1:
         k = k[:, 0]
-    if k.dtype.is_floating_point and k.device.type != "meta":
-        if k.numel() and (torch.compiler.is_compiling() or not bool((torch.isfinite(k) & (k == k.round())).all())):
-            if torch.compiler.is_compiling():
-                torch._assert_async((torch.isfinite(k) & (k == k.round())).all(), "orcal: k holds non-integers")
-            else:
-                raise TypeError(f"{name} (vote counts) is a float tensor holding non-integer values; pass integers")
+    if k.dtype.is_floating_point:
+        if k.numel() and k.device.type != "meta":
+            data_check((torch.isfinite(k) & (k == k.round())).all(),
+                       lambda: f"{name} (vote counts) is a float tensor holding non-integer values; pass integers",
+                       TypeError)
         k = k.to(torch.int16)  # 0..255 and a negative ignore_index fit
-    elif k.dtype.is_floating_point:
-        k = k.to(torch.int16)
     if ignore_index is not None:
         ignore_index = check_int("ignore_index", ignore_index)
         if k.shape == spatial:
@@ -277,7 +265,7 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
         which = "torch"
     if which == "torch":
         if k.numel() and k.device.type != "meta":
-            _data_check(k.max() <= R, lambda: f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
+            data_check(k.max() <= R, lambda: f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
         return reference.ordinal_loss(logits, k, w, m, valid, reduction)
     fused = torch.ops.orcal.ordinal_loss if which == "cpp" else _triton().ordinal_loss_op()
     need_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -355,7 +343,7 @@ def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_
     else:
         k = _as_votes(target, target.shape, R, "target")
         if k.numel():
-            _data_check(k.max() <= R, lambda: f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
+            data_check(k.max() <= R, lambda: f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
     p = reference.binary_probability(pred, kind, readout, m)
     check_probabilities(p, valid, "pred", kind)
     return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
@@ -379,7 +367,7 @@ def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name
     if considered.numel() == 0:
         return
     bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
-    _data_check(~bad.any(), lambda: probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
+    data_check(~bad.any(), lambda: probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
 
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
