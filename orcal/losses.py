@@ -76,7 +76,7 @@ class SoftBCELoss(nn.Module):
         self.reduction, self.from_masks, self.ignore_index = reduction, bool(from_masks), ignore_index
 
     def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        from orcal.ops import plain_tensor
+        from orcal.ops import drop_ignored, plain_tensor
 
         logit, target, valid = plain_tensor(logit), plain_tensor(target), plain_tensor(valid)
         for name, x in (("logit", logit), ("target", target)):
@@ -92,9 +92,7 @@ class SoftBCELoss(nn.Module):
         if target.ndim == spatial_dims + 2 and target.shape[1] == 1:
             target = target[:, 0]
         if self.ignore_index is not None:
-            ignored = target == self.ignore_index
-            target = torch.where(ignored, torch.zeros((), dtype=target.dtype, device=target.device), target)
-            valid = ~ignored if valid is None else valid & ~ignored
+            target, valid = drop_ignored(target, valid, self.ignore_index)
         if logit.ndim == target.ndim + 1 and logit.shape[1] == 1:
             logit = logit[:, 0]
         if logit.shape != target.shape:

@@ -102,13 +102,17 @@ def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Si
                        lambda: f"{name} (vote counts) is a float tensor holding non-integer values; pass integers",
                        TypeError)
         k = k.to(torch.int16)  # 0..255 and a negative ignore_index fit
-    if ignore_index is not None:
-        ignore_index = check_int("ignore_index", ignore_index)
-        if k.shape == spatial:
-            ignored = k == ignore_index
-            k = torch.where(ignored, torch.zeros((), dtype=k.dtype, device=k.device), k)
-            valid = ~ignored if valid is None else valid & ~ignored
+    if ignore_index is not None and k.shape == spatial:
+        k, valid = drop_ignored(k, valid, check_int("ignore_index", ignore_index))
     return k, valid
+
+
+def drop_ignored(target: torch.Tensor, valid: torch.Tensor | None, ignore_index: float
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``target`` with its ``ignore_index`` voxels set to 0, and ``valid`` without them."""
+    ignored = target == ignore_index
+    target = torch.where(ignored, torch.zeros((), dtype=target.dtype, device=target.device), target)
+    return target, ~ignored if valid is None else valid & ~ignored
 
 
 def _majority(num_raters: int, majority: int | None) -> int:
