@@ -53,6 +53,20 @@ def loss_peer(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     raise ValueError(f"unknown loss peer {name!r}")
 
 
+def expanded_pairs(p: torch.Tensor, R: int) -> torch.Tensor:
+    """Every voxel's probability repeated for each of its ``R`` raters, flat: the pairs the peers score."""
+    return p.unsqueeze(1).expand(-1, R, *p.shape[1:]).reshape(-1)
+
+
+def torchmetrics_ece(p: torch.Tensor, masks: torch.Tensor, n_bins: int = 15) -> float:
+    """MR-ECE the way it is measured today: a binary ECE over explicitly expanded voxel–rater pairs."""
+    from torchmetrics.classification import BinaryCalibrationError
+
+    metric = BinaryCalibrationError(n_bins=n_bins, norm="l1").to(p.device)
+    metric.update(expanded_pairs(p, masks.shape[1]), masks.reshape(-1).long())
+    return float(metric.compute())
+
+
 def stats_peer(name: str, R: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """``fn(p (B, *S), masks (B, R, *S)) -> value`` of a statistics peer."""
     if name == "monai_ece":
@@ -68,8 +82,7 @@ def stats_peer(name: str, R: int) -> Callable[[torch.Tensor, torch.Tensor], floa
 
         def auroc(p, masks):
             metric = BinaryAUROC().to(p.device)
-            pairs = p.unsqueeze(1).expand(-1, R, *p.shape[1:]).reshape(-1)
-            metric.update(pairs, masks.reshape(-1).long())
+            metric.update(expanded_pairs(p, R), masks.reshape(-1).long())
             return float(metric.compute())
         return auroc
     raise ValueError(f"unknown statistics peer {name!r}")

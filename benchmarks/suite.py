@@ -232,17 +232,6 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _torchmetrics_ece(p: torch.Tensor, masks: torch.Tensor, n_bins: int = 15) -> float:
-    """MR-ECE the way it is measured today: a binary ECE over explicitly expanded voxel–rater pairs."""
-    from torchmetrics.classification import BinaryCalibrationError
-
-    metric = BinaryCalibrationError(n_bins=n_bins, norm="l1").to(p.device)
-    R = masks.shape[1]
-    pairs = p.unsqueeze(1).expand(-1, R, *p.shape[1:]).reshape(-1)
-    metric.update(pairs, masks.reshape(-1).long())
-    return float(metric.compute())
-
-
 def provider_fn(case: Case, provider: str) -> tuple[Callable[[], object], Callable[[object], object] | None]:
     """(the call to time, a function of its output giving a comparable value or None)."""
     x = case.inputs
@@ -273,7 +262,7 @@ def provider_fn(case: Case, provider: str) -> tuple[Callable[[], object], Callab
         R = case.R
         f = _compiled(lambda p, masks: ref.calibration_stats(p, ref.orc_targets(masks), R).pack())
         return lambda: f(x["p"], x["masks"]), lambda packed: metrics(orcal.CalibrationStats.unpack(*packed, 15, 4096))
-    return lambda: _torchmetrics_ece(x["p"], x["masks"]), lambda v: {"mr_ece": float(v)}
+    return lambda: peers.torchmetrics_ece(x["p"], x["masks"]), lambda v: {"mr_ece": float(v)}
 
 
 def available(provider: str, op: str, device: str) -> str | None:
