@@ -35,11 +35,15 @@ def __getattr__(name: str):
     if name in {"metrics", "fusion", "staple", "data", "models", "losses", "train", "evaluate", "experiment",
                 "reference", "plots", "report", "io"}:
         return importlib.import_module(f"orcal.{name}")
+    if name in {"OrdinalLoss", "SoftBCELoss"}:  # the nn.Module forms, for `from orcal import OrdinalLoss`
+        return getattr(importlib.import_module("orcal.losses"), name)
     raise AttributeError(f"module 'orcal' has no attribute {name!r}")
 
 
 __all__ = [
     "CalibrationStats",
+    "OrdinalLoss",
+    "SoftBCELoss",
     "bootstrap",
     "build_info",
     "calibration_metrics",

@@ -84,8 +84,31 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
 
 def plain_tensor(x):
     """A ``torch.Tensor`` subclass (MONAI's ``MetaTensor``) as a plain tensor over the same data; autograd stays
-    attached. Anything else is returned as it is."""
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
+    attached. Anything else is returned as it is. Every public op reads its tensors through this, so a
+    subclass's ``__torch_function__`` never sees orcal's custom ops (which subclasses cannot dispatch)."""
+    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
+        return x
+    # A view taken with the subclass's __torch_function__ off is a plain tensor, in eager mode and in a
+    # torch.compile graph alike (as_subclass, or any op the subclass sees, cannot be traced on a MetaTensor).
+    with torch._C.DisableTorchFunctionSubclass():
+        return x.view_as(x)
+
+
+def _is_subclass(x) -> bool:
+    return isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)
+
+
+def _subclass_backend(op: str, which: str, backend: str, *inputs) -> str:
+    """The backend for an op given a tensor subclass inside ``torch.compile``. There a MetaTensor graph input
+    reaches a custom op as the subclass at run time (the unwrapping view is re-wrapped by the subclass), and
+    torch's check of custom ops refuses it; the reference, made of aten ops, compiles (fullgraph) instead."""
+    if which == "torch" or not torch.compiler.is_compiling() or not any(_is_subclass(x) for x in inputs):
+        return which
+    if backend != "auto":
+        raise TypeError(f"orcal::{op} with backend={backend!r} cannot take a tensor subclass "
+                        f"({', '.join(sorted({type(x).__name__ for x in inputs if _is_subclass(x)}))}) inside "
+                        "torch.compile; pass plain tensors (MetaTensor.as_tensor()) or backend='auto'")
+    return "torch"
 
 
 def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Size, ignore_index: int | None,
@@ -105,6 +128,21 @@ def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Si
     if ignore_index is not None and k.shape == spatial:
         k, valid = drop_ignored(k, valid, check_int("ignore_index", ignore_index))
     return k, valid
+
+
+def channel_first_votes(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, kind: str
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Vote counts ``k`` of a metric given channel-first, ``(B, 1, *S)`` as MONAI and nnU-Net hold them, as
+    ``(B, *S)`` (and ``valid`` likewise). ``k`` has a channel axis when it has as many dimensions as a
+    prediction that has one: ordinal logits, or a ``(B, 1, *S)`` probability map; a 3D volume of depth 1 in
+    the plain layout reads the same either way, since the statistics are sums over voxels."""
+    has_channel = target.ndim == 5 or (target.ndim == 4 and pred.ndim == 4 and (kind == "ordinal"
+                                                                                 or pred.shape[1] == 1))
+    if not has_channel or target.shape[1] != 1:
+        return target, valid
+    if valid is not None and valid.ndim == target.ndim and valid.shape[1] == 1:
+        valid = valid[:, 0]
+    return target[:, 0], valid
 
 
 def drop_ignored(target: torch.Tensor, valid: torch.Tensor | None, ignore_index: float
@@ -192,8 +230,10 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     Returns:
         ``(B, *S)`` uint8 vote counts ``k`` in 0..R.
     """
+    raw, masks = masks, plain_tensor(masks)
     which = resolve_backend("orc_targets", backend, masks.device if isinstance(masks, torch.Tensor) else
                             torch.device("cpu"))
+    which = _subclass_backend("orc_targets", which, backend, raw)
     check_masks(masks, check_values=which == "torch")  # compiled kernels check values in their pass
     if which == "cpp":
         return torch.ops.orcal.orc_targets(masks)
@@ -211,12 +251,15 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
     ``readout="majority"`` (the paper's Eq. 2) is the probability that at least ``majority`` raters vote
     foreground; ``readout="expected"`` is the expected fraction of raters voting foreground. The result
     has the dtype of ``logits``. Compiled kernels read the logits once and write ``p`` once; when the logits
-    require grad the differentiable reference is used.
+    require grad the differentiable reference is used. A tensor subclass (a MONAI ``MetaTensor``) is read as
+    a plain tensor, and the result is a plain tensor.
     """
+    raw, logits = logits, plain_tensor(logits)
     R = _check_ordinal_logits(logits)
     check_choice("readout", readout, READOUTS)
     m = _majority(R, majority)
     which = resolve_backend("foreground_probability", backend, logits.device)
+    which = _subclass_backend("foreground_probability", which, backend, raw)
     if logits.requires_grad and torch.is_grad_enabled():
         which = "torch"
     if which == "cpp":
@@ -249,6 +292,7 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
         The loss in float32 (float64 for float64 logits). Compiled backends compute the gradient in the
         same pass when ``logits`` requires grad; backward only scales it.
     """
+    raw = (logits, k, valid)
     logits, k, valid = plain_tensor(logits), plain_tensor(k), plain_tensor(valid)
     R = _check_ordinal_logits(logits)
     spatial = logits.shape[:1] + logits.shape[2:]
@@ -259,7 +303,7 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     check_choice("reduction", reduction, tuple(REDUCTIONS))
     w = check_real("rps_weight", rps_weight)
     m = _majority(R, majority)
-    which = resolve_backend("ordinal_loss", backend, logits.device)
+    which = _subclass_backend("ordinal_loss", resolve_backend("ordinal_loss", backend, logits.device), backend, *raw)
     if which != "torch" and under_func_transform():
         # torch.func (grad, vjp, hessian, ...) differentiates through the op; the fused backward is a saved
         # constant, so only the reference gives the right answer there.
@@ -289,7 +333,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
         pred: probabilities ``(B, *S)`` or ``(B, 1, *S)`` (``kind="prob"``), binary logits of the same
             shapes (``kind="logit"``), or ordinal logits ``(B, R+1, *S)`` (``kind="ordinal"``, read out with
             ``readout``; the probability is never materialised by compiled kernels).
-        target: rater masks ``(B, R, *S)`` when ``num_raters`` is None, else vote counts ``k`` ``(B, *S)``.
+        target: rater masks ``(B, R, *S)`` when ``num_raters`` is None, else vote counts ``k`` ``(B, *S)`` or
+            channel-first ``(B, 1, *S)``.
         num_raters: ``R`` when ``target`` holds vote counts.
         majority: majority threshold for the readout and the Dice counts; default ``R // 2 + 1``.
         n_bins: equal-width ECE bins; auc_bins: score bins of the streaming AUC.
@@ -298,6 +343,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     Returns:
         :class:`~orcal.stats.CalibrationStats` with one row per image.
     """
+    raw = (pred, target, valid)
+    pred, target, valid = plain_tensor(pred), plain_tensor(target), plain_tensor(valid)
     check_tensor("pred", pred)
     check_tensor("target", target)
     check_choice("kind", kind, KINDS)
@@ -311,6 +358,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
         spatial = target.shape[:1] + target.shape[2:]
     else:
         R = check_int("num_raters", num_raters, 1, MAX_RATERS)
+        target, valid = channel_first_votes(pred, target, valid, kind)
         spatial = target.shape
     if kind == "ordinal":
         if _check_ordinal_logits(pred, "pred") != R:
@@ -330,6 +378,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     _check_same_device(pred=pred, target=target, valid=valid)
     m = _majority(R, majority)
     which = resolve_backend("calibration_stats", backend, pred.device)
+    which = _subclass_backend("calibration_stats", which, backend, *raw)
     if which == "torch":
         return _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid)
     if num_raters is not None:

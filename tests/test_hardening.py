@@ -690,3 +690,6 @@ def test_every_op_compiles_with_fullgraph(be):
     counts, _ = stats(z, k)
     assert torch.equal(counts.cpu(), orcal.calibration_stats(z, k, num_raters=3, kind="ordinal",
                                                             backend=backend).pack()[0].cpu())
+    masks = (torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(10)) < 0.5).to(torch.uint8).to(dev)
+    targets = torch.compile(lambda m: orcal.orc_targets(m, backend=backend), fullgraph=True)
+    assert torch.equal(targets(masks).cpu(), masks.sum(1, dtype=torch.uint8).cpu())
