@@ -6,13 +6,15 @@ set), plus, on request, one row per image for the bootstrap (``per_image=True``)
 the exact AUC (``exact_auc=True``). Under ``torch.distributed`` :meth:`MultiRaterCalibration.compute` sums
 the statistics of every rank; integer counts stay exact.
 
-When torchmetrics is installed, :class:`MultiRaterCalibrationMetric` wraps the same statistics as a
-``torchmetrics.Metric`` with ``dist_reduce_fx="sum"`` states, for Lightning's ``self.log``.
+When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,
+so the value is pooled over batches and ranks): the scalar :class:`MultiRaterECE`, :class:`MultiRaterAUROC`,
+:class:`MultiRaterBrier` and :class:`MultiRaterDice` for Lightning's ``self.log``, and
+:class:`MultiRaterCalibrationMetric` (every metric as a dict) for ``self.log_dict``; see
+:mod:`orcal.metrics_torchmetrics`.
 """
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from typing import Any
 
@@ -20,16 +22,14 @@ import numpy as np
 import torch
 
 from orcal import distributed, metric_table, ops, reference
+from orcal.batch_stats import batch_stats, check_options, prepare
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
 
-__all__ = ["MultiRaterCalibration", "agreement_table", "bootstrap"]  # + MultiRaterCalibrationMetric (lazy)
+__all__ = ["MultiRaterCalibration", "agreement_table", "bootstrap", "summarize"]  # + TORCHMETRICS_CLASSES (lazy)
 
 #: Voxels per chunk when accumulating the confidence-vs-agreement table (bounds its temporary memory).
 _AGREEMENT_CHUNK = 1 << 22
-#: With the pure-PyTorch backend, a batch larger than this many voxels is fed to calibration_stats in slabs
-#: along the first spatial axis: its int64 temporaries would otherwise take tens of bytes per voxel.
-_SLAB_VOXELS = 1 << 22
 
 
 def agreement_table(sum_p: dict[int, torch.Tensor], count: dict[int, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -57,6 +57,17 @@ def agreement_table(sum_p: dict[int, torch.Tensor], count: dict[int, torch.Tenso
         "confidence": np.array([merged[f][0] / merged[f][1] for f in keys], dtype=np.float64),
         "count": np.array([merged[f][1] for f in keys], dtype=np.int64),
     }
+
+
+def summarize(total: CalibrationStats, n_images: int) -> dict[str, Any]:
+    """The result of :meth:`MultiRaterCalibration.compute` from pooled statistics: every metric of
+    :mod:`orcal.metric_table` as a float, the reliability table ``bins``, ``n_pairs`` and ``n_images``."""
+    total = total.total()
+    out: dict[str, Any] = {key: float(v[0]) for key, v in metric_table.metrics_from_totals(total).items()}
+    out["bins"] = reference.bin_table(total)
+    out["n_pairs"] = int(total.n.sum())
+    out["n_images"] = int(n_images)
+    return out
 
 
 class MultiRaterCalibration:
@@ -92,13 +103,7 @@ class MultiRaterCalibration:
         if sync not in (True, False, "auto"):
             raise ValueError(f"sync must be True, False or 'auto', got {sync!r}")
         self.sync = sync
-        n_bins = ops.check_int("n_bins", n_bins, 1, ops.MAX_ECE_BINS)
-        auc_bins = ops.check_int("auc_bins", auc_bins, 2, ops.MAX_AUC_BINS)
-        ops.check_choice("kind", kind, ops.KINDS)
-        ops.check_choice("readout", readout, ops.READOUTS)
-        ops.check_choice("backend", backend, ops.BACKENDS)
-        if majority is not None:
-            majority = ops.check_int("majority", majority, 1, ops.MAX_RATERS)
+        n_bins, auc_bins, majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
         self.n_bins, self.auc_bins = n_bins, auc_bins
         self.per_image, self.exact_auc, self.agreement = bool(per_image), bool(exact_auc), bool(agreement)
         self.kind, self.readout, self.majority, self.backend = kind, readout, majority, backend
@@ -123,7 +128,8 @@ class MultiRaterCalibration:
         Args:
             pred: probabilities or binary logits ``(B, *S)`` / ``(B, 1, *S)``, or ordinal logits
                 ``(B, R+1, *S)``, as set by ``kind``.
-            target: rater masks ``(B, R, *S)``, or vote counts ``k`` ``(B, *S)`` with ``num_raters``.
+            target: rater masks ``(B, R, *S)``, or vote counts ``k`` ``(B, *S)`` or ``(B, 1, *S)`` with
+                ``num_raters``.
             num_raters: ``R`` when ``target`` holds vote counts. ``R`` may differ between updates.
             valid: optional ``(B, *S)`` bool mask of the voxels that count.
             kind: overrides the ``kind`` given at construction for this update.
@@ -131,11 +137,10 @@ class MultiRaterCalibration:
         An empty batch (``B = 0`` in both ``pred`` and ``target``, with shapes that agree) adds nothing.
         """
         kind = self.kind if kind is None else kind
-        ops.check_choice("kind", kind, ops.KINDS)
-        ops.check_tensor("pred", pred)
-        ops.check_tensor("target", target)
-        pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
-        st = self._stats(pred, target, num_raters, valid, kind)  # validates the batch, even an empty one
+        pred, target, valid = prepare(pred, target, valid, num_raters, kind)
+        st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
+                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
+                         backend=self.backend)  # validates the batch, even an empty one
         if st.n_images == 0:
             return
         R = target.shape[1] if num_raters is None else int(num_raters)
@@ -145,34 +150,6 @@ class MultiRaterCalibration:
         self._n_images += st.n_images
         if self.per_image:
             self._rows.append(st)
-
-    def _stats(self, pred, target, num_raters, valid, kind) -> CalibrationStats:
-        """Per-image statistics of one batch, on the CPU; large batches go in slabs on the reference backend."""
-        def call(p, t, v):
-            return ops.calibration_stats(p, t, num_raters=num_raters, kind=kind, readout=self.readout,
-                                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
-                                         valid=v, backend=self.backend).to("cpu")
-
-        spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
-        axis_p = pred.ndim - len(spatial)
-        axis_t = target.ndim - len(spatial)
-        voxels = target.shape[0] * math.prod(spatial)
-        slab_ok = (len(spatial) >= 2 and tuple(pred.shape[axis_p:]) == spatial and axis_p in (1, 2)
-                   and (valid is None or tuple(valid.shape[1:]) == spatial))
-        if (voxels <= _SLAB_VOXELS or not slab_ok
-                or ops.resolve_backend("calibration_stats", self.backend, pred.device) != "torch"):
-            return call(pred, target, valid)
-        # Rows are sums over voxels, so the slabs' rows of one image add up to that image's row.
-        step = max(1, _SLAB_VOXELS // max(1, voxels // spatial[0]))
-        counts = sums = None
-        for start in range(0, spatial[0], step):
-            sl = slice(start, start + step)
-            part = call(pred.narrow(axis_p, start, min(step, spatial[0] - start)),
-                        target.narrow(axis_t, start, min(step, spatial[0] - start)),
-                        None if valid is None else valid[:, sl])
-            c, f = part.pack()
-            counts, sums = (c, f) if counts is None else (counts + c, sums + f)
-        return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
 
     def _accumulate_votes(self, pred, target, num_raters, R, valid, kind) -> None:
         """Per-vote-level sums of ``p`` (agreement table) and per-score pair counts (exact AUC).
@@ -276,17 +253,12 @@ class MultiRaterCalibration:
         state = self._synced()
         if state["n_images"] == 0:
             raise RuntimeError("MultiRaterCalibration.compute() called before any non-empty update")
-        total: CalibrationStats = state["total"]
-        values = {key: float(v[0]) for key, v in reference.metrics_from_totals(total).items()}
-        out: dict[str, Any] = {key: values[key] for key in metric_table.keys()}
+        out = summarize(state["total"], state["n_images"])
         if self.exact_auc:
             out["auc_binned"] = out["auc"]
             out["auc"] = reference.auc_from_sorted_counts(state["scores"][1], state["scores"][2])
-        out["bins"] = reference.bin_table(total)
         if self.agreement:
             out["agreement"] = agreement_table(state["sum_p"], state["count"])
-        out["n_pairs"] = int(total.n.sum())
-        out["n_images"] = int(state["n_images"])
         return out
 
     def totals(self) -> CalibrationStats:
@@ -344,60 +316,16 @@ class MultiRaterCalibration:
                 f"exact_auc={self.exact_auc}, kind={self.kind!r}, images={self._n_images})")
 
 
-# --- torchmetrics adapter (built on first access, so torchmetrics stays optional) -------------------------
+# --- torchmetrics forms (built on first access, so torchmetrics stays optional) ------------------------------
 
-def _make_torchmetrics_class():
-    import torchmetrics
-
-    class MultiRaterCalibrationMetric(torchmetrics.Metric):
-        """``torchmetrics.Metric`` form of :class:`MultiRaterCalibration` for Lightning's ``self.log_dict``.
-
-        States are the packed statistics with ``dist_reduce_fx="sum"``; :meth:`compute` returns a dict of
-        scalar tensors (``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``, ``auc_error_bound``, ``brier``,
-        ``nll``, ``dice``). Keyword arguments of :meth:`update` are those of
-        :meth:`MultiRaterCalibration.update`.
-        """
-
-        is_differentiable = False
-        higher_is_better = False
-        full_state_update = False
-
-        def __init__(self, n_bins: int = 15, auc_bins: int = 4096, kind: str = "prob", readout: str = "majority",
-                     majority: int | None = None, backend: str = "auto", **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._inner = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, kind=kind, readout=readout,
-                                                majority=majority, agreement=False, backend=backend)
-            counts, sums = CalibrationStats.empty(n_bins, auc_bins, rows=1).pack()
-            self.add_state("counts", default=counts[0], dist_reduce_fx="sum")
-            self.add_state("sums", default=sums[0], dist_reduce_fx="sum")
-
-        def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
-                   valid: torch.Tensor | None = None, kind: str | None = None) -> None:
-            inner = self._inner
-            inner.reset()
-            inner.update(pred, target, num_raters=num_raters, valid=valid, kind=kind)
-            counts, sums = inner._total.pack()
-            self.counts += counts[0].to(self.counts.device)
-            self.sums += sums[0].to(self.sums.device)
-
-        def compute(self) -> dict[str, torch.Tensor]:
-            n_bins, auc_bins = self._inner.n_bins, self._inner.auc_bins
-            total = CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), n_bins, auc_bins)
-            values = reference.metrics_from_totals(total)
-            return {key: values[key][0].float() for key in metric_table.keys()}
-
-    return MultiRaterCalibrationMetric
-
-
-_lazy: dict[str, type] = {}
+#: The ``torchmetrics.Metric`` classes of :mod:`orcal.metrics_torchmetrics`, reachable from here.
+TORCHMETRICS_CLASSES = ("MultiRaterCalibrationMetric", "MultiRaterECE", "MultiRaterAUROC", "MultiRaterBrier",
+                        "MultiRaterDice")
 
 
 def __getattr__(name: str):
-    if name == "MultiRaterCalibrationMetric":
-        if name not in _lazy:
-            try:
-                _lazy[name] = _make_torchmetrics_class()
-            except ImportError as err:
-                raise ImportError("MultiRaterCalibrationMetric needs torchmetrics (pip install torchmetrics)") from err
-        return _lazy[name]
+    if name in TORCHMETRICS_CLASSES:
+        from orcal import metrics_torchmetrics
+
+        return getattr(metrics_torchmetrics, name)
     raise AttributeError(f"module 'orcal.metrics' has no attribute {name!r}")

@@ -17,7 +17,7 @@ import numpy as np
 from orcal import metric_table
 from orcal.stats import CalibrationStats
 
-__all__ = ["confidence_vs_agreement", "plot_qualitative", "plot_sweep", "reliability_diagram"]
+__all__ = ["confidence_vs_agreement", "draw_reliability", "plot_qualitative", "plot_sweep", "reliability_diagram"]
 
 
 def _pyplot():
@@ -86,39 +86,50 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
     Returns:
         ``path`` as a string.
     """
-    _check_methods(methods, "reliability_diagram")
-    tables = {name: _as_bin_table(name, data) for name, data in methods.items()}
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.4), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
-    top.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="perfect calibration")
+    draw_reliability(methods, top, bottom, title=title)
+    return _save(fig, path)
+
+
+def draw_reliability(methods: Mapping[str, Any], ax, counts_ax=None, title: str | None = None) -> None:
+    """Draw the reliability curves of ``methods`` on the matplotlib axes ``ax`` and, when given, the pairs per
+    bin on ``counts_ax`` (the panels of :func:`reliability_diagram`, for figures of the caller's own)."""
+    _check_methods(methods, "reliability_diagram")
+    tables = {name: _as_bin_table(name, data) for name, data in methods.items()}
+    from matplotlib import colormaps
+
+    ax.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="perfect calibration")
     n_methods = len(tables)
-    colors = plt.get_cmap("tab10").colors
+    colors = colormaps["tab10"].colors
     for i, (name, table) in enumerate(tables.items()):
         color = colors[i % len(colors)]
         nonempty = table["count"] > 0
-        top.plot(table["confidence"][nonempty], table["accuracy"][nonempty], marker="o", markersize=4,
-                 linewidth=1.6, color=color, label=f"{name}  (MR-ECE {100 * _ece(table):.2f}%)")
-        width = (table["upper"] - table["lower"]) / n_methods
-        left = table["lower"] + i * width
-        counts = np.where(nonempty, table["count"], np.nan)
-        bottom.bar(left, counts, width=width, align="edge", color=color, alpha=0.75, linewidth=0)
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.set_aspect("auto")
-    top.set_ylabel("observed fraction of positive pairs")
-    top.grid(True, color="0.92")
-    top.legend(loc="upper left", fontsize=8, frameon=False)
+        ax.plot(table["confidence"][nonempty], table["accuracy"][nonempty], marker="o", markersize=4,
+                linewidth=1.6, color=color, label=f"{name}  (MR-ECE {100 * _ece(table):.2f}%)")
+        if counts_ax is not None:
+            width = (table["upper"] - table["lower"]) / n_methods
+            left = table["lower"] + i * width
+            counts = np.where(nonempty, table["count"], np.nan)
+            counts_ax.bar(left, counts, width=width, align="edge", color=color, alpha=0.75, linewidth=0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed fraction of positive pairs")
+    ax.grid(True, color="0.92")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     if title:
-        top.set_title(title)
-    bottom.set_yscale("log")
+        ax.set_title(title)
+    if counts_ax is None:
+        ax.set_xlabel("predicted probability")
+        return
+    counts_ax.set_yscale("log")
     counts = np.concatenate([t["count"][t["count"] > 0] for t in tables.values()])
     if counts.size:  # whole decades, so that bar heights are not read against a truncated axis
-        bottom.set_ylim(10 ** np.floor(np.log10(counts.min())), 10 ** np.ceil(np.log10(counts.max() * 1.05)))
-    bottom.set_xlabel("predicted probability")
-    bottom.set_ylabel("pairs")
-    bottom.grid(True, axis="y", color="0.92")
-    return _save(fig, path)
+        counts_ax.set_ylim(10 ** np.floor(np.log10(counts.min())), 10 ** np.ceil(np.log10(counts.max() * 1.05)))
+    counts_ax.set_xlabel("predicted probability")
+    counts_ax.set_ylabel("pairs")
+    counts_ax.grid(True, axis="y", color="0.92")
 
 
 def _as_agreement(name: str, data: Any) -> dict[str, np.ndarray]:

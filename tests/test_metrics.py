@@ -278,7 +278,7 @@ def test_distributed_equals_single_process(tmp_path):
 
 
 def test_slabs_of_large_batches_equal_one_call(monkeypatch):
-    import orcal.metrics as metrics_module
+    import orcal.batch_stats as batch_stats_module
 
     p, masks = make_data(B=2, R=3, shape=(7, 5, 6), seed=12)
     g = torch.Generator().manual_seed(13)
@@ -287,7 +287,7 @@ def test_slabs_of_large_batches_equal_one_call(monkeypatch):
     whole = MultiRaterCalibration(per_image=True, backend="torch")
     whole.update(p[:, None], masks, valid=valid)
     whole.update(logits, masks.sum(1).to(torch.uint8), num_raters=3, kind="ordinal")
-    monkeypatch.setattr(metrics_module, "_SLAB_VOXELS", 70)  # slabs of one or two planes
+    monkeypatch.setattr(batch_stats_module, "SLAB_VOXELS", 70)  # slabs of one or two planes
     sliced = MultiRaterCalibration(per_image=True, backend="torch")
     sliced.update(p[:, None], masks, valid=valid)
     sliced.update(logits, masks.sum(1).to(torch.uint8), num_raters=3, kind="ordinal")

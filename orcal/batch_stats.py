@@ -1,0 +1,73 @@
+"""The statistics of one batch, as both streaming metrics (orcal.metrics and its torchmetrics forms) take them.
+
+:func:`batch_stats` is :func:`orcal.calibration_stats` moved to the CPU, with the large batches of the
+pure-PyTorch backend fed in slabs along the first spatial axis (its int64 temporaries would otherwise take
+tens of bytes per voxel of a CT volume).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from orcal import ops
+from orcal.stats import CalibrationStats
+
+#: With the pure-PyTorch backend, a batch larger than this many voxels goes to calibration_stats in slabs.
+SLAB_VOXELS = 1 << 22
+
+
+def check_options(n_bins: int, auc_bins: int, kind: str, readout: str, majority: int | None,
+                  backend: str) -> tuple[int, int, int | None]:
+    """Validate a streaming metric's options; returns ``(n_bins, auc_bins, majority)`` as ints."""
+    n_bins = ops.check_int("n_bins", n_bins, 1, ops.MAX_ECE_BINS)
+    auc_bins = ops.check_int("auc_bins", auc_bins, 2, ops.MAX_AUC_BINS)
+    ops.check_choice("kind", kind, ops.KINDS)
+    ops.check_choice("readout", readout, ops.READOUTS)
+    ops.check_choice("backend", backend, ops.BACKENDS)
+    if majority is not None:
+        majority = ops.check_int("majority", majority, 1, ops.MAX_RATERS)
+    return n_bins, auc_bins, majority
+
+
+def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, num_raters: int | None,
+            kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A metric update's tensors as the ecosystem hands them over (``MetaTensor`` s, channel-first vote
+    counts ``(B, 1, *S)``) as plain tensors with vote counts ``(B, *S)``."""
+    ops.check_choice("kind", kind, ops.KINDS)
+    ops.check_tensor("pred", pred)
+    ops.check_tensor("target", target)
+    pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
+    if num_raters is not None:
+        target, valid = ops.channel_first_votes(pred, target, valid, kind)
+    return pred, target, valid
+
+
+def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | None, valid: torch.Tensor | None,
+                kind: str, readout: str, majority: int | None, n_bins: int, auc_bins: int,
+                backend: str) -> CalibrationStats:
+    """Per-image statistics of one batch on the CPU (arguments as :func:`orcal.calibration_stats`, with
+    plain tensors and vote counts ``(B, *S)``); the rows of an image's slabs add up to its row."""
+    def call(p, t, v):
+        return ops.calibration_stats(p, t, num_raters=num_raters, kind=kind, readout=readout, majority=majority,
+                                     n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend).to("cpu")
+
+    spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
+    axis_p = pred.ndim - len(spatial)
+    axis_t = target.ndim - len(spatial)
+    voxels = target.shape[0] * math.prod(spatial)
+    slab_ok = (len(spatial) >= 2 and tuple(pred.shape[axis_p:]) == spatial and axis_p in (1, 2)
+               and (valid is None or tuple(valid.shape[1:]) == spatial))
+    if (voxels <= SLAB_VOXELS or not slab_ok
+            or ops.resolve_backend("calibration_stats", backend, pred.device) != "torch"):
+        return call(pred, target, valid)
+    step = max(1, SLAB_VOXELS // max(1, voxels // spatial[0]))
+    counts = sums = None
+    for start in range(0, spatial[0], step):
+        length = min(step, spatial[0] - start)
+        part = call(pred.narrow(axis_p, start, length), target.narrow(axis_t, start, length),
+                    None if valid is None else valid[:, start:start + length])
+        c, f = part.pack()
+        counts, sums = (c, f) if counts is None else (counts + c, sums + f)
+    return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)

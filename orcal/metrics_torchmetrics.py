@@ -1,0 +1,166 @@
+"""orcal's streaming statistics as ``torchmetrics.Metric`` classes (``pip install torchmetrics``).
+
+Every class keeps the same two states, the packed statistics of :func:`orcal.calibration_stats` summed over
+batches and ranks (``dist_reduce_fx="sum"``), so a value is always the pooled one: ``self.log("val/mr_ece",
+metric)`` in Lightning, the forward idiom (``metric(pred, target)`` each step returns that batch's value and
+adds it to the pool) and ``compute()`` after many updates all equal one pass of
+:class:`orcal.metrics.MultiRaterCalibration` over the same data (the same per-batch statistics,
+:func:`orcal.batch_stats.batch_stats`). In a ``torchmetrics.MetricCollection``
+the scalar metrics of one configuration fall into one compute group, so the statistics are computed once per
+batch for all of them.
+
+- :class:`MultiRaterECE` (``norm="l1" | "l2" | "max"``), :class:`MultiRaterAUROC`,
+  :class:`MultiRaterBrier`, :class:`MultiRaterDice`: one scalar each.
+- :class:`MultiRaterCalibrationMetric`: every metric of :mod:`orcal.metric_table` as a dict of scalars,
+  for ``self.log_dict``.
+
+``plot()`` without a value draws the reliability diagram of the pooled pairs (torchmetrics' ``(fig, ax)``
+convention); with values it is torchmetrics' own plot of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchmetrics
+
+from orcal import metric_table, ops
+from orcal.batch_stats import batch_stats, check_options, prepare
+from orcal.stats import CalibrationStats
+
+__all__ = ["MultiRaterAUROC", "MultiRaterBrier", "MultiRaterCalibrationMetric", "MultiRaterDice", "MultiRaterECE",
+           "MultiRaterStatistics"]
+
+
+class MultiRaterStatistics(torchmetrics.Metric):
+    """The shared state and update of orcal's torchmetrics classes (the base of the scalar metrics).
+
+    Args:
+        n_bins: equal-width ECE bins on [0, 1].
+        auc_bins: score bins of the streaming AUC.
+        kind: ``"prob"``, ``"logit"`` or ``"ordinal"`` (ordinal logits ``(B, R+1, *S)``).
+        readout: ordinal readout, ``"majority"`` or ``"expected"``.
+        majority: majority threshold for the readout and Dice; default ``R // 2 + 1``.
+        num_raters: ``R`` when targets are vote counts ``k`` (``(B, *S)`` or ``(B, 1, *S)``); ``None``: targets
+            are rater masks ``(B, R, *S)``. :meth:`update` may override it.
+        backend: kernel backend of :func:`orcal.calibration_stats`.
+        kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ``process_group``, ...).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    def __init__(self, n_bins: int = 15, auc_bins: int = 4096, kind: str = "prob", readout: str = "majority",
+                 majority: int | None = None, num_raters: int | None = None, backend: str = "auto",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_bins, self.auc_bins, self.majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
+        self.kind, self.readout, self.backend = kind, readout, backend
+        if num_raters is not None:
+            num_raters = ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
+        self.num_raters = num_raters
+        counts, sums = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=1).pack()
+        self.add_state("counts", default=counts[0], dist_reduce_fx="sum")
+        self.add_state("sums", default=sums[0], dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
+               valid: torch.Tensor | None = None, kind: str | None = None) -> None:
+        """Add a batch; arguments as :meth:`orcal.metrics.MultiRaterCalibration.update` (``num_raters``
+        defaults to the one given at construction)."""
+        kind = self.kind if kind is None else kind
+        num_raters = self.num_raters if num_raters is None else num_raters
+        pred, target, valid = prepare(pred, target, valid, num_raters, kind)
+        st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
+                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins, backend=self.backend)
+        counts, sums = st.total().pack()
+        self.counts += counts[0].to(self.counts.device)
+        self.sums += sums[0].to(self.sums.device)
+
+    def totals(self) -> CalibrationStats:
+        """The pooled statistics (one row) of every update so far, on the CPU (this rank's, unless called
+        inside ``compute``, where torchmetrics has already summed the ranks)."""
+        return CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), self.n_bins, self.auc_bins)
+
+    def _metric(self, key: str) -> torch.Tensor:
+        return metric_table.METRICS[key].from_totals(self.totals())[0].float()
+
+    def plot(self, val: torch.Tensor | list[torch.Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
+        """Without ``val``: the reliability diagram of the pooled voxel–rater pairs on ``ax`` (a new figure when
+        None). With ``val`` (values returned by ``compute``/``forward``): torchmetrics' plot of them.
+
+        Returns:
+            ``(figure, axes)``.
+        """
+        if val is not None:
+            return self._plot(val, ax)
+        from orcal.plots import draw_reliability
+
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 4.5))
+        else:
+            fig = ax.get_figure()
+        draw_reliability({type(self).__name__: self.totals()}, ax)
+        return fig, ax
+
+
+class MultiRaterECE(MultiRaterStatistics):
+    """Multi-rater expected calibration error over voxel–rater pairs (SPEC §4): ``norm="l1"`` (MR-ECE),
+    ``"l2"`` (root mean square gap) or ``"max"`` (MR-MCE). Other arguments: see :class:`MultiRaterStatistics`."""
+
+    higher_is_better = False
+    _NORMS = {"l1": "mr_ece", "l2": "mr_ece_l2", "max": "mr_mce"}
+
+    def __init__(self, norm: str = "l1", **kwargs: Any) -> None:
+        ops.check_choice("norm", norm, tuple(self._NORMS))
+        super().__init__(**kwargs)
+        self.norm = norm
+
+    def compute(self) -> torch.Tensor:
+        return self._metric(self._NORMS[self.norm])
+
+
+class MultiRaterAUROC(MultiRaterStatistics):
+    """Multi-rater AUC over voxel–rater pairs, streaming in ``auc_bins`` score bins (its error bound is
+    ``MultiRaterCalibrationMetric``'s ``auc_error_bound``). Arguments: see :class:`MultiRaterStatistics`."""
+
+    higher_is_better = True
+
+    def compute(self) -> torch.Tensor:
+        return self._metric("auc")
+
+
+class MultiRaterBrier(MultiRaterStatistics):
+    """Brier score over voxel–rater pairs. Arguments: see :class:`MultiRaterStatistics`."""
+
+    higher_is_better = False
+
+    def compute(self) -> torch.Tensor:
+        return self._metric("brier")
+
+
+class MultiRaterDice(MultiRaterStatistics):
+    """Dice of the majority-thresholded prediction against the majority of the raters, pooled over voxels.
+    Arguments: see :class:`MultiRaterStatistics`."""
+
+    higher_is_better = True
+
+    def compute(self) -> torch.Tensor:
+        return self._metric("dice")
+
+
+class MultiRaterCalibrationMetric(MultiRaterStatistics):
+    """Every metric of :mod:`orcal.metric_table` (``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``,
+    ``auc_error_bound``, ``brier``, ``nll``, ``dice``) as a dict of scalar tensors, for Lightning's
+    ``self.log_dict``. The metrics point different ways, so ``higher_is_better`` is None; the scalar classes
+    say which way each one is better. Arguments: see :class:`MultiRaterStatistics`."""
+
+    higher_is_better = None
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = metric_table.metrics_from_totals(self.totals())
+        return {key: value[0].float() for key, value in values.items()}
