@@ -1,0 +1,240 @@
+"""MONAI building blocks for multi-rater data (``pip install "orcal[monai]"``).
+
+- :class:`StackRatersd`: several raters' label maps ``(1, *S)`` (as ``LoadImaged(ensure_channel_first=True)``
+  gives them) → one ``(R, *S)`` uint8 rater stack of a label, plus their union ``(1, *S)`` for
+  ``RandCropByPosNegLabeld(label_key="union")``.
+- :class:`ORCTargetd`: the rater stack → the vote count ``k`` ``(1, *S)`` uint8, the target of
+  :class:`orcal.OrdinalLoss`.
+- :class:`MultiRaterCalibrationMetric`: a ``monai.metrics.CumulativeIterationMetric`` over orcal's
+  statistics (``metric(y_pred, y)`` on batches or decollated lists, ``aggregate()``, ``reset()``, MONAI's
+  gather across ranks), equal to :class:`orcal.metrics.MultiRaterCalibration` on the same data.
+- :class:`MultiRaterCalibrationHandler`: that metric as a MONAI/ignite engine handler (one value, e.g. the
+  MR-ECE, for ``key_val_metric``).
+
+MetaTensors keep their metadata through the transforms; the metric and :mod:`orcal.ops` read them as plain
+tensors. See docs/integrations.md for a whole 3D loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    from monai.config import KeysCollection
+    from monai.handlers import IgniteMetricHandler
+    from monai.metrics import CumulativeIterationMetric
+    from monai.transforms import MapTransform
+except ImportError as err:  # an optional extra: say how to get it
+    raise ImportError('orcal.monai needs MONAI: pip install "orcal[monai]"') from err
+
+from orcal import metric_table, ops
+from orcal.batch_stats import batch_stats, check_options, prepare
+from orcal.metrics import summarize
+from orcal.ops import bootstrap
+from orcal.stats import CalibrationStats
+
+__all__ = ["MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric", "ORCTargetd", "StackRatersd"]
+
+#: How far two raters' affines may differ (in the affine's units, mm) and still describe the same grid.
+AFFINE_ATOL = 1e-4
+
+
+def _as_tensor(value: Any, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    raise TypeError(f"{where} must be a tensor or numpy array, got {type(value).__name__}")
+
+
+def _affine(x: torch.Tensor) -> torch.Tensor | None:
+    meta = getattr(x, "meta", None)
+    affine = None if meta is None else meta.get("affine")
+    return None if affine is None else torch.as_tensor(affine, dtype=torch.float64)
+
+
+class StackRatersd(MapTransform):
+    """Stack several raters' label maps into one ``(R, *S)`` uint8 rater stack of one label.
+
+    Args:
+        keys: the raters' keys, in rater order; each holds a channel-first label map ``(1, *S)`` of any dtype.
+        name: key of the stack ``(R, *S)`` (1 where the rater gave the voxel the label).
+        label: which label is the structure: None (any non-zero value), an int, or a sequence of ints
+            (a voxel with any of them).
+        union_key: key of the union of the raters ``(1, *S)`` uint8 (1 where any rater marked the voxel), for
+            ``RandCropByPosNegLabeld(label_key=union_key)``; None: not written.
+        allow_missing_keys: skip absent keys (MONAI's convention); at least one must be present.
+
+    The stack keeps the first rater's MetaTensor metadata. Raters must share the shape and, for MetaTensors,
+    the affine (within :data:`AFFINE_ATOL`).
+    """
+
+    def __init__(self, keys: KeysCollection, name: str = "masks", label: int | Sequence[int] | None = None,
+                 union_key: str | None = "union", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"StackRatersd: name must be a non-empty key, got {name!r}")
+        if union_key is not None and (not isinstance(union_key, str) or union_key == name):
+            raise ValueError(f"StackRatersd: union_key must be a key other than name={name!r}, got {union_key!r}")
+        if label is not None:
+            labels = [label] if isinstance(label, int | np.integer) else label if isinstance(label, Sequence) else []
+            if not labels or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in labels):
+                raise TypeError(f"StackRatersd: label must be None, an int or a sequence of ints, got {label!r}")
+            label = [int(v) for v in labels]
+        self.name, self.label, self.union_key = name, label, union_key
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        if self.label is None:
+            return x != 0
+        if len(self.label) == 1:
+            return x == self.label[0]
+        return torch.isin(x, torch.tensor(self.label, device=x.device, dtype=x.dtype))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if not present:
+            raise KeyError(f"StackRatersd: none of the rater keys {list(self.keys)} is in the data "
+                           f"(keys: {list(d)})")
+        maps = [_as_tensor(d[key], f"StackRatersd: data[{key!r}]") for key in present]
+        first, first_key = maps[0], present[0]
+        for key, x in zip(present, maps):
+            if x.ndim < 3 or x.shape[0] != 1:
+                raise ValueError(f"StackRatersd: data[{key!r}] must be a channel-first label map (1, *S), got "
+                                 f"shape {tuple(x.shape)}; load it with LoadImaged(..., ensure_channel_first=True)")
+            if x.shape != first.shape:
+                raise ValueError(f"StackRatersd: raters {first_key!r} and {key!r} have different shapes "
+                                 f"{tuple(first.shape)} and {tuple(x.shape)}")
+            a, b = _affine(first), _affine(x)
+            if a is not None and b is not None and not torch.allclose(a, b, atol=AFFINE_ATOL, rtol=0):
+                raise ValueError(f"StackRatersd: raters {first_key!r} and {key!r} have different affines (the "
+                                 f"label maps are on different grids; resample one onto the other first):\n"
+                                 f"{a.numpy()}\nvs\n{b.numpy()}")
+        # torch ops on MetaTensors keep the first operand's metadata
+        stack = torch.cat([self._select(x) for x in maps], dim=0).to(torch.uint8)
+        d[self.name] = stack
+        if self.union_key is not None:
+            d[self.union_key] = stack.amax(dim=0, keepdim=True)
+        return d
+
+
+class ORCTargetd(MapTransform):
+    """The ORC target: the vote count ``k`` ``(1, *S)`` uint8 of a rater stack ``(R, *S)`` (SPEC §1).
+
+    Args:
+        keys: keys of rater stacks ``(R, *S)`` (as :class:`StackRatersd` writes them), values 0/1.
+        name: output key, or one per key (default ``"k"``).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection = "masks", name: str | Sequence[str] = "k",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        names = [name] if isinstance(name, str) else list(name)
+        if len(names) != len(self.keys):
+            raise ValueError(f"ORCTargetd: {len(self.keys)} keys need as many names, got {names}")
+        self.names = dict(zip(self.keys, names))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            masks = _as_tensor(d[key], f"ORCTargetd: data[{key!r}]")
+            if masks.ndim < 3:
+                raise ValueError(f"ORCTargetd: data[{key!r}] must be a rater stack (R, *S), got shape "
+                                 f"{tuple(masks.shape)}")
+            if masks.shape[0] > ops.MAX_RATERS:
+                raise ValueError(f"ORCTargetd: data[{key!r}] has {masks.shape[0]} raters; at most "
+                                 f"{ops.MAX_RATERS} fit a uint8 vote count")
+            d[self.names[key]] = (masks != 0).sum(dim=0, keepdim=True, dtype=torch.uint8)
+        return d
+
+
+class MultiRaterCalibrationMetric(CumulativeIterationMetric):
+    """MR-ECE, AUC, Brier, NLL and Dice over voxel–rater pairs, in MONAI's metric protocol.
+
+    ``metric(y_pred, y)`` takes batch-first tensors or lists of channel-first ones (``decollate_batch``);
+    each call adds one statistics row per image to MONAI's buffers, which ``aggregate()`` gathers across
+    ranks (MONAI's ``Cumulative``) and pools into the dict of :meth:`orcal.metrics.MultiRaterCalibration.compute`
+    (without the agreement table).
+
+    Args:
+        kind: what ``y_pred`` holds: ``"prob"`` (probabilities ``(B, 1, *S)``), ``"logit"`` (binary logits) or
+            ``"ordinal"`` (ordinal logits ``(B, R+1, *S)``).
+        num_raters: None: ``y`` is the rater stack ``(B, R, *S)``; an int ``R``: ``y`` is the vote count
+            ``k`` ``(B, 1, *S)`` (as :class:`ORCTargetd` writes it).
+        readout, majority, n_bins, auc_bins, backend: as :class:`orcal.metrics.MultiRaterCalibration`.
+
+    Keyword arguments of the call: ``valid`` (``(B, *S)`` bool), as in
+    :meth:`orcal.metrics.MultiRaterCalibration.update`.
+    """
+
+    def __init__(self, kind: str = "prob", num_raters: int | None = None, readout: str = "majority",
+                 majority: int | None = None, n_bins: int = 15, auc_bins: int = 4096,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.n_bins, self.auc_bins, self.majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
+        self.kind, self.readout, self.backend = kind, readout, backend
+        self.num_raters = None if num_raters is None else ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None,  # type: ignore[override]
+                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if y is None:
+            raise ValueError("MultiRaterCalibrationMetric needs the raters: call metric(y_pred, y)")
+        pred, target, valid = prepare(y_pred, y, kwargs.get("valid"), self.num_raters, self.kind)
+        st = batch_stats(pred, target, num_raters=self.num_raters, valid=valid, kind=self.kind,
+                         readout=self.readout, majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
+                         backend=self.backend)
+        counts, sums = st.pack()
+        return counts.to(y_pred.device), sums.to(y_pred.device)  # one row per image: MONAI's batch-first buffers
+
+    def stats(self) -> CalibrationStats:
+        """Per-image statistics of every call so far (gathered across ranks), for :func:`orcal.bootstrap`."""
+        buffers = self.get_buffer()
+        if not isinstance(buffers, (list, tuple)) or len(buffers) != 2 or buffers[0] is None:
+            return CalibrationStats.empty(self.n_bins, self.auc_bins)
+        counts, sums = (torch.as_tensor(b).cpu() for b in buffers)
+        return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
+
+    def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
+        """The pooled metrics of every call so far: ``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``,
+        ``auc_error_bound``, ``brier``, ``nll``, ``dice`` (floats), ``bins``, ``n_pairs``, ``n_images``.
+
+        Raises:
+            RuntimeError: nothing was accumulated.
+        """
+        st = self.stats()
+        if st.n_images == 0:
+            raise RuntimeError("MultiRaterCalibrationMetric.aggregate() called before any non-empty call")
+        return summarize(st, st.n_images)
+
+    def bootstrap(self, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0) -> dict[str, dict[str, float]]:
+        """Bootstrap intervals over the images seen (SPEC §5)."""
+        return bootstrap(self.stats(), n_boot=n_boot, fraction=fraction, seed=seed)
+
+
+class MultiRaterCalibrationHandler(IgniteMetricHandler):
+    """:class:`MultiRaterCalibrationMetric` as a MONAI engine handler (``val_handlers``/``key_val_metric``):
+    the engine's metric is one entry of the pooled result, by default the MR-ECE (lower is better: give
+    MONAI's ``CheckpointSaver`` a ``key_metric_negative_sign=True``).
+
+    Args:
+        key: which entry of :meth:`MultiRaterCalibrationMetric.aggregate` the handler reports.
+        output_transform: engine output → ``(y_pred, y)``, as for MONAI's metric handlers.
+        save_details: keep the per-image statistics rows in ``engine.state.metric_details``.
+        kwargs: :class:`MultiRaterCalibrationMetric` options.
+    """
+
+    def __init__(self, key: str = "mr_ece", output_transform: Any = lambda x: x, save_details: bool = False,
+                 **kwargs: Any) -> None:
+        ops.check_choice("key", key, metric_table.keys())
+        self.key = key
+        super().__init__(metric_fn=MultiRaterCalibrationMetric(**kwargs), output_transform=output_transform,
+                         save_details=save_details)
+
+    def compute(self) -> float:
+        result = super().compute()
+        return result[self.key]
