@@ -9,6 +9,7 @@ statement of that contract, and the lowest layer of the package: it imports torc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -177,3 +178,14 @@ def register(namespace: str, backend: str) -> None:
     for name, fake in FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}")(fake)
     torch.library.register_autograd(f"{namespace}::ordinal_loss", _loss_backward(backend), setup_context=_setup)
+
+
+def async_checks(device: torch.device) -> bool:
+    """Whether a kernel's error flags are checked on the device instead of read by the host: while the current
+    CUDA stream is captured into a graph (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``),
+    where reading them would be an illegal synchronisation, or always with ``ORCAL_ASYNC_CHECKS=1`` (no
+    host synchronisation in any op; a bad input then fails the stream with a device-side assertion instead
+    of a Python error that names the value). The CUDA kernels follow the same rule (csrc/cuda/cuda_utils.cuh)."""
+    if os.environ.get("ORCAL_ASYNC_CHECKS") == "1":
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from orcal._schema import async_checks
+
 
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """An integer argument: a Python or NumPy integer (never a bool, a float or a string) in [low, high]."""
@@ -41,9 +43,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def data_check(ok: torch.Tensor, message, error: type[Exception] = ValueError) -> None:
-    """Raise ``error(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile`` the check is an
-    asynchronous assertion in the graph (no data-dependent branch, no graph break)."""
-    if torch.compiler.is_compiling():
+    """Raise ``error(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile``, while a CUDA
+    graph is captured and with ``ORCAL_ASYNC_CHECKS=1`` the check is an asynchronous assertion instead (no
+    data-dependent branch, no graph break, no host synchronisation)."""
+    if torch.compiler.is_compiling() or async_checks(ok.device):
         torch._assert_async(ok, "orcal: an argument holds values outside its range (see SPEC §8)")
     elif not bool(ok):
         raise error(message())

@@ -693,3 +693,53 @@ def test_every_op_compiles_with_fullgraph(be):
     masks = (torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(10)) < 0.5).to(torch.uint8).to(dev)
     targets = torch.compile(lambda m: orcal.orc_targets(m, backend=backend), fullgraph=True)
     assert torch.equal(targets(masks).cpu(), masks.sum(1, dtype=torch.uint8).cpu())
+
+
+# --- no host synchronisation: CUDA graphs and ORCAL_ASYNC_CHECKS=1 ---------------------------------------
+
+def _sync_free_calls(backend, z, k, masks):
+    """Every op once, as a training or evaluation step calls them."""
+    return (orcal.orc_targets(masks, backend=backend),
+            orcal.ordinal_loss(z, k, backend=backend),
+            orcal.foreground_probability(z, "expected", backend=backend),
+            *orcal.calibration_stats(z, k, num_raters=3, kind="ordinal", backend=backend).pack())
+
+
+def test_ops_capture_in_a_cuda_graph(be):
+    """While a stream is captured the kernels check their flags on the device: no synchronisation, so
+    torch.cuda.graph (and torch.compile(mode="reduce-overhead")) can record them; replays give eager results."""
+    backend, dev = be
+    if dev != "cuda" or backend == "torch":
+        pytest.skip("the compiled kernels on a CUDA device")
+    z, k = _logits(2, 3, (8, 6, 5), device=dev), _votes((2, 8, 6, 5), 3, device=dev)
+    masks = (torch.rand(2, 3, 8, 6, 5, generator=torch.Generator().manual_seed(4)) < 0.5).to(torch.uint8).to(dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the graph (allocations, Triton's compilation)
+        _sync_free_calls(backend, z, k, masks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = _sync_free_calls(backend, z, k, masks)
+    z.copy_(_logits(2, 3, (8, 6, 5), seed=7, device=dev))  # new data in the graph's static inputs
+    k.copy_(_votes((2, 8, 6, 5), 3, seed=8, device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outputs, _sync_free_calls(backend, z, k, masks)):
+        torch.testing.assert_close(got, want)
+
+
+def test_async_checks_keep_results_and_catch_bad_values(be, monkeypatch):
+    """ORCAL_ASYNC_CHECKS=1 (no host synchronisation anywhere): the same results; a bad value still fails
+    (on CPU tensors the device-side assertion raises at once; on a GPU it would fail the stream)."""
+    backend, dev = be
+    if backend != "triton" or dev != "cpu":
+        pytest.skip("the Triton launchers read the variable per call; the CUDA kernels once per process")
+    z, k = _logits(1, 3, (4, 5), device=dev), _votes((1, 4, 5), 3, device=dev)
+    masks = (torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(2)) < 0.5).to(torch.uint8)
+    want = _sync_free_calls(backend, z, k, masks)
+    monkeypatch.setenv("ORCAL_ASYNC_CHECKS", "1")
+    for got, expected in zip(_sync_free_calls(backend, z, k, masks), want):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="orcal: bad masks"):
+        orcal.orc_targets(masks * 2, backend=backend)

@@ -1,7 +1,8 @@
 // calibration_stats on CUDA (SPEC §4). Grid (x: slices of an image's voxels, y: images). Integer histograms
 // live in shared memory (block-private; uint32 for the AUC bins, which each block keeps below 2^32 by its
-// share of voxels) and are added to the int64 output with one atomic per non-zero bin per block: exact.
-// Float sums are deterministic: each thread keeps its confidence mass for up to kLocalBins ECE bins at a
+// share of voxels), filled with one atomic per distinct bin per warp (warp aggregation: on a confident image a
+// whole warp hits one bin), and added to the int64 output with one atomic per non-zero bin per block: exact.
+// Float sums are deterministic: each thread keeps its confidence mass for up to 16 or 32 ECE bins at a
 // time, blocks reduce them in a fixed tree into a per-block buffer, and at::sum adds the blocks. More ECE
 // bins take more passes over the input (never the case for the usual 10-20 bins).
 #include <ATen/core/Tensor.h>
@@ -25,7 +26,10 @@
 namespace orcal {
 namespace {
 
-constexpr int kLocalBins = 32;
+// ECE bins a thread keeps in registers per pass: 16 (the usual 10-15 bins in one pass, half the registers)
+// or 32; the kernel is built for both.
+constexpr int kFewLocalBins = 16;
+constexpr int kManyLocalBins = 32;
 constexpr size_t kSharedLimit = 48 * 1024;
 
 struct StatsParams {
@@ -54,7 +58,7 @@ __device__ inline T voxel_probability(const StatsParams& P, int64_t b, int64_t v
   return P.kind == 1 ? sigmoid(x) : x;
 }
 
-template <typename scalar_t, typename T>
+template <typename scalar_t, typename T, int kLocalBins>
 __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
   extern __shared__ unsigned long long smem_ull[];
   const StatsLayout lay{P.n_bins, P.auc_bins};
@@ -101,7 +105,12 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
         continue;
       }
       const int64_t bi = bin_index(p, nb);
-      if (bi >= lo && bi < lo + kLocalBins) s_loc[bi - lo] += static_cast<double>(P.R) * static_cast<double>(p);
+      // constant indices only, so s_loc stays in registers (a run-time index would put it in local memory);
+      // adding 0 elsewhere leaves every sum bit-identical
+      const int64_t local = bi - lo;
+      const double mass = static_cast<double>(P.R) * static_cast<double>(p);
+#pragma unroll
+      for (int j = 0; j < kLocalBins; ++j) s_loc[j] += local == j ? mass : 0.0;
       if (!first) continue;
       const T kv = static_cast<T>(kk);
       brier += static_cast<double>(brier_voxel(p, kv, Rf));
@@ -112,25 +121,26 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
       fn += !fg && y;
       const int64_t ti = bin_index(p, tb);
       if (P.shared_ece) {
-        atomicAdd(&ece[bi], static_cast<unsigned long long>(P.R));
-        atomicAdd(&ece[nb + bi], static_cast<unsigned long long>(kk));
+        cuda::warp_aggregated_add(ece, ece + nb, static_cast<unsigned>(bi), static_cast<unsigned>(P.R),
+                                  static_cast<unsigned>(kk));
       } else {
         atomicAdd(reinterpret_cast<unsigned long long*>(row + lay.n() + bi), static_cast<unsigned long long>(P.R));
         atomicAdd(reinterpret_cast<unsigned long long*>(row + lay.a() + bi), static_cast<unsigned long long>(kk));
       }
       if (P.shared_auc) {
-        atomicAdd(&auc[ti], static_cast<unsigned int>(kk));
-        atomicAdd(&auc[tb + ti], static_cast<unsigned int>(P.R - kk));
+        cuda::warp_aggregated_add(auc, auc + tb, static_cast<unsigned>(ti), static_cast<unsigned>(kk),
+                                  static_cast<unsigned>(P.R - kk));
       } else {
         atomicAdd(reinterpret_cast<unsigned long long*>(row + lay.pos() + ti), static_cast<unsigned long long>(kk));
         atomicAdd(reinterpret_cast<unsigned long long*>(row + lay.neg() + ti),
                   static_cast<unsigned long long>(P.R - kk));
       }
     }
-    const int64_t hi = lo + kLocalBins < nb ? lo + kLocalBins : nb;
-    for (int64_t j = lo; j < hi; ++j) {
-      const double total = cuda::block_sum(s_loc[j - lo], red);
-      if (threadIdx.x == 0) out[lay.s() + j] = total;
+#pragma unroll
+    for (int j = 0; j < kLocalBins; ++j) {
+      if (lo + j >= nb) break;  // the same for the whole block: block_sum's barriers stay uniform
+      const double total = cuda::block_sum(s_loc[j], red);
+      if (threadIdx.x == 0) out[lay.s() + lo + j] = total;
     }
     if (first) {
       const double bt = cuda::block_sum(brier, red);
@@ -226,7 +236,10 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
     auto launch = [&](auto scalar_tag, auto opmath_tag) {
       using scalar_t = decltype(scalar_tag);
       using T = decltype(opmath_tag);
-      stats_kernel<scalar_t, T><<<grid, cuda::kThreads, shared, stream>>>(P);
+      if (n_bins <= kFewLocalBins)
+        stats_kernel<scalar_t, T, kFewLocalBins><<<grid, cuda::kThreads, shared, stream>>>(P);
+      else
+        stats_kernel<scalar_t, T, kManyLocalBins><<<grid, cuda::kThreads, shared, stream>>>(P);
     };
     switch (dtype) {
       case Dtype::f32: launch(float{}, float{}); break;
@@ -235,6 +248,11 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
       case Dtype::f64: launch(double{}, double{}); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (cuda::async_checks()) {
+    cuda::assert_flags_clear(flags, "orcal::calibration_stats: target must be binary masks or vote counts in 0..R");
+    cuda::assert_flags_clear(bad[1], "orcal::calibration_stats: pred must give probabilities in [0, 1]");
+    return {counts, at::sum(partials, 1)};
   }
   // One synchronisation for the errors found in the pass.
   const at::Tensor flags_host = flags.cpu();

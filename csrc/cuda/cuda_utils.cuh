@@ -1,10 +1,17 @@
 // Small helpers shared by the orcal CUDA kernels.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/eq.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace orcal {
 namespace cuda {
@@ -30,6 +37,43 @@ inline int64_t grid_for(int64_t work, int64_t per_thread = 4, int64_t cap = 4096
   int64_t g = (work + kThreads * per_thread - 1) / (kThreads * per_thread);
   if (g < 1) g = 1;
   return g < cap ? g : cap;
+}
+
+// hist_a[key] += a and hist_b[key] += b for every lane of a warp, with one atomic pair per distinct key: the
+// lanes that share a key (a whole warp on a confident image, whose voxels all fall into one bin) are summed in
+// registers first (sm_80 and newer; plain per-lane atomics before). A warp's sum is at most 32 x 255.
+template <typename Counter>
+__device__ inline void warp_aggregated_add(Counter* hist_a, Counter* hist_b, unsigned key, unsigned a,
+                                           unsigned b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned peers = __match_any_sync(__activemask(), key);
+  const unsigned total_a = __reduce_add_sync(peers, a);
+  const unsigned total_b = __reduce_add_sync(peers, b);
+  if (static_cast<int>(threadIdx.x & 31u) == __ffs(peers) - 1) {
+    atomicAdd(hist_a + key, static_cast<Counter>(total_a));
+    atomicAdd(hist_b + key, static_cast<Counter>(total_b));
+  }
+#else
+  atomicAdd(hist_a + key, static_cast<Counter>(a));
+  atomicAdd(hist_b + key, static_cast<Counter>(b));
+#endif
+}
+
+// Whether an op must not wait for the host to read its error flags: while the current stream is captured
+// into a CUDA graph (a synchronisation is illegal there: torch.compile(mode="reduce-overhead"),
+// torch.cuda.graph), or always with ORCAL_ASYNC_CHECKS=1. The same conditions are then checked by a device-side
+// assertion (at::_assert_async), which fails the stream instead of raising a Python error with the details.
+inline bool async_checks() {
+  static const bool forced = [] {
+    const char* v = std::getenv("ORCAL_ASYNC_CHECKS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return forced || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// Device-side form of "every entry of `flags` is 0" (no synchronisation).
+inline void assert_flags_clear(const at::Tensor& flags, const char* what) {
+  at::_assert_async(at::all(at::eq(flags, 0)), what);
 }
 
 }  // namespace cuda

@@ -9,6 +9,7 @@
 
 #include "../common/op_checks.h"
 #include "../common/votes.h"
+#include "cuda_utils.cuh"
 
 namespace orcal {
 namespace {
@@ -38,6 +39,10 @@ at::Tensor orc_targets_cuda(const at::Tensor& masks_in) {
   orc_targets_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const uint8_t*>(masks.data_ptr()), k.data_ptr<uint8_t>(), R, V, B * V, bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (cuda::async_checks()) {
+    cuda::assert_flags_clear(bad, "orcal::orc_targets: masks must be binary (0/1)");
+    return k;
+  }
   TORCH_CHECK_VALUE(bad.item<int>() == 0, "masks must be binary (0/1); found a value > 1");
   return k;
 }

@@ -101,7 +101,11 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // One synchronisation: a vote count above R must raise, as on the CPU.
-    TORCH_CHECK_VALUE(flag.item<int>() == 0, "k must lie in 0..R = 0..", R, "; found a larger vote count");
+    if (cuda::async_checks()) {
+      cuda::assert_flags_clear(flag, "orcal::ordinal_loss: k must lie in 0..R");
+    } else {
+      TORCH_CHECK_VALUE(flag.item<int>() == 0, "k must lie in 0..R = 0..", R, "; found a larger vote count");
+    }
   }
   if (reduction == 0) return {loss_map, grad};
   at::Tensor loss = at::sum(partials);

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from orcal._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, opmath_dtype, register
+from orcal._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, async_checks, opmath_dtype, register
 
 _KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
 _MODULES: dict[bool, ModuleType] = {}
@@ -73,6 +73,9 @@ def _new_flags(device: torch.device) -> torch.Tensor:
 
 
 def _raise_flags(flags: torch.Tensor, num_raters: int, masks_name: str, votes_name: str, kind: str = "prob") -> None:
+    if async_checks(flags.device):  # no synchronisation: a device-side assertion (_schema.async_checks)
+        torch._assert_async(torch.all(flags == 0), f"orcal: bad {masks_name}, {votes_name} or pred values")
+        return
     bad_masks, bad_votes, bad_prob = flags.tolist()  # one synchronisation per call
     if bad_masks:
         raise ValueError(f"{masks_name} must be binary (0/1); found a value > 1")
