@@ -185,7 +185,8 @@ def async_checks(device: torch.device) -> bool:
     CUDA stream is captured into a graph (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``),
     where reading them would be an illegal synchronisation, or always with ``ORCAL_ASYNC_CHECKS=1`` (no
     host synchronisation in any op; a bad input then fails the stream with a device-side assertion instead
-    of a Python error that names the value). The CUDA kernels follow the same rule (csrc/cuda/cuda_utils.cuh)."""
+    of a Python error that names the value). The CUDA kernels follow the same rule (csrc/cuda/cuda_utils.cuh),
+    reading the variable once per process: set it before the process starts."""
     if os.environ.get("ORCAL_ASYNC_CHECKS") == "1":
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

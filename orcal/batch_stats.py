@@ -1,6 +1,7 @@
-"""The statistics of one batch, as both streaming metrics (orcal.metrics and its torchmetrics forms) take them.
+"""The statistics of one batch, as the streaming metrics (orcal.metrics, its torchmetrics forms, orcal.monai)
+take them.
 
-:func:`batch_stats` is :func:`orcal.calibration_stats` moved to the CPU, with the large batches of the
+:func:`batch_stats` is :func:`orcal.calibration_stats`, with the large batches of the
 pure-PyTorch backend fed in slabs along the first spatial axis (its int64 temporaries would otherwise take
 tens of bytes per voxel of a CT volume).
 """
@@ -46,12 +47,13 @@ def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
 
 def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | None, valid: torch.Tensor | None,
                 kind: str, readout: str, majority: int | None, n_bins: int, auc_bins: int,
-                backend: str) -> CalibrationStats:
-    """Per-image statistics of one batch on the CPU (arguments as :func:`orcal.calibration_stats`, with
-    plain tensors and vote counts ``(B, *S)``); the rows of an image's slabs add up to its row."""
+                backend: str, device: torch.device | str | None = None) -> CalibrationStats:
+    """Per-image statistics of one batch (arguments as :func:`orcal.calibration_stats`, with plain tensors and
+    vote counts ``(B, *S)``), moved to ``device`` (None: they stay where the prediction is, so an update on
+    a GPU waits for nothing); the rows of an image's slabs add up to its row."""
     def call(p, t, v):
         return ops.calibration_stats(p, t, num_raters=num_raters, kind=kind, readout=readout, majority=majority,
-                                     n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend).to("cpu")
+                                     n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend)
 
     spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
     axis_p = pred.ndim - len(spatial)
@@ -61,7 +63,8 @@ def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | N
                and (valid is None or tuple(valid.shape[1:]) == spatial))
     if (voxels <= SLAB_VOXELS or not slab_ok
             or ops.resolve_backend("calibration_stats", backend, pred.device) != "torch"):
-        return call(pred, target, valid)
+        st = call(pred, target, valid)
+        return st if device is None else st.to(device)
     step = max(1, SLAB_VOXELS // max(1, voxels // spatial[0]))
     counts = sums = None
     for start in range(0, spatial[0], step):
@@ -70,4 +73,5 @@ def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | N
                     None if valid is None else valid[:, start:start + length])
         c, f = part.pack()
         counts, sums = (c, f) if counts is None else (counts + c, sums + f)
-    return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
+    st = CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
+    return st if device is None else st.to(device)

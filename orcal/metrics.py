@@ -140,7 +140,7 @@ class MultiRaterCalibration:
         pred, target, valid = prepare(pred, target, valid, num_raters, kind)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
                          majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
-                         backend=self.backend)  # validates the batch, even an empty one
+                         backend=self.backend, device="cpu")  # validates the batch, even an empty one
         if st.n_images == 0:
             return
         R = target.shape[1] if num_raters is None else int(num_raters)

@@ -75,7 +75,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
         pred, target, valid = prepare(pred, target, valid, num_raters, kind)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
                          majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins, backend=self.backend)
-        counts, sums = st.total().pack()
+        counts, sums = st.total().pack()  # on the prediction's device: no host round trip per step
         self.counts += counts[0].to(self.counts.device)
         self.sums += sums[0].to(self.sums.device)
 
@@ -85,7 +85,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
         return CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), self.n_bins, self.auc_bins)
 
     def _metric(self, key: str) -> torch.Tensor:
-        return metric_table.METRICS[key].from_totals(self.totals())[0].float()
+        return metric_table.METRICS[key].from_totals(self.totals())[0].float().to(self.device)
 
     def plot(self, val: torch.Tensor | list[torch.Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Without ``val``: the reliability diagram of the pooled voxel–rater pairs on ``ax`` (a new figure when
@@ -104,7 +104,9 @@ class MultiRaterStatistics(torchmetrics.Metric):
             fig, ax = plt.subplots(figsize=(5, 4.5))
         else:
             fig = ax.get_figure()
-        draw_reliability({type(self).__name__: self.totals()}, ax)
+        with self.sync_context():  # the pairs of every rank, as compute() sees them
+            totals = self.totals()
+        draw_reliability({type(self).__name__: totals}, ax)
         return fig, ax
 
 
@@ -112,7 +114,7 @@ class MultiRaterECE(MultiRaterStatistics):
     """Multi-rater expected calibration error over voxel–rater pairs (SPEC §4): ``norm="l1"`` (MR-ECE),
     ``"l2"`` (root mean square gap) or ``"max"`` (MR-MCE). Other arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = False
+    higher_is_better = metric_table.higher_is_better("mr_ece")
     _NORMS = {"l1": "mr_ece", "l2": "mr_ece_l2", "max": "mr_mce"}
 
     def __init__(self, norm: str = "l1", **kwargs: Any) -> None:
@@ -128,7 +130,7 @@ class MultiRaterAUROC(MultiRaterStatistics):
     """Multi-rater AUC over voxel–rater pairs, streaming in ``auc_bins`` score bins (its error bound is
     ``MultiRaterCalibrationMetric``'s ``auc_error_bound``). Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = True
+    higher_is_better = metric_table.higher_is_better("auc")
 
     def compute(self) -> torch.Tensor:
         return self._metric("auc")
@@ -137,7 +139,7 @@ class MultiRaterAUROC(MultiRaterStatistics):
 class MultiRaterBrier(MultiRaterStatistics):
     """Brier score over voxel–rater pairs. Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = False
+    higher_is_better = metric_table.higher_is_better("brier")
 
     def compute(self) -> torch.Tensor:
         return self._metric("brier")
@@ -147,7 +149,7 @@ class MultiRaterDice(MultiRaterStatistics):
     """Dice of the majority-thresholded prediction against the majority of the raters, pooled over voxels.
     Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = True
+    higher_is_better = metric_table.higher_is_better("dice")
 
     def compute(self) -> torch.Tensor:
         return self._metric("dice")
@@ -160,7 +162,8 @@ class MultiRaterCalibrationMetric(MultiRaterStatistics):
     say which way each one is better. Arguments: see :class:`MultiRaterStatistics`."""
 
     higher_is_better = None
+    plot_upper_bound = None  # NLL is unbounded
 
     def compute(self) -> dict[str, torch.Tensor]:
         values = metric_table.metrics_from_totals(self.totals())
-        return {key: value[0].float() for key, value in values.items()}
+        return {key: value[0].float().to(self.device) for key, value in values.items()}

@@ -28,10 +28,12 @@ try:
     from monai.handlers import IgniteMetricHandler
     from monai.metrics import CumulativeIterationMetric
     from monai.transforms import MapTransform
+    from monai.utils import TransformBackends
+    from monai.utils.dist import evenly_divisible_all_gather
 except ImportError as err:  # an optional extra: say how to get it
     raise ImportError('orcal.monai needs MONAI: pip install "orcal[monai]"') from err
 
-from orcal import metric_table, ops
+from orcal import distributed, metric_table, ops
 from orcal.batch_stats import batch_stats, check_options, prepare
 from orcal.metrics import summarize
 from orcal.ops import bootstrap
@@ -67,11 +69,15 @@ class StackRatersd(MapTransform):
             (a voxel with any of them).
         union_key: key of the union of the raters ``(1, *S)`` uint8 (1 where any rater marked the voxel), for
             ``RandCropByPosNegLabeld(label_key=union_key)``; None: not written.
-        allow_missing_keys: skip absent keys (MONAI's convention); at least one must be present.
+        allow_missing_keys: skip absent keys (MONAI's convention); at least one must be present. ``R`` is then
+            the number of raters present, in the order of ``keys``.
 
     The stack keeps the first rater's MetaTensor metadata. Raters must share the shape and, for MetaTensors,
-    the affine (within :data:`AFFINE_ATOL`).
+    the affine (within :data:`AFFINE_ATOL`). Crop the stack (or ``k``) with the image and delete what is left
+    at full size (the raters' maps, the union) before batching: ``DeleteItemsd``.
     """
+
+    backend = [TransformBackends.TORCH]
 
     def __init__(self, keys: KeysCollection, name: str = "masks", label: int | Sequence[int] | None = None,
                  union_key: str | None = "union", allow_missing_keys: bool = False) -> None:
@@ -90,9 +96,10 @@ class StackRatersd(MapTransform):
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         if self.label is None:
             return x != 0
-        if len(self.label) == 1:
-            return x == self.label[0]
-        return torch.isin(x, torch.tensor(self.label, device=x.device, dtype=x.dtype))
+        selected = x == self.label[0]  # a label the dtype cannot hold matches nothing (no overflow)
+        for value in self.label[1:]:
+            selected = selected | (x == value)
+        return selected
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -139,6 +146,8 @@ class ORCTargetd(MapTransform):
             raise ValueError(f"ORCTargetd: {len(self.keys)} keys need as many names, got {names}")
         self.names = dict(zip(self.keys, names))
 
+    backend = [TransformBackends.TORCH]
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -168,8 +177,9 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
             ``k`` ``(B, 1, *S)`` (as :class:`ORCTargetd` writes it).
         readout, majority, n_bins, auc_bins, backend: as :class:`orcal.metrics.MultiRaterCalibration`.
 
-    Keyword arguments of the call: ``valid`` (``(B, *S)`` bool), as in
-    :meth:`orcal.metrics.MultiRaterCalibration.update`.
+    Keyword arguments of the call: ``valid`` (``(B, *S)`` bool, or one ``(*S)`` mask per image with lists), as
+    in :meth:`orcal.metrics.MultiRaterCalibration.update`. Rows stay on the prediction's device (NCCL gathers
+    them there); an empty batch adds nothing, and a rank that saw no image still joins the gather.
     """
 
     def __init__(self, kind: str = "prob", num_raters: int | None = None, readout: str = "majority",
@@ -188,8 +198,35 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         st = batch_stats(pred, target, num_raters=self.num_raters, valid=valid, kind=self.kind,
                          readout=self.readout, majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
                          backend=self.backend)
-        counts, sums = st.pack()
-        return counts.to(y_pred.device), sums.to(y_pred.device)  # one row per image: MONAI's batch-first buffers
+        return st.pack()  # one row per image: MONAI's batch-first buffers
+
+    def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
+        valid = kwargs.pop("valid", None)
+        if valid is None:
+            return super()._compute_list(y_pred, y, **kwargs)
+        return self._per_image(y_pred, y, list(valid))  # a (B, *S) mask or a list of (*S) masks: one per image
+
+    def _per_image(self, y_pred, y, valid):
+        if y is None or len(valid) != len(y_pred) or len(y) != len(y_pred):
+            raise ValueError(f"MultiRaterCalibrationMetric: {len(y_pred)} predictions need as many targets and "
+                             f"valid masks, got {0 if y is None else len(y)} and {len(valid)}")
+        rows = [self._compute_tensor(p[None], t[None], valid=v[None]) for p, t, v in zip(y_pred, y, valid)]
+        return [torch.cat(part) for part in zip(*rows)]
+
+    def extend(self, *data: Any) -> None:
+        if data and isinstance(data[0], torch.Tensor) and data[0].shape[0] == 0:
+            return  # an empty batch: no row (MONAI's buffers cannot hold a zero-row batch)
+        super().extend(*data)
+
+    def _sync(self) -> None:
+        if self._buffers is None and not self._synced and distributed.world_size() > 1:
+            # a rank that saw no image must still take part in the gather, or the others wait for it forever
+            counts, sums = CalibrationStats.empty(self.n_bins, self.auc_bins).pack()
+            device = distributed.comm_device()
+            self._synced_tensors = [evenly_divisible_all_gather(t.to(device), concat=True) for t in (counts, sums)]
+            self._synced = True
+            return
+        super()._sync()
 
     def stats(self) -> CalibrationStats:
         """Per-image statistics of every call so far (gathered across ranks), for :func:`orcal.bootstrap`."""
@@ -200,8 +237,9 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
 
     def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
-        """The pooled metrics of every call so far: ``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``,
-        ``auc_error_bound``, ``brier``, ``nll``, ``dice`` (floats), ``bins``, ``n_pairs``, ``n_images``.
+        """The pooled metrics of every call so far: ``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc`` (binned),
+        ``auc_error_bound``, ``brier``, ``nll``, ``dice`` (floats), ``bins``, ``n_pairs``, ``n_images`` (no
+        agreement table or exact AUC: use :class:`orcal.metrics.MultiRaterCalibration` for those).
 
         Raises:
             RuntimeError: nothing was accumulated.
@@ -236,5 +274,10 @@ class MultiRaterCalibrationHandler(IgniteMetricHandler):
                          save_details=save_details)
 
     def compute(self) -> float:
-        result = super().compute()
+        from ignite.exceptions import NotComputableError
+
+        try:
+            result = super().compute()
+        except RuntimeError as err:  # nothing accumulated: ignite's own error for that
+            raise NotComputableError(str(err)) from err
         return result[self.key]

@@ -86,10 +86,12 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
     Returns:
         ``path`` as a string.
     """
+    _check_methods(methods, "reliability_diagram")
+    tables = {name: _as_bin_table(name, data) for name, data in methods.items()}  # errors before a figure opens
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.4), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
-    draw_reliability(methods, top, bottom, title=title)
+    draw_reliability(tables, top, bottom, title=title)
     return _save(fig, path)
 
 

@@ -53,6 +53,7 @@ def test_stack_raters_from_float_label_files(tmp_path):
     assert torch.equal(masks[1], (d["rater1"][0] == 2).to(torch.uint8))
     assert torch.equal(union[0], masks.amax(0)) and union.shape == (1, 16, 14, 12)
     torch.testing.assert_close(torch.as_tensor(masks.affine), torch.as_tensor(d["rater0"].affine))
+    assert int(StackRatersd(RATERS, label=[2, 300])(d)["masks"].sum()) == int(masks.sum())  # 300: no voxel
     any_label = StackRatersd(RATERS)(d)["masks"]
     assert int(any_label[0].sum()) == int(((d["rater0"] != 0)).sum())
     both = StackRatersd(RATERS, label=[1, 2])(d)["masks"]
@@ -142,6 +143,17 @@ def test_metric_protocol_equals_multi_rater_calibration(tmp_path):
     ref.update(logits, batch["masks"])
     assert ordinal.aggregate()["mr_ece"] == pytest.approx(ref.compute()["mr_ece"], rel=1e-9)
 
+    # valid masks: batch-first, or one per image with decollated lists; an empty batch adds nothing
+    valid = batch["k"][:, 0] != 1
+    ref = MultiRaterCalibration()
+    ref.update(prob, batch["masks"], valid=valid)
+    with_valid = MultiRaterCalibrationMetric()
+    with_valid(prob[:2], batch["masks"][:2], valid=valid[:2])
+    with_valid(decollate_batch(prob[2:]), decollate_batch(batch["masks"][2:]), valid=valid[2:])
+    with_valid(prob[:0], batch["masks"][:0])
+    assert with_valid.aggregate()["mr_ece"] == pytest.approx(ref.compute()["mr_ece"], rel=1e-9)
+    assert with_valid.aggregate()["n_images"] == 6
+
     on_k.reset()
     with pytest.raises(RuntimeError, match="before any"):
         on_k.aggregate()
@@ -187,6 +199,12 @@ def test_engine_handler_reports_the_pooled_value(tmp_path):
     assert engine.state.metrics["auc"] == pytest.approx(ref.compute()["auc"], rel=1e-9)
     with pytest.raises(ValueError, match="key"):
         MultiRaterCalibrationHandler(key="ece")
+    from ignite.exceptions import NotComputableError
+
+    empty = ignite.Engine(lambda engine, item: item)
+    MultiRaterCalibrationHandler().attach(empty, "mr_ece")
+    with pytest.raises(NotComputableError):
+        empty.run([(prob[:0], batch["masks"][:0])])
 
 
 def test_losses_and_ops_take_metatensors_eager_and_compiled(tmp_path):
@@ -228,7 +246,10 @@ def _rank_main(rank: int, world: int, init: str, out_dir: str) -> None:
         metric = MultiRaterCalibrationMetric()
         part = slice(0, 2) if rank == 0 else slice(2, 5)  # unequal shares
         metric(p[part], masks[part])
-        torch.save(metric.aggregate()["mr_ece"], os.path.join(out_dir, f"rank{rank}.pt"))
+        alone = MultiRaterCalibrationMetric()  # rank 1 sees no image (only an empty batch) yet joins the gather
+        alone(p if rank == 0 else p[:0], masks if rank == 0 else masks[:0])
+        torch.save((metric.aggregate()["mr_ece"], alone.aggregate()["mr_ece"]),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -243,4 +264,6 @@ def test_monai_gather_across_ranks(tmp_path):
     ref = MultiRaterCalibration()
     ref.update(p, masks)
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt") == pytest.approx(ref.compute()["mr_ece"], rel=1e-12)
+        shared, alone = torch.load(tmp_path / f"rank{rank}.pt")
+        assert shared == pytest.approx(ref.compute()["mr_ece"], rel=1e-12)
+        assert alone == pytest.approx(ref.compute()["mr_ece"], rel=1e-12)

@@ -111,5 +111,9 @@ def test_plot_draws_the_reliability_diagram(tmp_path):
     assert f"{100 * float(metric.compute()):.2f}%" in curve[0].get_label()  # the legend shows the metric
     fig.savefig(tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").stat().st_size > 0
-    fig, ax = metric.plot([metric.compute(), metric.compute()])  # torchmetrics' plot of values
+    fig2, ax = metric.plot([metric.compute(), metric.compute()])  # torchmetrics' plot of values
     assert ax is not None
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(fig2)
