@@ -117,3 +117,16 @@ def test_plot_draws_the_reliability_diagram(tmp_path):
 
     plt.close(fig)
     plt.close(fig2)
+
+
+@pytest.mark.cuda
+def test_states_and_values_stay_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    batches = _batches()
+    metric = MultiRaterECE().to("cuda")
+    for p, m in batches:
+        value = metric(p.cuda(), m.cuda())
+    assert metric.counts.device.type == "cuda" and value.device.type == "cuda"
+    assert metric.compute().device.type == "cuda"
+    assert float(metric.compute()) == pytest.approx(_reference(batches)["mr_ece"], rel=1e-5)
