@@ -275,11 +275,11 @@ def probability(model_output: torch.Tensor, head: str, readout: str = "majority"
 
 
 def init_output_bias(model: nn.Module, bias: torch.Tensor) -> None:
-    """Set the bias of the model's output layer: the last convolution with ``len(bias)`` output channels."""
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    """Set the bias of the model's output layer: the last convolution (or transposed convolution, as MONAI's
+    UNet ends in) with ``len(bias)`` output channels."""
     last = None
     for module in model.modules():
-        if isinstance(module, convs) and module.out_channels == len(bias) and module.bias is not None:
+        if isinstance(module, nn.modules.conv._ConvNd) and module.out_channels == len(bias) and module.bias is not None:
             last = module
     if last is None:
         raise ValueError(f"found no output convolution with {len(bias)} channels and a bias")

@@ -7,7 +7,7 @@ import torch
 
 import orcal
 from orcal import models
-from orcal.models import build_model, head_channels, probability
+from orcal.models import build_model, head_channels, init_output_bias, probability
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +93,10 @@ def test_monai_missing_is_a_clear_error():
         model = build_model("monai:UNet", out_channels=2, spatial_dims=3)
         # four stride-2 levels: 32 voxels a side leave 2 at the bottleneck, which instance norm needs in training
         assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+        ordinal = build_model("monai:UNet", out_channels=4, spatial_dims=3)  # ends in a ConvTranspose3d
+        init_output_bias(ordinal, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        out = [m for m in ordinal.modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.out_channels == 4]
+        assert torch.equal(out[-1].bias.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0]))
 
 
 def test_pretrained_weights_offline_fail_clearly(monkeypatch):
