@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["orcal.fusion", "orcal.metric_table", "orcal.data", "orcal.train", "orcal.experiment"]
+MODULES = ["orcal.fusion", "orcal.metric_table", "orcal.data", "orcal.train", "orcal.experiment", "orcal.calibrate"]
 
 
 @pytest.mark.parametrize("name", MODULES)
