@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-monai = pytest.importorskip("monai")
+import orcal
+from orcal.metrics import MultiRaterCalibration
+
+# optional packages: the module skips (never fails to collect) where they are missing, as on the GPU image
 nib = pytest.importorskip("nibabel")
+monai_data = pytest.importorskip("monai.data")
+monai_transforms = pytest.importorskip("monai.transforms")
+orcal_monai = pytest.importorskip("orcal.monai")
 
-from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch, list_data_collate  # noqa: E402
-from monai.transforms import Compose, LoadImaged, RandCropByPosNegLabeld  # noqa: E402
-
-import orcal  # noqa: E402
-from orcal.metrics import MultiRaterCalibration  # noqa: E402
-from orcal.monai import MultiRaterCalibrationHandler, MultiRaterCalibrationMetric, ORCTargetd, StackRatersd  # noqa: E402
+DataLoader, Dataset, MetaTensor = monai_data.DataLoader, monai_data.Dataset, monai_data.MetaTensor
+decollate_batch, list_data_collate = monai_data.decollate_batch, monai_data.list_data_collate
+Compose, LoadImaged = monai_transforms.Compose, monai_transforms.LoadImaged
+RandCropByPosNegLabeld = monai_transforms.RandCropByPosNegLabeld
+MultiRaterCalibrationHandler = orcal_monai.MultiRaterCalibrationHandler
+MultiRaterCalibrationMetric = orcal_monai.MultiRaterCalibrationMetric
+ORCTargetd, StackRatersd = orcal_monai.ORCTargetd, orcal_monai.StackRatersd
 
 RATERS = ["rater0", "rater1", "rater2"]
 SCALARS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "brier", "nll", "dice")
