@@ -65,16 +65,16 @@ def _check(logits: torch.Tensor, target: torch.Tensor, num_raters: int | None, v
         if logits.ndim < 2 or logits.shape[1] != R + 1:
             raise ValueError(f"ordinal logits need R + 1 = {R + 1} channels, got shape {tuple(logits.shape)}")
         got = logits.shape[:1] + logits.shape[2:]
-    else:
-        got = logits.shape[:1] + logits.shape[2:] if logits.ndim == len(spatial) + 1 else logits.shape
-        if logits.ndim == len(spatial) + 1 and logits.shape[1] != 1:
+    elif logits.ndim == len(spatial) + 1:  # channel-first (B, 1, *S)
+        if logits.shape[1] != 1:
             raise ValueError(f"binary logits must be (B, *S) or (B, 1, *S), got shape {tuple(logits.shape)}")
+        got = logits.shape[:1] + logits.shape[2:]
+    else:
+        got = logits.shape
     if got != spatial:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not describe the same "
                          "images")
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != spatial):
-        raise ValueError(f"valid must be a bool tensor of shape {tuple(spatial)}, got {valid.dtype} "
-                         f"{tuple(valid.shape)}")
+    ops._check_valid(valid, spatial, "the images")
     return R
 
 
@@ -126,17 +126,19 @@ class TemperatureScaler:
             keep = valid.reshape(-1)
             z, k = z[keep], k[keep]
         keys = torch.rand(k.shape[0], generator=self._gen).to(z.device)
-        if k.shape[0] > self.max_voxels:  # only this batch's smallest keys can survive the merge
-            keys, order = torch.topk(keys, self.max_voxels, largest=False)
-            z, k = z[order], k[order]
-        z, k, keys = z.float().cpu(), k.cpu(), keys.cpu()
+        # only this batch's smallest keys can survive the merge: trim on its device before the copy
+        keys, z, k = (t.cpu() for t in self._smallest(keys, z.float(), k))
         if self._logits is not None:
-            z, k, keys = torch.cat([self._logits, z]), torch.cat([self._k, k]), torch.cat([self._keys, keys])
-        if keys.shape[0] > self.max_voxels:
-            keys, order = torch.topk(keys, self.max_voxels, largest=False)
-            z, k = z[order], k[order]
-        self._logits, self._k, self._keys = z, k, keys
+            keys, z, k = torch.cat([self._keys, keys]), torch.cat([self._logits, z]), torch.cat([self._k, k])
+        self._keys, self._logits, self._k = self._smallest(keys, z, k)
         self.temperature = None
+
+    def _smallest(self, keys: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``keys`` and ``rows`` restricted to the ``max_voxels`` smallest keys (all of them when fewer)."""
+        if keys.shape[0] <= self.max_voxels:
+            return (keys, *rows)
+        keys, order = torch.topk(keys, self.max_voxels, largest=False)
+        return (keys, *(r[order] for r in rows))
 
     def pair_nll(self, temperature: float) -> float:
         """Mean NLL per voxel–rater pair of the sample at ``temperature``."""

@@ -138,6 +138,8 @@ class ORCTargetd(MapTransform):
         allow_missing_keys: skip absent keys.
     """
 
+    backend = [TransformBackends.TORCH]
+
     def __init__(self, keys: KeysCollection = "masks", name: str | Sequence[str] = "k",
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -145,8 +147,6 @@ class ORCTargetd(MapTransform):
         if len(names) != len(self.keys):
             raise ValueError(f"ORCTargetd: {len(self.keys)} keys need as many names, got {names}")
         self.names = dict(zip(self.keys, names))
-
-    backend = [TransformBackends.TORCH]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -230,11 +230,10 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
 
     def stats(self) -> CalibrationStats:
         """Per-image statistics of every call so far (gathered across ranks), for :func:`orcal.bootstrap`."""
-        buffers = self.get_buffer()
-        if not isinstance(buffers, (list, tuple)) or len(buffers) != 2 or buffers[0] is None:
+        buffers = self.get_buffer()  # None before any row, else [counts, sums]
+        if buffers is None:
             return CalibrationStats.empty(self.n_bins, self.auc_bins)
-        counts, sums = (torch.as_tensor(b).cpu() for b in buffers)
-        return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins)
+        return CalibrationStats.unpack(buffers[0].cpu(), buffers[1].cpu(), self.n_bins, self.auc_bins)
 
     def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
         """The pooled metrics of every call so far: ``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc`` (binned),
