@@ -73,7 +73,7 @@ def stats_peer(name: str, R: int) -> Callable[[torch.Tensor, torch.Tensor], floa
         from monai.metrics import CalibrationErrorMetric
 
         def monai_ece(p, masks):
-            metric = CalibrationErrorMetric(num_bins=15, include_background=True, reduction="mean")
+            metric = CalibrationErrorMetric(num_bins=15, include_background=True, metric_reduction="mean")
             y = masks.float().mean(1, keepdim=True)  # k / R, channel-first
             return float(metric(p.unsqueeze(1), y).mean())
         return monai_ece

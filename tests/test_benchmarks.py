@@ -49,3 +49,25 @@ def test_spread_over_fresh_processes(tmp_path):
     (row,) = rows
     assert row.spread_ms is not None and 0 < row.spread_ms[0] <= row.spread_ms[1]
     assert len(row.extra["process_medians_ms"]) == 2 and row.peak_extra_mb >= 0
+
+
+def test_monai_peer_runs_with_the_real_monai():
+    """The MONAI peer is MONAI's ECE per image on y = k / R, averaged: the mean of per-image MR-ECEs."""
+    pytest.importorskip("monai.metrics")
+    import torch
+
+    from benchmarks.peers import peer_available, stats_peer
+    from orcal.metrics import MultiRaterCalibration
+
+    reason = peer_available("monai_ece")
+    if reason:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 10, 12, generator=g)
+    masks = (torch.rand(3, 4, 10, 12, generator=g) < p[:, None]).to(torch.uint8)
+    per_image = []
+    for i in range(3):
+        metric = MultiRaterCalibration(agreement=False)
+        metric.update(p[i:i + 1], masks[i:i + 1])
+        per_image.append(metric.compute()["mr_ece"])
+    assert stats_peer("monai_ece", 4)(p, masks) == pytest.approx(sum(per_image) / 3, abs=1e-6)
