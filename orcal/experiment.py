@@ -1,18 +1,20 @@
 """The multi-rater experiment: train every strategy, evaluate on the held-out test split, write the report.
 
-For each dataset and each method (SPEC §6 baselines and the ordinal method) this module trains a model with
-:func:`orcal.train.train`, predicts the test split, accumulates per-image multi-rater statistics (SPEC §4),
-bootstraps them (SPEC §5) and keeps one results file per run, so that an interrupted experiment resumes
-where it stopped. The ordinal method is evaluated with both readouts (SPEC §2). Finally it writes the
-tables (:mod:`orcal.report`), the figures and ``report.md`` / ``results.json``.
+For each dataset, each training seed and each method (SPEC §6 baselines and the ordinal method) this module
+trains a model with :func:`orcal.train.train`, fits a temperature on the validation split (SPEC §10),
+predicts the test split, accumulates per-image multi-rater statistics (SPEC §4) and keeps one results file
+per run, so that an interrupted experiment resumes where it stopped. The ordinal method is evaluated with
+both readouts (SPEC §2). Optionally the smoothing width and the RPS weight are chosen on the validation
+split. Rows are summarised over seeds and compared pairwise (SPEC §5.1, :mod:`orcal.comparison`); finally it
+writes the tables (:mod:`orcal.report`), the figures, the findings and ``report.md`` / ``results.json``.
 
 >>> import tempfile
 >>> cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic", options={"n": 24, "shape": (16, 16)})],
 ...                        methods=("soft", "ordinal"), arch="unet-small", epochs=1, max_steps=1, n_boot=20,
 ...                        out=tempfile.mkdtemp(), progress=False)
 >>> results = run_experiment(cfg, log=lambda *args: None)
->>> sorted(results["runs"]["synthetic"])
-['ordinal/expected', 'ordinal/majority', 'soft']
+>>> sorted(results["runs"]["Synthetic (R=5)"])
+['ordinal/expected', 'ordinal/expected+ts', 'ordinal/majority', 'ordinal/majority+ts', 'soft', 'soft+ts']
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ from orcal.experiment_config import (  # noqa: F401  (the experiment's public na
     ORDINAL_READOUTS,
     PRESETS,
     RESULTS_VERSION,
+    SELECTION_GRIDS,
+    TS_SUFFIX,
     DatasetSpec,
     ExperimentConfig,
     Run,
+    candidate_runs,
     cfg_with,
     fingerprint,
     plan_runs,
     preset_config,
 )
-from orcal.experiment_runs import (  # noqa: F401  (load_run_stats, load_case_maps: public names)
+from orcal.experiment_runs import (  # noqa: F401  (the experiment's public names)
     jsonable,
     load_case_maps,
     load_run,
@@ -49,6 +54,7 @@ from orcal.experiment_runs import (  # noqa: F401  (load_run_stats, load_case_ma
     run_files,
     safe_name,
 )
+from orcal.findings import findings
 from orcal.training import runtime
 from orcal.training.runtime import hardware_info
 
@@ -106,17 +112,20 @@ def pick_case(dataset, limit: int = 256) -> dict[str, Any]:
 
 # --- training and evaluation -----------------------------------------------------------------------------
 
-def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: Path, device: str):
+def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: Path, device: str, seed: int):
     """The :class:`orcal.train.TrainConfig` of one run."""
     from orcal.training.config import TrainConfig
 
+    fusion_options = dict(cfg.fusion_options)
+    if run.sigma is not None:
+        fusion_options["sigma"] = run.sigma
     fields = {
         "dataset": spec.name, "root": spec.root, "task": spec.task, "dataset_options": dict(spec.options),
         "method": run.method, "rps_weight": run.rps_weight, "arch": cfg.arch, "encoder": cfg.encoder,
         "encoder_weights": cfg.encoder_weights, "epochs": int(cfg.epochs), "batch_size": int(cfg.batch_size),
-        "lr": float(cfg.lr), "seed": int(cfg.seed), "out_dir": str(out_dir), "amp": str(cfg.amp),
+        "lr": float(cfg.lr), "seed": int(seed), "out_dir": str(out_dir), "amp": str(cfg.amp),
         "device": device, "max_steps_per_epoch": cfg.max_steps, "patch_size": cfg.patch_size,
-        "model_options": dict(cfg.model_options), "fusion_options": dict(cfg.fusion_options),
+        "model_options": dict(cfg.model_options), "fusion_options": fusion_options,
     }
     fields.update(cfg.train_options)
     unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
@@ -127,32 +136,79 @@ def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: P
     return tcfg
 
 
-def evaluate_run(result, test_ds, run: Run, cfg: ExperimentConfig, case: dict[str, Any], device: str
-                 ) -> dict[str, Any]:
-    """Predict the test split and return, per readout, the per-image statistics, the metrics, the
-    confidence-vs-agreement table and the probability map of the qualitative case."""
+def _metrics(cfg: ExperimentConfig, per_image: bool = True):
     from orcal.metrics import MultiRaterCalibration
-    from orcal.training.predict import predict_readouts
 
-    readouts = run.readouts
-    metrics = {r: MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=True, agreement=True)
-               for r in readouts}
+    return MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=per_image, agreement=per_image)
+
+
+def _scalar_metrics(metric) -> dict[str, float] | None:
+    """The scalar metrics of a :class:`~orcal.metrics.MultiRaterCalibration`, None when it saw no image."""
+    from orcal.metric_table import METRICS
+
+    values = metric.compute()
+    return {k: float(values[k]) for k in METRICS if k in values} if values["n_images"] else None
+
+
+def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentConfig, case: dict[str, Any],
+                 device: str, seed: int = 0) -> dict[str, Any]:
+    """Evaluate a trained run. On the validation split: every readout's metrics (what ``select_on_val``
+    chooses by) and, with ``cfg.temperature_scaling``, one temperature per readout (:mod:`orcal.calibrate`),
+    whose scaled readout ``"<readout>+ts"`` is evaluated as a readout of its own. On the test split, per
+    readout: the per-image statistics, their bootstrap, the confidence-vs-agreement table and the
+    probability map of the qualitative case."""
+    from orcal.calibrate import TemperatureScaler, apply_temperature
+    from orcal.models import probability
+    from orcal.training.predict import predict_logits
+
+    head, majority = result.head, result.config.majority
+    kind = "ordinal" if head == "ordinal" else "logit"
+
+    def passes(split: str):
+        return predict_logits(result, splits[split], device=device, batch_size=int(cfg.batch_size), amp=cfg.amp)
+
+    def readouts_of(logits: torch.Tensor, temperatures: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        out = {r: probability(logits, head, readout=r, majority=majority) for r in run.readouts}
+        out.update({r + TS_SUFFIX: probability(apply_temperature(logits, t), head, readout=r, majority=majority)
+                    for r, t in temperatures.items()})
+        return {r: p.float().cpu() for r, p in out.items()}
+
+    scalers = {r: TemperatureScaler(kind, readout=r, majority=majority, seed=seed) for r in run.readouts} \
+        if cfg.temperature_scaling and len(splits["val"]) else {}
+    val = {r: _metrics(cfg, per_image=False) for r in run.readouts}
+    for _, logits, masks, valid in passes("val"):
+        for r, p in readouts_of(logits, {}).items():
+            val[r].update(p, masks, valid=valid)
+        for scaler in scalers.values():
+            scaler.update(logits, masks, valid=valid)
+    temperatures = {r: s.fit() for r, s in scalers.items()}
+    if temperatures:  # the scaled readouts on the split they were fitted on: a second pass, never stored logits
+        val.update({r + TS_SUFFIX: _metrics(cfg, per_image=False) for r in temperatures})
+        for _, logits, masks, valid in passes("val"):
+            for r in temperatures:
+                val[r + TS_SUFFIX].update(readouts_of(logits, {r: temperatures[r]})[r + TS_SUFFIX], masks,
+                                          valid=valid)
+    names = list(run.readouts) + [r + TS_SUFFIX for r in temperatures]
+    test = {r: _metrics(cfg) for r in names}
     case_maps: dict[str, np.ndarray] = {}
-    for ids, probs, masks, valid in predict_readouts(result, test_ds, readouts, device=device,
-                                                     batch_size=int(cfg.batch_size), amp=cfg.amp):
+    for ids, logits, masks, valid in passes("test"):
         masks = masks.cpu()
         valid = None if valid is None else valid.cpu()
-        for r in readouts:
-            metrics[r].update(probs[r], masks, valid=valid)
+        for r, p in readouts_of(logits, temperatures).items():
+            test[r].update(p, masks, valid=valid)
             if case["id"] in ids:
-                p = probs[r][ids.index(case["id"])]
-                case_maps[r] = (p if case["slice"] is None else p[case["slice"]]).numpy()
+                q = p[ids.index(case["id"])]
+                case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
     out: dict[str, Any] = {}
-    for r in readouts:
-        values = metrics[r].compute()
-        stats = metrics[r].stats()
+    for r in names:
+        values = test[r].compute()
+        stats = test[r].stats()
         out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg), "agreement": values.get("agreement"),
-                  "case_map": case_maps.get(r), "n_images": values["n_images"]}
+                  "case_map": case_maps.get(r), "n_images": values["n_images"],
+                  "val": _scalar_metrics(val[r])}
+        base = r.removesuffix(TS_SUFFIX)
+        if base != r:
+            out[r]["temperature"] = temperatures[base]
     return out
 
 
@@ -164,27 +220,30 @@ def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]
 
 
 def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],
-                case: dict[str, Any], device: str) -> dict[str, Any]:
-    """Train and evaluate one run on ``splits`` (train, val, test datasets), save its files, return its record."""
+                case: dict[str, Any], device: str, seed: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one run of training seed ``seed`` (default ``cfg.seed``) on ``splits`` (train, val,
+    test datasets), save its files under ``run_dir``, return its record."""
     from orcal.training.loop import train
 
+    seed = int(cfg.seed if seed is None else seed)
     files = run_files(run_dir, run)
     t0 = time.perf_counter()
-    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / safe_name(run.key), device)
+    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / safe_name(run.key), device, seed)
     result = train(tcfg, progress=cfg.progress, train_dataset=splits["train"], val_dataset=splits["val"])
-    test_ds = splits["test"]
     t1 = time.perf_counter()
-    evaluated = evaluate_run(result, test_ds, run, cfg, case, device)
+    evaluated = evaluate_run(result, splits, run, cfg, case, device, seed)
     t2 = time.perf_counter()
     history = getattr(result, "history", None)
     record = {
         "version": RESULTS_VERSION,
-        "fingerprint": fingerprint(cfg, spec, run),
+        "fingerprint": fingerprint(cfg, spec, run, seed),
         "dataset": spec.key,
         "method": run.method,
         "rps_weight": run.rps_weight,
+        "sigma": run.sigma,
+        "seed": seed,
         "key": run.key,
-        "readouts": {r: {"summary": e["summary"], "agreement": e["agreement"], "n_images": e["n_images"]}
+        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature") if k in e}
                      for r, e in evaluated.items()},
         "train_s": t1 - t0,
         "eval_s": t2 - t1,
@@ -212,11 +271,97 @@ def _steps_per_epoch(n_train: int, cfg: ExperimentConfig) -> int:
     return steps if cfg.max_steps is None else min(steps, int(cfg.max_steps))
 
 
+# --- selection on the validation split, seeds and comparisons --------------------------------------------
+
+def select_rows(cfg: ExperimentConfig, candidates: Mapping[str, Sequence[Run]], records: Mapping[str, dict]
+                ) -> dict[str, dict[str, Any]]:
+    """Which run each table row reports: ``{row: {"run", "readout", "parameter", "value", "candidates"}}``.
+
+    Without ``select_on_val`` every row comes from its method's main run. With it, each row takes, of its
+    method's candidate runs, the one whose readout has the lowest validation MR-ECE (``records`` of the first
+    seed); a temperature-scaled row follows its readout's choice. ``candidates`` maps each candidate value of
+    the setting (as text) to its validation MR-ECE.
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for method, runs in candidates.items():
+        for readout in runs[0].readouts:
+            pick, scores = runs[0], {}
+            if cfg.select_on_val and len(runs) > 1:
+                for run in runs:
+                    val = records[run.key]["readouts"][readout].get("val") or {}
+                    scores[f"{run.parameter[1]:g}"] = val.get("mr_ece", math.nan)
+                finite = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
+                if not finite:
+                    raise ValueError(f"cannot select a setting of {method!r} on the validation split: no run has "
+                                     "a validation MR-ECE (is the validation split empty?)")
+                pick = next(r for r in runs if f"{r.parameter[1]:g}" == min(finite, key=finite.get))
+            parameter = pick.parameter if len(runs) > 1 else None
+            entry = {"run": pick.key, "readout": readout, "parameter": parameter and parameter[0],
+                     "value": parameter and parameter[1], "candidates": scores}
+            for r in (readout, readout + TS_SUFFIX):
+                if r in records[pick.key]["readouts"]:
+                    chosen[pick.row(r)] = {**entry, "readout": r}
+    return chosen
+
+
+def compare_rows(stats: Mapping[str, Sequence], cfg: ExperimentConfig, reference_row: str | None = None
+                 ) -> dict[str, Any]:
+    """Seed summaries, paired differences against ``reference_row`` (default ORC's expected readout, else
+    the first row) and, per table metric, the lead of the best row over the runner-up (the best row of
+    another model: not the best row's own temperature-scaled twin, or the reverse).
+
+    ``stats`` maps a row to its per-image test statistics, one per seed in the same seed order.
+    """
+    from orcal import comparison
+    from orcal.metric_table import higher_is_better
+
+    boot = {"n_boot": int(cfg.n_boot), "fraction": float(cfg.fraction), "seed": int(cfg.seed)}
+    samples = {row: comparison.seed_samples(st, **boot) for row, st in stats.items()}  # one bootstrap per row
+    rows = {row: comparison.seed_summary(s) for row, s in samples.items()}
+    ref = reference_row or next((r for r in rows if r == "ordinal/expected"), next(iter(rows)))
+    paired = {row: comparison.paired_difference(s, samples[ref]) for row, s in samples.items() if row != ref}
+    leads = {}
+    for _, metric, _ in report.TABLES:
+        ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
+                        key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
+        # the runner-up is another model: a row's own temperature-scaled twin ranks the same voxels alike
+        others = [r for r in ranked[1:] if r.removesuffix(TS_SUFFIX) != ranked[0].removesuffix(TS_SUFFIX)]
+        if others:
+            d = comparison.paired_difference(samples[ranked[0]], samples[others[0]])[metric]
+            leads[metric] = {"best": ranked[0], "runner_up": others[0], **d,
+                             "exceeds_noise": comparison.exceeds_noise(d)}
+    return {"rows": rows, "reference": ref, "paired": paired, "leads": leads}
+
+
 # --- the experiment --------------------------------------------------------------------------------------
+
+def _load_or_run(cfg, spec, run, run_dir, splits, case, device, seed, log) -> dict[str, Any]:
+    fp = fingerprint(cfg, spec, run, seed)
+    record = None if cfg.force else load_run(run_dir, run, fp)
+    if record is not None:
+        log(f"[{spec.key}] {run.key} (seed {seed}): finished earlier, reusing {run_files(run_dir, run)['json']}")
+        return record
+    log(f"[{spec.key}] {run.key} (seed {seed}): training ({device})")
+    record = execute_run(cfg, spec, run, run_dir, splits, case, device, seed)
+    s = record["readouts"][next(iter(record["readouts"]))]["summary"]
+    log(f"[{spec.key}] {run.key} (seed {seed}): MR-ECE {s['mr_ece']['value']:.4f}, AUC {s['auc']['value']:.4f} "
+        f"(train {record['train_s']:.0f} s, evaluate {record['eval_s']:.0f} s)")
+    return record
+
+
+def seed_dir(out: Path, spec: DatasetSpec, seed: int) -> Path:
+    """The folder of one dataset's runs of one training seed: ``OUT/runs/<dataset>/seed<seed>``."""
+    return out / "runs" / safe_name(spec.key) / f"seed{seed}"
+
 
 def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) the experiment and write its tables, figures, ``report.md`` and ``results.json``
-    under ``cfg.out``. Returns the results dictionary."""
+    under ``cfg.out``. Returns the results dictionary.
+
+    The first seed trains every method at its default settings plus the sweeps (``rps_weights``, ``sigmas``);
+    with ``select_on_val`` each row then takes the setting with the lowest validation MR-ECE, and the other
+    seeds train the chosen settings only.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -227,20 +372,23 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    seeds = cfg.seed_list
     main_runs, sweep_runs = plan_runs(cfg)
-    all_runs = list(main_runs) + [r for r in sweep_runs.values() if r not in main_runs]
+    candidates = candidate_runs(cfg)
+    first_runs = list(dict.fromkeys([*main_runs, *sweep_runs.values(), *(r for c in candidates.values() for r in c)]))
     results: dict[str, Any] = {
-        "settings": _settings(cfg, device), "datasets": {}, "runs": {}, "sweeps": {}, "timings": {},
-        "hardware": hardware_info(device), "command": command,
+        "settings": _settings(cfg, device), "datasets": {}, "runs": {}, "sweeps": {}, "selection": {},
+        "comparisons": {}, "timings": {}, "hardware": hardware_info(device), "command": command,
     }
-    records: dict[str, dict[str, dict]] = {}
+    records: dict[str, dict[int, dict[str, dict]]] = {}
     cases: dict[str, dict] = {}
-    total = len(cfg.datasets) * len(all_runs)
-    bar = tqdm(total=total, desc="experiment", unit="run", disable=not cfg.progress)
+    choices: dict[str, dict[str, dict]] = {}
+    bar = tqdm(total=len(cfg.datasets) * (len(first_runs) + (len(seeds) - 1) * len(main_runs)), desc="experiment",
+               unit="run", disable=not cfg.progress)
     for spec in cfg.datasets:
-        run_dir = out / "runs" / safe_name(spec.key)
-        run_dir.mkdir(parents=True, exist_ok=True)
         splits = {s: load_split(spec, s) for s in ("train", "val", "test")}
+        if spec.label is None:  # the data's own name: a QUBIQ pickle read by the LIDC-pickle loader is not "lidc"
+            spec.label = getattr(splits["test"], "display_name", None)
         if cfg.cache:
             splits = {s: CachedDataset(ds, f"{spec.key} {s}", cfg.progress) for s, ds in splits.items()}
         test_ds = splits["test"]
@@ -250,49 +398,72 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
         results["datasets"][spec.key] = {
             "name": spec.name, "task": spec.task, "root": spec.root, "options": spec.options,
             "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(test_ds),
-            "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape),
-            "qualitative_case": case["id"],
+            "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape[1:]),
+            "channels": int(first["image"].shape[0]), "qualitative_case": case["id"],
         }
         records[spec.key] = {}
-        for run in all_runs:
-            bar.set_postfix_str(f"{spec.key} {run.key}")
-            fp = fingerprint(cfg, spec, run)
-            record = None if cfg.force else load_run(run_dir, run, fp)
-            if record is not None:
-                log(f"[{spec.key}] {run.key}: finished earlier, reusing {run_files(run_dir, run)['json']}")
-            else:
-                log(f"[{spec.key}] {run.key}: training ({device})")
-                record = execute_run(cfg, spec, run, run_dir, splits, case, device)
-                s = record["readouts"][next(iter(record["readouts"]))]["summary"]
-                log(f"[{spec.key}] {run.key}: MR-ECE {s['mr_ece']['mean']:.4f}, AUC {s['auc']['mean']:.4f} "
-                    f"(train {record['train_s']:.0f} s, evaluate {record['eval_s']:.0f} s)")
-            records[spec.key][run.key] = record
-            bar.update(1)
+        for i, seed in enumerate(seeds):
+            runs = first_runs if i == 0 else list({c["run"]: next(r for r in first_runs if r.key == c["run"])
+                                                   for c in choices[spec.key].values()}.values())
+            by_key = records[spec.key].setdefault(seed, {})
+            for run in runs:
+                bar.set_postfix_str(f"{spec.key} {run.key} seed {seed}")
+                by_key[run.key] = _load_or_run(cfg, spec, run, seed_dir(out, spec, seed), splits, case, device,
+                                               seed, log)
+                bar.update(1)
+            if i == 0:
+                choices[spec.key] = select_rows(cfg, candidates, by_key)
     bar.close()
-    for spec in cfg.datasets:
-        recs = records[spec.key]
-        rows: dict[str, Any] = {}
-        for run in main_runs:
-            for readout, entry in recs[run.key]["readouts"].items():
-                rows[run.row(readout)] = entry["summary"]
-        results["runs"][spec.key] = rows
-        if sweep_runs:
-            results["sweeps"][spec.key] = {f"{w:g}": {r: e["summary"] for r, e in recs[run.key]["readouts"].items()}
-                                           for w, run in sorted(sweep_runs.items())}
-        results["timings"][spec.key] = {run.key: {"train_s": recs[run.key]["train_s"],
-                                                  "eval_s": recs[run.key]["eval_s"],
-                                                  "epochs": recs[run.key].get("epochs"),
-                                                  "steps": recs[run.key].get("steps"),
-                                                  "best_epoch": recs[run.key].get("best_epoch")}
-                                        for run in all_runs}
-    trained_on = [rec["hardware"] for by in records.values() for rec in by.values() if rec.get("hardware")]
+    runs_by_key = {run.key: run for run in first_runs}
+    panels = {spec.key: _tabulate(results, cfg, spec, seeds, records[spec.key], choices[spec.key], runs_by_key,
+                                  sweep_runs, out) for spec in cfg.datasets}
+    trained_on = [rec["hardware"] for by in records.values() for s in by.values() for rec in s.values()
+                  if rec.get("hardware")]
     if trained_on:  # what the runs were measured on, rather than what rendered the report
         results["hardware"] = trained_on[0]
     results["total_seconds"] = time.perf_counter() - start
     results["compute_seconds"] = sum(t["train_s"] + t["eval_s"] for by in results["timings"].values()
                                      for t in by.values())
-    write_outputs(results, cfg, records, cases, main_runs)
+    results["findings"] = findings(results)
+    report.write_outputs(results, out, panels, cases)
     return results
+
+
+def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec, seeds: Sequence[int],
+              records: Mapping[int, Mapping[str, dict]], choice: Mapping[str, dict], runs: Mapping[str, Run],
+              sweep_runs: Mapping, out: Path) -> dict[str, dict]:
+    """One dataset's rows (over seeds), comparisons, selection, temperatures, sweep and timings into
+    ``results``; returns the figures' data of the first seed (:func:`orcal.report.write_outputs`)."""
+    key, first = spec.key, records[seeds[0]]
+    loaded = {(s, k): load_run_stats(seed_dir(out, spec, s), runs[k]) for s in seeds for k in records[s]}
+    stats = {row: [loaded[(s, c["run"])][c["readout"]] for s in seeds] for row, c in choice.items()}
+    compared = compare_rows(stats, cfg)
+    results["runs"][key] = compared["rows"]
+    results["comparisons"][key] = {k: compared[k] for k in ("reference", "paired", "leads")}
+    results["selection"][key] = {row: {k: c[k] for k in ("run", "parameter", "value", "candidates")}
+                                 for row, c in choice.items()}
+    results.setdefault("temperatures", {})[key] = {
+        row: [records[s][c["run"]]["readouts"][c["readout"]].get("temperature") for s in seeds]
+        for row, c in choice.items() if c["readout"].endswith(TS_SUFFIX)}
+    if sweep_runs:
+        results["sweeps"][key] = {f"{w:g}": {r: e["summary"] for r, e in first[run.key]["readouts"].items()
+                                             if not r.endswith(TS_SUFFIX)}
+                                  for w, run in sorted(sweep_runs.items())}
+    results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
+                               {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}
+                               for s in seeds for run_key, rec in records[s].items()}
+    # the figures: the first seed's rows without temperature scaling (the tables have every row)
+    panels: dict[str, dict] = {"stats": {}, "agreement": {}, "maps": {}}
+    for row in report.sort_rows([r for r in choice if not r.endswith(TS_SUFFIX)]):
+        c, label = choice[row], report.row_label(row)
+        panels["stats"][label] = loaded[(seeds[0], c["run"])][c["readout"]]
+        agreement = first[c["run"]]["readouts"][c["readout"]].get("agreement")
+        if agreement:
+            panels["agreement"][label] = {k: np.asarray(v) for k, v in agreement.items()}
+        maps = load_case_maps(seed_dir(out, spec, seeds[0]), runs[c["run"]])
+        if c["readout"] in maps:
+            panels["maps"][label] = maps[c["readout"]]
+    return panels
 
 
 def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:
@@ -317,14 +488,6 @@ def predict_batches(result, dataset, readouts: Sequence[str], batch_size: int, d
     from orcal.training.predict import predict_readouts
 
     yield from predict_readouts(result, dataset, readouts, device=device, batch_size=batch_size, amp=amp)
-
-
-def write_outputs(results: dict[str, Any], cfg: ExperimentConfig, records: Mapping[str, Mapping[str, dict]],
-                  cases: Mapping[str, dict], main_runs: Sequence[Run], sweep_runs: Mapping | None = None) -> None:
-    """Tables, figures, ``report.md`` and ``results.json`` under ``cfg.out`` (:func:`orcal.report.write_outputs`)."""
-    out = Path(cfg.out)
-    folders = [(spec.key, out / "runs" / safe_name(spec.key)) for spec in cfg.datasets]
-    report.write_outputs(results, out, folders, records, cases, main_runs)
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
 """What an experiment is: its datasets, methods and settings (:class:`ExperimentConfig`, the presets), and the
-runs it plans (one per method, plus the RPS-weight sweep), each with a fingerprint of what its result depends on.
+runs it plans (one per method, plus the sweeps of the RPS weight and the smoothing width), each with a fingerprint
+of what its result depends on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 from orcal import fusion
 
 #: Version of the per-run results files; a different version is recomputed.
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+
+#: The grids ``select_on_val`` searches when none is given: the smoothing width σ (voxels) of the strategies
+#: that take one, and the RPS weight λ of the ordinal method (the paper chose both on the validation set).
+SELECTION_GRIDS = {"sigma": (0.5, 1.0, 2.0), "rps_weight": (0.25, 0.5, 1.0, 2.0)}
+
+#: Suffix of the table rows of a temperature-scaled readout (``"soft+ts"``, ``"ordinal/expected+ts"``).
+TS_SUFFIX = "+ts"
 
 #: Readouts reported for the ordinal method (SPEC §2), the paper's first.
 ORDINAL_READOUTS = ("majority", "expected")
@@ -66,6 +74,10 @@ class ExperimentConfig:
     max_steps: int | None = None
     patch_size: tuple[int, ...] | None = None
     seed: int = 0
+    seeds: tuple[int, ...] = ()
+    sigmas: tuple[float, ...] = ()
+    select_on_val: bool = False
+    temperature_scaling: bool = True
     device: str = "auto"
     amp: str = "auto"
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -106,9 +118,28 @@ class ExperimentConfig:
         for w in (self.rps_weight, *self.rps_weights):
             if not math.isfinite(float(w)) or float(w) < 0:
                 raise ValueError(f"RPS weights must be finite and >= 0, got {w}")
+        self.seeds = tuple(int(x) for x in self.seeds)
+        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
+            raise ValueError(f"seeds must be distinct non-negative integers (argument --seeds), got {self.seeds}")
+        self.rps_weights, self.sigmas = tuple(self.rps_weights), tuple(float(x) for x in self.sigmas)
+        if any(not (math.isfinite(x) and x > 0) for x in self.sigmas):
+            raise ValueError(f"smoothing widths must be finite and > 0 (argument --sigmas), got {self.sigmas}")
+        if self.select_on_val:  # the grids to choose from are swept
+            self.rps_weights = self.rps_weights or SELECTION_GRIDS["rps_weight"]
+            self.sigmas = self.sigmas or SELECTION_GRIDS["sigma"]
         keys = [d.key for d in self.datasets]
         if len(set(keys)) != len(keys):
             raise ValueError(f"datasets must be distinct, got {keys}")
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The training seeds: ``seeds``, or ``(seed,)`` when none is given. The first one runs the sweeps."""
+        return self.seeds or (int(self.seed),)
+
+    @property
+    def sigma(self) -> float:
+        """The smoothing width of the main runs (``fusion_options["sigma"]``, else the strategies' 1.0)."""
+        return float(self.fusion_options.get("sigma", 1.0))
 
 
 #: Named experiment settings. ``datasets`` entries are (name, task, options, label); a preset's root is the
@@ -123,11 +154,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_boot": 1000,
     },
     # LIDC-IDRI slices (4 readers; --root is the LIDC-IDRI-slices folder), 64x64 centre crops, a small
-    # U-Net, 500 steps per method: about half an hour on 2 CPU cores.
+    # U-Net, 400 steps per run, one thread: about 2 minutes a run on a CPU core, so that 3 seeds with
+    # --select-on-val (33 runs) fit in 90 minutes.
     "lidc": {
         "datasets": [("lidc_slices", None, {"crop": 64}, "LIDC-IDRI")],
         "arch": "unet-small", "encoder": "none", "model_options": {"base_channels": 8, "depth": 3},
-        "epochs": 10, "batch_size": 32, "lr": 1e-2, "max_steps": 50, "n_boot": 1000,
+        "epochs": 8, "batch_size": 32, "lr": 1e-2, "max_steps": 50, "n_boot": 1000, "threads": 1,
     },
     # The paper's datasets (CoCaHis, REFUGE disc and cup, LongCIU) under one root folder.
     "paper": {
@@ -162,11 +194,13 @@ def preset_config(name: str, root: str | None = None, **overrides) -> Experiment
 
 @dataclass(frozen=True)
 class Run:
-    """One model to train: a method, and for the ordinal method its RPS weight."""
+    """One model to train: a method, its RPS weight (ordinal method) and, for a run of the smoothing-width
+    sweep, its own ``sigma``."""
 
     method: str
     rps_weight: float
     key: str
+    sigma: float | None = None
 
     @property
     def readouts(self) -> tuple[str, ...]:
@@ -174,18 +208,30 @@ class Run:
         return ORDINAL_READOUTS if fusion.get(self.method).head == "ordinal" else ("majority",)
 
     def row(self, readout: str) -> str:
-        """The table row of one readout: the method, or ``method/readout`` for an ordinal head."""
-        return f"{self.method}/{readout}" if len(self.readouts) > 1 else self.method
+        """The table row of one readout: the method, or ``method/readout`` for an ordinal head; a
+        temperature-scaled readout (``"expected+ts"``) keeps its suffix (``"ordinal/expected+ts"``)."""
+        base = readout.removesuffix(TS_SUFFIX)
+        row = f"{self.method}/{base}" if len(self.readouts) > 1 else self.method
+        return row + readout[len(base):]
 
     @property
     def rows(self) -> list[str]:
-        """Table rows this run produces (two readouts for the ordinal method)."""
+        """Table rows this run produces (two readouts for the ordinal method), without temperature scaling."""
         return [self.row(r) for r in self.readouts]
+
+    @property
+    def parameter(self) -> tuple[str, float] | None:
+        """The setting a sweep varies for this method (``("rps_weight", λ)`` or ``("sigma", σ)``), or None."""
+        if fusion.get(self.method).head == "ordinal":
+            return "rps_weight", self.rps_weight
+        if "sigma" in fusion.get(self.method).options:
+            return "sigma", self.sigma
+        return None
 
 
 def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
     """The main runs (one per method) and the RPS-weight sweep runs (reusing the main ordinal run)."""
-    main = [Run(m, float(cfg.rps_weight), m) for m in cfg.methods]
+    main = [Run(m, float(cfg.rps_weight), m, cfg.sigma if _has_sigma(m) else None) for m in cfg.methods]
     sweep: dict[float, Run] = {}
     for w in cfg.rps_weights:
         w = float(w)
@@ -196,15 +242,38 @@ def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
     return main, sweep
 
 
-def fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run) -> str:
-    """Hash of every setting a run's result depends on (a changed setting is recomputed)."""
+def _has_sigma(method: str) -> bool:
+    return "sigma" in fusion.get(method).options
+
+
+def candidate_runs(cfg: ExperimentConfig) -> dict[str, list[Run]]:
+    """Per method, the runs its rows may come from: with ``select_on_val``, the RPS-weight sweep for the ordinal
+    method and the ``sigmas`` for the strategies that smooth; otherwise (and for the other methods) the main
+    run alone."""
+    main, sweep = plan_runs(cfg)
+    out: dict[str, list[Run]] = {}
+    for run in main:
+        runs = [run]
+        if cfg.select_on_val and fusion.get(run.method).head == "ordinal" and sweep:
+            runs = [sweep[w] for w in sorted(sweep)]
+        elif cfg.select_on_val and _has_sigma(run.method) and cfg.sigmas:
+            runs = [run if s == run.sigma else Run(run.method, run.rps_weight, f"{run.method}@sigma={s:g}", s)
+                    for s in sorted(cfg.sigmas)]
+        out[run.method] = runs
+    return out
+
+
+def fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, seed: int | None = None) -> str:
+    """Hash of every setting a run's result depends on (a changed setting is recomputed); ``seed`` is the
+    training seed of the run (default ``cfg.seed``)."""
     data = {
         "dataset": [spec.name, spec.task, spec.root, sorted((k, str(v)) for k, v in spec.options.items())],
-        "run": [run.method, run.rps_weight],
+        "run": [run.method, run.rps_weight, run.sigma],
         "train": [cfg.arch, cfg.encoder, cfg.encoder_weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.max_steps,
-                  cfg.patch_size, cfg.seed, cfg.amp] + [sorted((k, str(v)) for k, v in d.items()) for d in
-                                                        (cfg.model_options, cfg.fusion_options, cfg.train_options)],
-        "eval": [cfg.n_boot, cfg.fraction, cfg.n_bins, cfg.auc_bins],
+                  cfg.patch_size, cfg.seed if seed is None else int(seed), cfg.amp]
+        + [sorted((k, str(v)) for k, v in d.items()) for d in (cfg.model_options, cfg.fusion_options,
+                                                               cfg.train_options)],
+        "eval": [cfg.n_boot, cfg.fraction, cfg.n_bins, cfg.auc_bins, cfg.temperature_scaling],
         "version": RESULTS_VERSION,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -109,7 +109,7 @@ def draw_reliability(methods: Mapping[str, Any], ax, counts_ax=None, title: str 
         color = colors[i % len(colors)]
         nonempty = table["count"] > 0
         ax.plot(table["confidence"][nonempty], table["accuracy"][nonempty], marker="o", markersize=4,
-                linewidth=1.6, color=color, label=f"{name}  (MR-ECE {100 * _ece(table):.2f}%)")
+                linewidth=1.6, color=color, label=f"{name}  (MR-ECE {_ece(table):.4f})")
         if counts_ax is not None:
             width = (table["upper"] - table["lower"]) / n_methods
             left = table["lower"] + i * width
@@ -221,7 +221,8 @@ def plot_qualitative(image: np.ndarray, votes: np.ndarray, num_raters: int, maps
 
 
 def plot_sweep(sweep: Mapping[float, Mapping[str, Mapping]], path: str | Path, title: str = "") -> Path:
-    """MR-ECE and AUC (bootstrap mean ± std) against the RPS weight, one line per readout.
+    """MR-ECE and AUC (test-set value ± bootstrap std, as in the tables) against the RPS weight, one line per
+    readout.
 
     ``sweep`` is ``{rps_weight: {readout: {metric: summary}}}``.
     """
@@ -231,8 +232,9 @@ def plot_sweep(sweep: Mapping[float, Mapping[str, Mapping]], path: str | Path, t
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, metric in zip(axes, ("mr_ece", "auc")):
         for readout in readouts:
-            mean = [sweep[w].get(readout, {}).get(metric, {}).get("mean", math.nan) for w in sweep_keys(sweep, weights)]
-            std = [sweep[w].get(readout, {}).get(metric, {}).get("std", math.nan) for w in sweep_keys(sweep, weights)]
+            cells = [sweep[w].get(readout, {}).get(metric, {}) for w in sweep_keys(sweep, weights)]
+            mean = [c.get("value", math.nan) for c in cells]
+            std = [c.get("std", math.nan) for c in cells]
             ax.errorbar(weights, mean, yerr=std, marker="o", capsize=3, label=f"ORC ({readout})")
         ax.set_xlabel("RPS weight λ")
         ax.set_ylabel(metric_table.label(metric))

@@ -254,13 +254,14 @@ def auc_from_sorted_counts(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 # --- §5 bootstrap ----------------------------------------------------------------------------------------
 
-def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
-              seed: int = 0) -> dict[str, dict[str, float]]:
-    """Bootstrap over images (SPEC §5): mean, std and 2.5/97.5 percentiles of every metric.
+def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every metric on each of ``n_boot`` resamples of the images (SPEC §5): ``{metric: (n_boot,) float64}``.
 
-    Each of ``n_boot`` resamples draws ``count`` images (default ``ceil(fraction * n_images)``) with
-    replacement, sums their rows and computes the metrics. The full-sample value is returned as
-    ``"value"``. Cost is O(n_boot x n_images x bins): no voxel is visited.
+    Each resample draws ``count`` images (default ``ceil(fraction * n_images)``) with replacement and sums
+    their rows. The draws depend only on ``seed``, ``n_boot``, the size and ``n_images``, so statistics of
+    other models on the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
+    O(n_boot x n_images x bins): no voxel is visited.
     """
     n_images = stats.n_images
     if n_images == 0:
@@ -273,25 +274,30 @@ def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6
     # Multiplicity of each image in each resample; resampled totals are then one matrix product.
     weights = torch.zeros(n_boot, n_images, dtype=torch.float64).scatter_add_(
         1, draws, torch.ones(n_boot, size, dtype=torch.float64))
-    cpu = stats.to("cpu")
 
     def resample(t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(n_images, -1).double()
         out = (weights @ flat).reshape(n_boot, *t.shape[1:])
         return out.round().long() if t.dtype == torch.int64 else out  # integer counts stay exact (< 2^53)
 
-    boot = metrics_from_totals(cpu._map(resample))
-    full = calibration_metrics(cpu)
-    result = {}
-    for key, values in boot.items():
-        v = values.numpy()
-        v = v[~np.isnan(v)]
-        if v.size == 0:
-            result[key] = {"mean": math.nan, "std": math.nan, "low": math.nan, "high": math.nan,
-                           "value": full[key]}
-            continue
-        result[key] = {
-            "mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5)), "value": full[key],
-        }
-    return result
+    return {k: v.double() for k, v in metrics_from_totals(stats.to("cpu")._map(resample)).items()}
+
+
+def summarize_samples(samples: torch.Tensor, value: float) -> dict[str, float]:
+    """``{"mean", "std", "low", "high", "value"}`` of one metric's bootstrap ``samples`` (undefined resamples,
+    NaN, left out; all NaN when none is defined), with the full-sample ``value``."""
+    v = samples.numpy()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": math.nan, "std": math.nan, "low": math.nan, "high": math.nan, "value": value}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5)), "value": value}
+
+
+def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """Bootstrap over images (SPEC §5): mean, std and 2.5/97.5 percentiles of every metric over the
+    resamples of :func:`bootstrap_samples`; the full-sample value is returned as ``"value"``."""
+    boot = bootstrap_samples(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)
+    full = calibration_metrics(stats.to("cpu"))
+    return {key: summarize_samples(values, full[key]) for key, values in boot.items()}

@@ -1,12 +1,13 @@
 """Tables, figures and the Markdown report of a multi-rater experiment.
 
-The experiment driver (:mod:`orcal.experiment`) produces, per dataset and per table row, the bootstrap
-summary of every metric (``{metric: {"mean", "std", "low", "high", "value"}}``). This module lays those
-out as the paper's tables (methods as rows, datasets as columns, ``mean ± std``, the best value marked),
-writes them as Markdown and CSV, and draws the figures that do not need the raw statistics.
+The experiment driver (:mod:`orcal.experiment`) produces, per dataset and per table row, the summary of
+every metric over seeds (:func:`orcal.comparison.seed_summary`: ``{metric: {"value", "seed_std", "seeds",
+"mean", "std", "low", "high"}}``). This module lays those out as the paper's tables (methods as rows,
+datasets as columns, the test-set value ± its spread and the bootstrap interval, the best value marked),
+writes them as Markdown and CSV, and renders the report.
 
 Rows are keyed ``"<method>"`` for the baselines and ``"ordinal/<readout>"`` for the ordinal method, whose
-two readouts (SPEC §2) are reported as two rows.
+two readouts (SPEC §2) are reported as two rows; a temperature-scaled row adds ``"+ts"``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from orcal.metric_table import higher_is_better as metric_higher_is_better
 from orcal.metric_table import label as metric_label
 from orcal.plots import plot_qualitative, plot_sweep, sweep_keys  # noqa: F401  (figures live in plots)
@@ -30,25 +29,33 @@ Summary = Mapping[str, Mapping[str, float]]       # {metric: {"mean", "std", ...
 Runs = Mapping[str, Mapping[str, Summary]]        # {dataset: {row: Summary}}
 
 
+#: Suffix of a temperature-scaled row key (:data:`orcal.experiment_config.TS_SUFFIX`) and of its label.
+TS_SUFFIX, TS_LABEL = "+ts", " + TS"
+
+
 def row_label(row: str) -> str:
     """Display label of a table row key: the strategy's label (:mod:`orcal.fusion`), with the readout of an
-    ordinal head (``"ordinal/expected"`` -> ``"ORC (expected)"``)."""
+    ordinal head (``"ordinal/expected"`` -> ``"ORC (expected)"``) and `` + TS`` for temperature scaling."""
     from orcal import fusion
 
-    method, _, readout = row.partition("/")
+    base = row.removesuffix(TS_SUFFIX)
+    method, _, readout = base.partition("/")
     if method not in fusion.names():
         return row
     label = fusion.get(method).label
-    return f"{label} ({readout})" if readout else label
+    label = f"{label} ({readout})" if readout else label
+    return label + (TS_LABEL if base != row else "")
 
 
 def sort_rows(rows: Sequence[str]) -> list[str]:
     """Rows in the order strategies were registered (the paper's order for the built-ins, ORC last, then
-    strategies added since); a method's readouts in the order given; unknown rows last."""
+    strategies added since); a method's readouts in the order given; unknown rows last; the temperature-scaled
+    rows after all the others, in the same order."""
     from orcal import fusion
 
     order = {name: i for i, name in enumerate(fusion.names())}
-    return sorted(rows, key=lambda r: order.get(r.partition("/")[0], len(order)))
+    return sorted(rows, key=lambda r: (r.endswith(TS_SUFFIX),
+                                       order.get(r.removesuffix(TS_SUFFIX).partition("/")[0], len(order))))
 
 
 def _finite(x) -> bool:
@@ -57,20 +64,23 @@ def _finite(x) -> bool:
 
 @dataclass
 class Table:
-    """One metric laid out with rows (methods) and columns (datasets), ``mean ± std`` per cell.
+    """One metric laid out with rows (methods) and columns (datasets).
 
-    ``best[col]`` holds the rows whose mean, rounded to the displayed ``digits``, is the best of the column
-    (several rows when they tie at the displayed precision).
+    ``cells[(row, col)]`` is ``(centre, spread, low, high)``: the test-set value (averaged over seeds), its
+    spread (the standard deviation over seeds, or of the bootstrap with one seed) and the bootstrap interval.
+    ``best[col]`` holds the rows whose centre, rounded to the displayed ``digits``, is the best of the column
+    (several rows when they tie at the displayed precision). ``n_seeds`` says which spread the cells hold.
     """
 
     metric: str
     rows: list[str]
     columns: list[str]
-    cells: dict[tuple[str, str], tuple[float, float]]
+    cells: dict[tuple[str, str], tuple[float, ...]]
     higher_is_better: bool
     digits: int = 4
     title: str = ""
     best: dict[str, set[str]] = field(default_factory=dict)
+    n_seeds: int = 1
 
     def __post_init__(self) -> None:
         if not self.best:
@@ -88,15 +98,26 @@ class Table:
             best[col] = {r for r, v in values.items() if v == target}
         return best
 
-    def cell_text(self, row: str, col: str) -> str:
-        """``mean ± std`` at the table's precision, ``n/a`` where the cell is missing or undefined."""
+    def cell_text(self, row: str, col: str, interval: bool = True) -> str:
+        """``value ± spread [low, high]`` at the table's precision, ``n/a`` where the cell is missing or
+        undefined."""
         if (row, col) not in self.cells or not _finite(self.cells[(row, col)][0]):
             return "n/a"
-        mean, std = self.cells[(row, col)]
-        text = f"{mean:.{self.digits}f}"
-        if _finite(std):
-            text += f" ± {std:.{self.digits}f}"
+        centre, spread, *bounds = self.cells[(row, col)]
+        d = self.digits
+        text = f"{centre:.{d}f}"
+        if _finite(spread):
+            text += f" ± {spread:.{d}f}"
+        if interval and len(bounds) == 2 and all(_finite(b) for b in bounds):
+            text += f" [{bounds[0]:.{d}f}, {bounds[1]:.{d}f}]"
         return text
+
+    def legend(self, interval: bool = True) -> str:
+        """What a cell shows."""
+        if self.n_seeds > 1:
+            text = f"mean over {self.n_seeds} seeds of the test-set value ± std over seeds"
+            return text + (" [bootstrap 2.5–97.5 % of the seed mean]" if interval else "")
+        return "test-set value ± bootstrap std" + (" [bootstrap 2.5–97.5 %]" if interval else "")
 
     def to_markdown(self) -> str:
         """A Markdown table; the best value of each column is bold."""
@@ -104,8 +125,7 @@ class Table:
         head = f"| Method | {' | '.join(self.columns)} |"
         lines = []
         if self.title:
-            lines += [f"**{self.title}** ({metric_label(self.metric)} {arrow}, "
-                      "bootstrap mean ± std; best in bold)", ""]
+            lines += [f"**{self.title}** ({metric_label(self.metric)} {arrow}, {self.legend()}; best in bold)", ""]
         lines += [head, "|---|" + "---|" * len(self.columns)]
         for row in self.rows:
             cells = []
@@ -116,19 +136,19 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
-        """CSV with ``method`` and, per dataset, ``<dataset>_mean``, ``<dataset>_std``, ``<dataset>_best``
-        (1 for the best value of the column)."""
+        """CSV with ``method``, ``key`` and, per dataset, ``<dataset>_value``, ``_spread``, ``_low``, ``_high``
+        and ``_best`` (1 for the best value of the column)."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         header = ["method", "key"]
         for col in self.columns:
-            header += [f"{col}_mean", f"{col}_std", f"{col}_best"]
+            header += [f"{col}_{k}" for k in ("value", "spread", "low", "high", "best")]
         writer.writerow(header)
         for row in self.rows:
             line = [row_label(row), row]
             for col in self.columns:
-                mean, std = self.cells.get((row, col), (math.nan, math.nan))
-                line += [_num(mean), _num(std), int(row in self.best.get(col, ()))]
+                cell = tuple(self.cells.get((row, col), ())) + (math.nan,) * 4
+                line += [_num(x) for x in cell[:4]] + [int(row in self.best.get(col, ()))]
             writer.writerow(line)
         return buf.getvalue()
 
@@ -137,11 +157,21 @@ def _num(x) -> str:
     return "" if not _finite(x) else repr(float(x))
 
 
-def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
-                 higher_is_better: bool | None = None, stat: str = "mean") -> Table:
-    """Build the table of ``metric`` from ``runs`` (``{dataset: {row: {metric: {"mean", "std"}}}}``).
+def _cell(s: Mapping[str, Any], stat: str) -> tuple[float, float, float, float]:
+    """``(centre, spread, low, high)`` of one summary: the ``stat`` (``"value"``, else the bootstrap
+    ``"mean"``), the std over seeds when there are several, else the bootstrap std."""
+    centre = s.get(stat, s.get("mean", math.nan))
+    spread = s.get("seed_std") if _finite(s.get("seed_std")) else s.get("std", math.nan)
+    return tuple(float(x) if _finite(x) else math.nan for x in (centre, spread, s.get("low"), s.get("high")))
 
-    ``stat`` picks the centre value (``"mean"`` of the bootstrap, or ``"value"`` on the full test set).
+
+def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
+                 higher_is_better: bool | None = None, stat: str = "value") -> Table:
+    """Build the table of ``metric`` from ``runs`` (``{dataset: {row: {metric: summary}}}``, summaries as
+    :func:`orcal.comparison.seed_summary` or :func:`orcal.bootstrap` give them).
+
+    ``stat`` picks the centre value: ``"value"``, the test-set value (averaged over seeds; the bootstrap mean
+    where a summary has none), or ``"mean"``, the bootstrap mean.
     """
     if not isinstance(runs, Mapping):
         raise TypeError(f"runs must be a mapping {{dataset: {{row: summary}}}}, got {type(runs).__name__}")
@@ -151,22 +181,23 @@ def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
         higher_is_better = metric_higher_is_better(metric)
     columns = list(runs)
     rows: list[str] = []
-    cells: dict[tuple[str, str], tuple[float, float]] = {}
+    cells: dict[tuple[str, str], tuple[float, ...]] = {}
+    n_seeds = 1
     for col, by_row in runs.items():
         for row, summary in by_row.items():
             if row not in rows:
                 rows.append(row)
             if metric in summary:
-                s = summary[metric]
-                cells[(row, col)] = (float(s.get(stat, math.nan)), float(s.get("std", math.nan)))
+                cells[(row, col)] = _cell(summary[metric], stat)
+                n_seeds = max(n_seeds, len(summary[metric].get("seeds") or ()))
     return Table(metric=metric, rows=sort_rows(rows), columns=columns, cells=cells,
-                 higher_is_better=bool(higher_is_better), digits=int(digits), title=title)
+                 higher_is_better=bool(higher_is_better), digits=int(digits), title=title, n_seeds=n_seeds)
 
 
 def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", "auc", "dice"),
                   digits: int = 4) -> str:
-    """One dataset's results as a Markdown table: methods as rows, ``metrics`` as columns (mean ± std),
-    the best value of each column in bold."""
+    """One dataset's results as a Markdown table: methods as rows, ``metrics`` as columns (value ± spread as
+    in :class:`Table`, without the interval), the best value of each column in bold."""
     if dataset not in runs:
         raise ValueError(f"dataset {dataset!r} is not in the results; have: {', '.join(runs)}")
     tables = [metric_table({dataset: runs[dataset]}, m, digits=digits) for m in metrics]
@@ -175,23 +206,24 @@ def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", 
     for row in sort_rows(list(runs[dataset])):
         cells = []
         for t in tables:
-            text = t.cell_text(row, dataset)
+            text = t.cell_text(row, dataset, interval=False)
             cells.append(f"**{text}**" if row in t.best.get(dataset, ()) else text)
         lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
+    lines += ["", f"({tables[0].legend(interval=False)}; best in bold)"]
     return "\n".join(lines) + "\n"
 
 
 def metrics_csv(runs: Runs) -> str:
-    """Every metric of every row and dataset in long form: dataset, method, metric, value (full test set),
-    bootstrap mean, std, 2.5 % and 97.5 % percentiles."""
+    """Every metric of every row and dataset in long form: dataset, method, metric, value (test set, mean over
+    seeds), std over seeds, bootstrap mean, std, 2.5 % and 97.5 % percentiles."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["dataset", "method", "key", "metric", "value", "mean", "std", "low", "high"])
+    keys = ("value", "seed_std", "mean", "std", "low", "high")
+    writer.writerow(["dataset", "method", "key", "metric", *keys])
     for col, by_row in runs.items():
         for row in sort_rows(list(by_row)):
             for metric, s in by_row[row].items():
-                writer.writerow([col, row_label(row), row, metric] +
-                                [_num(s.get(k, math.nan)) for k in ("value", "mean", "std", "low", "high")])
+                writer.writerow([col, row_label(row), row, metric] + [_num(s.get(k, math.nan)) for k in keys])
     return buf.getvalue()
 
 
@@ -222,7 +254,8 @@ def write_tables(runs: Runs, out_dir: str | Path, digits: int = 4) -> dict[str, 
 
 
 def sweep_table(sweep: Mapping[float, Mapping[str, Summary]], digits: int = 4) -> str:
-    """Markdown table of the RPS-weight sweep: one row per weight and readout, MR-ECE and AUC."""
+    """Markdown table of the RPS-weight sweep (first seed): one row per weight and readout, the test-set
+    MR-ECE, AUC and Dice ± bootstrap std."""
     lines = ["| RPS weight λ | readout | MR-ECE ↓ | AUC ↑ | Dice ↑ |", "|---|---|---|---|---|"]
     weights = sorted(float(w) for w in sweep)
     for w, key in zip(weights, sweep_keys(sweep, weights)):
@@ -230,55 +263,157 @@ def sweep_table(sweep: Mapping[float, Mapping[str, Summary]], digits: int = 4) -
             s = sweep[key][readout]
             cells = []
             for metric in ("mr_ece", "auc", "dice"):
-                m = s.get(metric, {})
-                cells.append("n/a" if not _finite(m.get("mean")) else
-                             f"{m['mean']:.{digits}f} ± {m.get('std', math.nan):.{digits}f}")
+                centre, spread, _, _ = _cell(s.get(metric, {}), "value")
+                cells.append("n/a" if not _finite(centre) else f"{centre:.{digits}f} ± {spread:.{digits}f}")
             lines.append(f"| {w:g} | {readout} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
 # --- the report ------------------------------------------------------------------------------------------
 
+def _setting_text(value: Any) -> str:
+    """A settings cell: never empty."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return "none"
+    if isinstance(value, str) and not value:
+        return "none"
+    return f"`{value}`"
+
+
+def selection_table(selection: Mapping[str, Mapping[str, Any]], runs: Mapping[str, Summary]) -> str:
+    """Markdown table of the settings chosen on the validation split: per row, each candidate's validation
+    MR-ECE, the chosen one in bold, and the chosen run's test MR-ECE."""
+    lines = ["| Method | setting | validation MR-ECE per candidate | chosen | test MR-ECE |", "|---|---|---|---|---|"]
+    for row in sort_rows([r for r in selection if not r.endswith(TS_SUFFIX)]):
+        c = selection[row]
+        if not c.get("candidates"):
+            continue
+        names = {"rps_weight": "λ", "sigma": "σ"}
+        chosen = f"{c['value']:g}"
+        cand = ", ".join(f"**{k}: {v:.4f}**" if k == chosen else f"{k}: {v:.4f}"
+                         for k, v in c["candidates"].items() if _finite(v))
+        test = runs.get(row, {}).get("mr_ece", {}).get("value")
+        lines.append(f"| {row_label(row)} | {names.get(c['parameter'], c['parameter'])} | {cand} | "
+                     f"{c['value']:g} | {'n/a' if not _finite(test) else f'{test:.4f}'} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def comparison_table(comparison: Mapping[str, Any], metrics: Sequence[str] = ("mr_ece", "auc"), digits: int = 4
+                     ) -> str:
+    """Markdown table of every row against the reference row: the test-set difference (mean over seeds), each
+    seed's difference and the paired bootstrap interval, per metric; ``*`` marks a difference larger than the
+    noise (:func:`orcal.comparison.exceeds_noise`)."""
+    from orcal.comparison import exceeds_noise
+
+    ref, paired = comparison.get("reference"), comparison.get("paired", {})
+    if not ref or not paired:
+        return ""
+    heads = [f"Δ {metric_label(m)} (row − ref) [95 % paired]" for m in metrics]
+    lines = [f"Reference: {row_label(ref)}.", "", f"| Method | {' | '.join(heads)} |", "|---|" + "---|" * len(metrics)]
+    for row in sort_rows(list(paired)):
+        cells = []
+        for m in metrics:
+            d = paired[row].get(m)
+            if not d or not _finite(d.get("diff")):
+                cells.append("n/a")
+                continue
+            seeds = d.get("seed_diffs") or []
+            per_seed = f" (seeds: {', '.join(f'{x:+.{digits}f}' for x in seeds)})" if len(seeds) > 1 else ""
+            star = " *" if exceeds_noise(d) else ""
+            cells.append(f"{d['diff']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]{per_seed}{star}")
+        lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+#: How the report explains its numbers (after the tables).
+READING = ("How to read the tables: the centre of each cell is the metric on the whole test split (averaged over "
+           "seeds when there are several); ± is the standard deviation over seeds, or over bootstrap resamples with "
+           "one seed; the brackets hold the 2.5 and 97.5 percentiles of the bootstrap. The bootstrap resamples "
+           "{pct} % of the test images with replacement; ECE computed on fewer images is larger (the noise of "
+           "small bins adds to it), so the bootstrap's mean and interval are biased upward and can lie above the "
+           "test-set value. Use the intervals to compare methods — the paired table below resamples the same "
+           "images for both rows — not as an interval around the value.")
+
+
 def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mapping[str, str],
                   sweeps: Mapping[str, str] | None = None) -> str:
-    """The Markdown report: settings, the two tables, Dice, figures, the sweep, timings and hardware.
+    """The Markdown report: the findings (``results["findings"]``), datasets, the tables, paired comparisons,
+    the validation selection, temperatures, figures, the sweep, settings, timings and hardware.
 
     ``results`` is the experiment's ``results.json`` content, ``figures`` maps a caption to a path
     relative to the report, ``sweeps`` maps a dataset to its sweep table in Markdown.
     """
     s = results.get("settings", {})
+    seeds = s.get("seeds") or [s.get("seed", "?")]
     lines = ["# orcal experiment report", ""]
+    if results.get("findings"):  # orcal.findings writes it from the numbers
+        lines += ["## Findings", "", results["findings"]]
     lines += ["Multi-annotation strategies against Ordinal Rater Consensus (ORC), evaluated on the held-out "
-              "test split with per-image multi-rater statistics and the bootstrap "
+              f"test split with per-image multi-rater statistics, over {len(seeds)} training seed"
+              f"{'s' if len(seeds) != 1 else ''} ({', '.join(str(x) for x in seeds)}), and the bootstrap "
               f"({s.get('n_boot', '?')} resamples of {100 * float(s.get('fraction', 0.6)):.0f} % of the test "
               f"images with replacement, seed {s.get('seed', '?')}). MR-ECE uses {s.get('n_bins', 15)} "
               "equal-width bins over voxel–rater pairs; AUC counts every voxel's k positive and R − k negative "
               "pairs. ORC is reported with both readouts: *majority* (the paper's, the probability that a "
               "majority of raters vote foreground) and *expected* (the expected fraction of raters voting "
-              "foreground, the quantity MR-ECE scores against).", ""]
-    lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size |", "|---|---|---|---|---|---|"]
+              "foreground, the quantity MR-ECE scores against). Rows marked *+ TS* divide the same network's "
+              "logits by one temperature fitted on the validation split against the voxel–rater pairs "
+              "(`orcal.calibrate`; one temperature per row and seed).", ""]
+    lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size | channels |",
+              "|---|---|---|---|---|---|---|"]
     for key, d in results.get("datasets", {}).items():
+        size = " × ".join(str(x) for x in d.get("image_shape", [])) or "?"
         lines.append(f"| {key} | {d.get('num_raters', '?')} | {d.get('n_train', '?')} | {d.get('n_val', '?')} | "
-                     f"{d.get('n_test', '?')} | {d.get('image_shape', '?')} |")
+                     f"{d.get('n_test', '?')} | {size} | {d.get('channels', '?')} |")
     lines.append("")
     for name in ("table1_mr_ece", "table2_auc", "table3_dice"):
         if name in tables:
             lines += [tables[name].to_markdown(), ""]
+    lines += [READING.format(pct=f"{100 * float(s.get('fraction', 0.6)):.0f}"), ""]
+    comparisons = results.get("comparisons", {})
+    if any(comparison_table(c) for c in comparisons.values()):
+        lines += ["## Paired comparisons", "", "Each row minus the reference row, seed by seed on the same test "
+                  "images; the interval is the bootstrap of the seed-averaged difference with the same resampled "
+                  "images for both rows. * marks a difference whose interval excludes 0 and whose sign every "
+                  "seed shares.", ""]
+        for key, c in comparisons.items():
+            lines += [f"**{key}**", "", comparison_table(c), ""]
+    selection = {k: selection_table(v, results.get("runs", {}).get(k, {}))
+                 for k, v in results.get("selection", {}).items()}
+    if any(selection.values()):
+        lines += ["## Settings chosen on the validation split", "",
+                  f"Each row reports the candidate with the lowest validation MR-ECE (seed {seeds[0]}); the other "
+                  "seeds train the chosen setting.", ""]
+        for key, text in selection.items():
+            if text:
+                lines += [f"**{key}**", "", text, ""]
+    temperatures = results.get("temperatures", {})
+    if any(temperatures.values()):
+        lines += ["## Fitted temperatures", "", "| dataset | row | T per seed |", "|---|---|---|"]
+        for key, by_row in temperatures.items():
+            for row in sort_rows(list(by_row)):
+                ts = ", ".join("n/a" if not _finite(t) else f"{t:.3f}" for t in by_row[row])
+                lines.append(f"| {key} | {row_label(row)} | {ts} |")
+        lines += ["", "T > 1 softens an over-confident network, T < 1 sharpens an under-confident one.", ""]
     if figures:
-        lines += ["## Figures", ""]
+        lines += ["## Figures", "", f"The figures show the first seed ({seeds[0]}) and the rows without temperature "
+                  "scaling; the reliability legend gives each row's test-set MR-ECE of that seed (Table 1's value "
+                  "with one seed).", ""]
         for caption, rel in figures.items():
             lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
     if sweeps:
-        lines += ["## RPS weight sweep (ordinal method)", ""]
+        lines += ["## RPS weight sweep (ordinal method, first seed)", ""]
         for key, text in sweeps.items():
             lines += [f"**{key}**", "", text, ""]
     lines += ["## Settings", "", "| setting | value |", "|---|---|"]
     for k, v in s.items():
-        lines.append(f"| {k} | `{v}` |")
+        lines.append(f"| {k} | {_setting_text(v)} |")
     lines.append("")
     timing = results.get("timings", {})
     if timing:
-        lines += ["## Timings (seconds)", "", "| dataset | method | train | evaluate | epochs | steps |",
+        lines += ["## Timings (seconds)", "", "| dataset | run | train | evaluate | epochs | steps |",
                   "|---|---|---|---|---|---|"]
         for ds, by in timing.items():
             for run, t in by.items():
@@ -305,38 +440,25 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
 
 # --- the experiment's outputs ---------------------------------------------------------------------------
 
-def write_outputs(results: dict[str, Any], out: Path, datasets: Sequence[tuple[str, Path]],
-                  records: Mapping[str, Mapping[str, dict]], cases: Mapping[str, dict], main_runs: Sequence) -> None:
+def write_outputs(results: dict[str, Any], out: Path, panels: Mapping[str, Mapping[str, Mapping]],
+                  cases: Mapping[str, dict]) -> None:
     """An experiment's tables (md, csv), figures, ``report.md`` and ``results.json`` under ``out``.
 
-    ``datasets`` holds (key, folder of its run files); ``main_runs`` the :class:`orcal.experiment.Run` s of the
-    tables, ``records`` their records per dataset, ``cases`` the qualitative case per dataset.
+    ``panels[dataset]`` holds the figures' data by row label: ``"stats"`` (test statistics), ``"agreement"``
+    (confidence-vs-agreement tables) and ``"maps"`` (the qualitative case's probability maps); ``cases`` the
+    qualitative case per dataset.
     """
     from orcal import plots
-    from orcal.experiment_runs import jsonable, load_case_maps, load_run_stats, slug
+    from orcal.experiment_runs import jsonable, slug
 
     paths = write_tables(results["runs"], out)
     tables = {name: metric_table(results["runs"], metric, title=title) for name, metric, title in TABLES}
     figures: dict[str, str] = {}
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    for key, run_dir in datasets:
-        name = slug(key)
-        stats_by_row: dict[str, Any] = {}
-        agreement_by_row: dict[str, Any] = {}
-        maps: dict[str, np.ndarray] = {}
-        for run in main_runs:
-            stats = load_run_stats(run_dir, run)
-            case_maps = load_case_maps(run_dir, run)
-            for readout, st in stats.items():
-                label = row_label(run.row(readout))
-                stats_by_row[label] = st
-                agreement = records[key][run.key]["readouts"][readout].get("agreement")
-                if agreement:
-                    agreement_by_row[label] = {k: np.asarray(v) for k, v in agreement.items()}
-                if readout in case_maps:
-                    maps[label] = case_maps[readout]
-        figures.update(_plot_dataset(key, name, fig_dir, stats_by_row, agreement_by_row, maps, cases[key]))
+    for key, panel in panels.items():
+        figures.update(_plot_dataset(key, slug(key), fig_dir, dict(panel["stats"]), dict(panel["agreement"]),
+                                     dict(panel["maps"]), cases[key]))
     for key in results["runs"]:
         text = dataset_table(results["runs"], key, ("mr_ece", "auc", "dice", "brier"))
         (out / f"summary_{slug(key)}.md").write_text(text, encoding="utf-8")
@@ -362,7 +484,7 @@ def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreem
 
     if stats_by_row:
         path = fig_dir / f"reliability_{name}.png"
-        plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs)")
+        plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs, test set)")
         figures[f"{key}: reliability diagram"] = str(path.relative_to(rel))
     if agreement_by_row:
         path = fig_dir / f"agreement_{name}.png"

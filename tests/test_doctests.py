@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["orcal.fusion", "orcal.metric_table", "orcal.data", "orcal.train", "orcal.experiment", "orcal.calibrate"]
+MODULES = ["orcal.fusion", "orcal.metric_table", "orcal.data", "orcal.train", "orcal.experiment", "orcal.calibrate",
+           "orcal.comparison"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from orcal import report
-from orcal.experiment import DatasetSpec, ExperimentConfig, plan_runs, preset_config, run_experiment
+from orcal.experiment import DatasetSpec, ExperimentConfig, cfg_with, plan_runs, preset_config, run_experiment
 
 
 def _summary(mr_ece: float, auc: float, std: float = 0.01) -> dict:
@@ -45,7 +45,7 @@ def test_best_value_marked_in_markdown_and_csv():
     rows = list(csv.DictReader(io.StringIO(t2.to_csv())))
     best = {(r["key"], col) for r in rows for col in ("A", "B") if r[f"{col}_best"] == "1"}
     assert best == {("ordinal/majority", "A"), ("soft", "B")}
-    assert float(next(r for r in rows if r["key"] == "soft")["B_mean"]) == 0.75
+    assert float(next(r for r in rows if r["key"] == "soft")["B_value"]) == 0.75
 
 
 def test_dataset_table_marks_the_best_of_each_metric():
@@ -119,7 +119,8 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
     for fig in ("reliability_tiny.png", "agreement_tiny.png", "qualitative_tiny.png", "sweep_tiny.png"):
         assert (out / "figures" / fig).stat().st_size > 1000, fig
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["runs"]["tiny"]) == {"median", "ordinal/majority", "ordinal/expected"}
+    base = {"median", "ordinal/majority", "ordinal/expected"}
+    assert set(saved["runs"]["tiny"]) == base | {f"{r}+ts" for r in base}  # temperature scaling is on by default
     for summary in saved["runs"]["tiny"].values():
         assert 0.0 <= summary["mr_ece"]["mean"] <= 1.0 and summary["mr_ece"]["std"] >= 0.0
         assert set(summary["auc"]) >= {"mean", "std", "low", "high", "value"}
@@ -168,6 +169,16 @@ def test_command_line_builds_the_config(tmp_path):
     assert paper.encoder_weights is None and paper.fusion_options == {"sigma": 2.0}
     assert [d.key for d in paper.datasets] == ["CoCaHis", "REFUGE-DISC", "REFUGE-CUP", "LongCIU"]
     assert paper.datasets[1].root == "/p/refuge" and paper.datasets[2].task == "cup"
+    seeded = build_config(_experiment_args(["--dataset", "synthetic", "--dataset", "lidc", "--name", "A",
+                                            "--name", "QUBIQ prostate", "--seeds", "0,1,2", "--select-on-val",
+                                            "--no-temperature-scaling"]))
+    assert seeded.seed_list == (0, 1, 2) and seeded.select_on_val and not seeded.temperature_scaling
+    assert seeded.sigmas == (0.5, 1.0, 2.0) and seeded.rps_weights == (0.25, 0.5, 1.0, 2.0)  # the default grids
+    assert [d.key for d in seeded.datasets] == ["A", "QUBIQ prostate"]
+    with pytest.raises(ValueError, match="--name once per --dataset"):
+        build_config(_experiment_args(["--dataset", "synthetic", "--dataset", "lidc", "--name", "A"]))
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        build_config(_experiment_args(["--dataset", "synthetic", "--seeds", "1,1"]))
     with pytest.raises(ValueError, match="preset"):
         build_config(_experiment_args(["--preset", "lidc", "--dataset", "synthetic"]))
     with pytest.raises(ValueError, match="root"):
@@ -184,4 +195,157 @@ def test_demo_command_runs_and_prints_both_tables(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "Table 2" in printed and "ORC (expected)" in printed
+    assert "has the best MR-ECE" in printed.split("Table 2")[1]  # the findings come after the tables
     assert (tmp_path / "demo" / "report.md").is_file()
+
+
+# --- seeds, the validation selection, temperature scaling and the findings (SPEC §5.1) ----------------------
+
+def _stats(k, p, R=3):
+    import orcal
+
+    return orcal.calibration_stats(p, k, num_raters=R)
+
+
+def test_seed_summary_aggregates_over_seeds():
+    import numpy as np
+    import torch
+
+    from orcal import comparison, reference
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(0, 4, (12, 8, 8), generator=g, dtype=torch.uint8)
+    seeds = [_stats(k, (k / 3 + s * torch.rand(12, 8, 8, generator=g)).clamp(0, 1)) for s in (0.1, 0.3, 0.2)]
+    summary = comparison.seed_summary(seeds, n_boot=50, seed=3)
+    values = [reference.calibration_metrics(s)["mr_ece"] for s in seeds]
+    m = summary["mr_ece"]
+    assert m["seeds"] == pytest.approx(values) and m["value"] == pytest.approx(np.mean(values))
+    assert m["seed_std"] == pytest.approx(np.std(values, ddof=1))
+    # the bootstrap of the seed mean: every seed resampled with the same draws, then averaged
+    samples = torch.stack([reference.bootstrap_samples(s, n_boot=50, seed=3)["mr_ece"] for s in seeds]).mean(0)
+    assert m["mean"] == pytest.approx(float(samples.mean())) and m["low"] <= m["mean"] <= m["high"]
+    # one seed is the bootstrap of SPEC §5, with no seed spread
+    one = comparison.seed_summary(seeds[:1], n_boot=50, seed=3)["mr_ece"]
+    plain = reference.bootstrap(seeds[0], n_boot=50, seed=3)["mr_ece"]
+    assert {k: one[k] for k in plain} == pytest.approx(plain) and math.isnan(one["seed_std"])
+    # the table shows the seed mean ± the seed std and the bootstrap interval
+    table = report.metric_table({"d": {"soft": summary}}, "mr_ece", title="T")
+    assert table.n_seeds == 3 and "mean over 3 seeds" in table.to_markdown()
+    assert table.cell_text("soft", "d") == f"{m['value']:.4f} ± {m['seed_std']:.4f} [{m['low']:.4f}, {m['high']:.4f}]"
+    with pytest.raises(ValueError, match="same test images"):
+        comparison.seed_summary([seeds[0], _stats(k[:5], k[:5] / 3)])
+
+
+def test_paired_difference_cancels_the_images_and_judges_the_noise():
+    import torch
+
+    from orcal import comparison
+
+    g = torch.Generator().manual_seed(1)
+    k = torch.randint(0, 4, (40, 8, 8), generator=g, dtype=torch.uint8)
+    noise = torch.rand(40, 8, 8, generator=g)
+    a = [_stats(k, (k / 3 + 0.10 * noise).clamp(0, 1)), _stats(k, (k / 3 + 0.12 * noise).clamp(0, 1))]
+    b = [_stats(k, (k / 3 + 0.40 * noise).clamp(0, 1)), _stats(k, (k / 3 + 0.45 * noise).clamp(0, 1))]
+    d = comparison.paired_difference(a, b, n_boot=100)["mr_ece"]
+    assert d["diff"] < 0 and d["high"] < 0 and all(x < 0 for x in d["seed_diffs"])
+    assert comparison.exceeds_noise(d)
+    same = comparison.paired_difference(a, a, n_boot=100)["mr_ece"]
+    assert same["diff"] == 0 and same["low"] == 0 == same["high"] and not comparison.exceeds_noise(same)
+    # seeds that disagree on the sign, or an interval holding 0, are within the noise
+    assert not comparison.exceeds_noise({"diff": -0.01, "low": -0.02, "high": -0.005, "seed_diffs": [-0.03, 0.01]})
+    assert not comparison.exceeds_noise({"diff": -0.01, "low": -0.02, "high": 0.004, "seed_diffs": [-0.01]})
+    with pytest.raises(ValueError, match="same seeds"):
+        comparison.paired_difference(a, b[:1], n_boot=10)
+
+
+def _record(val: dict[str, float], readouts=("majority",)) -> dict:
+    return {"readouts": {r: {"val": {"mr_ece": val[r]}} for r in readouts} |
+            {f"{r}+ts": {"val": {"mr_ece": val[r] / 2}} for r in readouts}}
+
+
+def test_selection_takes_the_argmin_of_validation_mr_ece():
+    from orcal.experiment import candidate_runs, select_rows
+
+    cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic")], methods=("median", "svls", "ordinal"),
+                           select_on_val=True, sigmas=(0.5, 1.0, 2.0), rps_weights=(0.5, 1.0, 2.0))
+    cands = candidate_runs(cfg)
+    assert [r.sigma for r in cands["svls"]] == [0.5, 1.0, 2.0] and cands["svls"][1].key == "svls"  # σ = 1 is main
+    assert [r.rps_weight for r in cands["ordinal"]] == [0.5, 1.0, 2.0] and len(cands["median"]) == 1
+    svls_val = {0.5: 0.03, 1.0: 0.02, 2.0: 0.01}
+    ordinal_val = {0.5: (0.05, 0.02), 1.0: (0.04, 0.03), 2.0: (0.06, 0.01)}  # (majority, expected)
+    records = {"median": _record({"majority": 0.1})}
+    records |= {r.key: _record({"majority": svls_val[r.sigma]}) for r in cands["svls"]}
+    records |= {r.key: _record(dict(zip(("majority", "expected"), ordinal_val[r.rps_weight])), ("majority", "expected"))
+                for r in cands["ordinal"]}
+    chosen = select_rows(cfg, cands, records)
+    assert chosen["svls"]["value"] == 2.0 and chosen["svls"]["run"] == "svls@sigma=2"
+    assert chosen["ordinal/majority"]["value"] == 1.0 and chosen["ordinal/majority"]["run"] == "ordinal"
+    assert chosen["ordinal/expected"]["value"] == 2.0 and chosen["ordinal/expected"]["run"] == "ordinal@2"
+    assert chosen["ordinal/expected+ts"]["run"] == "ordinal@2"  # a scaled row follows its readout's choice
+    assert chosen["median"]["run"] == "median" and chosen["median"]["parameter"] is None
+    assert chosen["svls"]["candidates"] == {"0.5": 0.03, "1": 0.02, "2": 0.01}
+    # without select_on_val every row is the main run
+    fixed = cfg_with(cfg, select_on_val=False)
+    plain = select_rows(fixed, candidate_runs(fixed), records)
+    assert {c["run"] for c in plain.values()} == {"median", "svls", "ordinal"}
+
+
+def test_seeds_and_selection_end_to_end(tmp_path):
+    out = tmp_path / "seeds"
+    cfg = _tiny(out, methods=("svls", "ordinal"), seeds=(0, 1), select_on_val=True, sigmas=(0.5, 1.0),
+                rps_weights=(0.5, 1.0))
+    results = run_experiment(cfg, log=lambda *a: None)
+    saved = json.loads((out / "results.json").read_text())
+    first = {p.name for p in (out / "runs" / "tiny" / "seed0").glob("*.json")}
+    assert first == {"svls.json", "svls@sigma_0.5.json", "ordinal.json", "ordinal@0.5.json"}
+    selection = saved["selection"]["tiny"]
+    for row in ("svls", "ordinal/majority", "ordinal/expected"):
+        c = selection[row]
+        assert c["candidates"][f"{c['value']:g}"] == min(c["candidates"].values())  # the argmin on val
+    second = {p.name for p in (out / "runs" / "tiny" / "seed1").glob("*.json")}
+    assert second == {f"{safe(selection[r]['run'])}.json" for r in selection}  # only the chosen settings
+    row = saved["runs"]["tiny"]["svls"]["mr_ece"]
+    assert len(row["seeds"]) == 2 and row["value"] == pytest.approx(sum(row["seeds"]) / 2)
+    assert saved["comparisons"]["tiny"]["reference"] == "ordinal/expected"
+    assert set(saved["comparisons"]["tiny"]["leads"]) == {"mr_ece", "auc", "dice"}
+    assert all(len(t) == 2 and all(x > 0 for x in t) for t in saved["temperatures"]["tiny"].values())
+    text = (out / "report.md").read_text()
+    for part in ("## Findings", "## Paired comparisons", "## Settings chosen on the validation split",
+                 "## Fitted temperatures", "mean over 2 seeds", "SVLS + TS", "| 16 × 16 | 1 |"):
+        assert part in text, part
+    assert "|  |" not in text and "| `` |" not in text  # no empty cells
+    assert results["runs"] == saved["runs"]
+
+
+def safe(key: str) -> str:
+    from orcal.experiment_runs import safe_name
+
+    return safe_name(key)
+
+
+def _findings_results(best_gap: tuple[float, float, float]) -> dict:
+    def summary(mr_ece):
+        return {"mr_ece": {"value": mr_ece}, "auc": {"value": 0.9}, "dice": {"value": 0.5}}
+
+    diff, low, high = best_gap
+    lead = {"best": "soft", "runner_up": "ordinal/expected", "diff": diff, "low": low, "high": high,
+            "seed_diffs": [diff, diff]}
+    return {"settings": {"seeds": [0, 1], "fraction": 0.6, "arch": "unet-small", "device": "cpu"},
+            "runs": {"D": {"soft": summary(0.010), "ordinal/expected": summary(0.012),
+                           "ordinal/majority": summary(0.02), "soft+ts": summary(0.009)}},
+            "comparisons": {"D": {"reference": "ordinal/expected", "paired": {}, "leads": {"mr_ece": lead}}},
+            "temperatures": {"D": {"soft+ts": [1.2, 1.4]}}, "timings": {"D": {"soft": {"steps": 40}}}}
+
+
+def test_findings_name_the_best_and_say_when_intervals_overlap():
+    from orcal.findings import findings
+
+    overlap = findings(_findings_results((-0.002, -0.005, 0.001)))
+    assert "**Soft Consensus** has the best MR-ECE (0.0100)" in overlap
+    assert "lead over ORC (expected) (0.0120) is 0.0020" in overlap
+    assert "interval [-0.0010, 0.0050], which includes 0: within the noise" in overlap
+    clear = findings(_findings_results((-0.002, -0.003, -0.001)))
+    assert "[0.0010, 0.0030]: larger than the bootstrap and seed noise" in clear
+    assert "lowers the test MR-ECE of 1 of 1 rows" in clear and "T = 1.30" in clear
+    assert "2 training seeds" in clear and "40 optimiser steps" in clear and "P(k ≥ m)" in clear
+    assert "biased upward" in clear

@@ -67,7 +67,7 @@ def test_a_registered_strategy_trains_fuses_and_reports(toy_strategy, toy_metric
                            methods=("soft", toy_strategy), arch="unet-small", epochs=1, max_steps=1, n_boot=20,
                            out=str(tmp_path / "exp"), progress=False)
     results = run_experiment(cfg, log=lambda *args: None)
-    summary = results["runs"]["synthetic"][toy_strategy]
+    summary = results["runs"]["Synthetic (R=3)"][toy_strategy]  # the data names itself
     assert summary["pairs"]["value"] > 0 and "mr_ece" in summary
     table = (tmp_path / "exp" / "table1_mr_ece.md").read_text()
     assert "Unanimous vote" in table and "Soft Consensus" in table

@@ -108,7 +108,7 @@ def test_plot_draws_the_reliability_diagram(tmp_path):
     fig, ax = metric.plot()
     curve = [line for line in ax.get_lines() if "MR-ECE" in str(line.get_label())]
     assert len(curve) == 1
-    assert f"{100 * float(metric.compute()):.2f}%" in curve[0].get_label()  # the legend shows the metric
+    assert f"MR-ECE {float(metric.compute()):.4f}" in curve[0].get_label()  # the legend shows the metric
     fig.savefig(tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").stat().st_size > 0
     fig2, ax = metric.plot([metric.compute(), metric.compute()])  # torchmetrics' plot of values

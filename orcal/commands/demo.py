@@ -1,8 +1,9 @@
 """Run the whole experiment on built-in synthetic multi-rater data (R = 5) and print both tables.
 
 Every strategy and the ordinal method are trained on generated 2D images whose rater disagreement can be
-learned from the image, evaluated with MR-ECE and AUC (bootstrap mean ± std), and reported in OUT
-(default ./orcal-demo): report.md, the tables as Markdown and CSV, figures and results.json.
+learned from the image, evaluated with MR-ECE and AUC (also after temperature scaling), summarised in a
+findings paragraph and reported in OUT (default ./orcal-demo): report.md, the tables as Markdown and CSV,
+figures and results.json.
 Nothing is downloaded; it takes a few minutes on a CPU and uses the GPU when there is one.
 """
 
@@ -22,9 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from orcal.commands.experiment import build_config
+    from orcal.commands.experiment import build_config, print_summary
     from orcal.experiment import run_experiment
-    from orcal.report import metric_table
 
     args.preset, args.dataset, args.root, args.option = "demo", [], [], []
     cfg = build_config(args, default_preset="demo", default_out="orcal-demo")
@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.datasets[0].options["n"] = args.samples
     start = time.perf_counter()
     results = run_experiment(cfg, command="orcal demo" + (f" --out {cfg.out}" if cfg.out != "orcal-demo" else ""))
-    print()
-    for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
-        print(metric_table(results["runs"], metric, title=title).to_markdown())
+    print_summary(results)
     minutes = (time.perf_counter() - start) / 60
     print(f"report: {cfg.out}/report.md  ({minutes:.1f} min on {results['settings']['device']})")
     return 0

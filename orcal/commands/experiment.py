@@ -4,6 +4,7 @@ Examples:
   orcal experiment --preset lidc --out lidc-results
   orcal experiment --dataset refuge:cup --root /data/REFUGE --epochs 50 --out refuge-cup
   orcal experiment --dataset synthetic --option n=64 --methods soft,ordinal --rps-weights 0,0.5,1,2
+  orcal experiment --preset lidc --root LIDC-IDRI-slices --seeds 0,1,2 --select-on-val --out lidc-results
 
 Each finished run is kept under OUT/runs/, so an interrupted experiment resumes where it stopped
 (--force recomputes everything).
@@ -27,6 +28,13 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -55,7 +63,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, default=None, help="Gaussian width (voxels) of soft_gaussian and svls")
     g.add_argument("--rps-weights", type=_floats, default=None,
                    help="also sweep the ordinal method's RPS weight over these values, e.g. 0,0.5,1,2")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="training seed, and the seed of the bootstrap (0)")
+    g.add_argument("--seeds", type=_ints, default=None,
+                   help="train every method once per seed, e.g. 0,1,2; tables report the mean and std over seeds")
+    g.add_argument("--sigmas", type=_floats, default=None,
+                   help="also sweep the smoothing width σ of soft_gaussian and svls over these values")
+    g.add_argument("--select-on-val", action="store_true", default=None,
+                   help="choose σ and λ per method by validation MR-ECE (grids --sigmas, --rps-weights; default "
+                        "σ 0.5,1,2 and λ 0.25,0.5,1,2) and report the chosen setting's test metrics")
+    g.add_argument("--temperature-scaling", action=argparse.BooleanOptionalAction, default=None,
+                   help="also report every row after post-hoc temperature scaling fitted on the validation "
+                        "split (+ TS rows; default on)")
     g.add_argument("--device", default=None, help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: torch's)")
     g.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
@@ -75,6 +93,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder: once for all datasets, or once per --dataset in order")
     parser.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="dataset loader option for every dataset, e.g. n=128 or min_raters_foreground=1")
+    parser.add_argument("--name", action="append", default=[],
+                        help="display name of a dataset in the tables (once per --dataset, in order; default: "
+                             "the name the data gives itself)")
     parser.add_argument("--out", default=None, help="output folder (default: orcal-experiment)")
     add_training_arguments(parser)
 
@@ -91,7 +112,9 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         "methods": args.methods, "epochs": args.epochs, "arch": args.arch, "encoder": args.encoder,
         "batch_size": args.batch_size, "lr": args.lr,
         "max_steps": args.max_steps, "rps_weight": args.rps_weight, "rps_weights": args.rps_weights,
-        "seed": args.seed, "device": args.device, "threads": args.threads, "amp": args.amp, "n_boot": args.n_boot,
+        "seed": args.seed, "seeds": args.seeds, "sigmas": args.sigmas, "select_on_val": args.select_on_val,
+        "temperature_scaling": args.temperature_scaling, "device": args.device, "threads": args.threads,
+        "amp": args.amp, "n_boot": args.n_boot,
         "fraction": args.fraction, "out": getattr(args, "out", None) or default_out,
         "force": args.force, "progress": not args.quiet,
     }
@@ -109,7 +132,12 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         if len(roots) not in (0, 1, len(names)):
             raise ValueError(f"give --root once, or once per --dataset ({len(names)}), got {len(roots)}")
         per = roots * len(names) if len(roots) == 1 else (roots or [None] * len(names))
+        labels = list(getattr(args, "name", []) or [])
+        if labels and len(labels) != len(names):
+            raise ValueError(f"give --name once per --dataset ({len(names)}), got {len(labels)}")
         specs = [DatasetSpec.parse(n, r, **options) for n, r in zip(names, per)]
+        for spec, label in zip(specs, labels):
+            spec.label = label
         kwargs = {k: v for k, v in train_overrides.items() if v is not None}
         cfg = ExperimentConfig(datasets=specs, **kwargs)
     if args.encoder_weights is not None:
@@ -132,13 +160,20 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
 
 def run(args: argparse.Namespace) -> int:
     from orcal.experiment import run_experiment
-    from orcal.report import metric_table
 
     cfg = build_config(args)
     command = "orcal " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     results = run_experiment(cfg, command=command)
+    print_summary(results)
+    print(f"report: {cfg.out}/report.md ({results['total_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def print_summary(results) -> None:
+    """Tables 1 and 2, then the findings paragraph."""
+    from orcal.report import metric_table
+
     print()
     for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
         print(metric_table(results["runs"], metric, title=title).to_markdown())
-    print(f"report: {cfg.out}/report.md ({results['total_seconds'] / 60:.1f} min)")
-    return 0
+    print(results.get("findings", ""))

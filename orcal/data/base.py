@@ -191,6 +191,12 @@ class MultiRaterDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    @property
+    def display_name(self) -> str:
+        """How reports name this data: the loader's name and task (datasets that know better override it)."""
+        task = getattr(self, "task", None)
+        return f"{self.name}:{task}" if task else self.name
+
     def load_case(self, case: Case) -> dict:
         """Load one case into an item dict (implemented by each dataset)."""
         raise NotImplementedError

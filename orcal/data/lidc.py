@@ -55,6 +55,7 @@ class LIDCSlices(MultiRaterDataset):
     """
 
     name = "lidc_slices"
+    display_name = "LIDC-IDRI"
     published = LIDC_PUBLISHED
     layout = "LIDC-IDRI-XXXX/nodule-N/images/slice-K.png and LIDC-IDRI-XXXX/nodule-N/mask-{0..3}/slice-K.png"
 
@@ -161,6 +162,11 @@ class LIDCPickle(MultiRaterDataset):
             cases.append(Case(str(key), str(rec["series_uid"]), str(key)))
         self.path = path
         super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
+
+    @property
+    def display_name(self) -> str:
+        """The pickle's file name: the layout is shared by other multi-rater crops (e.g. QUBIQ's)."""
+        return self.path.stem
 
     def load_case(self, case: Case) -> dict:
         rec = self.records[case.info]

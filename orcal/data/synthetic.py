@@ -172,6 +172,10 @@ class SyntheticMultiRater(MultiRaterDataset):
         cases = [Case(f"synthetic-{i:05d}", str(i), i) for i in range(int(n))]
         super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
 
+    @property
+    def display_name(self) -> str:
+        return f"Synthetic (R={self.R})"
+
     def load_case(self, case: Case) -> dict:
         c = generate_case(_case_rng(self.seed, case.info), self.shape, self.R, self.config)
         item = make_item(c["image"], c["masks"], case.id)

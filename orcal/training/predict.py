@@ -69,21 +69,20 @@ def _batches(dataset: Dataset, batch_size: int, progress: bool) -> Iterator[list
         yield batch
 
 
-def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
-                     readouts: Sequence[str] = ("majority",), head: str | None = None, majority: int | None = None,
-                     device: str | torch.device = "auto", patch_size: int | Sequence[int] | None = None,
-                     batch_size: int = 2, overlap: float = 0.5, amp: str = "auto", progress: bool = False
-                     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]]:
-    """Foreground probabilities of every item of ``dataset`` for several readouts from one forward pass.
+def predict_logits(model_or_result: nn.Module | TrainResult, dataset: Dataset, device: str | torch.device = "auto",
+                   patch_size: int | Sequence[int] | None = None, batch_size: int = 2, overlap: float = 0.5,
+                   amp: str = "auto", progress: bool = False
+                   ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The network's logits for every item of ``dataset``, a batch at a time.
 
     2D images of one shape go ``batch_size`` per forward pass; 3D volumes one at a time through blended
     sliding windows of ``patch_size`` (default: the training patch), ``batch_size`` tiles per pass. Arguments
     as :func:`predict`.
 
     Yields:
-        ``(ids, {readout: p (B, *S) float32 on the CPU}, masks (B, R, *S) uint8, valid (B, *S) bool or None)``.
+        ``(ids, logits (B, C, *S) float32 on the device, masks (B, R, *S) uint8, valid (B, *S) bool or None)``.
     """
-    model, head, majority, patch_size = _resolve(model_or_result, head, majority, patch_size)
+    model, _, _, patch_size = _resolve(model_or_result, "any", None, patch_size)
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     dev = resolve_device(device)
@@ -95,12 +94,29 @@ def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
         images = torch.stack([it["image"] for it in items]).to(dev)
         with torch.no_grad():
             logits = infer_logits(model, images, spatial_dims, patch, overlap, amp, dev, sw_batch=batch_size)
-            probs = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
         valid = None
         if any(it.get("valid") is not None for it in items):
             valid = torch.stack([it["valid"] if it.get("valid") is not None
                                  else torch.ones(it["masks"].shape[1:], dtype=torch.bool) for it in items]).bool()
-        yield [str(it["id"]) for it in items], probs, masks, valid
+        yield [str(it["id"]) for it in items], logits, masks, valid
+
+
+def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
+                     readouts: Sequence[str] = ("majority",), head: str | None = None, majority: int | None = None,
+                     device: str | torch.device = "auto", patch_size: int | Sequence[int] | None = None,
+                     batch_size: int = 2, overlap: float = 0.5, amp: str = "auto", progress: bool = False
+                     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]]:
+    """Foreground probabilities of every item of ``dataset`` for several readouts from one forward pass
+    (:func:`predict_logits`; arguments as :func:`predict`).
+
+    Yields:
+        ``(ids, {readout: p (B, *S) float32 on the CPU}, masks (B, R, *S) uint8, valid (B, *S) bool or None)``.
+    """
+    _, head, majority, _ = _resolve(model_or_result, head, majority, patch_size)
+    for ids, logits, masks, valid in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
+                                                    overlap, amp, progress):
+        probs = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
+        yield ids, probs, masks, valid
 
 
 def predict(model_or_result: nn.Module | TrainResult, dataset: Dataset, head: str | None = None,

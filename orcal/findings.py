@@ -1,0 +1,118 @@
+"""The report's opening paragraph, written from the numbers: which row is best on each metric, whether its
+lead is larger than the seed and bootstrap noise (:func:`orcal.comparison.exceeds_noise`), where ORC stands,
+what temperature scaling did, and the caveats a reader needs.
+
+It reads only an experiment's ``results`` (``results.json``), so it can be regenerated from a saved run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from orcal.metric_table import higher_is_better
+from orcal.metric_table import label as metric_label
+
+__all__ = ["FINDINGS_METRICS", "findings"]
+
+#: The metrics the paragraph speaks of, in order.
+FINDINGS_METRICS = ("mr_ece", "auc")
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _better_by(d: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    """A paired difference ``a - b`` turned into how much better ``a`` is (positive when it is better)."""
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    low, high = sorted((sign * d["low"], sign * d["high"]))
+    return {"diff": sign * d["diff"], "low": low, "high": high,
+            "seed_diffs": [sign * x for x in d.get("seed_diffs", [])]}
+
+
+def _noise(d: Mapping[str, Any]) -> str:
+    """Whether the difference ``d`` (as :func:`_better_by` gives it) is larger than the noise, and if not why."""
+    from orcal.comparison import exceeds_noise
+
+    interval = f"95 % paired bootstrap interval [{_f(d['low'])}, {_f(d['high'])}]"
+    if exceeds_noise(d):
+        return f"{interval}: larger than the bootstrap and seed noise"
+    if d["low"] <= 0 <= d["high"]:
+        return f"{interval}, which includes 0: within the noise, the intervals overlap"
+    return f"{interval}, but the seeds disagree on its sign: within the seed noise"
+
+
+def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
+    from orcal.report import row_label
+
+    lead = comp.get("leads", {}).get(metric)
+    if not lead:
+        return []
+    best, second = lead["best"], lead["runner_up"]
+    ahead = _better_by(lead, metric)
+    out = [f"On {ds}, **{row_label(best)}** has the best {metric_label(metric)} "
+           f"({_f(rows[best][metric]['value'])}); its lead over {row_label(second)} "
+           f"({_f(rows[second][metric]['value'])}) is {_f(ahead['diff'])}, {_noise(ahead)}."]
+    ref = comp.get("reference")
+    paired = comp.get("paired", {}).get(best, {}).get(metric)
+    if ref and ref != best and paired and ref in rows:
+        ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
+                        key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
+        ahead = _better_by(paired, metric)
+        out.append(f"{row_label(ref)} ranks {ranked.index(ref) + 1} of {len(ranked)} "
+                   f"({_f(rows[ref][metric]['value'])}; the best row is ahead of it by {_f(ahead['diff'])}, "
+                   f"{_noise(ahead)}).")
+    return out
+
+
+def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
+    from orcal.report import TS_SUFFIX, row_label
+
+    pairs = [(r.removesuffix(TS_SUFFIX), r) for r in rows
+             if r.endswith(TS_SUFFIX) and r.removesuffix(TS_SUFFIX) in rows]
+    if not pairs:
+        return []
+    lower = [(b, t) for b, t in pairs if rows[t]["mr_ece"]["value"] < rows[b]["mr_ece"]["value"]]
+    text = (f"Temperature scaling fitted on the validation split lowers the test MR-ECE of {len(lower)} of "
+            f"{len(pairs)} rows")
+    best_ts = min(pairs, key=lambda p: rows[p[1]]["mr_ece"]["value"])
+    b, t = best_ts
+    temps = [x for x in temperatures.get(t, []) if x is not None]
+    mean_t = f", T = {sum(temps) / len(temps):.2f}" if temps else ""
+    return [text + f"; the lowest after scaling is {row_label(t)} ({_f(rows[b]['mr_ece']['value'])} → "
+            f"{_f(rows[t]['mr_ece']['value'])}{mean_t})."]
+
+
+def _caveats(results: Mapping[str, Any]) -> str:
+    s = results.get("settings", {})
+    seeds = s.get("seeds") or [s.get("seed", 0)]
+    steps = [t.get("steps") for by in results.get("timings", {}).values() for t in by.values() if t.get("steps")]
+    budget = f"{max(steps)} optimiser steps per run" if steps else f"{s.get('epochs', '?')} epochs per run"
+    parts = [f"the budget is small ({budget}, `{s.get('arch', '?')}`, on {s.get('device', '?')})",
+             f"{len(seeds)} training seed{'s' if len(seeds) != 1 else ''}"
+             + ("" if len(seeds) > 1 else ", so the seed noise is not measured (use --seeds)")]
+    if any(r.endswith("/majority") for by in results.get("runs", {}).values() for r in by):
+        parts.append("ORC's majority readout predicts P(k ≥ m), the probability that a majority marks the voxel, "
+                     "not the fraction of raters MR-ECE scores against, so its MR-ECE answers another question")
+    parts.append("the bootstrap intervals come from resamples of "
+                 f"{100 * float(s.get('fraction', 0.6)):.0f} % of the test images, on which ECE is biased upward, "
+                 "so they sit above the test-set value: they compare rows (paired, on the same resamples) rather "
+                 "than bound the value")
+    if s.get("select_on_val"):
+        parts.append(f"σ and λ were chosen by validation MR-ECE on seed {seeds[0]} (the selection table)")
+    return "Caveats: " + "; ".join(parts) + "."
+
+
+def findings(results: Mapping[str, Any]) -> str:
+    """The findings paragraph (Markdown) of an experiment's ``results``."""
+    sentences: list[str] = []
+    for ds, rows in results.get("runs", {}).items():
+        comp = results.get("comparisons", {}).get(ds, {})
+        for metric in FINDINGS_METRICS:
+            sentences += _lead(ds, metric, rows, comp)
+        sentences += _temperature(ds, rows, results.get("temperatures", {}).get(ds, {}))
+    if not sentences:
+        return ""
+    return " ".join(sentences) + "\n\n" + _caveats(results) + "\n"
