@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +98,10 @@ def rater_folder_cases(raters_dir: str | os.PathLike, rater_glob: str = "*") -> 
     return cases
 
 
-def _read_rater_masks(files: list[Path]) -> torch.Tensor:
+def _read_rater_masks(files: list[Path], label: int | Sequence[int] | None = None) -> torch.Tensor:
     from orcal.io import read_mask
 
-    masks = [read_mask(f) for f in files]
+    masks = [read_mask(f, label=label) for f in files]
     shapes = {m.shape for m in masks}
     if len(shapes) > 1:
         raise ValueError(f"rater masks of {files[0].parent} have different shapes: "
@@ -118,7 +118,8 @@ def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndar
 
 
 def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
-                allow_missing: bool, dataset_options: dict[str, Any] | None = None
+                allow_missing: bool, dataset_options: dict[str, Any] | None = None,
+                label: int | Sequence[int] | None = None
                 ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
     """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None)``."""
     if (dataset is None) == (raters is None):
@@ -128,11 +129,14 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
         ids = list(folders)
 
         def load(case: str):
-            return _read_rater_masks(folders[case]), None
+            return _read_rater_masks(folders[case], label), None
     else:
         from orcal.data import load_dataset
 
-        ds = load_dataset(dataset, root, split=split, task=task, **(dataset_options or {}))
+        options = dict(dataset_options or {})
+        if label is not None:
+            options["label"] = label
+        ds = load_dataset(dataset, root, split=split, task=task, **options)
         ids = list(ds.ids)
         index = {case: i for i, case in enumerate(ids)}
 
@@ -201,7 +205,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
              raters: str | os.PathLike | None = None, rater_glob: str = "*", n_bins: int = 15,
              auc_bins: int = 4096, n_boot: int = 1000, seed: int = 0, kind: str = "prob",
              exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
-             progress: bool = True, dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool = True, dataset_options: dict[str, Any] | None = None,
+             label: int | Sequence[int] | None = None) -> dict[str, Any]:
     """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
 
     Args:
@@ -216,6 +221,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         allow_missing: evaluate only the cases that have a prediction instead of failing.
         name: method name in the report and plots (default: the name of ``pred_dir``).
         dataset_options: further keyword arguments of :func:`orcal.data.load_dataset`.
+        label: the structure to read from multi-label rater maps (an integer, or a list read as one).
         progress: show a progress bar.
 
     Returns:
@@ -232,7 +238,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     preds = find_predictions(pred_dir)
     name = name or Path(pred_dir).resolve().name
     ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
-                             dataset_options)
+                             dataset_options, label)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
     for case, masks, valid in tqdm(cases, total=len(ids), desc="evaluate", unit="case", disable=not progress):

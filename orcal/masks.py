@@ -11,6 +11,8 @@ Both tensor rules share the layout check; both file rules name the file in every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -65,8 +67,24 @@ def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
         raise ValueError(f"{source}: a binary mask must hold background 0 and one foreground value, "
-                         f"found {values.size} values ({shown})")
+                         f"found {values.size} values ({shown}); a label map with several structures needs the "
+                         "label to read: label=N in the loaders, --label N in orcal fuse / evaluate / data info")
     return (arr != 0).astype(np.uint8)
+
+
+def select_labels(arr: np.ndarray, labels: int | Sequence[int], source: str) -> np.ndarray:
+    """The structure ``labels`` (one integer label or several) of a rater's label map, as uint8 {0, 1}.
+
+    A label the map does not hold gives an empty mask (a rater may have drawn no such structure); a map
+    with non-integer values is an error naming ``source``.
+    """
+    arr = np.asarray(arr)
+    wanted = (labels,) if isinstance(labels, (int, np.integer)) else tuple(labels)
+    if not wanted or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in wanted):
+        raise ValueError(f"label must be a positive integer or a list of them (0 is background), got {labels!r}")
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise ValueError(f"{source}: a label map must hold integer labels, found non-integer values")
+    return np.isin(arr, np.asarray(wanted)).astype(np.uint8)
 
 
 def mask_plane(arr: np.ndarray, source: str, channel: int | None = None) -> np.ndarray:

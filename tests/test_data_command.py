@@ -50,3 +50,22 @@ def test_data_info_errors_are_reported(tmp_path, capsys):
     assert "published" in capsys.readouterr().err
     assert main(["data", "info", "-", "--dataset", "refuge", "--task", "cup"]) == 2
     assert "needs a root" in capsys.readouterr().err
+
+
+def test_data_info_label_of_multi_label_maps(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    d = tmp_path / "case"
+    d.mkdir()
+    np.save(d / "image.npy", np.zeros((4, 5), np.float32))
+    for r in range(2):
+        lab = np.zeros((4, 5), np.uint8)
+        lab[0, : r + 1], lab[2:, :] = 1, 2
+        np.save(d / f"rater{r}.npy", lab)
+    assert main(["data", "info", str(tmp_path), "--dataset", "folder"]) == 2
+    assert "--label N" in capsys.readouterr().err
+    assert main(["data", "info", str(tmp_path), "--dataset", "folder", "--label", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["agreement"]["foreground_fraction_per_rater"] == [0.05, 0.1]

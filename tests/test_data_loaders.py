@@ -238,6 +238,37 @@ def test_curvas(tmp_path):
         load_dataset("curvas", tmp_path / "nowhere", task="liver")
 
 
+def test_curvas_any_case_name_and_label_selection(tmp_path):
+    root = write_curvas(tmp_path / "c", n=2)
+    (root / "UKCHLL001").rename(root / "patient-a")  # the layout, not the published names, makes a case
+    (root / "notes").mkdir()  # a folder without image.nii.gz is not a case
+    ds = load_dataset("curvas", root, task="kidney")
+    assert sorted(ds.ids) == ["UKCHLL002", "patient-a"]
+    kidney = [int(m.sum()) for m in ds[0]["masks"]]
+    assert [int(m.sum()) for m in load_dataset("curvas", root, label=2)[0]["masks"]] == kidney
+    both = load_dataset("curvas", root, label=[1, 3])[0]["masks"]  # several labels read as one structure
+    assert [int(m.sum()) for m in both] == [8 + 1] * 3
+    with pytest.raises(ValueError, match="not both"):
+        load_dataset("curvas", root, task="kidney", label=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        load_dataset("curvas", root, label=0)[0]
+
+
+def test_folder_reads_one_label_of_multi_label_maps(tmp_path):
+    d = tmp_path / "case"
+    d.mkdir()
+    np.save(d / "image.npy", np.zeros((4, 5), np.float32))
+    for r in range(2):
+        lab = np.zeros((4, 5), np.uint8)
+        lab[0, : r + 1] = 1
+        lab[2:, :] = 2
+        np.save(d / f"rater{r}.npy", lab)
+    with pytest.raises(ValueError, match="label=N"):
+        load_dataset("folder", tmp_path)[0]
+    assert [int(m.sum()) for m in load_dataset("folder", tmp_path, label=1)[0]["masks"]] == [1, 2]
+    assert [int(m.sum()) for m in load_dataset("folder", tmp_path, label=2)[0]["masks"]] == [10, 10]
+
+
 # ------------------------------------------------------------------------------------------------ folder
 
 

@@ -79,10 +79,41 @@ def test_many_cases_by_glob(tmp_path):
                "--raters", "rater*.nii.gz", "--out", str(out)])
     assert rc == 0
     for c in range(3):
-        got = np.asarray(nib.load(str(out / f"case{c}" / "soft.nii.gz")).dataobj)
+        got = np.asarray(nib.load(str(out / f"case{c}.nii.gz")).dataobj)  # the layout orcal evaluate reads
         np.testing.assert_allclose(got, np.mean(_masks(R=2 + c, seed=c), 0), atol=1e-6)
     with open(out / "agreement.csv") as fh:
         assert [r["case"] for r in csv.DictReader(fh)] == ["case0", "case1", "case2"]
+
+
+def _write_label_maps(folder, R=3, shape=(6, 7, 5), seed=0):
+    """CURVAS-style rater files: labels 1, 2, 3 in one map per rater."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 4, shape)
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in range(R):
+        lab = np.where(rng.random(shape) < 0.15, rng.integers(0, 4, shape), base).astype(np.uint8)
+        nib.save(nib.Nifti1Image(lab, _affine()), str(folder / f"annotation_{r + 1}.nii.gz"))
+
+
+def test_fuse_then_evaluate_multi_label_files(tmp_path, capsys):
+    for c in range(3):
+        _write_label_maps(tmp_path / "data" / f"case{c}", seed=c)
+    out = tmp_path / "fused"
+    args = ["--cases", str(tmp_path / "data" / "*/"), "--raters", "annotation_*.nii.gz", "--out", str(out)]
+    assert "--label N" in _error(capsys, ["fuse", "--method", "soft", *args])  # a label map needs its label
+    assert main(["fuse", "--method", "soft", "--label", "2", *args]) == 0
+    truth = [np.mean([np.asarray(nib.load(str(f)).dataobj) == 2
+                      for f in sorted((tmp_path / "data" / f"case{c}").glob("*.nii.gz"))], 0) for c in range(3)]
+    for c in range(3):
+        np.testing.assert_allclose(np.asarray(nib.load(str(out / f"case{c}.nii.gz")).dataobj), truth[c], atol=1e-6)
+    # fuse -> evaluate: the soft consensus k / R scored against its own raters is perfectly MR-calibrated
+    assert main(["evaluate", "--pred", str(out), "--raters", str(tmp_path / "data"), "--rater-glob",
+                 "annotation_*", "--label", "2", "--out", str(tmp_path / "eval"), "--bootstrap", "0",
+                 "--no-progress"]) == 0
+    import json
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["mr_ece"] == pytest.approx(0.0, abs=1e-6) and metrics["auc"] > 0.5
 
 
 def test_png_0_255_in_png_out_and_npy_format(tmp_path):

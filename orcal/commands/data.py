@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="one split (default: all cases)")
     info.add_argument("--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
                       help="loader option, e.g. crop=64 or n=200 (repeatable)")
+    info.add_argument("--label", type=int, default=None, metavar="N",
+                      help="the structure to read from multi-label rater maps (the loader option label=N)")
     info.add_argument("--limit", type=int, default=None, help="look at the first N cases only")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -70,7 +72,10 @@ def info(args: argparse.Namespace) -> dict:
     from orcal.data.agreement import AgreementAccumulator
 
     root = None if args.root in (None, "", "-") else args.root
-    ds = load_dataset(args.dataset, root, split=args.split, task=args.task, **dict(args.option))
+    options = dict(args.option)
+    if getattr(args, "label", None) is not None:
+        options["label"] = args.label
+    ds = load_dataset(args.dataset, root, split=args.split, task=args.task, **options)
     n = len(ds) if args.limit is None else min(len(ds), max(int(args.limit), 0))
     acc = AgreementAccumulator()
     shapes, channels = set(), set()

@@ -1,8 +1,9 @@
 """Evaluate saved probability maps against multi-rater masks: MR-ECE, AUC, Brier, NLL, Dice with bootstrap CIs.
 
 Predictions (--pred DIR) are matched to cases by file name, <case>.<ext> or <case>_prob.<ext>, with <ext>
-NIfTI, PNG/JPEG (8-bit, divided by 255) or .npy. Rater masks come from a dataset layout
-(--dataset NAME --root ROOT [--split --task]) or from a folder --raters DIR holding DIR/<case>/<rater files>.
+NIfTI, PNG/JPEG (8-bit, divided by 255) or .npy: what `orcal predict` and `orcal fuse --cases` write.
+Rater masks come from a dataset layout (--dataset NAME --root ROOT [--split --task]) or from a folder
+--raters DIR holding DIR/<case>/<rater files>; --label N picks one structure of multi-label rater maps.
 Writes metrics.json, per_image.csv, metrics.md, reliability.png and agreement.png to --out.
 """
 
@@ -20,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--task", default=None, help="task of --dataset, where it has several")
     source.add_argument("--raters", metavar="DIR", help="folder with one sub-folder of rater masks per case")
     source.add_argument("--rater-glob", default="*", help="file pattern of rater masks in --raters (default: *)")
+    source.add_argument("--label", type=int, default=None, metavar="N",
+                        help="the structure to evaluate in multi-label rater maps (default: masks are binary)")
     parser.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: evaluation)")
     parser.add_argument("--bins", type=int, default=15, help="equal-width ECE bins (default: 15)")
     parser.add_argument("--auc-bins", type=int, default=4096, help="score bins of the streaming AUC (default: 4096)")
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.pred, args.out, dataset=args.dataset, root=args.root, split=args.split, task=args.task,
                       raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
                       n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
-                      allow_missing=args.allow_missing, name=args.name, progress=not args.no_progress)
+                      allow_missing=args.allow_missing, name=args.name, progress=not args.no_progress,
+                      label=args.label)
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
         value = m[key]

@@ -3,12 +3,14 @@
 One case:    orcal fuse --method staple --out OUTDIR rater1.nii.gz rater2.nii.gz rater3.nii.gz
 Many cases:  orcal fuse --method soft --cases 'data/*/' --raters 'rater*.nii.gz' --out OUTDIR
 
-Writes OUTDIR/<method><ext> for one case, OUTDIR/<case>/<method><ext> for many (one folder per case), and
-OUTDIR/agreement.csv. Per case it prints the inter-rater agreement as `orcal data info` defines it: the mean
-pairwise Dice and, among the voxels some rater marked, the fraction where the raters do not all agree. A
-mask holds background 0 and one foreground value (1, 255, ...), read by the loaders' rule. The output follows
-the input format (NIfTI keeps the affine of the first rater's file, PNG stores the probability scaled to
-0..255, .npy is float32) unless --format is given; the ordinal method writes the vote count k as uint8.
+Writes OUTDIR/<method><ext> for one case, OUTDIR/<case><ext> for many (the layout `orcal evaluate --pred
+OUTDIR` reads), and OUTDIR/agreement.csv. Per case it prints the inter-rater agreement as `orcal data info`
+defines it: the mean pairwise Dice and, among the voxels some rater marked, the fraction where the raters do
+not all agree. A mask holds background 0 and one foreground value (1, 255, ...), read by the loaders' rule;
+--label N reads structure N of multi-label maps (CURVAS: 1 pancreas, 2 kidney, 3 liver in one file). The
+output follows the input format (NIfTI keeps the affine of the first rater's file, PNG stores the probability
+scaled to 0..255, .npy is float32) unless --format is given; the ordinal method writes the vote count k as
+uint8.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="pattern of the rater file names in each case folder (default: every mask file)")
     parser.add_argument("--format", choices=tuple(FORMATS), help="output format (default: as the input)")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
+    parser.add_argument("--label", type=int, default=None, metavar="N",
+                        help="the structure to fuse in multi-label rater maps (default: masks are binary)")
     parser.add_argument("--mask-channel", type=int, default=None, metavar="C",
                         help="channel of colour mask images that holds the annotation (0 red, 1 green, 2 blue, "
                              "3 alpha; default: masks must be grey)")
@@ -76,11 +80,11 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
     return cases
 
 
-def load_mask(path: Path, channel: int | None = None):
+def load_mask(path: Path, channel: int | None = None, label: int | None = None):
     """A rater's mask as a bool array, read by the loaders' rule (:func:`orcal.io.read_mask`)."""
     from orcal.io import read_mask
 
-    arr = read_mask(path, channel)
+    arr = read_mask(path, channel, label)
     if arr.ndim not in (2, 3):
         raise ValueError(f"{path}: a mask must be 2D or 3D, got shape {arr.shape}")
     return arr.astype(bool)
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if len(files) < 2:
             where = f"case {name}" if name else "fuse"
             raise ValueError(f"{where}: {len(files)} rater file(s) found; fusing needs at least 2")
-        arrays = [load_mask(f, args.mask_channel) for f in files]
+        arrays = [load_mask(f, args.mask_channel, args.label) for f in files]
         for f, a in zip(files, arrays):
             if a.shape != arrays[0].shape:
                 raise ValueError(f"{f}: shape {a.shape} differs from {arrays[0].shape} of {files[0]}")
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         target = make_target(args.method, masks.unsqueeze(0), **options)[0]
 
         ext = FORMATS[args.format] if args.format else extension(files[0])
-        out_path = (args.out / name if name else args.out) / f"{args.method}{ext}"
+        out_path = args.out / f"{name or args.method}{ext}"
         _output(target, args.method, ext, out_path, files[0])
         shape = "x".join(map(str, arrays[0].shape))
         bar.write(f"{label:<24} {len(files):>6} {shape:>16} {dice:>7.4f} {split:>9.4f}  {out_path}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from orcal.masks import select_labels
 
 from ._io import read_array
 from .base import (
@@ -94,30 +96,39 @@ class Curvas(MultiRaterDataset):
 
     Layout::
 
-        ROOT/UKCHLL###/image.nii.gz
-        ROOT/UKCHLL###/annotation_{1,2,3}.nii.gz   labels 0 background, 1 pancreas, 2 kidney, 3 liver
+        ROOT/<case>/image.nii.gz
+        ROOT/<case>/annotation_{1,2,3}.nii.gz   labels 0 background, 1 pancreas, 2 kidney, 3 liver
 
+    (the published cases are named ``UKCHLL###``; any folder holding ``image.nii.gz`` is a case).
     Published: the CURVAS challenge (MICCAI 2024, https://curvas.grand-challenge.org; data on Zenodo).
-    ``task``: "pancreas", "kidney" or "liver". Intensities: HU in ``window`` (default (-200, 300))
-    scaled to [0, 1]. ``split``: seeded by case (``val_fraction``, ``test_fraction``, ``seed``).
+    ``task``: "pancreas", "kidney" or "liver"; or ``label`` (an integer or a list read as one) for a file
+    with other labels. Intensities: HU in ``window`` (default (-200, 300)) scaled to [0, 1]. ``split``:
+    seeded by case (``val_fraction``, ``test_fraction``, ``seed``).
     """
 
     name = "curvas"
     published = "https://curvas.grand-challenge.org (CURVAS challenge, MICCAI 2024; data on Zenodo)"
-    layout = "UKCHLL###/image.nii.gz with UKCHLL###/annotation_{1,2,3}.nii.gz"
+    layout = "<case>/image.nii.gz with <case>/annotation_{1,2,3}.nii.gz (the published cases: UKCHLL###)"
     tasks = {"pancreas": 1, "kidney": 2, "liver": 3}
 
     def __init__(self, root, split: str | None = None, task: str | None = None,
                  window: tuple[float, float] = (-200.0, 300.0), num_raters: int = 3,
                  val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-                 transform: Callable | None = None):
-        self.task = resolve_task(task, tuple(self.tasks), None, self.name)
+                 transform: Callable | None = None, label: int | Sequence[int] | None = None):
+        if label is None:
+            self.task = resolve_task(task, tuple(self.tasks), None, self.name)
+            self.label: int | Sequence[int] = self.tasks[self.task]
+        elif task is not None:
+            raise ValueError(f"give the task ({task!r}) or label ({label!r}) of dataset 'curvas', not both")
+        else:
+            self.task, self.label = None, label
         root = check_root(root, self.name, self.published, self.layout)
         self.window, self.num_raters = tuple(window), int(num_raters)
-        folders = sorted((d for d in root.glob("UKCHLL*") if d.is_dir()), key=lambda p: natural_key(p.name))
+        folders = sorted((d for d in root.iterdir() if (d / "image.nii.gz").is_file()),
+                         key=lambda p: natural_key(p.name))
         cases = [Case(d.name, d.name, d) for d in folders]
         if not cases:
-            raise FileNotFoundError(f"no UKCHLL### case folders under {root}; expected {self.layout}")
+            raise FileNotFoundError(f"no case folder holding image.nii.gz under {root}; expected {self.layout}")
         super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
 
     def load_case(self, case: Case) -> dict:
@@ -130,5 +141,6 @@ class Curvas(MultiRaterDataset):
                 raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
             lab = read_array(path)
             check_same_shape(lab, image.shape, str(path), str(image_path))
-            masks.append(label_mask(lab, (self.tasks[self.task],), (0, 1, 2, 3), str(path)))
+            masks.append(label_mask(lab, (self.label,), (0, 1, 2, 3), str(path)) if self.task is not None
+                         else select_labels(lab, self.label, str(path)))  # a task: CURVAS's own labels only
         return make_item(scale_intensity(image, self.window, str(image_path))[None], masks, case.id)

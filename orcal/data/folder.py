@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from orcal.io import EXTENSIONS, rater_files
 
@@ -32,7 +32,8 @@ class FolderDataset(MultiRaterDataset):
     ``<ext>`` is NIfTI (.nii/.nii.gz), PNG/JPG/TIFF or .npy. Options: ``rater_glob`` (default "rater*",
     matched against file names, sorted naturally), ``intensity`` ("auto": uint8 / 255, other types by
     0.5/99.5 percentiles; "percentile", "none" or a (low, high) window), ``mask_channel`` (the channel of colour
-    mask images that holds the annotation; default: masks must be grey). ``split``: seeded by case
+    mask images that holds the annotation; default: masks must be grey), ``label`` (the structure to read from
+    multi-label rater maps, one integer or a list read as one; default: masks must be binary). ``split``: seeded by case
     (``val_fraction``, ``test_fraction``, ``seed``). Published: your own data.
     """
 
@@ -43,11 +44,11 @@ class FolderDataset(MultiRaterDataset):
     def __init__(self, root, split: str | None = None, task: str | None = None, rater_glob: str = "rater*",
                  intensity: str | tuple[float, float] = "auto", val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None,
-                 mask_channel: int | None = None):
+                 mask_channel: int | None = None, label: int | Sequence[int] | None = None):
         if task not in (None, "default"):
             raise ValueError(f"unknown task {task!r} for dataset 'folder'; valid tasks: default")
         root = check_root(root, self.name, self.published, self.layout)
-        self.rater_glob, self.intensity, self.mask_channel = rater_glob, intensity, mask_channel
+        self.rater_glob, self.intensity, self.mask_channel, self.label = rater_glob, intensity, mask_channel, label
         cases = []
         for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
             images = [p for p in d.iterdir() if p.name.lower().startswith("image.")
@@ -71,7 +72,7 @@ class FolderDataset(MultiRaterDataset):
 
     def load_case(self, case: Case) -> dict:
         image_path, rater_paths = case.info
-        masks = [read_mask(path, self.mask_channel) for path in rater_paths]
+        masks = [read_mask(path, self.mask_channel, self.label) for path in rater_paths]
         for path, m in zip(rater_paths[1:], masks[1:]):
             check_same_shape(m, masks[0].shape, str(path), str(rater_paths[0]))
         image = channels_first(read_array(image_path), masks[0].shape, str(image_path))
