@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from orcal.commands._args import key_value
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, metavar="DIR", help="folder of probability maps, one per case")
@@ -19,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--root", metavar="DIR", help="root folder of --dataset")
     source.add_argument("--split", default=None, help="split of --dataset (train, val, test; default: all)")
     source.add_argument("--task", default=None, help="task of --dataset, where it has several")
+    source.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                        help="loader option of --dataset (repeatable), e.g. n=64 or crop=64")
     source.add_argument("--raters", metavar="DIR", help="folder with one sub-folder of rater masks per case")
     source.add_argument("--rater-glob", default="*", help="file pattern of rater masks in --raters (default: *)")
     source.add_argument("--label", type=int, default=None, metavar="N",
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                       raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
                       n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
                       allow_missing=args.allow_missing, name=args.name, progress=not args.no_progress,
-                      label=args.label)
+                      label=args.label, dataset_options=dict(args.option))
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
         value = m[key]

@@ -191,6 +191,10 @@ class MultiRaterDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def image_path(self, index: int) -> Path | None:
+        """The image file item ``index`` is read from, where there is one (predictions keep its NIfTI affine)."""
+        return None
+
     @property
     def display_name(self) -> str:
         """How reports name this data: the loader's name and task (datasets that know better override it)."""

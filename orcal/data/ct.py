@@ -131,6 +131,9 @@ class Curvas(MultiRaterDataset):
             raise FileNotFoundError(f"no case folder holding image.nii.gz under {root}; expected {self.layout}")
         super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
 
+    def image_path(self, index: int):
+        return self.cases[index].info / "image.nii.gz"
+
     def load_case(self, case: Case) -> dict:
         image_path = case.info / "image.nii.gz"
         image = read_array(image_path)

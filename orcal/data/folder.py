@@ -70,6 +70,9 @@ class FolderDataset(MultiRaterDataset):
                                     f"matching {rater_glob!r}, others have up to {max(counts)}")
         super().__init__(seeded_split(cases, split, val_fraction, test_fraction, seed), split, transform)
 
+    def image_path(self, index: int):
+        return self.cases[index].info[0]
+
     def load_case(self, case: Case) -> dict:
         image_path, rater_paths = case.info
         masks = [read_mask(path, self.mask_channel, self.label) for path in rater_paths]

@@ -1,10 +1,14 @@
-"""Prediction: whole images in 2D, blended sliding windows in 3D, probabilities of either head."""
+"""Prediction: whole images in 2D, blended sliding windows in 3D, probabilities of either head, and the
+files ``orcal predict`` writes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -147,3 +151,61 @@ def predict(model_or_result: nn.Module | TrainResult, dataset: Dataset, head: st
                                                      patch_size, batch_size, overlap, amp, progress):
         for j, ident in enumerate(ids):
             yield ident, probs[readout][j], masks[j], None if valid is None else valid[j]
+
+
+#: Output formats of :func:`write_predictions` (PNG: 2D only, probabilities as 0..255).
+WRITE_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy", "png": ".png"}
+
+
+def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset, out_dir: str | os.PathLike,
+                      readouts: Sequence[str] | None = None, fmt: str | None = None,
+                      device: str | torch.device = "auto",
+                      patch_size: int | Sequence[int] | None = None, batch_size: int = 2, overlap: float = 0.5,
+                      amp: str = "auto", progress: bool = True) -> dict[str, Path]:
+    """Write every item's foreground probability, one file per case and readout, as ``orcal evaluate`` reads
+    them: ``OUT/<readout>/<case><ext>``; for an ordinal head also ``OUT/expected_k/<case><ext>``, the predicted
+    number of raters ``E[k]`` (float32).
+
+    Args:
+        readouts: default both readouts for an ordinal head (SPEC §2), ``("majority",)`` for a binary one (the
+            sigmoid).
+        fmt: ``"nii.gz"``, ``"nii"``, ``"npy"`` or ``"png"``; default NIfTI where the dataset says an item came
+            from a NIfTI file (``dataset.image_path(i)``; its affine and spacing are kept), else ``.npy``.
+        other arguments: as :func:`predict`.
+
+    Returns:
+        ``{folder name: folder}`` of the folders written.
+    """
+    from orcal.io import file_format, write_array
+
+    _, head, majority, _ = _resolve(model_or_result, None, None, patch_size)
+    if readouts is None:
+        readouts = ("majority", "expected") if head == "ordinal" else ("majority",)
+    if fmt is not None and fmt not in WRITE_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(WRITE_FORMATS)}, got {fmt!r}")
+    out = Path(out_dir)
+    ids = getattr(dataset, "ids", None) or [str(dataset[i].get("id", i)) for i in range(len(dataset))]
+    sources = {str(c): getattr(dataset, "image_path", lambda i: None)(i) for i, c in enumerate(ids)}
+    folders = {r: out / r for r in readouts}
+    if head == "ordinal":
+        folders["expected_k"] = out / "expected_k"
+    for batch_ids, logits, _, _ in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
+                                                      overlap, amp, progress):
+        maps = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
+        if head == "ordinal":
+            maps["expected_k"] = probability(logits, head, readout="expected").float().cpu() * (logits.shape[1] - 1)
+        for j, case in enumerate(batch_ids):
+            like = sources.get(case)
+            like = like if like is not None and file_format(like) == "nifti" else None
+            ext = WRITE_FORMATS[fmt] if fmt else (".nii.gz" if like is not None else ".npy")
+            for name, m in maps.items():
+                arr = m[j].numpy()
+                if ext == ".png":
+                    if arr.ndim != 2:
+                        raise ValueError(f"PNG output needs 2D images, case {case} is {arr.ndim}D; use nii.gz or npy")
+                    if name == "expected_k":  # not a probability: kept exact
+                        write_array(folders[name] / f"{case}.npy", arr)
+                        continue
+                    arr = np.rint(arr * 255.0).astype(np.uint8)
+                write_array(folders[name] / f"{case}{ext}", arr, like=like)
+    return folders
