@@ -126,3 +126,21 @@ def test_smp_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"orcal\[models\]"):
         build_model("FPN", out_channels=2)
     assert build_model("unet-small", out_channels=2) is not None  # the built-in nets need nothing else
+
+
+@pytest.mark.parametrize("name, options", [
+    ("monai:UNet", {}),
+    ("monai:SegResNet", {}),
+    ("monai:DynUNet", {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2]}),
+])
+def test_output_bias_of_monai_networks(name, options):
+    pytest.importorskip("monai")
+    model = build_model(name, out_channels=4, spatial_dims=3, **options)
+    bias = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    init_output_bias(model, bias)
+    out = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.out_channels == 4]
+    assert torch.equal(out[-1].bias.detach(), bias)
+    model.eval()
+    with torch.no_grad():  # 32 a side: monai:UNet's four stride-2 levels need 2 voxels at the bottleneck
+        y = model(torch.randn(1, 1, 32, 32, 32))
+    assert y.shape == (1, 4, 32, 32, 32)

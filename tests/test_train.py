@@ -295,6 +295,31 @@ def test_cli_train(tmp_path, capsys):
     summary = json.loads((out / "history.json").read_text())
     assert summary["best_epoch"] == 1
     assert load_model(out / "best.pt")[1].fusion_options == {"sigma": 1.5}
+    assert "val MR-ECE" in text and "val Dice" in text
+    # network arguments and the thread count from the command line
+    before = torch.get_num_threads()
+    assert main(["train", "--option", "n=8", "--option", "shape=(16,16)", "--option", "R=3", "--arch", "unet-small",
+                 "--model-option", "base_channels=4", "--model-option", "depth=2", "--threads", "1", "--epochs", "1",
+                 "--max-steps", "1", "--out", str(tmp_path / "opts"), "--quiet"]) == 0
+    torch.set_num_threads(before)
+    assert load_model(tmp_path / "opts" / "best.pt")[1].model_options == {"base_channels": 4, "depth": 2}
+
+
+def test_validation_reports_mr_ece_and_dice():
+    from orcal.metrics import MultiRaterCalibration
+    from orcal.training.predict import predict_logits
+
+    result = train(tiny(epochs=1), progress=False)  # one epoch: the kept model is the one validated
+    last = result.history[-1]
+    val = load_dataset("synthetic", split="val", **DATA)
+    calib = MultiRaterCalibration(kind="ordinal", readout="expected", agreement=False)
+    seg = MultiRaterCalibration(kind="ordinal", readout="majority", agreement=False)
+    for _, logits, masks, valid in predict_logits(result, val, device="cpu", batch_size=4, amp="off"):
+        calib.update(logits, masks, valid=valid)
+        seg.update(logits, masks, valid=valid)
+    assert last["val_mr_ece"] == pytest.approx(calib.compute()["mr_ece"], rel=1e-5, abs=1e-7)
+    assert last["val_dice"] == pytest.approx(seg.compute()["dice"], rel=1e-5, abs=1e-7)
+    assert last["val_mr_ece"] > 0
 
 
 @pytest.mark.slow

@@ -56,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--encoder", default="resnet18", help="encoder of 2D smp models (default resnet18)")
     model.add_argument("--encoder-weights", type=_none, default=None,
                        help="none (default) or imagenet (needs the weights downloaded or cached)")
+    model.add_argument("--model-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                       help="argument of the network (repeatable), e.g. base_channels=16, or for monai:DynUNet "
+                            "kernel_size=[3,3,3] strides=[1,2,2] upsample_kernel_size=[2,2]")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -74,6 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
                      help="auto: bfloat16 autocast on CUDA, off on CPU")
     run.add_argument("--num-workers", type=int, default=0)
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of this process (default: torch's; small networks often run faster on one)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -81,14 +86,21 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
+    import torch
+
     from orcal.train import TrainConfig, train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     fusion = {"sigma": args.sigma} if args.sigma is not None else {}
     config = TrainConfig(
         dataset=args.dataset, root=args.root, task=args.task, dataset_options=dict(args.option),
         val_split=None if args.no_val else "val", val_fraction=args.val_fraction, method=args.method,
         rps_weight=args.rps_weight, majority=args.majority, fusion_options=fusion, arch=args.arch,
-        encoder=args.encoder, encoder_weights=args.encoder_weights, patch_size=args.patch_size,
+        encoder=args.encoder, encoder_weights=args.encoder_weights, model_options=dict(args.model_option),
+        patch_size=args.patch_size,
         patches_per_image=args.patches_per_image, augment=not args.no_augment, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps,
         seed=args.seed, out_dir=args.out, resume=args.resume, amp=args.amp, device=args.device,
@@ -97,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = result.history[result.best_epoch - 1] if result.history else {}
         val = best.get("val_loss")
+        scores = "" if val is None else f", val MR-ECE {best['val_mr_ece']:.4f}, val Dice {best['val_dice']:.4f}"
         print(f"best epoch {result.best_epoch}/{config.epochs}: val loss "
-              f"{'-' if val is None else f'{val:.4f}'}, train loss {best.get('train_loss', float('nan')):.4f}")
+              f"{'-' if val is None else f'{val:.4f}'}{scores}, train loss {best.get('train_loss', float('nan')):.4f}")
         print(f"head {result.head}, {result.num_raters} raters; checkpoint {result.checkpoint_path}")
         summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                    "checkpoint": result.checkpoint_path, "history": result.history}

@@ -57,8 +57,19 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Objective, spatial_dims: int,
-              patch: tuple[int, ...] | None, info: Dist, device: torch.device, epoch_progress: bool) -> float:
-    """Mean loss over every valid voxel of the validation set, summed over ranks."""
+             patch: tuple[int, ...] | None, info: Dist, device: torch.device, epoch_progress: bool
+             ) -> dict[str, float]:
+    """The validation set's mean loss over every valid voxel, its MR-ECE and its Dice, summed over ranks.
+
+    MR-ECE is of the probability MR-ECE scores (an ordinal head's expected readout, a binary head's sigmoid);
+    Dice is of the consensus segmentation (the majority readout) against the majority label.
+    """
+    from orcal.metrics import MultiRaterCalibration
+
+    kind = "ordinal" if cfg.head == "ordinal" else "logit"
+    calib = MultiRaterCalibration(kind=kind, readout="expected", majority=cfg.majority, agreement=False)
+    seg = MultiRaterCalibration(kind=kind, readout="majority", majority=cfg.majority, agreement=False) \
+        if kind == "ordinal" else calib
     model.eval()
     indices = list(range(info.rank, len(val_ds), info.world))
     bs = cfg.batch_size if spatial_dims == 2 else 1
@@ -77,8 +88,11 @@ def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Obj
         g = torch.Generator().manual_seed(mix(cfg.seed, 99, info.rank, j))
         total += float(objective(logits, masks, valid, g, reduction="sum"))
         count += float(masks[:, 0].numel() if valid is None else valid.sum())
+        for metric in {id(calib): calib, id(seg): seg}.values():
+            metric.update(logits, masks, valid=valid)
     total, count = all_reduce([total, count], info, device)
-    return total / count if count > 0 else float("nan")
+    return {"loss": total / count if count > 0 else float("nan"), "mr_ece": float(calib.compute()["mr_ece"]),
+            "dice": float(seg.compute()["dice"])}
 
 
 def model_spec(cfg: TrainConfig, in_channels: int, spatial_dims: int, num_raters: int) -> dict:
@@ -105,7 +119,7 @@ def train(config: TrainConfig, progress: bool = True, train_dataset: Dataset | N
 
     Returns:
         :class:`TrainResult`; ``history`` has one dict per epoch (``epoch`` 1-based, ``train_loss``,
-        ``val_loss``, ``lr``, ``seconds``).
+        ``val_loss``, ``val_mr_ece``, ``val_dice``, ``lr``, ``seconds``).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -235,12 +249,13 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
             bar.close()
         train_loss = all_reduce([loss_sum, n_steps], info, device)
         train_loss = train_loss[0] / max(train_loss[1], 1)
-        val_loss = None
+        val = {"loss": None, "mr_ece": None, "dice": None}
         if val_ds is not None and len(val_ds) > 0:
-            val_loss = validate(model, val_ds, cfg, objective, spatial_dims, patch, info, device, show)
+            val = validate(model, val_ds, cfg, objective, spatial_dims, patch, info, device, show)
+        val_loss = val["loss"]
         lr = optimizer.param_groups[0]["lr"]
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                  "seconds": time.perf_counter() - t0}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_mr_ece": val["mr_ece"],
+                  "val_dice": val["dice"], "lr": lr, "seconds": time.perf_counter() - t0}
         history.append(record)
         score = val_loss if val_loss is not None and math.isfinite(val_loss) else None
         improved = best_state is None or score is None or score < best_val
@@ -258,7 +273,8 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
                          "history": history, "best_val": best_val, "best_epoch": best_epoch,
                          "best_model": best_state}, out_dir / LAST)
         if show:
-            shown = "-" if val_loss is None else f"{val_loss:.4f}"
+            shown = "-" if val_loss is None else \
+                f"{val_loss:.4f}, val MR-ECE {val['mr_ece']:.4f}, val Dice {val['dice']:.4f}"
             print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {shown}, "
                   f"{record['seconds']:.1f} s" + (" *" if improved else ""))
 
