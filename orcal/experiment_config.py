@@ -72,7 +72,7 @@ class ExperimentConfig:
     batch_size: int = 16
     lr: float = 1e-3
     max_steps: int | None = None
-    patch_size: tuple[int, ...] | None = None
+    patch_size: tuple[int, ...] | int | None = None
     seed: int = 0
     seeds: tuple[int, ...] = ()
     sigmas: tuple[float, ...] = ()

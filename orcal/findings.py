@@ -57,7 +57,7 @@ def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
            f"({_f(rows[second][metric]['value'])}) is {_f(ahead['diff'])}, {_noise(ahead)}."]
     ref = comp.get("reference")
     paired = comp.get("paired", {}).get(best, {}).get(metric)
-    if ref and ref != best and paired and ref in rows:
+    if ref and ref not in (best, second) and paired and ref in rows:  # (the runner-up was just compared)
         ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
                         key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
         ahead = _better_by(paired, metric)
@@ -89,7 +89,9 @@ def _caveats(results: Mapping[str, Any]) -> str:
     s = results.get("settings", {})
     seeds = s.get("seeds") or [s.get("seed", 0)]
     steps = [t.get("steps") for by in results.get("timings", {}).values() for t in by.values() if t.get("steps")]
-    budget = f"{max(steps)} optimiser steps per run" if steps else f"{s.get('epochs', '?')} epochs per run"
+    n = max(steps) if steps else s.get("epochs", "?")
+    unit = "optimiser step" if steps else "epoch"
+    budget = f"{n} {unit}{'' if n == 1 else 's'} per run"
     parts = [f"the budget is small ({budget}, `{s.get('arch', '?')}`, on {s.get('device', '?')})",
              f"{len(seeds)} training seed{'s' if len(seeds) != 1 else ''}"
              + ("" if len(seeds) > 1 else ", so the seed noise is not measured (use --seeds)")]

@@ -161,6 +161,11 @@ def test_command_line_builds_the_config(tmp_path):
                                          "--out", str(tmp_path)]))
     assert cfg.methods == ("soft", "ordinal") and cfg.rps_weights == (0.0, 0.5) and cfg.epochs == 2
     assert cfg.datasets[0].options == {"n": 20, "shape": (24, 24)}
+    ct = build_config(_experiment_args(["--dataset", "curvas:pancreas", "--root", "/ct", "--image-size", "16"]))
+    assert ct.patch_size == 16  # a cube for volumes, a square for images: the data's dimensions decide
+    ct = build_config(_experiment_args(["--dataset", "curvas:pancreas", "--root", "/ct", "--patch-size", "32,32,16",
+                                        "--patches-per-image", "4"]))
+    assert ct.patch_size == (32, 32, 16) and ct.train_options == {"patches_per_image": 4}
     lidc = build_config(_experiment_args(["--preset", "lidc", "--root", "/somewhere", "--crop", "48"]))
     assert lidc.datasets[0].name == "lidc_slices" and lidc.datasets[0].root == "/somewhere"
     assert lidc.datasets[0].options["crop"] == 48
@@ -349,3 +354,17 @@ def test_findings_name_the_best_and_say_when_intervals_overlap():
     assert "lowers the test MR-ECE of 1 of 1 rows" in clear and "T = 1.30" in clear
     assert "2 training seeds" in clear and "40 optimiser steps" in clear and "P(k ≥ m)" in clear
     assert "biased upward" in clear
+
+
+def test_3d_experiment_trains_on_patches_and_evaluates_whole_volumes(tmp_path):
+    opts = {"n": 10, "R": 3, "shape": (16, 16, 12), "test_fraction": 0.3, "val_fraction": 0.2}
+    cfg = ExperimentConfig(datasets=[DatasetSpec("synthetic", options=opts)], methods=("soft", "ordinal"),
+                           arch="unet3d", model_options={"base_channels": 4}, patch_size=8, epochs=1, max_steps=1,
+                           batch_size=2, n_boot=10, out=str(tmp_path / "e3"), progress=False, device="cpu",
+                           train_options={"patches_per_image": 2})
+    results = run_experiment(cfg, log=lambda *a: None)
+    key = "Synthetic (R=3)"
+    assert results["datasets"][key]["image_shape"] == [16, 16, 12]
+    assert all(0 <= s["mr_ece"]["value"] <= 1 for s in results["runs"][key].values())
+    run = json.loads((tmp_path / "e3" / "runs" / safe(key) / "seed0" / "soft.json").read_text())
+    assert run["steps"] == 1 and run["readouts"]["majority"]["n_images"] == 3  # whole test volumes, one row each

@@ -16,3 +16,16 @@ def key_value(text: str) -> tuple[str, object]:
     except (ValueError, SyntaxError):
         parsed = value  # a plain string
     return key.strip(), parsed
+
+
+def patch_size(text: str) -> int | tuple[int, ...] | None:
+    """``64`` (a square or cube), ``64,64`` / ``96x96x96`` (one size per axis), or none (whole images)."""
+    if text.lower() in ("none", "whole", ""):
+        return None
+    try:
+        sizes = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"patch size must look like 64, 64,64 or 96x96x96, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"patch size must hold positive ints, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else sizes

@@ -16,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from orcal.commands._args import key_value
+from orcal.commands._args import key_value, patch_size
 
 
 def _int_or_none(text: str) -> int | None:
@@ -57,7 +57,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=_int_or_none, default=None,
                    help="at most this many optimiser steps per epoch (none: a full pass)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="side of the synthetic images, or the training patch size of other datasets")
+                   help="side of the synthetic images, or the training patch size of other datasets (a square in "
+                        "2D, a cube in 3D)")
+    g.add_argument("--patch-size", type=patch_size, default=None,
+                   help="training patch: 64 (a square in 2D, a cube in 3D) or 96,96,64; volumes are evaluated with "
+                        "blended sliding windows of it (default: whole images)")
+    g.add_argument("--patches-per-image", type=int, default=None,
+                   help="training patches drawn from each image (volume) per epoch (default 1)")
     g.add_argument("--crop", type=int, default=None, help="centre crop of the dataset's images (e.g. LIDC: 64)")
     g.add_argument("--rps-weight", type=float, default=None, help="RPS weight of the ordinal method (1.0)")
     g.add_argument("--sigma", type=float, default=None, help="Gaussian width (voxels) of soft_gaussian and svls")
@@ -154,7 +160,13 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
                 dims = len(spec.options.get("shape", (0, 0)))
                 spec.options["shape"] = (args.image_size,) * dims
             else:
-                cfg.patch_size = (args.image_size, args.image_size)
+                cfg.patch_size = args.image_size  # a square or a cube, as the data's dimensions say
+    if args.patch_size is not None:
+        cfg.patch_size = args.patch_size
+    if args.patches_per_image is not None:
+        if args.patches_per_image < 1:
+            raise ValueError(f"--patches-per-image must be >= 1, got {args.patches_per_image}")
+        cfg.train_options["patches_per_image"] = args.patches_per_image
     return cfg
 
 

@@ -12,20 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from orcal.commands._args import key_value
-
-
-def _patch_size(text: str) -> int | tuple[int, ...] | None:
-    """``64`` (a square or cube), ``64,64`` / ``96x96x96`` (one size per axis), or none (whole images)."""
-    if text.lower() in ("none", "whole", ""):
-        return None
-    try:
-        sizes = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"patch size must look like 64, 64,64 or 96x96x96, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"patch size must hold positive ints, got {text!r}")
-    return sizes[0] if len(sizes) == 1 else sizes
+from orcal.commands._args import key_value, patch_size
 
 
 def _none(text: str) -> str | None:
@@ -64,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--batch-size", type=int, default=8, help="per process")
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--weight-decay", type=float, default=1e-4)
-    opt.add_argument("--patch-size", type=_patch_size, default=None,
+    opt.add_argument("--patch-size", type=patch_size, default=None,
                      help="training patch: 96 (a cube in 3D, a square in 2D) or 96,96,64 (default: whole images)")
     opt.add_argument("--patches-per-image", type=int, default=1)
     opt.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch")
