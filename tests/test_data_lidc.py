@@ -79,6 +79,33 @@ def test_lidc_slices_errors(tmp_path):
         load_dataset("lidc_slices", root)
 
 
+def test_lidc_volumes_stack_each_nodule(tmp_path):
+    root = write_lidc_slices(tmp_path, slices=3)
+    slices = load_dataset("lidc_slices", root)
+    vols = load_dataset("lidc_volumes", root)
+    assert len(vols) == 4 * 2 and vols.display_name == "LIDC-IDRI 3D"
+    item = vols[0]
+    assert item["id"] == "LIDC-IDRI-0001/nodule-0"
+    assert item["image"].shape == (1, 3, 16, 16) and item["masks"].shape == (4, 3, 16, 16)
+    for k in range(3):  # the volume is the nodule's slices in order, readers and all
+        s = slices[k]
+        assert s["id"] == f"LIDC-IDRI-0001/nodule-0/slice-{k}"
+        assert torch.equal(item["image"][:, k], s["image"]) and torch.equal(item["masks"][:, k], s["masks"])
+    assert load_dataset("lidc_volumes", root, crop=8)[0]["masks"].shape == (4, 3, 8, 8)
+    parts = {sp: set(load_dataset("lidc_volumes", root, split=sp, val_fraction=0.25, test_fraction=0.25).groups)
+             for sp in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+    assert len(load_dataset("lidc_volumes", root, min_raters_foreground=3)) == 8  # 3 readers mark every nodule
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="the LIDC-IDRI copy in ../shared/data is absent")
+def test_lidc_volumes_on_the_real_export():
+    ds = load_dataset("lidc_volumes", REAL)
+    assert len(ds) == 781
+    item = ds[0]
+    assert item["image"].shape[0] == 1 and item["masks"].shape[0] == 4 and item["image"].shape[2:] == (128, 128)
+
+
 def _pickle(tmp_path, n=6, size=8) -> Path:
     rng = np.random.default_rng(0)
     data = {f"case{i}": {"image": rng.random((size, size)).astype(np.float32),

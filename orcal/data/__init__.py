@@ -15,7 +15,7 @@ from .base import SPLITS, Case, MultiRaterDataset, collate
 from .cocahis import CoCaHis
 from .ct import Curvas, LongCIU
 from .folder import FolderDataset
-from .lidc import LIDCPickle, LIDCSlices
+from .lidc import LIDCPickle, LIDCSlices, LIDCVolumes
 from .qubiq import QUBIQ
 from .refuge import Refuge
 from .safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load
@@ -36,6 +36,7 @@ from .transforms import (
 _REGISTRY: dict[str, type[MultiRaterDataset]] = {
     "synthetic": SyntheticMultiRater,
     "lidc_slices": LIDCSlices,
+    "lidc_volumes": LIDCVolumes,
     "lidc": LIDCPickle,
     "cocahis": CoCaHis,
     "refuge": Refuge,
@@ -75,7 +76,8 @@ def load_dataset(name: str, root=None, split: str | None = None, task: str | Non
 
 __all__ = [
     "DATASETS", "SPLITS", "AgreementAccumulator", "Case", "CenterCrop", "CoCaHis", "Compose", "Curvas",
-    "FolderDataset", "IntensityScale", "LIDCPickle", "LIDCSlices", "LongCIU", "MultiRaterDataset", "QUBIQ",
+    "FolderDataset", "IntensityScale", "LIDCPickle", "LIDCSlices", "LIDCVolumes", "LongCIU", "MultiRaterDataset",
+    "QUBIQ",
     "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler",
     "SlidingWindow", "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError",
     "agreement_stats", "augment_2d", "collate", "dataset_class", "load_dataset", "make_synthetic",

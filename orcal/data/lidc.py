@@ -63,13 +63,22 @@ class LIDCSlices(MultiRaterDataset):
                  min_raters_foreground: int = 0, num_raters: int = 4, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None):
         if task not in (None, "nodule"):
-            raise ValueError(f"unknown task {task!r} for dataset 'lidc_slices'; valid tasks: nodule")
+            raise ValueError(f"unknown task {task!r} for dataset {self.name!r}; valid tasks: nodule")
         root = check_root(root, self.name, self.published, self.layout)
         if not 0 <= int(min_raters_foreground) <= int(num_raters):
             raise ValueError(f"min_raters_foreground must be in 0..{num_raters}, got {min_raters_foreground}")
         self.crop = crop
         self.num_raters = int(num_raters)
-        cases = []
+        cases = self._cases(root)
+        if not cases:
+            raise ValueError(f"no slices under {root}; expected {self.layout}")
+        cases = seeded_split(cases, split, val_fraction, test_fraction, seed)
+        if min_raters_foreground > 0:
+            cases = self._filter(cases, int(min_raters_foreground))
+        super().__init__(cases, split, transform)
+
+    def _nodules(self, root: Path):
+        """``(patient, nodule folder, slice files)`` of every nodule, each slice checked to have every mask."""
         for patient in sorted(root.glob("LIDC-IDRI-*"), key=lambda p: natural_key(p.name)):
             for nodule in sorted(patient.glob("nodule-*"), key=lambda p: natural_key(p.name)):
                 slices = sorted((nodule / "images").glob("slice-*.png"), key=lambda p: natural_key(p.name))
@@ -79,21 +88,21 @@ class LIDCSlices(MultiRaterDataset):
                         if s.name not in present:
                             raise FileNotFoundError(f"missing rater file {nodule / f'mask-{r}' / s.name} "
                                                     f"(reader {r} of {s}); expected {self.layout}")
-                cases += [Case(f"{patient.name}/{nodule.name}/{s.stem}", patient.name, s) for s in slices]
-        if not cases:
-            raise ValueError(f"no slices under {root}; expected {self.layout}")
-        cases = seeded_split(cases, split, val_fraction, test_fraction, seed)
-        if min_raters_foreground > 0:
-            cases = self._filter(cases, int(min_raters_foreground))
-        super().__init__(cases, split, transform)
+                if slices:
+                    yield patient, nodule, slices
+
+    def _cases(self, root: Path) -> list[Case]:
+        """One case per slice, grouped by patient."""
+        return [Case(f"{patient.name}/{nodule.name}/{s.stem}", patient.name, s)
+                for patient, nodule, slices in self._nodules(root) for s in slices]
 
     def _filter(self, cases: list[Case], n: int) -> list[Case]:
         from tqdm.auto import tqdm
 
         keep = []
-        for case in tqdm(cases, desc="lidc_slices: reading masks", unit="slice", leave=False):
-            masks = self._masks(case.info, read_array(case.info).shape)
-            if int(sum(m.any() for m in masks)) >= n:
+        for case in tqdm(cases, desc=f"{self.name}: reading masks", unit="case", leave=False):
+            item = self.load_case(case)
+            if int(item["masks"].flatten(1).any(1).sum()) >= n:
                 keep.append(case)
         return keep
 
@@ -109,13 +118,42 @@ class LIDCSlices(MultiRaterDataset):
             out.append(m)
         return out
 
-    def load_case(self, case: Case) -> dict:
-        image = read_array(case.info)
+    def _slice(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """One slice's image ``(H, W)`` in [0, 1] and its masks ``(R, H, W)``."""
+        image = read_array(path)
         if image.ndim == 3:  # a greyscale slice saved as RGB
             image = image[..., 0]
-        masks = self._masks(case.info, image.shape)
-        return make_item(center_crop(scale_intensity(image, source=str(case.info))[None], self.crop),
-                         center_crop(np.stack(masks), self.crop), case.id)
+        return scale_intensity(image, source=str(path)), np.stack(self._masks(path, image.shape))
+
+    def load_case(self, case: Case) -> dict:
+        image, masks = self._slice(case.info)
+        return make_item(center_crop(image[None], self.crop), center_crop(masks, self.crop), case.id)
+
+
+class LIDCVolumes(LIDCSlices):
+    """LIDC-IDRI nodules as 3D volumes: each nodule's consecutive axial slices stacked, four readers.
+
+    The same files as ``lidc_slices`` (its layout and options); one case is one nodule, a ``(1, D, H, W)``
+    volume of its ``D`` slices (1 to 42 in the public export, most 2 to 6) in slice order, with the readers'
+    masks ``(R, D, H, W)``. Split by patient. ``crop`` crops ``H`` and ``W``; ``min_raters_foreground`` keeps
+    nodules that at least that many readers marked on some slice.
+    """
+
+    name = "lidc_volumes"
+    display_name = "LIDC-IDRI 3D"
+
+    def _cases(self, root: Path) -> list[Case]:
+        return [Case(f"{patient.name}/{nodule.name}", patient.name, tuple(slices))
+                for patient, nodule, slices in self._nodules(root)]
+
+    def load_case(self, case: Case) -> dict:
+        images, masks = zip(*(self._slice(path) for path in case.info))
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise ValueError(f"the slices of nodule {case.id} differ in size: {sorted(shapes)}")
+        image = np.stack(images)[None]                  # (1, D, H, W)
+        masks = np.stack(masks, axis=1)                 # (R, D, H, W)
+        return make_item(center_crop(image, self.crop), center_crop(masks, self.crop), case.id)
 
 
 class LIDCPickle(MultiRaterDataset):
