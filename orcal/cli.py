@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order shown by ``orcal --help``.
-COMMANDS = ("demo", "experiment", "train", "predict", "evaluate", "fuse", "data", "bench", "info")
+COMMANDS = ("demo", "experiment", "train", "predict", "evaluate", "fuse", "data", "nnunet", "bench", "info")
 
 
 def _load(name: str):
