@@ -38,7 +38,9 @@ def _noise(d: Mapping[str, Any]) -> str:
 
     interval = f"95 % paired bootstrap interval [{_f(d['low'])}, {_f(d['high'])}]"
     if exceeds_noise(d):
-        return f"{interval}: larger than the bootstrap and seed noise"
+        if len(d.get("seed_diffs", [])) > 1:
+            return f"{interval}: larger than the bootstrap and seed noise"
+        return f"{interval}: larger than the bootstrap noise (one seed: the seed noise is not measured)"
     if d["low"] <= 0 <= d["high"]:
         return f"{interval}, which includes 0: within the noise, the intervals overlap"
     return f"{interval}, but the seeds disagree on its sign: within the seed noise"
@@ -74,15 +76,22 @@ def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
              if r.endswith(TS_SUFFIX) and r.removesuffix(TS_SUFFIX) in rows]
     if not pairs:
         return []
-    lower = [(b, t) for b, t in pairs if rows[t]["mr_ece"]["value"] < rows[b]["mr_ece"]["value"]]
+
+    def ece(row: str) -> float:
+        return rows[row]["mr_ece"]["value"]
+
+    def change(pair: tuple[str, str]) -> str:
+        temps = [x for x in temperatures.get(pair[1], []) if x is not None]
+        t = f", T = {sum(temps) / len(temps):.2f}" if temps else ""
+        return f"{row_label(pair[0])} {_f(ece(pair[0]))} → {_f(ece(pair[1]))}{t}"
+
+    lower = [p for p in pairs if ece(p[1]) < ece(p[0])]
     text = (f"Temperature scaling fitted on the validation split lowers the test MR-ECE of {len(lower)} of "
             f"{len(pairs)} rows")
-    best_ts = min(pairs, key=lambda p: rows[p[1]]["mr_ece"]["value"])
-    b, t = best_ts
-    temps = [x for x in temperatures.get(t, []) if x is not None]
-    mean_t = f", T = {sum(temps) / len(temps):.2f}" if temps else ""
-    return [text + f"; the lowest after scaling is {row_label(t)} ({_f(rows[b]['mr_ece']['value'])} → "
-            f"{_f(rows[t]['mr_ece']['value'])}{mean_t})."]
+    if lower:
+        text += f"; most for {change(max(lower, key=lambda p: ece(p[0]) - ece(p[1])))}"
+    best = min(pairs, key=lambda p: ece(p[1]))
+    return [text + f"; the lowest after scaling is {row_label(best[1])} ({change(best)})."]
 
 
 def _caveats(results: Mapping[str, Any]) -> str:

@@ -351,7 +351,10 @@ def test_findings_name_the_best_and_say_when_intervals_overlap():
     assert "interval [-0.0010, 0.0050], which includes 0: within the noise" in overlap
     clear = findings(_findings_results((-0.002, -0.003, -0.001)))
     assert "[0.0010, 0.0030]: larger than the bootstrap and seed noise" in clear
-    assert "lowers the test MR-ECE of 1 of 1 rows" in clear and "T = 1.30" in clear
+    one_seed = _findings_results((-0.002, -0.003, -0.001))
+    one_seed["comparisons"]["D"]["leads"]["mr_ece"]["seed_diffs"] = [-0.002]
+    assert "larger than the bootstrap noise (one seed: the seed noise is not measured)" in findings(one_seed)
+    assert "lowers the test MR-ECE of 1 of 1 rows; most for Soft Consensus 0.0100 → 0.0090, T = 1.30" in clear
     assert "2 training seeds" in clear and "40 optimiser steps" in clear and "P(k ≥ m)" in clear
     assert "biased upward" in clear
 
