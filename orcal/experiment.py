@@ -401,6 +401,10 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
             "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape[1:]),
             "channels": int(first["image"].shape[0]), "qualitative_case": case["id"],
         }
+        if cfg.cache:  # every item is in memory: the sizes of all of them (volumes of LIDC nodules differ in depth)
+            sizes = np.array([test_ds[i]["image"].shape[1:] for i in range(len(test_ds))])
+            results["datasets"][spec.key]["image_size_range"] = [[int(a), int(b)] for a, b in
+                                                                 zip(sizes.min(0), sizes.max(0))]
         records[spec.key] = {}
         for i, seed in enumerate(seeds):
             runs = first_runs if i == 0 else list({c["run"]: next(r for r in first_runs if r.key == c["run"])

@@ -91,7 +91,7 @@ def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
     if lower:
         text += f"; most for {change(max(lower, key=lambda p: ece(p[0]) - ece(p[1])))}"
     best = min(pairs, key=lambda p: ece(p[1]))
-    return [text + f"; the lowest after scaling is {row_label(best[1])} ({change(best)})."]
+    return [text + f"; the lowest of the + TS rows is {row_label(best[1])} ({change(best)})."]
 
 
 def _caveats(results: Mapping[str, Any]) -> str:

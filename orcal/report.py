@@ -361,10 +361,11 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
               "foreground, the quantity MR-ECE scores against). Rows marked *+ TS* divide the same network's "
               "logits by one temperature fitted on the validation split against the voxel–rater pairs "
               "(`orcal.calibrate`; one temperature per row and seed).", ""]
-    lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size | channels |",
+    lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size (test split) | channels |",
               "|---|---|---|---|---|---|---|"]
     for key, d in results.get("datasets", {}).items():
-        size = " × ".join(str(x) for x in d.get("image_shape", [])) or "?"
+        ranges = d.get("image_size_range") or [[x, x] for x in d.get("image_shape", [])]
+        size = " × ".join(str(a) if a == b else f"{a}–{b}" for a, b in ranges) or "?"
         lines.append(f"| {key} | {d.get('num_raters', '?')} | {d.get('n_train', '?')} | {d.get('n_val', '?')} | "
                      f"{d.get('n_test', '?')} | {size} | {d.get('channels', '?')} |")
     lines.append("")

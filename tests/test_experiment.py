@@ -368,6 +368,7 @@ def test_3d_experiment_trains_on_patches_and_evaluates_whole_volumes(tmp_path):
     results = run_experiment(cfg, log=lambda *a: None)
     key = "Synthetic (R=3)"
     assert results["datasets"][key]["image_shape"] == [16, 16, 12]
+    assert results["datasets"][key]["image_size_range"] == [[16, 16], [16, 16], [12, 12]]
     assert all(0 <= s["mr_ece"]["value"] <= 1 for s in results["runs"][key].values())
     run = json.loads((tmp_path / "e3" / "runs" / safe(key) / "seed0" / "soft.json").read_text())
     assert run["steps"] == 1 and run["readouts"]["majority"]["n_images"] == 3  # whole test volumes, one row each
