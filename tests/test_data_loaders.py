@@ -37,8 +37,8 @@ def _splits_disjoint(name, root, **kw):
 
 
 def test_dataset_names():
-    assert set(DATASETS) == {"synthetic", "lidc_slices", "lidc", "cocahis", "refuge", "longciu", "qubiq",
-                             "curvas", "folder"}
+    assert set(DATASETS) == {"synthetic", "lidc_slices", "lidc_volumes", "lidc", "cocahis", "refuge", "longciu",
+                             "qubiq", "curvas", "folder"}
     with pytest.raises(ValueError, match="valid datasets"):
         load_dataset("lidc-idri", "x")
 

@@ -480,7 +480,7 @@ def test_fuse_cases_in_a_folder_with_glob_characters(tmp_path):
     out = tmp_path / "o"
     assert main(["fuse", "--method", "soft", "--out", str(out), "--cases", str(tmp_path / "d" / "*"),
                  "--raters", "rater*.npy"]) == 0
-    assert (out / "case[1]" / "soft.npy").is_file()
+    assert (out / "case[1].npy").is_file()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
@@ -606,7 +606,7 @@ def test_out_naming_a_file_and_leftover_temporaries(tmp_path, capsys):
 
 @pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
 def test_a_single_patch_size_means_a_cube():
-    from orcal.commands.train import _patch_size
+    from orcal.commands._args import patch_size as _patch_size
     from orcal.models import as_tuple
 
     assert _patch_size("16") == 16 and _patch_size("16,8") == (16, 8) and _patch_size("none") is None
