@@ -8,6 +8,13 @@ The public API (SPEC §7)::
     st   = orcal.calibration_stats(p, masks)
     vals = orcal.calibration_metrics(st)
     ci   = orcal.bootstrap(st, n_boot=1000)
+
+Several structures (SPEC §11)::
+
+    k    = orcal.orc_targets(labels, num_classes=C)          # (B, C, *S)
+    loss = orcal.ordinal_loss(logits, k)                     # logits (B, C * (R+1), *S)
+    st   = orcal.calibration_stats(logits, k, num_raters=R, kind="ordinal")
+    vol  = orcal.volume_metrics(orcal.volume_stats(p, labels, spacing, num_structures=C))
 """
 
 from orcal import _ext, _schema
@@ -20,6 +27,7 @@ from orcal.ops import (
     ordinal_loss,
 )
 from orcal.stats import CalibrationStats
+from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 __version__ = "0.1.0"
 
@@ -44,6 +52,7 @@ __all__ = [
     "CalibrationStats",
     "OrdinalLoss",
     "SoftBCELoss",
+    "VolumeStats",
     "bootstrap",
     "build_info",
     "calibration_metrics",
@@ -51,5 +60,7 @@ __all__ = [
     "foreground_probability",
     "ordinal_loss",
     "orc_targets",
+    "volume_metrics",
+    "volume_stats",
     "__version__",
 ]

@@ -14,6 +14,7 @@ import torch
 
 from orcal import ops
 from orcal.stats import CalibrationStats
+from orcal.structures import structures_of
 
 #: With the pure-PyTorch backend, a batch larger than this many voxels goes to calibration_stats in slabs.
 SLAB_VOXELS = 1 << 22
@@ -40,6 +41,10 @@ def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
     ops.check_tensor("pred", pred)
     ops.check_tensor("target", target)
     pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
+    if kind == "ordinal" and num_raters is not None and structures_of(pred, target) is not None:
+        raise ValueError(f"the streaming metrics take one structure, but target {tuple(target.shape)} holds vote "
+                         f"counts of {target.shape[1]} structures; pass one structure's channels, or use "
+                         "orcal.calibration_stats, which keeps a row per image and structure (SPEC §11)")
     if num_raters is not None:
         target, valid = ops.channel_first_votes(pred, target, valid, kind)
     return pred, target, valid

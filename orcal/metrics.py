@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import distributed, metric_table, ops, reference
+from orcal import distributed, ops, reference
 from orcal.batch_stats import batch_stats, check_options, prepare
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
@@ -63,7 +63,7 @@ def summarize(total: CalibrationStats, n_images: int) -> dict[str, Any]:
     """The result of :meth:`MultiRaterCalibration.compute` from pooled statistics: every metric of
     :mod:`orcal.metric_table` as a float, the reliability table ``bins``, ``n_pairs`` and ``n_images``."""
     total = total.total()
-    out: dict[str, Any] = {key: float(v[0]) for key, v in metric_table.metrics_from_totals(total).items()}
+    out: dict[str, Any] = dict(reference.calibration_metrics(total))
     out["bins"] = reference.bin_table(total)
     out["n_pairs"] = int(total.n.sum())
     out["n_images"] = int(n_images)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from orcal import _ext, _schema, reference
+from orcal import _ext, _schema, reference, structures
 from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
     FLOAT_DTYPES,
     KINDS,
@@ -220,16 +220,24 @@ def _call(op, device: torch.device, *args):
 
 # --- §1 ORC target ---------------------------------------------------------------------------------------
 
-def orc_targets(masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | None = None) -> torch.Tensor:
     """Ordinal Rater Consensus target: the number of raters voting foreground.
 
     Args:
-        masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater.
+        masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater; with ``num_classes``, rater label
+            maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+        num_classes: the number of structures ``C`` of label maps (SPEC §11).
 
     Returns:
-        ``(B, *S)`` uint8 vote counts ``k`` in 0..R.
+        ``(B, *S)`` uint8 vote counts ``k`` in 0..R; with ``num_classes``, ``(B, C, *S)``: per structure, the
+        raters who gave the voxel that label (so the counts of a voxel sum to at most R).
     """
+    if num_classes is not None:
+        labels = plain_tensor(masks)
+        C = structures.check_labels(labels, num_classes)
+        # one binary count per structure, on whichever backend counts binary masks
+        return torch.stack([orc_targets(labels == c, backend) for c in range(1, C + 1)], 1)
     raw, masks = masks, plain_tensor(masks)
     which = resolve_backend("orc_targets", backend, masks.device if isinstance(masks, torch.Tensor) else
                             torch.device("cpu"))
@@ -245,8 +253,9 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 # --- §2 readouts -----------------------------------------------------------------------------------------
 
 def foreground_probability(logits: torch.Tensor, readout: str = "majority", majority: int | None = None,
-                           backend: str = "auto") -> torch.Tensor:
-    """Foreground probability ``(B, *S)`` from ordinal logits ``(B, R+1, *S)``.
+                           backend: str = "auto", num_structures: int | None = None) -> torch.Tensor:
+    """Foreground probability ``(B, *S)`` from ordinal logits ``(B, R+1, *S)``; with ``num_structures = C``,
+    ``(B, C, *S)`` from the structure-major logits ``(B, C * (R+1), *S)`` of SPEC §11.
 
     ``readout="majority"`` (the paper's Eq. 2) is the probability that at least ``majority`` raters vote
     foreground; ``readout="expected"`` is the expected fraction of raters voting foreground. The result
@@ -255,6 +264,13 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
     a plain tensor, and the result is a plain tensor.
     """
     raw, logits = logits, plain_tensor(logits)
+    if num_structures is not None:
+        check_tensor("logits", logits)
+        _check_spatial("logits", logits, 1)
+        C = num_structures
+        structures.raters_per_structure(logits.shape[1], C)
+        p = foreground_probability(structures.fold(logits, C), readout, majority, backend)
+        return structures.unfold(p, C)
     R = _check_ordinal_logits(logits)
     check_choice("readout", readout, READOUTS)
     m = _majority(R, majority)
@@ -273,8 +289,13 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
 
 def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
                  valid: torch.Tensor | None = None, reduction: str = "mean", backend: str = "auto",
-                 ignore_index: int | None = None) -> torch.Tensor:
+                 ignore_index: int | None = None, structure_reduction: str = "sum") -> torch.Tensor:
     """Ordinal rater-consensus loss: ``BCE(majority logit, [k >= m]) + rps_weight * RPS`` (SPEC §3).
+
+    Several structures (SPEC §11): ``k`` ``(B, C, *S)`` with ``C > 1`` and logits ``(B, C * (R+1), *S)``
+    (channel ``c * (R+1) + level``) give the loss of each structure, reduced over its valid voxels, then
+    summed or averaged over the structures as ``structure_reduction`` (``"sum"`` or ``"mean"``) says;
+    ``reduction="none"`` gives the ``(B, C, *S)`` map. ``valid`` is then ``(B, *S)`` or ``(B, C, *S)``.
 
     Args:
         logits: ``(B, R+1, *S)`` float32/float16/bfloat16 logits, one per consensus level 0..R.
@@ -294,6 +315,11 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     """
     raw = (logits, k, valid)
     logits, k, valid = plain_tensor(logits), plain_tensor(k), plain_tensor(valid)
+    check_tensor("logits", logits)
+    C = structures.structures_of(logits, k)
+    if C is not None:
+        return _structure_loss(logits, k, C, rps_weight, majority, valid, reduction, backend, ignore_index,
+                               structure_reduction)
     R = _check_ordinal_logits(logits)
     spatial = logits.shape[:1] + logits.shape[2:]
     k, valid = _loss_targets(k, valid, spatial, ignore_index)
@@ -321,12 +347,42 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     return loss
 
 
+def _structure_loss(logits, k, C, rps_weight, majority, valid, reduction, backend, ignore_index,
+                    structure_reduction):
+    """The loss of SPEC §11: the binary loss on the ``(B * C, R + 1, *S)`` view, reduced per structure."""
+    check_choice("structure_reduction", structure_reduction, ("sum", "mean"))
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
+    _check_spatial("logits", logits, 1)
+    structures.raters_per_structure(logits.shape[1], C)
+    spatial = logits.shape[:1] + logits.shape[2:]
+    if k.shape[:1] + k.shape[2:] != spatial:
+        raise ValueError(f"k {tuple(k.shape)} must be (B, C, *S) with the logits' B and S {tuple(spatial)}")
+    flat_k, flat_valid = structures.fold(k, C), structures.fold_valid(valid, spatial, C)
+    if ignore_index is not None:
+        flat_k, flat_valid = _loss_targets(flat_k, flat_valid, flat_k.shape, ignore_index)
+    # A per-structure mean needs the voxel count of each structure unless they all count the same voxels.
+    shared = ignore_index is None and (valid is None or valid.shape == spatial)
+    if reduction == "none" or (reduction == "mean" and not shared):
+        losses = ordinal_loss(structures.fold(logits, C), flat_k, rps_weight, majority, flat_valid, "none", backend)
+        losses = structures.unfold(losses, C)
+        if reduction == "none":
+            return losses
+        counts = structures.unfold(flat_valid, C).transpose(0, 1).reshape(C, -1).sum(1).clamp_min(1)
+        per_structure = losses.transpose(0, 1).reshape(C, -1).sum(1) / counts
+        return per_structure.sum() if structure_reduction == "sum" else per_structure.mean()
+    # One fused pass over the view: its mean over B * C * N voxels is the mean over structures of the
+    # per-structure means over N, and its sum is the sum over structures.
+    loss = ordinal_loss(structures.fold(logits, C), flat_k, rps_weight, majority, flat_valid, reduction, backend)
+    scale = {("mean", "sum"): C, ("sum", "mean"): 1 / C}.get((reduction, structure_reduction), 1)
+    return loss * scale if scale != 1 else loss
+
+
 # --- §4 calibration statistics and metrics ---------------------------------------------------------------
 
 def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
                       kind: str = "prob", readout: str = "majority", majority: int | None = None,
                       n_bins: int = 15, auc_bins: int = 4096, valid: torch.Tensor | None = None,
-                      backend: str = "auto") -> CalibrationStats:
+                      backend: str = "auto", num_structures: int | None = None) -> CalibrationStats:
     """Per-image multi-rater calibration statistics in one pass (SPEC §4).
 
     Args:
@@ -339,14 +395,24 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
         majority: majority threshold for the readout and the Dice counts; default ``R // 2 + 1``.
         n_bins: equal-width ECE bins; auc_bins: score bins of the streaming AUC.
         valid: optional ``(B, *S)`` bool mask of voxels that count.
+        num_structures: ``C`` structures at once (SPEC §11): ``pred`` is ``(B, C, *S)`` (probabilities or
+            logits) or ``(B, C * (R+1), *S)`` (ordinal), and ``target`` holds rater label maps ``(B, R, *S)``
+            (0..C) or, with ``num_raters``, vote counts ``(B, C, *S)``; ``valid`` is ``(B, *S)`` or
+            ``(B, C, *S)``. Ordinal logits with ``(B, C, *S)`` vote counts, ``C > 1``, need not say it.
 
     Returns:
-        :class:`~orcal.stats.CalibrationStats` with one row per image.
+        :class:`~orcal.stats.CalibrationStats` with one row per image (per image and structure for several
+        structures, ``num_structures`` set).
     """
     raw = (pred, target, valid)
     pred, target, valid = plain_tensor(pred), plain_tensor(target), plain_tensor(valid)
     check_tensor("pred", pred)
     check_tensor("target", target)
+    if num_structures is None and kind == "ordinal" and num_raters is not None:
+        num_structures = structures.structures_of(pred, target)
+    if num_structures is not None:
+        return _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, auc_bins, valid,
+                                backend, num_structures)
     check_choice("kind", kind, KINDS)
     check_choice("readout", readout, READOUTS)
     _check_float("pred", pred)
@@ -387,6 +453,27 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     counts, sums = _call(fused, pred.device, pred, target, valid, R, num_raters is None, kind, readout, m, n_bins,
                          auc_bins)
     return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
+
+
+def _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, auc_bins, valid, backend, C):
+    """The statistics of SPEC §11: the binary pass over the ``(B * C, ...)`` views, one row per structure."""
+    C = check_int("num_structures", C, 1)
+    check_choice("kind", kind, KINDS)
+    _check_spatial("pred", pred, 1)
+    if num_raters is None:  # rater label maps (B, R, *S)
+        num_raters = target.shape[1]
+        target = orc_targets(target, backend, num_classes=C)
+    channels = C * (check_int("num_raters", num_raters, 1, MAX_RATERS) + 1) if kind == "ordinal" else C
+    if pred.shape[1] != channels:
+        raise ValueError(f"pred {tuple(pred.shape)} must have {channels} channels: "
+                         + (f"C * (R + 1) for C = {C} structures and R = {num_raters} raters" if kind == "ordinal"
+                            else f"one per structure, C = {C}"))
+    spatial = pred.shape[:1] + pred.shape[2:]
+    if target.shape[:1] + target.shape[2:] != spatial or target.shape[1] != C:
+        raise ValueError(f"target {tuple(target.shape)} must be (B, C, *S) = {(spatial[0], C, *spatial[1:])}")
+    st = calibration_stats(structures.fold(pred, C), structures.fold(target, C), num_raters, kind, readout,
+                           majority, n_bins, auc_bins, structures.fold_valid(valid, spatial, C), backend)
+    return st._map(lambda t: t, num_structures=C)
 
 
 def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid):

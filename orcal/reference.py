@@ -204,13 +204,29 @@ def calibration_stats(p: torch.Tensor, k: torch.Tensor, num_raters: int, n_bins:
 
 
 def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
-    """Dataset-level metrics from per-image statistics: all rows are pooled first (SPEC §4)."""
-    return {key: float(value[0]) for key, value in metrics_from_totals(stats.total()).items()}
+    """Dataset-level metrics from per-image statistics: all rows are pooled first (SPEC §4). With several
+    structures (SPEC §11) the plain keys pool every structure, and ``"<metric>/<label>"`` and
+    ``"<metric>/macro"`` give each structure and their unweighted mean."""
+    out = metrics_from_totals(stats.pooled())
+    if stats.num_structures > 1:
+        out.update(per_structure(metrics_from_totals(stats.total()), stats.num_structures))
+    return {key: float(value[0]) for key, value in out.items()}
+
+
+def per_structure(values: dict[str, torch.Tensor], num_structures: int) -> dict[str, torch.Tensor]:
+    """``{metric: (rows * C,) values}``, structure-minor, as ``"<metric>/macro"`` (the NaN-skipping mean over
+    structures) and ``"<metric>/<label>"`` for labels 1..C, each ``(rows,)`` (SPEC §11)."""
+    out = {}
+    for key, v in values.items():
+        v = v.reshape(-1, num_structures)
+        out[f"{key}/macro"] = v.nanmean(1)
+        out.update({f"{key}/{c + 1}": v[:, c] for c in range(num_structures)})
+    return out
 
 
 def bin_table(stats: CalibrationStats) -> dict[str, np.ndarray]:
     """The pooled reliability table: per-bin pair count, mean confidence and observed positive fraction."""
-    tot = stats.total()
+    tot = stats.pooled()
     n = tot.n[0].double()
     return {
         "lower": np.linspace(0, 1, stats.n_bins + 1)[:-1],
@@ -263,7 +279,7 @@ def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: flo
     other models on the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
     O(n_boot x n_images x bins): no voxel is visited.
     """
-    n_images = stats.n_images
+    n_images, C = stats.n_images, stats.num_structures
     if n_images == 0:
         raise ValueError("bootstrap needs statistics of at least one image")
     size = count if count is not None else math.ceil(fraction * n_images)
@@ -276,11 +292,15 @@ def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: flo
         1, draws, torch.ones(n_boot, size, dtype=torch.float64))
 
     def resample(t: torch.Tensor) -> torch.Tensor:
-        flat = t.reshape(n_images, -1).double()
-        out = (weights @ flat).reshape(n_boot, *t.shape[1:])
+        flat = t.reshape(n_images, -1).double()  # an image's C structure rows resampled together
+        out = (weights @ flat).reshape(n_boot * C, *t.shape[1:])
         return out.round().long() if t.dtype == torch.int64 else out  # integer counts stay exact (< 2^53)
 
-    return {k: v.double() for k, v in metrics_from_totals(stats.to("cpu")._map(resample)).items()}
+    resampled = stats.to("cpu")._map(resample)  # one "image" per resample
+    out = metrics_from_totals(resampled._map(lambda t: t.reshape(n_boot, C, *t.shape[1:]).sum(1), 1))
+    if C > 1:
+        out.update(per_structure(metrics_from_totals(resampled), C))
+    return {k: v.double() for k, v in out.items()}
 
 
 def summarize_samples(samples: torch.Tensor, value: float) -> dict[str, float]:
