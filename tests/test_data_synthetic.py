@@ -70,3 +70,27 @@ def test_bad_arguments():
         SyntheticMultiRater(split="training")
     with pytest.raises(ValueError, match="empty"):
         SyntheticMultiRater(n=3, split="val", val_fraction=0.0)
+
+
+def test_several_structures_with_rater_disagreement():
+    import orcal
+    from orcal.data.synthetic import SyntheticMultiRater
+
+    ds = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), structures=3, seed=4)
+    again = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), structures=3, seed=4)
+    items = [ds[i] for i in range(len(ds))]
+    assert torch.equal(items[0]["masks"], again[0]["masks"]) and items[0]["num_structures"] == 3
+    assert ds.display_name == "Synthetic (R=3, C=3)"
+    labels = torch.stack([it["masks"] for it in items])
+    assert labels.shape == (12, 3, 24, 32, 32) and labels.dtype == torch.uint8 and int(labels.max()) == 3
+    k = orcal.orc_targets(labels, num_classes=3)
+    for c in range(3):
+        marked = k[:, c] > 0
+        assert marked.flatten(1).any(1).float().mean() > 0.9  # every structure is in (nearly) every case
+        agree = (k[:, c][marked] == 3).float().mean()
+        assert 0.2 < agree < 0.95  # the raters disagree, at the edges, without disagreeing everywhere
+    image = torch.stack([it["image"][0] for it in items])
+    inside = [float(image[(k[:, c] == 3)].mean()) for c in range(3)]
+    assert inside[1] < inside[0] < inside[2]  # the structures' contrasts tell them apart
+    with pytest.raises(ValueError, match="structures"):
+        SyntheticMultiRater(n=2, structures=0)

@@ -20,7 +20,7 @@ Each case has
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -81,13 +81,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def generate_case(rng: np.random.Generator, shape: Sequence[int], R: int,
-                  cfg: SyntheticConfig = SyntheticConfig()) -> dict[str, np.ndarray]:
-    """One case: ``image`` (1, *S), ``masks`` (R, *S), ``ambiguity`` and ``level`` (*S)."""
+                  cfg: SyntheticConfig = SyntheticConfig(), centre: Sequence[float] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """One case: ``image`` (1, *S), ``masks`` (R, *S), ``ambiguity`` and ``level`` (*S). ``centre`` places
+    the object (within 5 % of each side); default: near the middle."""
     shape = tuple(int(s) for s in shape)
     side = min(shape)
     dim = len(shape)
     coords = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    centre = np.array(shape) / 2.0 + rng.uniform(-0.15, 0.15, dim) * np.array(shape)
+    if centre is None:
+        centre = np.array(shape) / 2.0 + rng.uniform(-0.15, 0.15, dim) * np.array(shape)
+    else:
+        centre = np.asarray(centre, dtype=np.float64) + rng.uniform(-0.05, 0.05, dim) * np.array(shape)
     size_rank = rng.uniform()  # 0 = the smallest object allowed, 1 = the largest
     radius = side * (cfg.radius[0] + size_rank * (cfg.radius[1] - cfg.radius[0]))
     axes = radius * (1.0 + rng.uniform(-cfg.elongation, cfg.elongation, dim))
@@ -116,6 +121,39 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int], R: int,
     masks[missed] = 0
     return {"image": image[None].astype(np.float32), "masks": masks,
             "ambiguity": amb.astype(np.float32), "level": level.astype(np.float32)}
+
+
+#: Relative contrast of structures 1, 2, 3, ... (cycled): the image tells the structures apart.
+STRUCTURE_GAINS = (1.0, 0.55, 1.5, 0.8)
+
+
+def generate_structures_case(rng: np.random.Generator, shape: Sequence[int], R: int, C: int,
+                             cfg: SyntheticConfig = SyntheticConfig()) -> dict[str, np.ndarray]:
+    """A case with ``C`` structures (SPEC §11): ``image`` (1, *S) and rater label maps ``labels`` (R, *S)
+    uint8 in 0..C. Each structure is an object of :func:`generate_case`, smaller, placed on a ring around
+    the middle (neighbours may touch), with the raters' ambiguity of its own and no rater missing it (as
+    with organs); where two structures of a
+    rater overlap the later label wins, so every rater gives one label per voxel. The structures differ in
+    contrast (:data:`STRUCTURE_GAINS`); texture and noise are drawn once for the image."""
+    shape = tuple(int(s) for s in shape)
+    side = min(shape)
+    # organs, unlike nodules, are not missed: the raters disagree at the boundaries, by less than the
+    # smaller objects' radius
+    small = replace(cfg, radius=(max(0.12, 0.75 * cfg.radius[0]), 0.75 * cfg.radius[1]), noise=0.0, texture=0.0,
+                    miss_prob=(0.0, 0.0), miss_noise=0.0, bias=0.5 * cfg.bias,
+                    jitter_ambiguous=0.5 * cfg.jitter_ambiguous)
+    start = rng.uniform(0, 2 * np.pi)
+    image = np.full(shape, 0.25)
+    labels = np.zeros((R,) + shape, dtype=np.uint8)
+    for c in range(C):
+        angle = start + 2 * np.pi * c / C
+        offset = np.zeros(len(shape))
+        offset[-2:] = 0.24 * side * np.array([np.cos(angle), np.sin(angle)])  # the ring lies in-plane
+        case = generate_case(rng, shape, R, small, centre=np.array(shape) / 2.0 + offset)
+        image += STRUCTURE_GAINS[c % len(STRUCTURE_GAINS)] * (case["image"][0] - 0.25)
+        labels[case["masks"] > 0] = c + 1
+    image += cfg.texture * smooth_field(rng, shape, 1.5) + cfg.noise * rng.standard_normal(shape)
+    return {"image": image[None].astype(np.float32), "labels": labels}
 
 
 def _check(n: int, R: int, shape: Sequence[int]) -> tuple[int, ...]:
@@ -152,7 +190,9 @@ class SyntheticMultiRater(MultiRaterDataset):
 
     Options: ``n`` cases (default 64), ``R`` raters (5), ``shape`` ((64, 64); three sides for 3D), ``seed``,
     ``split`` with ``val_fraction`` / ``test_fraction`` (a seeded split of the cases), any
-    :class:`SyntheticConfig` field, ``return_latent`` (add "ambiguity" and "level" to each item).
+    :class:`SyntheticConfig` field, ``return_latent`` (add "ambiguity" and "level" to each item), and
+    ``structures`` (C > 1: each item's ``masks`` are rater label maps in 0..C, with ``num_structures``
+    in the item; :func:`generate_structures_case`).
     """
 
     name = "synthetic"
@@ -161,10 +201,15 @@ class SyntheticMultiRater(MultiRaterDataset):
     def __init__(self, root=None, split: str | None = None, task: str | None = None, n: int = 64, R: int = 5,
                  shape: Sequence[int] = (64, 64), seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, transform: Callable | None = None, return_latent: bool = False,
-                 **config):
+                 structures: int = 1, **config):
         if task not in (None, "default"):
             raise ValueError(f"unknown task {task!r} for dataset 'synthetic'; valid tasks: default")
         self.shape = _check(n, R, shape)
+        if isinstance(structures, bool) or not isinstance(structures, int) or not 1 <= structures <= 8:
+            raise ValueError(f"structures must be an int in 1..8, got {structures!r}")
+        if structures > 1 and return_latent:
+            raise ValueError("return_latent describes one object; it cannot be used with structures > 1")
+        self.structures = structures
         self.R = int(R)
         self.seed = int(seed)
         self.config = SyntheticConfig(**config)
@@ -174,9 +219,13 @@ class SyntheticMultiRater(MultiRaterDataset):
 
     @property
     def display_name(self) -> str:
-        return f"Synthetic (R={self.R})"
+        return f"Synthetic (R={self.R})" if self.structures == 1 else f"Synthetic (R={self.R}, C={self.structures})"
 
     def load_case(self, case: Case) -> dict:
+        if self.structures > 1:
+            c = generate_structures_case(_case_rng(self.seed, case.info), self.shape, self.R, self.structures,
+                                         self.config)
+            return {**make_item(c["image"], c["labels"], case.id), "num_structures": self.structures}
         c = generate_case(_case_rng(self.seed, case.info), self.shape, self.R, self.config)
         item = make_item(c["image"], c["masks"], case.id)
         if self.return_latent:
