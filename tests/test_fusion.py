@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import orcal.ops
 import orcal.staple as staple_module
 from orcal import fusion
 from orcal.fusion import (
@@ -439,3 +440,28 @@ def test_property_any_valid_input_gives_a_valid_target(method, B, R, spatial, p,
 def test_fusion_module_exports():
     assert set(METHODS) == set(fusion.names())
     assert all(callable(fusion.get(m).fn) and fusion.get(m).label for m in METHODS)
+
+
+def test_strategies_per_structure_of_label_maps():
+    """With several structures each strategy runs one-vs-rest per label: STAPLE equals SimpleITK's STAPLE
+    run on the label maps with each label as the foreground value (SPEC §11)."""
+    from orcal.data.synthetic import SyntheticMultiRater
+    from orcal.fusion import make_target
+
+    ds = SyntheticMultiRater(n=2, R=3, shape=(12, 20, 20), structures=3, seed=1)
+    labels = torch.stack([ds[i]["masks"] for i in range(2)])
+    W = make_target("staple", labels, num_structures=3, dtype=torch.float64)
+    assert W.shape == (2, 3, 12, 20, 20)
+    for b in range(2):
+        images = [sitk.GetImageFromArray(r.numpy()) for r in labels[b]]
+        for c in (1, 2, 3):
+            f = sitk.STAPLEImageFilter()
+            f.SetForegroundValue(float(c))
+            np.testing.assert_allclose(W[b, c - 1].numpy(), sitk.GetArrayFromImage(f.Execute(images)),
+                                       atol=1e-9, rtol=0)
+    soft = make_target("soft", labels, num_structures=3)
+    k = orcal.ops.orc_targets(labels, num_classes=3)
+    torch.testing.assert_close(soft, k.float() / 3)
+    assert torch.equal(make_target("ordinal", labels, num_structures=3), k)
+    with pytest.raises(ValueError, match="labels 0..C"):
+        make_target("soft", labels, num_structures=2)

@@ -108,12 +108,20 @@ def get(name: str) -> Strategy:
     return entry
 
 
-def make_target(method: str, masks: torch.Tensor, **options) -> torch.Tensor:
+def make_target(method: str, masks: torch.Tensor, num_structures: int | None = None, **options) -> torch.Tensor:
     """The training target of strategy ``method`` (one of :func:`names`) for ``masks`` ``(B, R, *S)``.
 
     ``options`` go to the strategy's function (e.g. ``sigma`` for ``soft_gaussian`` and ``svls``,
     ``seed`` / ``generator`` for ``random``, ``alpha`` for ``simple``, ``confidence_weight`` for ``staple``).
+    With ``num_structures = C`` (SPEC §11), ``masks`` are rater label maps (0..C) and the strategy runs on
+    each structure's binary masks (``labels == c``, one-vs-rest), giving ``(B, C, *S)``: STAPLE, for one,
+    is then run per label, which is not SimpleITK's ``MultiLabelSTAPLE`` (a single multi-class estimate).
     """
+    if num_structures is not None:
+        from orcal.structures import check_labels
+
+        C = check_labels(masks, num_structures, "masks")
+        return torch.stack([make_target(method, masks == c, **options) for c in range(1, C + 1)], 1)
     fn = get(method).fn
     try:
         return fn(masks, **options)
