@@ -67,6 +67,9 @@ class StackRatersd(MapTransform):
         name: key of the stack ``(R, *S)`` (1 where the rater gave the voxel the label).
         label: which label is the structure: None (any non-zero value), an int, or a sequence of ints
             (a voxel with any of them).
+        structures: several structures at once (SPEC §11), instead of ``label``: the labels to keep, in
+            order; the stack then holds rater label maps, the voxels of ``structures[i]`` labelled ``i + 1``
+            and the rest 0 (so ``ORCTargetd(num_classes=len(structures))`` gives ``k`` ``(C, *S)``).
         union_key: key of the union of the raters ``(1, *S)`` uint8 (1 where any rater marked the voxel), for
             ``RandCropByPosNegLabeld(label_key=union_key)``; None: not written.
         allow_missing_keys: skip absent keys (MONAI's convention); at least one must be present. ``R`` is then
@@ -80,8 +83,17 @@ class StackRatersd(MapTransform):
     backend = [TransformBackends.TORCH]
 
     def __init__(self, keys: KeysCollection, name: str = "masks", label: int | Sequence[int] | None = None,
-                 union_key: str | None = "union", allow_missing_keys: bool = False) -> None:
+                 union_key: str | None = "union", allow_missing_keys: bool = False,
+                 structures: Sequence[int] | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
+        if structures is not None:
+            if label is not None:
+                raise ValueError("StackRatersd: give label (one structure) or structures (several), not both")
+            if (isinstance(structures, str | bytes) or not isinstance(structures, Sequence) or not structures
+                    or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in structures)
+                    or len(set(structures)) != len(structures) or len(structures) > 255):
+                raise TypeError(f"StackRatersd: structures must be a sequence of distinct ints, got {structures!r}")
+        self.structures = None if structures is None else [int(v) for v in structures]
         if not isinstance(name, str) or not name:
             raise ValueError(f"StackRatersd: name must be a non-empty key, got {name!r}")
         if union_key is not None and (not isinstance(union_key, str) or union_key == name):
@@ -94,6 +106,11 @@ class StackRatersd(MapTransform):
         self.name, self.label, self.union_key = name, label, union_key
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
+        if self.structures is not None:  # labels are distinct, so a voxel matches one at most
+            out = (x == self.structures[0]).to(torch.uint8)  # derived from x: a MetaTensor keeps its metadata
+            for i, value in enumerate(self.structures[1:], start=2):
+                out = out + (x == value).to(torch.uint8) * i
+            return out
         if self.label is None:
             return x != 0
         selected = x == self.label[0]  # a label the dtype cannot hold matches nothing (no overflow)
@@ -125,7 +142,7 @@ class StackRatersd(MapTransform):
         stack = torch.cat([self._select(x) for x in maps], dim=0).to(torch.uint8)
         d[self.name] = stack
         if self.union_key is not None:
-            d[self.union_key] = stack.amax(dim=0, keepdim=True)
+            d[self.union_key] = (stack.amax(dim=0, keepdim=True) > 0).to(torch.uint8)
         return d
 
 
@@ -136,13 +153,16 @@ class ORCTargetd(MapTransform):
         keys: keys of rater stacks ``(R, *S)`` (as :class:`StackRatersd` writes them), values 0/1.
         name: output key, or one per key (default ``"k"``).
         allow_missing_keys: skip absent keys.
+        num_classes: several structures (SPEC §11): the stacks hold rater label maps 0..C and ``k`` is
+            ``(C, *S)``, one vote count per structure (the loss and metrics then see ``(B, C, *S)``).
     """
 
     backend = [TransformBackends.TORCH]
 
     def __init__(self, keys: KeysCollection = "masks", name: str | Sequence[str] = "k",
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False, num_classes: int | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.num_classes = None if num_classes is None else ops.check_int("num_classes", num_classes, 1, 255)
         names = [name] if isinstance(name, str) else list(name)
         if len(names) != len(self.keys):
             raise ValueError(f"ORCTargetd: {len(self.keys)} keys need as many names, got {names}")
@@ -158,7 +178,11 @@ class ORCTargetd(MapTransform):
             if masks.shape[0] > ops.MAX_RATERS:
                 raise ValueError(f"ORCTargetd: data[{key!r}] has {masks.shape[0]} raters; at most "
                                  f"{ops.MAX_RATERS} fit a uint8 vote count")
-            d[self.names[key]] = (masks != 0).sum(dim=0, keepdim=True, dtype=torch.uint8)
+            if self.num_classes is None:
+                d[self.names[key]] = (masks != 0).sum(dim=0, keepdim=True, dtype=torch.uint8)
+            else:  # torch ops on the MetaTensor keep its metadata
+                d[self.names[key]] = torch.stack([(masks == c).sum(dim=0, dtype=torch.uint8)
+                                                  for c in range(1, self.num_classes + 1)])
         return d
 
 

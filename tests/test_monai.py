@@ -274,3 +274,30 @@ def test_monai_gather_across_ranks(tmp_path):
         shared, alone = torch.load(tmp_path / f"rank{rank}.pt")
         assert shared == pytest.approx(ref.compute()["mr_ece"], rel=1e-12)
         assert alone == pytest.approx(ref.compute()["mr_ece"], rel=1e-12)
+
+
+def test_several_structures_through_monai_transforms(tmp_path):
+    """StackRatersd(structures=...) and ORCTargetd(num_classes=...) give (C, *S) vote counts that the loss and
+    calibration_stats read as several structures (SPEC §11)."""
+    cases = _write_cases(str(tmp_path))
+    pipeline = _load(cases, StackRatersd(RATERS, structures=[2, 1]), ORCTargetd(num_classes=2))
+    items = [pipeline(c) for c in cases]
+    d = items[0]
+    labels, k = d["masks"], d["k"]
+    assert isinstance(k, MetaTensor) and k.shape == (2, 16, 14, 12) and k.dtype == torch.uint8
+    assert isinstance(labels, MetaTensor) and int(labels.max()) == 2
+    assert torch.equal(k[0], (torch.stack([d[r][0] for r in RATERS]) == 2).sum(0, dtype=torch.uint8))
+    corner = torch.zeros(16, 14, 12, dtype=torch.uint8)
+    corner[:3, :3, :3] = 3  # label 1, the second structure, is the corner every rater marks
+    assert torch.equal(torch.as_tensor(k[1]), corner)
+    assert torch.equal(torch.as_tensor(k), orcal.orc_targets(torch.as_tensor(labels)[None], num_classes=2)[0])
+    batch_k = torch.stack([it["k"] for it in items])  # (B, C, *S), as a DataLoader would batch it
+    logits = torch.randn(2, 2 * 4, 16, 14, 12, requires_grad=True)
+    loss = orcal.ordinal_loss(logits, batch_k)
+    per = sum(orcal.ordinal_loss(logits[:, 4 * c:4 * c + 4], torch.as_tensor(batch_k[:, c])) for c in range(2))
+    torch.testing.assert_close(loss, per)
+    loss.backward()
+    st = orcal.calibration_stats(logits.detach(), batch_k, num_raters=3, kind="ordinal")
+    assert st.num_structures == 2 and "mr_ece/2" in orcal.calibration_metrics(st)
+    with pytest.raises(ValueError, match="not both"):
+        StackRatersd(RATERS, label=1, structures=[1])
