@@ -34,17 +34,19 @@ def check_options(n_bins: int, auc_bins: int, kind: str, readout: str, majority:
 
 
 def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, num_raters: int | None,
-            kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            kind: str, num_structures: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A metric update's tensors as the ecosystem hands them over (``MetaTensor`` s, channel-first vote
-    counts ``(B, 1, *S)``) as plain tensors with vote counts ``(B, *S)``."""
+    counts ``(B, 1, *S)``) as plain tensors with vote counts ``(B, *S)`` (``(B, C, *S)`` for several
+    structures, which the metric must have been told of: ``num_structures``)."""
     ops.check_choice("kind", kind, ops.KINDS)
     ops.check_tensor("pred", pred)
     ops.check_tensor("target", target)
     pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
+    if num_structures is not None:
+        return pred, target, valid
     if kind == "ordinal" and num_raters is not None and structures_of(pred, target) is not None:
-        raise ValueError(f"the streaming metrics take one structure, but target {tuple(target.shape)} holds vote "
-                         f"counts of {target.shape[1]} structures; pass one structure's channels, or use "
-                         "orcal.calibration_stats, which keeps a row per image and structure (SPEC §11)")
+        raise ValueError(f"target {tuple(target.shape)} holds the vote counts of {target.shape[1]} structures, "
+                         f"but the metric was made for one; pass num_structures={target.shape[1]} (SPEC §11)")
     if num_raters is not None:
         target, valid = ops.channel_first_votes(pred, target, valid, kind)
     return pred, target, valid
@@ -52,13 +54,19 @@ def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
 
 def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | None, valid: torch.Tensor | None,
                 kind: str, readout: str, majority: int | None, n_bins: int, auc_bins: int,
-                backend: str, device: torch.device | str | None = None) -> CalibrationStats:
+                backend: str, device: torch.device | str | None = None,
+                num_structures: int | None = None) -> CalibrationStats:
     """Per-image statistics of one batch (arguments as :func:`orcal.calibration_stats`, with plain tensors and
     vote counts ``(B, *S)``), moved to ``device`` (None: they stay where the prediction is, so an update on
     a GPU waits for nothing); the rows of an image's slabs add up to its row."""
     def call(p, t, v):
         return ops.calibration_stats(p, t, num_raters=num_raters, kind=kind, readout=readout, majority=majority,
-                                     n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend)
+                                     n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend,
+                                     num_structures=num_structures)
+
+    if num_structures is not None:  # the compiled kernels stream; slabs are for one structure's reference pass
+        st = call(pred, target, valid)
+        return st if device is None else st.to(device)
 
     spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
     axis_p = pred.ndim - len(spatial)

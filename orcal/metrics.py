@@ -91,6 +91,10 @@ class MultiRaterCalibration:
             one extra read of the prediction and the target per update (and, for ordinal logits, one
             readout to a probability map).
         backend: kernel backend of :func:`orcal.calibration_stats` (``"auto"`` picks the fastest).
+        num_structures: ``C`` structures at once (SPEC §11): predictions ``(B, C, *S)`` or ordinal logits
+            ``(B, C * (R+1), *S)``, targets rater label maps or vote counts ``(B, C, *S)``; :meth:`compute`
+            then adds ``"<metric>/macro"`` and ``"<metric>/<c>"`` keys, and the agreement table and the exact
+            AUC (one structure's) are not kept.
         sync: whether :meth:`compute` and :meth:`stats` sum the state over the ranks of ``torch.distributed``:
             ``"auto"`` (when a process group of several ranks is initialised), ``True`` (it must be), or
             ``False`` (this process only: evaluation on rank 0 alone, which would otherwise wait for the
@@ -99,12 +103,17 @@ class MultiRaterCalibration:
 
     def __init__(self, n_bins: int = 15, auc_bins: int = 4096, per_image: bool = False, exact_auc: bool = False,
                  kind: str = "prob", readout: str = "majority", majority: int | None = None,
-                 agreement: bool = True, backend: str = "auto", sync: bool | str = "auto") -> None:
+                 agreement: bool = True, backend: str = "auto", sync: bool | str = "auto",
+                 num_structures: int | None = None) -> None:
         if sync not in (True, False, "auto"):
             raise ValueError(f"sync must be True, False or 'auto', got {sync!r}")
         self.sync = sync
         n_bins, auc_bins, majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
         self.n_bins, self.auc_bins = n_bins, auc_bins
+        self.num_structures = None if num_structures is None else ops.check_int("num_structures", num_structures, 1)
+        if self.num_structures is not None and exact_auc:
+            raise ValueError("exact_auc keeps the scores of one structure; it cannot be used with num_structures")
+        agreement = agreement and self.num_structures is None
         self.per_image, self.exact_auc, self.agreement = bool(per_image), bool(exact_auc), bool(agreement)
         self.kind, self.readout, self.majority, self.backend = kind, readout, majority, backend
         self.reset()
@@ -113,7 +122,8 @@ class MultiRaterCalibration:
 
     def reset(self) -> None:
         """Forget every update."""
-        self._total = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=1)
+        C = self.num_structures or 1
+        self._total = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=C, num_structures=C)
         self._n_images = 0
         self._rows: list[CalibrationStats] = []
         self._sum_p: dict[int, torch.Tensor] = {}
@@ -137,10 +147,11 @@ class MultiRaterCalibration:
         An empty batch (``B = 0`` in both ``pred`` and ``target``, with shapes that agree) adds nothing.
         """
         kind = self.kind if kind is None else kind
-        pred, target, valid = prepare(pred, target, valid, num_raters, kind)
+        pred, target, valid = prepare(pred, target, valid, num_raters, kind, self.num_structures)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
                          majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
-                         backend=self.backend, device="cpu")  # validates the batch, even an empty one
+                         backend=self.backend, device="cpu",
+                         num_structures=self.num_structures)  # validates the batch, even an empty one
         if st.n_images == 0:
             return
         R = target.shape[1] if num_raters is None else int(num_raters)
@@ -205,17 +216,19 @@ class MultiRaterCalibration:
         if self.sync is False or distributed.world_size() == 1:
             return state
         dist = torch.distributed
+        C = self.num_structures or 1
         counts, sums = self._total.pack()
-        counts = distributed.all_reduce_sum(torch.cat([counts, torch.tensor([[self._n_images]])], dim=1))
+        images = torch.full((counts.shape[0], 1), self._n_images, dtype=counts.dtype)  # one per structure row
+        counts = distributed.all_reduce_sum(torch.cat([counts, images], dim=1))
         state["total"] = CalibrationStats.unpack(counts[:, :-1], distributed.all_reduce_sum(sums), self.n_bins,
-                                                 self.auc_bins)
+                                                 self.auc_bins, C)
         state["n_images"] = int(counts[0, -1])
         if self.per_image:
             local = (CalibrationStats.cat(self._rows) if self._rows
-                     else CalibrationStats.empty(self.n_bins, self.auc_bins))
+                     else CalibrationStats.empty(self.n_bins, self.auc_bins, num_structures=C))
             row_counts, row_sums = local.pack()
             rows = CalibrationStats.unpack(distributed.all_gather_rows(row_counts),
-                                           distributed.all_gather_rows(row_sums), self.n_bins, self.auc_bins)
+                                           distributed.all_gather_rows(row_sums), self.n_bins, self.auc_bins, C)
             state["rows"] = [rows]
         if self.agreement:
             raters: list[list[int]] = [[] for _ in range(dist.get_world_size())]
@@ -262,7 +275,7 @@ class MultiRaterCalibration:
         return out
 
     def totals(self) -> CalibrationStats:
-        """The summed statistics (one row; summed over ranks under ``torch.distributed``)."""
+        """The summed statistics (one row, or one per structure; summed over ranks under ``torch.distributed``)."""
         return self._synced()["total"]
 
     def stats(self) -> CalibrationStats:
@@ -271,7 +284,7 @@ class MultiRaterCalibration:
             raise RuntimeError("stats() needs MultiRaterCalibration(per_image=True)")
         rows = self._synced()["rows"]
         if not rows:
-            return CalibrationStats.empty(self.n_bins, self.auc_bins)
+            return CalibrationStats.empty(self.n_bins, self.auc_bins, num_structures=self.num_structures or 1)
         return CalibrationStats.cat(rows)
 
     def bootstrap(self, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
@@ -282,8 +295,9 @@ class MultiRaterCalibration:
     # --- persistence -------------------------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
-        return {"n_bins": self.n_bins, "auc_bins": self.auc_bins, "per_image": self.per_image,
-                "exact_auc": self.exact_auc, "agreement": self.agreement}
+        config = {"n_bins": self.n_bins, "auc_bins": self.auc_bins, "per_image": self.per_image,
+                  "exact_auc": self.exact_auc, "agreement": self.agreement}
+        return config if self.num_structures is None else {**config, "num_structures": self.num_structures}
 
     def state_dict(self) -> dict[str, Any]:
         """This process's accumulated state (tensors, ints and strings; loadable with ``weights_only=True``)."""

@@ -70,12 +70,13 @@ class CalibrationStats:
         return self.pos.shape[1]
 
     @classmethod
-    def empty(cls, n_bins: int, auc_bins: int, rows: int = 0, device: torch.device | str = "cpu"
-              ) -> CalibrationStats:
-        """Zero statistics with ``rows`` rows."""
+    def empty(cls, n_bins: int, auc_bins: int, rows: int = 0, device: torch.device | str = "cpu",
+              num_structures: int = 1) -> CalibrationStats:
+        """Zero statistics with ``rows`` rows (``num_structures`` per image)."""
         i64 = dict(dtype=torch.int64, device=device)
         f64 = dict(dtype=torch.float64, device=device)
         return cls(
+            num_structures=num_structures,
             n=torch.zeros(rows, n_bins, **i64), a=torch.zeros(rows, n_bins, **i64),
             s=torch.zeros(rows, n_bins, **f64), brier=torch.zeros(rows, **f64), nll=torch.zeros(rows, **f64),
             tp=torch.zeros(rows, **i64), fp=torch.zeros(rows, **i64), fn=torch.zeros(rows, **i64),

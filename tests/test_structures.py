@@ -257,12 +257,27 @@ def test_stats_select_images_and_round_trip():
         CalibrationStats.cat([st, st.structure(0)])
 
 
-def test_streaming_metrics_say_they_take_one_structure():
+def test_the_streaming_metric_keeps_a_row_per_structure():
     from orcal.metrics import MultiRaterCalibration
 
-    k = torch.zeros(1, 2, 4, 4, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="one structure"):
-        MultiRaterCalibration(kind="ordinal").update(torch.zeros(1, 6, 4, 4), k, num_raters=2)
+    C, R = 3, 2
+    logits, labels = _logits(5, C, R, (6, 5)), _labels(5, R, (6, 5), C)
+    k = orcal.orc_targets(labels, backend="torch", num_classes=C)
+    metric = MultiRaterCalibration(kind="ordinal", readout="expected", per_image=True, num_structures=C)
+    metric.update(logits[:2], labels[:2])  # label maps
+    metric.update(logits[2:], k[2:], num_raters=R)  # vote counts
+    whole = orcal.calibration_stats(logits, k, num_raters=R, kind="ordinal", readout="expected")
+    got, want = metric.compute(), orcal.calibration_metrics(whole)
+    assert {key: got[key] for key in want} == pytest.approx(want) and "agreement" not in got
+    assert got["n_images"] == 5 and metric.totals().n.shape[0] == C
+    _assert_same_stats(metric.stats(), whole)
+    again = MultiRaterCalibration(kind="ordinal", readout="expected", per_image=True, num_structures=C)
+    again.load_state_dict(metric.state_dict())
+    assert again.compute()["mr_ece/2"] == pytest.approx(got["mr_ece/2"])
+    with pytest.raises(ValueError, match="pass num_structures=3"):
+        MultiRaterCalibration(kind="ordinal").update(logits, k, num_raters=R)
+    with pytest.raises(ValueError, match="exact_auc"):
+        MultiRaterCalibration(exact_auc=True, num_structures=C)
 
 
 # --- volume uncertainty -------------------------------------------------------------------------------------
@@ -321,3 +336,34 @@ def test_volume_stats_stream_over_chunks_and_read_binary_masks():
         orcal.volume_stats(prob, masks, spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="coverage"):
         orcal.volume_metrics(whole, coverage=1.5)
+
+
+def _structure_rank(rank: int, world: int, init: str, out_dir: str) -> None:
+    from orcal.metrics import MultiRaterCalibration
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        metric = MultiRaterCalibration(kind="ordinal", per_image=True, num_structures=2)
+        if rank == 1:  # rank 0 sees no image: it still joins the sums and the gather
+            metric.update(_logits(3, 2, 3, (5, 4)), _labels(3, 3, (5, 4), 2))
+        out = metric.compute()
+        torch.save({"out": out["mr_ece/2"], "n_images": out["n_images"], "rows": metric.stats().as_dict()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_streaming_metric_sums_structures_over_ranks(tmp_path):
+    if not torch.distributed.is_available() or INTERPRETED:
+        pytest.skip("torch.distributed is not available" if not INTERPRETED else "runs in the main process")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_structure_rank, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    whole = orcal.calibration_stats(_logits(3, 2, 3, (5, 4)), _labels(3, 3, (5, 4), 2), kind="ordinal",
+                                    num_structures=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["n_images"] == 3 and got["out"] == pytest.approx(orcal.calibration_metrics(whole)["mr_ece/2"])
+        rows = CalibrationStats.from_dict(got["rows"])
+        assert rows.num_structures == 2
+        _assert_same_stats(rows, whole)
