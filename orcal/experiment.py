@@ -95,9 +95,13 @@ def pick_case(dataset, limit: int = 256) -> dict[str, Any]:
         raise ValueError("the test split is empty")
     best = (-1, 0, None)
     for i in np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(int)):
-        masks = dataset[int(i)]["masks"]
-        k = masks.sum(0)
-        amb = (k > 0) & (k < masks.shape[0])
+        item = dataset[int(i)]
+        masks = item["masks"]
+        if item.get("num_structures") is not None:  # rater label maps: where the raters' labels differ
+            amb = (masks != masks[:1]).any(0)
+        else:
+            k = masks.sum(0)
+            amb = (k > 0) & (k < masks.shape[0])
         score = int(amb.sum())
         if score > best[0]:
             sl = int(amb.flatten(1).sum(1).argmax()) if amb.ndim == 3 else None
@@ -106,8 +110,11 @@ def pick_case(dataset, limit: int = 256) -> dict[str, Any]:
     image, masks = item["image"], item["masks"]
     if best[2] is not None:
         image, masks = image[:, best[2]], masks[:, best[2]]
+    structures = item.get("num_structures")
+    votes = (masks > 0).sum(0) if structures is not None else masks.sum(0)  # any structure, for several
     return {"index": best[1], "id": item["id"], "slice": best[2], "image": image.float().numpy(),
-            "votes": masks.sum(0).numpy().astype(np.int64), "num_raters": int(masks.shape[0])}
+            "votes": votes.numpy().astype(np.int64), "num_raters": int(masks.shape[0]),
+            "num_structures": structures}
 
 
 # --- training and evaluation -----------------------------------------------------------------------------
@@ -136,10 +143,11 @@ def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: P
     return tcfg
 
 
-def _metrics(cfg: ExperimentConfig, per_image: bool = True):
+def _metrics(cfg: ExperimentConfig, per_image: bool = True, num_structures: int | None = None):
     from orcal.metrics import MultiRaterCalibration
 
-    return MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=per_image, agreement=per_image)
+    return MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=per_image, agreement=per_image,
+                                 num_structures=num_structures)
 
 
 def _scalar_metrics(metric) -> dict[str, float] | None:
@@ -156,26 +164,28 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     chooses by) and, with ``cfg.temperature_scaling``, one temperature per readout (:mod:`orcal.calibrate`),
     whose scaled readout ``"<readout>+ts"`` is evaluated as a readout of its own. On the test split, per
     readout: the per-image statistics, their bootstrap, the confidence-vs-agreement table and the
-    probability map of the qualitative case."""
+    probability map of the qualitative case. A model of several structures (SPEC §11) keeps a statistics row
+    per image and structure; its temperature scaling and qualitative maps (one structure's) are left out."""
     from orcal.calibrate import TemperatureScaler, apply_temperature
     from orcal.models import probability
     from orcal.training.predict import predict_logits
 
     head, majority = result.head, result.config.majority
     kind = "ordinal" if head == "ordinal" else "logit"
+    C = getattr(result, "num_structures", None)
 
     def passes(split: str):
         return predict_logits(result, splits[split], device=device, batch_size=int(cfg.batch_size), amp=cfg.amp)
 
     def readouts_of(logits: torch.Tensor, temperatures: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        out = {r: probability(logits, head, readout=r, majority=majority) for r in run.readouts}
+        out = {r: probability(logits, head, readout=r, majority=majority, num_structures=C) for r in run.readouts}
         out.update({r + TS_SUFFIX: probability(apply_temperature(logits, t), head, readout=r, majority=majority)
                     for r, t in temperatures.items()})
         return {r: p.float().cpu() for r, p in out.items()}
 
     scalers = {r: TemperatureScaler(kind, readout=r, majority=majority, seed=seed) for r in run.readouts} \
-        if cfg.temperature_scaling and len(splits["val"]) else {}
-    val = {r: _metrics(cfg, per_image=False) for r in run.readouts}
+        if cfg.temperature_scaling and len(splits["val"]) and C is None else {}
+    val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in run.readouts}
     for _, logits, masks, valid in passes("val"):
         for r, p in readouts_of(logits, {}).items():
             val[r].update(p, masks, valid=valid)
@@ -189,14 +199,14 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
                 val[r + TS_SUFFIX].update(readouts_of(logits, {r: temperatures[r]})[r + TS_SUFFIX], masks,
                                           valid=valid)
     names = list(run.readouts) + [r + TS_SUFFIX for r in temperatures]
-    test = {r: _metrics(cfg) for r in names}
+    test = {r: _metrics(cfg, num_structures=C) for r in names}
     case_maps: dict[str, np.ndarray] = {}
     for ids, logits, masks, valid in passes("test"):
         masks = masks.cpu()
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
             test[r].update(p, masks, valid=valid)
-            if case["id"] in ids:
+            if case["id"] in ids and C is None:
                 q = p[ids.index(case["id"])]
                 case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
     out: dict[str, Any] = {}
@@ -400,6 +410,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
             "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(test_ds),
             "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape[1:]),
             "channels": int(first["image"].shape[0]), "qualitative_case": case["id"],
+            "num_structures": first.get("num_structures"),
         }
         if cfg.cache:  # every item is in memory: the sizes of all of them (volumes of LIDC nodules differ in depth)
             sizes = np.array([test_ds[i]["image"].shape[1:] for i in range(len(test_ds))])

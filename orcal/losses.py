@@ -22,15 +22,23 @@ class OrdinalLoss(nn.Module):
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
         from_masks: the target is the rater stack ``(B, R, *S)``; its vote count is taken here.
         ignore_index: a target value marking voxels to leave out (nnU-Net's -1 padding).
+        structure_reduction: with several structures (SPEC §11), ``"sum"`` or ``"mean"`` of their losses.
+        num_classes: with ``from_masks=True``, the target is rater label maps (0..C) of ``C`` structures.
 
     Forward: ``loss(logits (B, R+1, *S), target, valid=None (B, *S) bool)`` with ``target`` the vote count
     ``k`` — ``(B, *S)`` or ``(B, 1, *S)``, any integer dtype or a float holding integers, a MONAI
-    ``MetaTensor`` too — or, with ``from_masks=True``, the rater masks ``(B, R, *S)``.
+    ``MetaTensor`` too — or, with ``from_masks=True``, the rater masks ``(B, R, *S)``. Several structures:
+    logits ``(B, C * (R+1), *S)`` and ``k`` ``(B, C, *S)``.
     """
 
     def __init__(self, rps_weight: float = 1.0, majority: int | None = None, reduction: str = "mean",
-                 backend: str = "auto", from_masks: bool = False, ignore_index: int | None = None):
+                 backend: str = "auto", from_masks: bool = False, ignore_index: int | None = None,
+                 structure_reduction: str = "sum", num_classes: int | None = None):
         super().__init__()
+        from orcal.checks import check_choice
+
+        check_choice("structure_reduction", structure_reduction, ("sum", "mean"))
+        self.structure_reduction, self.num_classes = structure_reduction, num_classes
         from orcal.checks import check_int, check_real
 
         if reduction not in REDUCTIONS:
@@ -46,9 +54,12 @@ class OrdinalLoss(nn.Module):
         if self.from_masks:
             from orcal.masks import as_bool_masks
 
-            k = orc_targets(as_bool_masks(plain_tensor(k), "target"))
+            k = plain_tensor(k)
+            k = orc_targets(as_bool_masks(k, "target")) if self.num_classes is None else \
+                orc_targets(k, num_classes=self.num_classes)
         return ordinal_loss(logits, k, rps_weight=self.rps_weight, majority=self.majority, valid=valid,
-                            reduction=self.reduction, backend=self.backend, ignore_index=self.ignore_index)
+                            reduction=self.reduction, backend=self.backend, ignore_index=self.ignore_index,
+                            structure_reduction=self.structure_reduction)
 
     def extra_repr(self) -> str:
         return (f"rps_weight={self.rps_weight}, majority={self.majority}, reduction={self.reduction!r}"

@@ -64,13 +64,26 @@ def keys() -> tuple[str, ...]:
     return tuple(METRICS)
 
 
+def split_structure(key: str) -> tuple[str, str | None]:
+    """``"mr_ece/2"`` -> ``("mr_ece", "2")``, ``"mr_ece/macro"`` -> ``("mr_ece", "macro")`` (SPEC §11);
+    a plain key -> ``(key, None)``."""
+    base, _, structure = key.partition("/")
+    return base, structure or None
+
+
 def label(key: str) -> str:
-    """Display label of ``key`` (the key itself for a name not in the table)."""
-    return METRICS[key].label if key in METRICS else key
+    """Display label of ``key`` (the key itself for a name not in the table); a structure's key as
+    ``"MR-ECE (structure 2)"`` or ``"MR-ECE (macro)"``."""
+    base, structure = split_structure(key)
+    text = METRICS[base].label if base in METRICS else base
+    if structure is None:
+        return text
+    return f"{text} ({'macro' if structure == 'macro' else f'structure {structure}'})"
 
 
 def higher_is_better(key: str) -> bool:
-    return key in METRICS and METRICS[key].higher_is_better
+    base = split_structure(key)[0]
+    return base in METRICS and METRICS[base].higher_is_better
 
 
 def metrics_from_totals(st: CalibrationStats) -> dict[str, torch.Tensor]:

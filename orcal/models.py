@@ -29,15 +29,18 @@ BUILTIN_2D = ("unet-small",)
 BUILTIN_3D = ("unet3d",)
 
 
-def head_channels(head: str, num_raters: int | None = None) -> int:
-    """Output channels of a head: ``R + 1`` for ``"ordinal"``, 1 for ``"binary"``."""
+def head_channels(head: str, num_raters: int | None = None, num_structures: int = 1) -> int:
+    """Output channels of a head: ``R + 1`` for ``"ordinal"``, 1 for ``"binary"``; times ``num_structures``
+    for several structures (SPEC §11: structure-major)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if isinstance(num_structures, bool) or not isinstance(num_structures, int) or num_structures < 1:
+        raise ValueError(f"num_structures must be a positive int, got {num_structures!r}")
     if head == "binary":
-        return 1
+        return num_structures
     if num_raters is None or not 1 <= int(num_raters) <= 255:
         raise ValueError(f"head='ordinal' needs num_raters in 1..255, got {num_raters!r}")
-    return int(num_raters) + 1
+    return num_structures * (int(num_raters) + 1)
 
 
 # --- padding wrapper ------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def _monai_model(name: str, in_channels: int, out_channels: int, spatial_dims: i
 
 def build_model(arch: str = "FPN", encoder: str = "resnet18", in_channels: int = 1, out_channels: int | None = None,
                 spatial_dims: int = 2, encoder_weights: str | None = None, head: str | None = None,
-                num_raters: int | None = None, **kw) -> nn.Module:
+                num_raters: int | None = None, num_structures: int = 1, **kw) -> nn.Module:
     """Build a segmentation network.
 
     Args:
@@ -201,6 +204,7 @@ def build_model(arch: str = "FPN", encoder: str = "resnet18", in_channels: int =
         head: ``"ordinal"`` (``num_raters + 1`` channels) or ``"binary"`` (1 channel); checked against
             ``out_channels`` when both are given.
         num_raters: ``R`` for the ordinal head.
+        num_structures: ``C`` structures at once (SPEC §11): ``C`` times the head's channels.
         **kw: passed to the network (``base_channels``, ``depth`` for the built-in U-Nets; smp / MONAI options).
 
     Returns:
@@ -213,10 +217,10 @@ def build_model(arch: str = "FPN", encoder: str = "resnet18", in_channels: int =
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     if head is not None:
-        channels = head_channels(head, num_raters)
+        channels = head_channels(head, num_raters, num_structures)
         if out_channels is not None and out_channels != channels:
             raise ValueError(f"out_channels={out_channels} contradicts head={head!r} with num_raters={num_raters} "
-                             f"({channels} channels)")
+                             f"and num_structures={num_structures} ({channels} channels)")
         out_channels = channels
     if out_channels is None or not isinstance(out_channels, int) or out_channels < 1:
         raise ValueError(f"out_channels must be a positive int (or give head and num_raters), got {out_channels!r}")
@@ -251,12 +255,13 @@ def _smp_multiple(net: nn.Module) -> int:
 # --- readouts -------------------------------------------------------------------------------------------
 
 def probability(model_output: torch.Tensor, head: str, readout: str = "majority",
-                majority: int | None = None) -> torch.Tensor:
+                majority: int | None = None, num_structures: int | None = None) -> torch.Tensor:
     """Foreground probability ``(B, *S)`` (float32) from a model's output ``(B, C, *S)``.
 
     ``head="binary"``: the sigmoid of the single logit. ``head="ordinal"``: ``orcal.foreground_probability``
     with ``readout="majority"`` (the probability that at least ``majority`` raters vote foreground, the
-    default) or ``"expected"`` (the expected fraction of raters voting foreground), SPEC §2.
+    default) or ``"expected"`` (the expected fraction of raters voting foreground), SPEC §2. With
+    ``num_structures = C``, ``(B, C, *S)``: one logit or ``R + 1`` levels per structure (SPEC §11).
     """
     if not isinstance(model_output, torch.Tensor):
         raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
@@ -265,6 +270,15 @@ def probability(model_output: torch.Tensor, head: str, readout: str = "majority"
     if model_output.ndim not in (4, 5):
         raise ValueError(f"model_output must be (B, C, H, W) or (B, C, D, H, W), got {tuple(model_output.shape)}")
     out = model_output.float()
+    if num_structures is not None:
+        if head == "binary":
+            if out.shape[1] != num_structures:
+                raise ValueError(f"head='binary' with {num_structures} structures expects as many channels, "
+                                 f"got {out.shape[1]}")
+            return torch.sigmoid(out)
+        from orcal.ops import foreground_probability
+
+        return foreground_probability(out, readout, majority, num_structures=num_structures).float()
     if head == "binary":
         if out.shape[1] != 1:
             raise ValueError(f"head='binary' expects 1 output channel, got {out.shape[1]}")

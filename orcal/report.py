@@ -213,6 +213,14 @@ def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", 
     return "\n".join(lines) + "\n"
 
 
+def structure_columns(by_row: Mapping[str, Mapping[str, Any]], metric: str) -> list[str]:
+    """``metric``'s per-structure keys in one dataset's rows, then its macro average (SPEC §11); empty
+    for a dataset of one structure."""
+    keys = {k for summary in by_row.values() for k in summary if k.startswith(f"{metric}/")}
+    per = sorted((k for k in keys if not k.endswith("/macro")), key=lambda k: int(k.partition("/")[2]))
+    return [*per, f"{metric}/macro"] if per else []
+
+
 def metrics_csv(runs: Runs) -> str:
     """Every metric of every row and dataset in long form: dataset, method, metric, value (test set, mean over
     seeds), std over seeds, bootstrap mean, std, 2.5 % and 97.5 % percentiles."""
@@ -373,6 +381,15 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
         if name in tables:
             lines += [tables[name].to_markdown(), ""]
     lines += [READING.format(pct=f"{100 * float(s.get('fraction', 0.6)):.0f}"), ""]
+    per_structure = [(key, metric, structure_columns(by_row, metric)) for key, by_row in results.get("runs", {}).items()
+                     for metric in ("mr_ece", "auc", "dice")]
+    if any(columns for _, _, columns in per_structure):
+        lines += ["## Per structure", "", "Each structure scored one-vs-rest against its raters; *macro* is the "
+                  "unweighted mean over structures, while the tables above pool the voxel–rater pairs of every "
+                  "structure (SPEC §11).", ""]
+        for key, metric, columns in per_structure:
+            if columns:
+                lines += [f"**{key}: {metric_label(metric)}**", "", dataset_table(results["runs"], key, columns), ""]
     comparisons = results.get("comparisons", {})
     if any(comparison_table(c) for c in comparisons.values()):
         lines += ["## Paired comparisons", "", "Each row minus the reference row, seed by seed on the same test "
@@ -463,6 +480,11 @@ def write_outputs(results: dict[str, Any], out: Path, panels: Mapping[str, Mappi
     for key in results["runs"]:
         text = dataset_table(results["runs"], key, ("mr_ece", "auc", "dice", "brier"))
         (out / f"summary_{slug(key)}.md").write_text(text, encoding="utf-8")
+        for metric in ("mr_ece", "auc", "dice"):  # several structures (SPEC §11): a column per structure
+            columns = structure_columns(results["runs"][key], metric)
+            if columns:
+                (out / f"structures_{metric}_{slug(key)}.md").write_text(
+                    dataset_table(results["runs"], key, columns), encoding="utf-8")
     sweeps_md: dict[str, str] = {}
     for key, sweep in results.get("sweeps", {}).items():
         text = sweep_table(sweep)

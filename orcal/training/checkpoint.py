@@ -94,7 +94,7 @@ def model_from_spec(spec: dict) -> nn.Module:
     opts = dict(spec.get("model_options", {}))
     model = build_model(spec["arch"], encoder=spec.get("encoder", "resnet18"), in_channels=spec["in_channels"],
                         spatial_dims=spec["spatial_dims"], encoder_weights=None, head=spec["head"],
-                        num_raters=spec["num_raters"], **opts)
+                        num_raters=spec["num_raters"], num_structures=spec.get("num_structures") or 1, **opts)
     model.orcal_spec = dict(spec)
     return model
 
@@ -123,7 +123,7 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "out_dir", "root", "device", 
 def check_resumable(ckpt: dict, spec: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume a run under settings other than its own, naming the first that differs."""
     old = ckpt["model_spec"]
-    for key in ("arch", "encoder", "in_channels", "spatial_dims", "head", "num_raters"):
+    for key in ("arch", "encoder", "in_channels", "spatial_dims", "head", "num_raters", "num_structures"):
         if old.get(key) != spec.get(key):
             raise ValueError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, this run has "
                              f"{key}={spec.get(key)!r}")

@@ -152,6 +152,7 @@ class TrainResult:
     best_val_loss: float | None = None
     spatial_dims: int = 2
     in_channels: int = 1
+    num_structures: int | None = None  # C for several structures (SPEC §11), None for one
 
 
 def plain(obj: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -82,32 +81,46 @@ def load_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
     return train_ds, val_ds
 
 
-def probe(ds: Dataset) -> tuple[int, int, int]:
+def probe(ds: Dataset) -> tuple[int, int, int, int | None]:
+    """``(image channels, spatial dims, R, C)`` of the first item; ``C`` is None for binary rater masks, the
+    item's ``num_structures`` for rater label maps (SPEC §11)."""
     if len(ds) == 0:
         raise ValueError("the training set is empty")
     item = ds[0]
     masks, image = item["masks"], item["image"]
     if masks.ndim not in (3, 4):
         raise ValueError(f"items must hold masks (R, H, W) or (R, D, H, W), got {tuple(masks.shape)}")
-    return int(image.shape[0]), int(masks.ndim - 1), int(masks.shape[0])
+    structures = item.get("num_structures")
+    return int(image.shape[0]), int(masks.ndim - 1), int(masks.shape[0]), \
+        None if structures is None else int(structures)
 
 
-def label_prior(ds: Dataset, head: str, num_raters: int, max_items: int = 64) -> torch.Tensor:
+def _votes(item: dict, num_structures: int | None) -> list[torch.Tensor]:
+    """An item's vote counts, one ``(*S)`` map per structure."""
+    masks = item["masks"].to(torch.int64)
+    if num_structures is None:
+        return [masks.sum(0)]
+    return [(masks == c).sum(0) for c in range(1, num_structures + 1)]
+
+
+def label_prior(ds: Dataset, head: str, num_raters: int, max_items: int = 64,
+                num_structures: int | None = None) -> torch.Tensor:
     """Output bias that reproduces the label frequencies of (up to ``max_items`` evenly spaced) training items.
 
     Ordinal head: log-frequency of each vote count 0..R, so the initial softmax is the empirical distribution.
-    Binary head: logit of the mean vote fraction.
+    Binary head: logit of the mean vote fraction. With several structures, one such bias per structure,
+    structure-major as the head's channels.
     """
     step = max(1, len(ds) // max_items)
-    counts = torch.zeros(num_raters + 1, dtype=torch.float64)
+    counts = torch.zeros(num_structures or 1, num_raters + 1, dtype=torch.float64)
     for i in range(0, len(ds), step):
         item = ds[i]
-        k = item["masks"].to(torch.int64).sum(0)
-        if item.get("valid") is not None:
-            k = k[item["valid"]]
-        counts += torch.bincount(k.reshape(-1), minlength=num_raters + 1)[: num_raters + 1].double()
-    freq = (counts + 1.0) / (counts.sum() + num_raters + 1)  # add-one: no level starts impossible
+        for c, k in enumerate(_votes(item, num_structures)):
+            if item.get("valid") is not None:
+                k = k[item["valid"]]
+            counts[c] += torch.bincount(k.reshape(-1), minlength=num_raters + 1)[: num_raters + 1].double()
+    freq = (counts + 1.0) / (counts.sum(1, keepdim=True) + num_raters + 1)  # add-one: no level starts impossible
     if head == "ordinal":
-        return torch.log(freq).float()
-    mean = float((freq * torch.arange(num_raters + 1)).sum() / num_raters)
-    return torch.tensor([math.log(mean / (1 - mean))], dtype=torch.float32)
+        return torch.log(freq).float().reshape(-1)
+    mean = (freq * torch.arange(num_raters + 1)).sum(1) / num_raters
+    return torch.log(mean / (1 - mean)).float()

@@ -67,9 +67,11 @@ def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Obj
     from orcal.metrics import MultiRaterCalibration
 
     kind = "ordinal" if cfg.head == "ordinal" else "logit"
-    calib = MultiRaterCalibration(kind=kind, readout="expected", majority=cfg.majority, agreement=False)
-    seg = MultiRaterCalibration(kind=kind, readout="majority", majority=cfg.majority, agreement=False) \
-        if kind == "ordinal" else calib
+    C = getattr(model, "orcal_spec", {}).get("num_structures")
+    calib = MultiRaterCalibration(kind=kind, readout="expected", majority=cfg.majority, agreement=False,
+                                  num_structures=C)
+    seg = MultiRaterCalibration(kind=kind, readout="majority", majority=cfg.majority, agreement=False,
+                                num_structures=C) if kind == "ordinal" else calib
     model.eval()
     indices = list(range(info.rank, len(val_ds), info.world))
     bs = cfg.batch_size if spatial_dims == 2 else 1
@@ -86,7 +88,7 @@ def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Obj
         logits = infer_logits(model, image, spatial_dims, patch, cfg.sw_overlap, cfg.amp, device)
         # the random rater of validation images is fixed (seeded per batch), the same every epoch
         g = torch.Generator().manual_seed(mix(cfg.seed, 99, info.rank, j))
-        total += float(objective(logits, masks, valid, g, reduction="sum"))
+        total += float(objective(logits, masks, valid, g, reduction="sum", num_structures=C))
         count += float(masks[:, 0].numel() if valid is None else valid.sum())
         for metric in {id(calib): calib, id(seg): seg}.values():
             metric.update(logits, masks, valid=valid)
@@ -95,13 +97,15 @@ def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Obj
             "dice": float(seg.compute()["dice"])}
 
 
-def model_spec(cfg: TrainConfig, in_channels: int, spatial_dims: int, num_raters: int) -> dict:
+def model_spec(cfg: TrainConfig, in_channels: int, spatial_dims: int, num_raters: int,
+               num_structures: int | None = None) -> dict:
     arch = cfg.arch
     if arch == "auto":
         arch = "FPN" if spatial_dims == 2 else "unet3d"
-    return {"arch": arch, "encoder": cfg.encoder, "in_channels": in_channels, "spatial_dims": spatial_dims,
+    spec = {"arch": arch, "encoder": cfg.encoder, "in_channels": in_channels, "spatial_dims": spatial_dims,
             "head": cfg.head, "num_raters": num_raters, "model_options": plain(cfg.model_options),
             "majority": cfg.majority}
+    return spec if num_structures is None else {**spec, "num_structures": num_structures}
 
 
 def train(config: TrainConfig, progress: bool = True, train_dataset: Dataset | None = None,
@@ -145,17 +149,17 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
     seed_everything(cfg.seed)
     if train_ds is None:
         train_ds, val_ds = load_datasets(cfg)
-    in_channels, spatial_dims, num_raters = probe(train_ds)
+    in_channels, spatial_dims, num_raters, structures = probe(train_ds)
     if cfg.spatial_dims is not None and cfg.spatial_dims != spatial_dims:
         raise ValueError(f"spatial_dims={cfg.spatial_dims} but the data is {spatial_dims}D")
     patch = as_tuple(cfg.patch_size, spatial_dims)
-    spec = model_spec(cfg, in_channels, spatial_dims, num_raters)
+    spec = model_spec(cfg, in_channels, spatial_dims, num_raters, structures)
     model = build_model(spec["arch"], encoder=cfg.encoder, in_channels=in_channels, spatial_dims=spatial_dims,
                         encoder_weights=cfg.encoder_weights, head=cfg.head, num_raters=num_raters,
-                        **cfg.model_options).to(device)
+                        num_structures=structures or 1, **cfg.model_options).to(device)
     model.orcal_spec = dict(spec)
     if cfg.prior_bias:  # a resumed run overwrites it with the checkpoint's weights below
-        init_output_bias(model, label_prior(train_ds, cfg.head, num_raters))
+        init_output_bias(model, label_prior(train_ds, cfg.head, num_raters, num_structures=structures))
     objective = Objective(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -228,7 +232,7 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
             image, masks, valid = to_device(batch, device)
             with autocast(cfg.amp, device):
                 logits = net(image)
-            loss = objective(logits, masks, valid, target_gen)
+            loss = objective(logits, masks, valid, target_gen, num_structures=structures)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -285,4 +289,4 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
                        checkpoint_path=str(out_dir / BEST) if out_dir is not None else None,
                        num_raters=num_raters, head=cfg.head,
                        best_val_loss=best_val if math.isfinite(best_val) else None,
-                       spatial_dims=spatial_dims, in_channels=in_channels)
+                       spatial_dims=spatial_dims, in_channels=in_channels, num_structures=structures)

@@ -38,8 +38,16 @@ class Objective:
             self.mean, self.sum = SoftBCELoss("mean"), SoftBCELoss("sum")
 
     def __call__(self, logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None,
-                 generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
+                 generator: torch.Generator, reduction: str = "mean", num_structures: int | None = None
+                 ) -> torch.Tensor:
+        """The loss of a batch; with ``num_structures``, ``masks`` are rater label maps and the loss is the
+        sum over structures of each one's loss (SPEC §11), for either head."""
         extra = {"generator": generator} if self.strategy.needs_generator else {}
-        target = fusion.make_target(self.method, masks, **self.options, **extra)
+        target = fusion.make_target(self.method, masks, num_structures=num_structures, **self.options, **extra)
         fn = self.mean if reduction == "mean" else self.sum
-        return fn(logits.float(), target, valid)
+        if num_structures is None or self.strategy.head == "ordinal":
+            return fn(logits.float(), target, valid)
+        if valid is not None:
+            valid = valid.unsqueeze(1).expand_as(target)
+        loss = fn(logits.float(), target, valid)  # BCE per channel: its mean is the mean over structures
+        return loss * num_structures if reduction == "mean" else loss

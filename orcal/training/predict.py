@@ -50,6 +50,13 @@ def _resolve(model_or_result, head, majority, patch_size):
     raise TypeError(f"model_or_result must be an nn.Module or a TrainResult, got {type(model_or_result).__name__}")
 
 
+def structures_of(model_or_result) -> int | None:
+    """``C`` of a model trained on several structures (SPEC §11), None for one."""
+    if isinstance(model_or_result, TrainResult):
+        return model_or_result.num_structures
+    return getattr(model_or_result, "orcal_spec", {}).get("num_structures")
+
+
 def _batches(dataset: Dataset, batch_size: int, progress: bool) -> Iterator[list[dict]]:
     """Items in runs of at most ``batch_size`` with one image and mask shape; 3D volumes one at a time."""
     it: Any = range(len(dataset))
@@ -114,12 +121,15 @@ def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
     (:func:`predict_logits`; arguments as :func:`predict`).
 
     Yields:
-        ``(ids, {readout: p (B, *S) float32 on the CPU}, masks (B, R, *S) uint8, valid (B, *S) bool or None)``.
+        ``(ids, {readout: p (B, *S) float32 on the CPU}, masks (B, R, *S) uint8, valid (B, *S) bool or None)``;
+        ``p`` is ``(B, C, *S)`` and ``masks`` are rater label maps for a model of several structures.
     """
     _, head, majority, _ = _resolve(model_or_result, head, majority, patch_size)
+    C = structures_of(model_or_result)
     for ids, logits, masks, valid in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
                                                     overlap, amp, progress):
-        probs = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
+        probs = {r: probability(logits, head, readout=r, majority=majority, num_structures=C).float().cpu()
+                 for r in readouts}
         yield ids, probs, masks, valid
 
 
@@ -164,7 +174,8 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
                       amp: str = "auto", progress: bool = True) -> dict[str, Path]:
     """Write every item's foreground probability, one file per case and readout, as ``orcal evaluate`` reads
     them: ``OUT/<readout>/<case><ext>``; for an ordinal head also ``OUT/expected_k/<case><ext>``, the predicted
-    number of raters ``E[k]`` (float32).
+    number of raters ``E[k]`` (float32). A model of several structures writes each structure ``c`` under
+    ``OUT/<readout>/structure<c>/`` (``orcal evaluate --label c`` reads one against the raters' label maps).
 
     Args:
         readouts: default both readouts for an ordinal head (SPEC §2), ``("majority",)`` for a binary one (the
@@ -186,14 +197,20 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
     out = Path(out_dir)
     ids = getattr(dataset, "ids", None) or [str(dataset[i].get("id", i)) for i in range(len(dataset))]
     sources = {str(c): getattr(dataset, "image_path", lambda i: None)(i) for i, c in enumerate(ids)}
-    folders = {r: out / r for r in readouts}
-    if head == "ordinal":
-        folders["expected_k"] = out / "expected_k"
+    C = structures_of(model_or_result)
+    names = (*readouts, "expected_k") if head == "ordinal" else tuple(readouts)
+    folders = {name: out / name for name in names}
+    if C is not None:
+        folders = {f"{name}/structure{c}": out / name / f"structure{c}" for name in names for c in range(1, C + 1)}
     for batch_ids, logits, _, _ in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
                                                       overlap, amp, progress):
-        maps = {r: probability(logits, head, readout=r, majority=majority).float().cpu() for r in readouts}
+        maps = {r: probability(logits, head, readout=r, majority=majority, num_structures=C).float().cpu()
+                for r in readouts}
         if head == "ordinal":
-            maps["expected_k"] = probability(logits, head, readout="expected").float().cpu() * (logits.shape[1] - 1)
+            R = logits.shape[1] // (C or 1) - 1
+            maps["expected_k"] = probability(logits, head, "expected", num_structures=C).float().cpu() * R
+        if C is not None:  # (B, C, *S): one map per structure
+            maps = {f"{name}/structure{c + 1}": m[:, c] for name, m in maps.items() for c in range(C)}
         for j, case in enumerate(batch_ids):
             like = sources.get(case)
             like = like if like is not None and file_format(like) == "nifti" else None
@@ -203,7 +220,7 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
                 if ext == ".png":
                     if arr.ndim != 2:
                         raise ValueError(f"PNG output needs 2D images, case {case} is {arr.ndim}D; use nii.gz or npy")
-                    if name == "expected_k":  # not a probability: kept exact
+                    if name.startswith("expected_k"):  # not a probability: kept exact
                         write_array(folders[name] / f"{case}.npy", arr)
                         continue
                     arr = np.rint(arr * 255.0).astype(np.uint8)
