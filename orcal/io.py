@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orcal.masks import binary_mask, mask_plane, select_labels
+from orcal.masks import binary_mask, mask_plane, select_labels, structure_map
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -97,18 +97,23 @@ def rater_files(folder: str | os.PathLike, pattern: str = "*", exclude: tuple = 
                   key=lambda p: natural_key(p.name))
 
 
-def read_mask(path: str | os.PathLike, channel: int | None = None, label: int | Sequence[int] | None = None
-              ) -> np.ndarray:
+def read_mask(path: str | os.PathLike, channel: int | None = None, label: int | Sequence[int] | None = None,
+              structures: Sequence[int] | None = None) -> np.ndarray:
     """Read one rater's binary mask as uint8 {0, 1} (see :func:`mask_plane` and :func:`binary_mask`).
 
     ``channel`` picks the channel of a colour image file; NIfTI and ``.npy`` arrays are read as they are.
-    ``label`` reads one structure (or several, as one) of a multi-label map (:func:`select_labels`).
+    ``label`` reads one structure (or several, as one) of a multi-label map (:func:`select_labels`);
+    ``structures`` reads several as a label map 0..C (:func:`structure_map`, SPEC §11).
     """
     arr = read_array(path)
     if file_format(path) == "image" and arr.ndim == 3:
         arr = mask_plane(arr, str(path), channel)
     elif channel is not None:
         raise ValueError(f"{path}: a mask channel ({channel}) applies to colour image files only")
+    if structures is not None:
+        if label is not None:
+            raise ValueError("give label (one structure) or structures (several), not both")
+        return structure_map(arr, structures, str(path))
     return binary_mask(arr, str(path)) if label is None else select_labels(arr, label, str(path))
 
 

@@ -87,6 +87,30 @@ def select_labels(arr: np.ndarray, labels: int | Sequence[int], source: str) -> 
     return np.isin(arr, np.asarray(wanted)).astype(np.uint8)
 
 
+def check_structures(structures: Sequence[int], name: str = "structures") -> tuple[int, ...]:
+    """Distinct positive integer labels, in the order given (at most 255: a uint8 label map)."""
+    if isinstance(structures, (str, bytes)) or not isinstance(structures, Sequence):
+        raise TypeError(f"{name} must be a list of labels, got {structures!r}")
+    out = tuple(structures)
+    if (not out or len(out) > 255 or len(set(out)) != len(out)
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in out)):
+        raise ValueError(f"{name} must be distinct positive labels (0 is background), got {structures!r}")
+    return tuple(int(v) for v in out)
+
+
+def structure_map(arr: np.ndarray, structures: Sequence[int], source: str) -> np.ndarray:
+    """A rater's label map with label ``structures[i]`` as ``i + 1`` and every other voxel 0, uint8: the
+    rater label maps of SPEC §11 (structure ``c`` of the result is ``structures[c - 1]`` of the file)."""
+    wanted = check_structures(structures)
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise ValueError(f"{source}: a label map must hold integer labels, found non-integer values")
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for i, value in enumerate(wanted):
+        out[arr == value] = i + 1
+    return out
+
+
 def mask_plane(arr: np.ndarray, source: str, channel: int | None = None) -> np.ndarray:
     """The annotation plane of a mask stored as a colour image ``(H, W, C)`` (grey+alpha, RGB or RGBA).
 

@@ -329,3 +329,41 @@ def test_folder_image_mask_mismatch_and_unknown_options(tmp_path):
         load_dataset("folder", tmp_path, crop=3)
     with pytest.raises(ValueError, match="unknown split"):
         load_dataset("folder", tmp_path, split="training")
+
+
+def test_several_structures_from_the_loaders(tmp_path):
+    """structures= reads several labels at once as rater label maps with num_structures (SPEC §11)."""
+    import orcal
+
+    curvas = write_curvas(tmp_path / "c", n=3)
+    item = load_dataset("curvas", curvas, structures="all")[0]
+    assert item["num_structures"] == 3 and item["masks"].dtype == torch.uint8 and int(item["masks"].max()) == 3
+    k = orcal.orc_targets(item["masks"][None], num_classes=3)[0]
+    for c, task in enumerate(("pancreas", "kidney", "liver")):  # structure c is the task's binary vote count
+        assert torch.equal(k[c], load_dataset("curvas", curvas, task=task)[0]["masks"].sum(0, dtype=torch.uint8))
+    liver_first = load_dataset("curvas", curvas, structures=[3, 1])[0]["masks"]
+    assert int((liver_first == 1).sum()) == 3 * 1 and int((liver_first == 2).sum()) == 3 * 8
+    assert load_dataset("curvas", curvas, structures="all").display_name == "curvas (structures 1,2,3)"
+    with pytest.raises(ValueError, match="not both"):
+        load_dataset("curvas", curvas, task="liver", structures="all")
+    with pytest.raises(ValueError, match="'all' or a list"):
+        load_dataset("curvas", curvas, structures="every")
+
+    longciu = write_longciu(tmp_path / "l")
+    item = load_dataset("longciu", longciu, structures="all")[2]
+    assert item["num_structures"] == 2
+    assert [int((m == 2).sum()) for m in item["masks"]] == [2, 4, 6]  # consolidation, as its own task reads it
+    assert [int((m == 1).sum()) for m in item["masks"]] == [9, 9, 9]
+
+    d = tmp_path / "f" / "case"
+    d.mkdir(parents=True)
+    np.save(d / "image.npy", np.zeros((4, 5), np.float32))
+    for r in range(2):
+        lab = np.zeros((4, 5), np.uint8)
+        lab[0, : r + 1] = 7
+        lab[2:, :] = 2
+        np.save(d / f"rater{r}.npy", lab)
+    item = load_dataset("folder", tmp_path / "f", structures=[7, 2])[0]
+    assert item["num_structures"] == 2 and [int((m == 1).sum()) for m in item["masks"]] == [1, 2]
+    with pytest.raises(ValueError, match="distinct positive labels"):
+        load_dataset("folder", tmp_path / "f", structures=[2, 2])

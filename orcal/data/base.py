@@ -172,6 +172,13 @@ def make_item(image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, case_
     return item
 
 
+def with_structures(item: dict, structures: Sequence[int] | None) -> dict:
+    """Mark an item whose ``masks`` are rater label maps of ``len(structures)`` structures (SPEC §11)."""
+    if structures is not None:
+        item["num_structures"] = len(structures)
+    return item
+
+
 class MultiRaterDataset(Dataset):
     """Base class: a list of :class:`Case` loaded lazily by :meth:`load_case`, an optional transform."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from orcal.masks import select_labels
+from orcal.masks import check_structures, select_labels, structure_map
 
 from ._io import read_array
 from .base import (
@@ -22,9 +22,24 @@ from .base import (
     resolve_task,
     scale_intensity,
     seeded_split,
+    with_structures,
 )
 
 HU_WINDOW = (-1024.0, 600.0)
+
+
+def _structures(structures, chosen, every: tuple[int, ...], name: str) -> tuple[int, ...] | None:
+    """The labels of ``structures`` (``"all"``: ``every``), refused beside a task or label ``chosen``."""
+    if structures is None:
+        return None
+    if chosen is not None:
+        raise ValueError(f"give a task or label ({chosen!r}) or structures ({structures!r}) of dataset {name!r}, "
+                         "not both")
+    if isinstance(structures, str):
+        if structures != "all":
+            raise ValueError(f"structures of dataset {name!r} must be 'all' or a list of labels, got {structures!r}")
+        return every
+    return check_structures(structures)
 
 
 class LongCIU(MultiRaterDataset):
@@ -38,8 +53,9 @@ class LongCIU(MultiRaterDataset):
         ROOT/longciu_splits.json           {"train": [slice indices], "val": [...], "test": [...]}
 
     Published: LongCIU (Lung CT with Inter-observer Uncertainty) on Zenodo, an extension of the MedSeg
-    COVID-19 CT segmentation slices. ``task``: "ggo" (label 1), "consolidation" (2) or "any" (1 or 2).
-    Intensities: HU clipped to [-1024, 600] and scaled to [0, 1]. Items are 2D slices.
+    COVID-19 CT segmentation slices. ``task``: "ggo" (label 1), "consolidation" (2) or "any" (1 or 2);
+    ``structures="all"`` reads both findings at once as rater label maps (1 ground glass, 2 consolidation;
+    SPEC §11). Intensities: HU clipped to [-1024, 600] and scaled to [0, 1]. Items are 2D slices.
     Option ``slice_axis`` (default -1) picks the stacking axis.
     """
 
@@ -49,8 +65,9 @@ class LongCIU(MultiRaterDataset):
     tasks = {"ggo": (1,), "consolidation": (2,), "any": (1, 2)}
 
     def __init__(self, root, split: str | None = None, task: str | None = None, slice_axis: int = -1,
-                 transform: Callable | None = None):
-        self.task = resolve_task(task, tuple(self.tasks), "any", self.name)
+                 transform: Callable | None = None, structures: str | Sequence[int] | None = None):
+        self.structures = _structures(structures, task, (1, 2), self.name)
+        self.task = None if self.structures else resolve_task(task, tuple(self.tasks), "any", self.name)
         root = check_root(root, self.name, self.published, self.layout)
         image_path = root / "longciu_img.nii.gz"
         volume = read_array(image_path)
@@ -64,8 +81,9 @@ class LongCIU(MultiRaterDataset):
                 raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
             lab = read_array(path)
             check_same_shape(lab, volume.shape, str(path), str(image_path))
-            self.labels.append(np.moveaxis(label_mask(lab, self.tasks[self.task], (0, 1, 2), str(path)),
-                                           slice_axis, 0))
+            read = (structure_map(lab, self.structures, str(path)) if self.structures
+                    else label_mask(lab, self.tasks[self.task], (0, 1, 2), str(path)))
+            self.labels.append(np.moveaxis(read, slice_axis, 0))
         n = self.volume.shape[0]
         cases = [Case(f"slice-{i:03d}", str(i), i) for i in range(n)]
         if split is not None:
@@ -88,7 +106,8 @@ class LongCIU(MultiRaterDataset):
 
     def load_case(self, case: Case) -> dict:
         i = case.info
-        return make_item(self.volume[i][None], [lab[i] for lab in self.labels], case.id)
+        return with_structures(make_item(self.volume[i][None], [lab[i] for lab in self.labels], case.id),
+                               self.structures)
 
 
 class Curvas(MultiRaterDataset):
@@ -102,8 +121,9 @@ class Curvas(MultiRaterDataset):
     (the published cases are named ``UKCHLL###``; any folder holding ``image.nii.gz`` is a case).
     Published: the CURVAS challenge (MICCAI 2024, https://curvas.grand-challenge.org; data on Zenodo).
     ``task``: "pancreas", "kidney" or "liver"; or ``label`` (an integer or a list read as one) for a file
-    with other labels. Intensities: HU in ``window`` (default (-200, 300)) scaled to [0, 1]. ``split``:
-    seeded by case (``val_fraction``, ``test_fraction``, ``seed``).
+    with other labels; or ``structures``, several at once as rater label maps (SPEC §11): ``"all"`` (1
+    pancreas, 2 kidney, 3 liver) or a list of the file's labels. Intensities: HU in ``window`` (default
+    (-200, 300)) scaled to [0, 1]. ``split``: seeded by case (``val_fraction``, ``test_fraction``, ``seed``).
     """
 
     name = "curvas"
@@ -114,8 +134,12 @@ class Curvas(MultiRaterDataset):
     def __init__(self, root, split: str | None = None, task: str | None = None,
                  window: tuple[float, float] = (-200.0, 300.0), num_raters: int = 3,
                  val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-                 transform: Callable | None = None, label: int | Sequence[int] | None = None):
-        if label is None:
+                 transform: Callable | None = None, label: int | Sequence[int] | None = None,
+                 structures: str | Sequence[int] | None = None):
+        self.structures = _structures(structures, task if label is None else label, (1, 2, 3), self.name)
+        if self.structures:
+            self.task, self.label = None, None
+        elif label is None:
             self.task = resolve_task(task, tuple(self.tasks), None, self.name)
             self.label: int | Sequence[int] = self.tasks[self.task]
         elif task is not None:
@@ -144,6 +168,16 @@ class Curvas(MultiRaterDataset):
                 raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
             lab = read_array(path)
             check_same_shape(lab, image.shape, str(path), str(image_path))
-            masks.append(label_mask(lab, (self.label,), (0, 1, 2, 3), str(path)) if self.task is not None
-                         else select_labels(lab, self.label, str(path)))  # a task: CURVAS's own labels only
-        return make_item(scale_intensity(image, self.window, str(image_path))[None], masks, case.id)
+            if self.structures:
+                masks.append(structure_map(lab, self.structures, str(path)))
+            else:  # a task: CURVAS's own labels only
+                masks.append(label_mask(lab, (self.label,), (0, 1, 2, 3), str(path)) if self.task is not None
+                             else select_labels(lab, self.label, str(path)))
+        return with_structures(make_item(scale_intensity(image, self.window, str(image_path))[None], masks,
+                                         case.id), self.structures)
+
+    @property
+    def display_name(self) -> str:
+        if self.structures:
+            return f"curvas (structures {','.join(str(v) for v in self.structures)})"
+        return super().display_name

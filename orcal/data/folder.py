@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from orcal.io import EXTENSIONS, rater_files
+from orcal.masks import check_structures
 
 from ._io import read_array
 from .base import (
@@ -18,6 +19,7 @@ from .base import (
     read_mask,
     scale_intensity,
     seeded_split,
+    with_structures,
 )
 
 
@@ -33,7 +35,8 @@ class FolderDataset(MultiRaterDataset):
     matched against file names, sorted naturally), ``intensity`` ("auto": uint8 / 255, other types by
     0.5/99.5 percentiles; "percentile", "none" or a (low, high) window), ``mask_channel`` (the channel of colour
     mask images that holds the annotation; default: masks must be grey), ``label`` (the structure to read from
-    multi-label rater maps, one integer or a list read as one; default: masks must be binary). ``split``: seeded by case
+    multi-label rater maps, one integer or a list read as one; default: masks must be binary), ``structures`` (a
+    list of labels read at once as rater label maps 0..C, SPEC §11). ``split``: seeded by case
     (``val_fraction``, ``test_fraction``, ``seed``). Published: your own data.
     """
 
@@ -44,9 +47,13 @@ class FolderDataset(MultiRaterDataset):
     def __init__(self, root, split: str | None = None, task: str | None = None, rater_glob: str = "rater*",
                  intensity: str | tuple[float, float] = "auto", val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, transform: Callable | None = None,
-                 mask_channel: int | None = None, label: int | Sequence[int] | None = None):
+                 mask_channel: int | None = None, label: int | Sequence[int] | None = None,
+                 structures: Sequence[int] | None = None):
         if task not in (None, "default"):
             raise ValueError(f"unknown task {task!r} for dataset 'folder'; valid tasks: default")
+        if structures is not None and label is not None:
+            raise ValueError("give label (one structure) or structures (several) of dataset 'folder', not both")
+        self.structures = None if structures is None else check_structures(structures)
         root = check_root(root, self.name, self.published, self.layout)
         self.rater_glob, self.intensity, self.mask_channel, self.label = rater_glob, intensity, mask_channel, label
         cases = []
@@ -75,8 +82,9 @@ class FolderDataset(MultiRaterDataset):
 
     def load_case(self, case: Case) -> dict:
         image_path, rater_paths = case.info
-        masks = [read_mask(path, self.mask_channel, self.label) for path in rater_paths]
+        masks = [read_mask(path, self.mask_channel, self.label, self.structures) for path in rater_paths]
         for path, m in zip(rater_paths[1:], masks[1:]):
             check_same_shape(m, masks[0].shape, str(path), str(rater_paths[0]))
         image = channels_first(read_array(image_path), masks[0].shape, str(image_path))
-        return make_item(scale_intensity(image, self.intensity, str(image_path)), masks, case.id)
+        return with_structures(make_item(scale_intensity(image, self.intensity, str(image_path)), masks, case.id),
+                               self.structures)
