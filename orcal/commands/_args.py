@@ -29,3 +29,28 @@ def patch_size(text: str) -> int | tuple[int, ...] | None:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"patch size must hold positive ints, got {text!r}")
     return sizes[0] if len(sizes) == 1 else sizes
+
+
+def structures(text: str) -> str | list[int]:
+    """``all`` or comma-separated labels (``1,3``): the ``structures`` loader option (SPEC §11)."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        labels = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"structures are 'all' or labels such as 1,2,3, got {text!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError(f"structures are 'all' or labels such as 1,2,3, got {text!r}")
+    return labels
+
+
+STRUCTURES_HELP = ("several structures at once (SPEC §11): 'all' or labels such as 1,3 (CURVAS, LongCIU, folder; "
+                   "for synthetic data use --option structures=C)")
+
+
+def loader_options(args: argparse.Namespace) -> dict:
+    """``--option KEY=VALUE`` pairs, with ``--structures`` as the loaders' ``structures`` option."""
+    options = dict(getattr(args, "option", []) or [])
+    if getattr(args, "structures", None) is not None:
+        options["structures"] = args.structures
+    return options

@@ -16,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from orcal.commands._args import key_value, patch_size
+from orcal.commands._args import STRUCTURES_HELP, key_value, loader_options, patch_size, structures
 
 
 def _int_or_none(text: str) -> int | None:
@@ -99,6 +99,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder: once for all datasets, or once per --dataset in order")
     parser.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="dataset loader option for every dataset, e.g. n=128 or min_raters_foreground=1")
+    parser.add_argument("--structures", type=structures, default=None, help=STRUCTURES_HELP)
     parser.add_argument("--name", action="append", default=[],
                         help="display name of a dataset in the tables (once per --dataset, in order; default: "
                              "the name the data gives itself)")
@@ -110,7 +111,7 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
     """The :class:`~orcal.experiment.ExperimentConfig` the arguments describe."""
     from orcal.experiment import DatasetSpec, ExperimentConfig, preset_config
 
-    options = dict(getattr(args, "option", []) or [])
+    options = loader_options(args)
     roots = list(getattr(args, "root", []) or [])
     names = list(getattr(args, "dataset", []) or [])
     preset = getattr(args, "preset", None) or (default_preset if not names else None)

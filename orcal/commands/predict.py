@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orcal.commands._args import key_value
+from orcal.commands._args import STRUCTURES_HELP, key_value, loader_options, structures
 
 
 def _intensity(text: str):
@@ -43,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--task", default=None, help="task, where the dataset has several")
     data.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                       help="dataset loader option (repeatable), e.g. n=64 or label=2")
+    data.add_argument("--structures", type=structures, default=None, help=STRUCTURES_HELP)
     parser.add_argument("--intensity", type=_intensity, default="auto",
                         help="intensity scaling of image files: auto (uint8 / 255, else 0.5-99.5 percentiles), "
                              "percentile, none, or a window LOW,HIGH such as -200,300 for CT in HU")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         from orcal.data import load_dataset
 
-        dataset = load_dataset(args.dataset, args.root, split=args.split, task=args.task, **dict(args.option))
+        dataset = load_dataset(args.dataset, args.root, split=args.split, task=args.task, **loader_options(args))
     else:
         from orcal.data.images import ImageFiles
 

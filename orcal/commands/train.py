@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from orcal.commands._args import key_value, patch_size
+from orcal.commands._args import STRUCTURES_HELP, key_value, loader_options, patch_size, structures
 
 
 def _none(text: str) -> str | None:
@@ -26,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--task", default=None, help="structure / task where a dataset has several")
     data.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                       help="dataset option, repeatable (e.g. n=64, R=5, shape=(64,64), val_fraction=0.1)")
+    data.add_argument("--structures", type=structures, default=None, help=STRUCTURES_HELP)
     data.add_argument("--val-fraction", type=float, default=None, help="fraction of training cases to validate on")
     data.add_argument("--no-val", action="store_true", help="no validation: keep the last epoch")
     method = parser.add_argument_group("method")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     fusion = {"sigma": args.sigma} if args.sigma is not None else {}
     config = TrainConfig(
-        dataset=args.dataset, root=args.root, task=args.task, dataset_options=dict(args.option),
+        dataset=args.dataset, root=args.root, task=args.task, dataset_options=loader_options(args),
         val_split=None if args.no_val else "val", val_fraction=args.val_fraction, method=args.method,
         rps_weight=args.rps_weight, majority=args.majority, fusion_options=fusion, arch=args.arch,
         encoder=args.encoder, encoder_weights=args.encoder_weights, model_options=dict(args.model_option),
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         scores = "" if val is None else f", val MR-ECE {best['val_mr_ece']:.4f}, val Dice {best['val_dice']:.4f}"
         print(f"best epoch {result.best_epoch}/{config.epochs}: val loss "
               f"{'-' if val is None else f'{val:.4f}'}{scores}, train loss {best.get('train_loss', float('nan')):.4f}")
-        print(f"head {result.head}, {result.num_raters} raters; checkpoint {result.checkpoint_path}")
+        shown = "" if result.num_structures is None else f", {result.num_structures} structures"
+        print(f"head {result.head}, {result.num_raters} raters{shown}; checkpoint {result.checkpoint_path}")
         summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                    "checkpoint": result.checkpoint_path, "history": result.history}
         with open(os.path.join(args.out, "history.json"), "w") as f:
