@@ -57,6 +57,7 @@ from orcal.experiment_runs import (  # noqa: F401  (the experiment's public name
 from orcal.findings import findings
 from orcal.training import runtime
 from orcal.training.runtime import hardware_info
+from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -200,12 +201,19 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
                                           valid=valid)
     names = list(run.readouts) + [r + TS_SUFFIX for r in temperatures]
     test = {r: _metrics(cfg, num_structures=C) for r in names}
+    volumes: dict[str, list] = {r: [] for r in names}
+    spacing: dict | None = None
     case_maps: dict[str, np.ndarray] = {}
     for ids, logits, masks, valid in passes("test"):
         masks = masks.cpu()
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
             test[r].update(p, masks, valid=valid)
+            if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
+                if spacing is None:
+                    spacing = _spacings(splits["test"]) or {}
+                sp = torch.stack([spacing[i] for i in ids]) if spacing else None
+                volumes[r].append(volume_stats(p, masks, sp, valid, num_structures=C))
             if case["id"] in ids and C is None:
                 q = p[ids.index(case["id"])]
                 case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
@@ -216,9 +224,24 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg), "agreement": values.get("agreement"),
                   "case_map": case_maps.get(r), "n_images": values["n_images"],
                   "val": _scalar_metrics(val[r])}
+        if volumes[r]:
+            out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
+            out[r]["volume"]["spacing_known"] = bool(spacing)
         base = r.removesuffix(TS_SUFFIX)
         if base != r:
             out[r]["temperature"] = temperatures[base]
+    return out
+
+
+def _spacings(dataset) -> dict[str, torch.Tensor] | None:
+    """Each item's voxel size by id, where every item has one (NIfTI volumes); else None (volumes in
+    1 mm voxels)."""
+    out = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item.get("spacing") is None:
+            return None
+        out[str(item["id"])] = torch.as_tensor(item["spacing"], dtype=torch.float64)
     return out
 
 
@@ -253,7 +276,8 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         "sigma": run.sigma,
         "seed": seed,
         "key": run.key,
-        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature") if k in e}
+        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume")
+                         if k in e}
                      for r, e in evaluated.items()},
         "train_s": t1 - t0,
         "eval_s": t2 - t1,
@@ -464,6 +488,12 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
         results["sweeps"][key] = {f"{w:g}": {r: e["summary"] for r, e in first[run.key]["readouts"].items()
                                              if not r.endswith(TS_SUFFIX)}
                                   for w, run in sorted(sweep_runs.items())}
+    volume = {row: [records[s][c["run"]]["readouts"][c["readout"]].get("volume") for s in seeds]
+              for row, c in choice.items()}
+    volume = {row: {m: float(np.mean([v[m] for v in per])) for m in per[0]}
+              for row, per in volume.items() if per and all(per)}  # the mean over seeds
+    if volume:
+        results.setdefault("volumes", {})[key] = volume
     results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
                                {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}
                                for s in seeds for run_key, rec in records[s].items()}

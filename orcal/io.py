@@ -97,6 +97,16 @@ def rater_files(folder: str | os.PathLike, pattern: str = "*", exclude: tuple = 
                   key=lambda p: natural_key(p.name))
 
 
+def read_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """The voxel size (mm per axis, in the array's axis order) of a NIfTI file; None for other formats."""
+    if file_format(path) != "nifti":
+        return None
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return tuple(float(z) for z in img.header.get_zooms()[: len(img.shape)])
+
+
 def read_mask(path: str | os.PathLike, channel: int | None = None, label: int | Sequence[int] | None = None,
               structures: Sequence[int] | None = None) -> np.ndarray:
     """Read one rater's binary mask as uint8 {0, 1} (see :func:`mask_plane` and :func:`binary_mask`).

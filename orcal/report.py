@@ -345,6 +345,27 @@ READING = ("How to read the tables: the centre of each cell is the metric on the
            "images for both rows — not as an interval around the value.")
 
 
+VOLUME_READING = (
+    "Each test volume's predicted volume, as the normal distribution of a sum of independent voxels (mean "
+    "Σp, variance Σp(1−p), SPEC §11.4), scored against every rater's volume: the CRPS and the error of the "
+    "mean (mL; lower is better) and the fraction of raters' volumes inside the central 90 % interval (0.9 is "
+    "calibrated). Volumes are in mL where the data gives a voxel size, else in thousands of voxels.")
+
+
+def volume_table(by_row: Mapping[str, Mapping[str, float]], digits: int = 3) -> str:
+    """Volume CRPS, coverage of the 90 % interval, error of the mean and predicted sd per row (pooled over
+    structures; each structure's CRPS too, where there are several)."""
+    structures = sorted({k.partition("/")[2] for v in by_row.values() for k in v
+                         if k.startswith("volume_crps/") and not k.endswith("/macro")}, key=int)
+    heads = ["CRPS ↓", "90 % coverage", "mean error ↓", "predicted sd"] + [f"CRPS {c} ↓" for c in structures]
+    keys = ["volume_crps", "volume_coverage", "volume_error", "volume_sd"] + [f"volume_crps/{c}" for c in structures]
+    lines = [f"| Method | {' | '.join(heads)} |", "|---|" + "---|" * len(heads)]
+    for row in sort_rows(list(by_row)):
+        cells = [f"{float(v):.{digits}f}" if _finite(v := by_row[row].get(k)) else "n/a" for k in keys]
+        lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mapping[str, str],
                   sweeps: Mapping[str, str] | None = None) -> str:
     """The Markdown report: the findings (``results["findings"]``), datasets, the tables, paired comparisons,
@@ -390,6 +411,10 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
         for key, metric, columns in per_structure:
             if columns:
                 lines += [f"**{key}: {metric_label(metric)}**", "", dataset_table(results["runs"], key, columns), ""]
+    if any(results.get("volumes", {}).values()):
+        lines += ["## Volume uncertainty", "", VOLUME_READING, ""]
+        for key, by_row in results["volumes"].items():
+            lines += [f"**{key}**", "", volume_table(by_row), ""]
     comparisons = results.get("comparisons", {})
     if any(comparison_table(c) for c in comparisons.values()):
         lines += ["## Paired comparisons", "", "Each row minus the reference row, seed by seed on the same test "

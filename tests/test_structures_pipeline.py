@@ -79,6 +79,9 @@ def test_an_experiment_on_several_structures(tmp_path):
     assert {"mr_ece/1", "mr_ece/2", "mr_ece/3", "mr_ece/macro"} <= set(rows["ordinal/expected"])
     report = (out / "report.md").read_text()
     assert "## Per structure" in report and "MR-ECE (structure 3)" in report
+    volumes = results["volumes"][key]["ordinal/expected"]  # 3D data: the volume uncertainty of SPEC §11.4
+    assert 0 <= volumes["volume_coverage"] <= 1 and volumes["volume_crps"] >= 0 and "volume_crps/3" in volumes
+    assert "## Volume uncertainty" in report
     assert any(p.name.startswith("structures_mr_ece_") for p in out.iterdir())
 
 

@@ -6,7 +6,9 @@ import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
+from orcal.io import read_spacing
 from orcal.masks import check_structures, select_labels, structure_map
 
 from ._io import read_array
@@ -173,8 +175,9 @@ class Curvas(MultiRaterDataset):
             else:  # a task: CURVAS's own labels only
                 masks.append(label_mask(lab, (self.label,), (0, 1, 2, 3), str(path)) if self.task is not None
                              else select_labels(lab, self.label, str(path)))
-        return with_structures(make_item(scale_intensity(image, self.window, str(image_path))[None], masks,
-                                         case.id), self.structures)
+        item = make_item(scale_intensity(image, self.window, str(image_path))[None], masks, case.id)
+        item["spacing"] = torch.tensor(read_spacing(image_path), dtype=torch.float64)  # volumes in mL
+        return with_structures(item, self.structures)
 
     @property
     def display_name(self) -> str:
