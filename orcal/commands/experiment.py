@@ -92,7 +92,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=None, help="named settings: demo, lidc, lidc3d, paper")
+    parser.add_argument("--preset", default=None, help="named settings: demo, lidc, lidc3d, structures3d, paper")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME[:TASK]",
                         help="dataset to run on (repeatable), e.g. lidc_slices, refuge:cup, synthetic")
     parser.add_argument("--root", action="append", default=[],
