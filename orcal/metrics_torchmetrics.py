@@ -45,6 +45,12 @@ class MultiRaterStatistics(torchmetrics.Metric):
         num_raters: ``R`` when targets are vote counts ``k`` (``(B, *S)`` or ``(B, 1, *S)``); ``None``: targets
             are rater masks ``(B, R, *S)``. :meth:`update` may override it.
         backend: kernel backend of :func:`orcal.calibration_stats`.
+        num_structures: ``C`` structures at once (SPEC §11): predictions ``(B, C, *S)`` or ordinal logits
+            ``(B, C * (R+1), *S)``, targets rater label maps or vote counts ``(B, C, *S)``; the state keeps a
+            row per structure.
+        average: with several structures, as torchmetrics' multiclass metrics: ``"micro"`` (the voxel–rater
+            pairs of every structure pooled), ``"macro"`` (the mean of the structures' values) or ``"none"``
+            (a ``(C,)`` tensor).
         kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ``process_group``, ...).
     """
 
@@ -55,16 +61,21 @@ class MultiRaterStatistics(torchmetrics.Metric):
 
     def __init__(self, n_bins: int = 15, auc_bins: int = 4096, kind: str = "prob", readout: str = "majority",
                  majority: int | None = None, num_raters: int | None = None, backend: str = "auto",
-                 **kwargs: Any) -> None:
+                 num_structures: int | None = None, average: str = "micro", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.n_bins, self.auc_bins, self.majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
         self.kind, self.readout, self.backend = kind, readout, backend
         if num_raters is not None:
             num_raters = ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
         self.num_raters = num_raters
-        counts, sums = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=1).pack()
-        self.add_state("counts", default=counts[0], dist_reduce_fx="sum")
-        self.add_state("sums", default=sums[0], dist_reduce_fx="sum")
+        ops.check_choice("average", average, ("micro", "macro", "none"))
+        self.num_structures = None if num_structures is None else ops.check_int("num_structures", num_structures, 1)
+        self.average = average
+        C = self.num_structures or 1
+        counts, sums = CalibrationStats.empty(self.n_bins, self.auc_bins, rows=C, num_structures=C).pack()
+        # one structure keeps the 1-D state of earlier versions (their state_dicts load unchanged)
+        self.add_state("counts", default=counts if num_structures else counts[0], dist_reduce_fx="sum")
+        self.add_state("sums", default=sums if num_structures else sums[0], dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
                valid: torch.Tensor | None = None, kind: str | None = None) -> None:
@@ -72,20 +83,29 @@ class MultiRaterStatistics(torchmetrics.Metric):
         defaults to the one given at construction)."""
         kind = self.kind if kind is None else kind
         num_raters = self.num_raters if num_raters is None else num_raters
-        pred, target, valid = prepare(pred, target, valid, num_raters, kind)
+        pred, target, valid = prepare(pred, target, valid, num_raters, kind, self.num_structures)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
-                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins, backend=self.backend)
+                         majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins, backend=self.backend,
+                         num_structures=self.num_structures)
         counts, sums = st.total().pack()  # on the prediction's device: no host round trip per step
-        self.counts += counts[0].to(self.counts.device)
-        self.sums += sums[0].to(self.sums.device)
+        self.counts += counts.reshape(self.counts.shape).to(self.counts.device)
+        self.sums += sums.reshape(self.sums.shape).to(self.sums.device)
 
     def totals(self) -> CalibrationStats:
-        """The pooled statistics (one row) of every update so far, on the CPU (this rank's, unless called
-        inside ``compute``, where torchmetrics has already summed the ranks)."""
-        return CalibrationStats.unpack(self.counts[None].cpu(), self.sums[None].cpu(), self.n_bins, self.auc_bins)
+        """The pooled statistics (one row, or one per structure) of every update so far, on the CPU (this
+        rank's, unless called inside ``compute``, where torchmetrics has already summed the ranks)."""
+        C = self.num_structures or 1
+        return CalibrationStats.unpack(self.counts.reshape(C, -1).cpu(), self.sums.reshape(C, -1).cpu(),
+                                       self.n_bins, self.auc_bins, C)
 
     def _metric(self, key: str) -> torch.Tensor:
-        return metric_table.METRICS[key].from_totals(self.totals())[0].float().to(self.device)
+        totals, metric = self.totals(), metric_table.METRICS[key]
+        if self.num_structures is None or self.average == "micro":
+            value = metric.from_totals(totals.pooled())[0]
+        else:
+            per = metric.from_totals(totals)  # (C,)
+            value = per if self.average == "none" else per.nanmean()
+        return value.float().to(self.device)
 
     def plot(self, val: torch.Tensor | list[torch.Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
         """Without ``val``: the reliability diagram of the pooled voxel–rater pairs on ``ax`` (a new figure when
@@ -165,5 +185,7 @@ class MultiRaterCalibrationMetric(MultiRaterStatistics):
     plot_upper_bound = None  # NLL is unbounded
 
     def compute(self) -> dict[str, torch.Tensor]:
-        values = metric_table.metrics_from_totals(self.totals())
-        return {key: value[0].float().to(self.device) for key, value in values.items()}
+        """Every metric as a scalar; with several structures also ``"<metric>/macro"`` and ``"<metric>/<c>"``
+        (as :func:`orcal.calibration_metrics`)."""
+        values = ops.calibration_metrics(self.totals())
+        return {key: torch.tensor(value, dtype=torch.float32, device=self.device) for key, value in values.items()}

@@ -200,6 +200,10 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         num_raters: None: ``y`` is the rater stack ``(B, R, *S)``; an int ``R``: ``y`` is the vote count
             ``k`` ``(B, 1, *S)`` (as :class:`ORCTargetd` writes it).
         readout, majority, n_bins, auc_bins, backend: as :class:`orcal.metrics.MultiRaterCalibration`.
+        num_structures: ``C`` structures at once (SPEC §11): ``y_pred`` ``(B, C, *S)`` or ordinal logits
+            ``(B, C * (R+1), *S)``, ``y`` rater label maps ``(B, R, *S)`` or, with ``num_raters``, the vote
+            counts ``(B, C, *S)`` of ``ORCTargetd(num_classes=C)``; :meth:`aggregate` adds
+            ``"<metric>/macro"`` and ``"<metric>/<c>"``. Each image's buffer row holds its ``C`` rows.
 
     Keyword arguments of the call: ``valid`` (``(B, *S)`` bool, or one ``(*S)`` mask per image with lists), as
     in :meth:`orcal.metrics.MultiRaterCalibration.update`. Rows stay on the prediction's device (NCCL gathers
@@ -208,21 +212,24 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
 
     def __init__(self, kind: str = "prob", num_raters: int | None = None, readout: str = "majority",
                  majority: int | None = None, n_bins: int = 15, auc_bins: int = 4096,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", num_structures: int | None = None) -> None:
         super().__init__()
         self.n_bins, self.auc_bins, self.majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
         self.kind, self.readout, self.backend = kind, readout, backend
         self.num_raters = None if num_raters is None else ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
+        self.num_structures = None if num_structures is None else ops.check_int("num_structures", num_structures, 1)
+        self._C = self.num_structures or 1
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None,  # type: ignore[override]
                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if y is None:
             raise ValueError("MultiRaterCalibrationMetric needs the raters: call metric(y_pred, y)")
-        pred, target, valid = prepare(y_pred, y, kwargs.get("valid"), self.num_raters, self.kind)
+        pred, target, valid = prepare(y_pred, y, kwargs.get("valid"), self.num_raters, self.kind, self.num_structures)
         st = batch_stats(pred, target, num_raters=self.num_raters, valid=valid, kind=self.kind,
                          readout=self.readout, majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,
-                         backend=self.backend)
-        return st.pack()  # one row per image: MONAI's batch-first buffers
+                         backend=self.backend, num_structures=self.num_structures)
+        # one row per image, its structures side by side: MONAI's batch-first buffers
+        return tuple(t.reshape(st.n_images, self._C * t.shape[1]) for t in st.pack())
 
     def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
         valid = kwargs.pop("valid", None)
@@ -245,7 +252,8 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
     def _sync(self) -> None:
         if self._buffers is None and not self._synced and distributed.world_size() > 1:
             # a rank that saw no image must still take part in the gather, or the others wait for it forever
-            counts, sums = CalibrationStats.empty(self.n_bins, self.auc_bins).pack()
+            counts, sums = (t.new_zeros(0, t.shape[1] * self._C)
+                            for t in CalibrationStats.empty(self.n_bins, self.auc_bins).pack())
             device = distributed.comm_device()
             self._synced_tensors = [evenly_divisible_all_gather(t.to(device), concat=True) for t in (counts, sums)]
             self._synced = True
@@ -256,8 +264,9 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         """Per-image statistics of every call so far (gathered across ranks), for :func:`orcal.bootstrap`."""
         buffers = self.get_buffer()  # None before any row, else [counts, sums]
         if buffers is None:
-            return CalibrationStats.empty(self.n_bins, self.auc_bins)
-        return CalibrationStats.unpack(buffers[0].cpu(), buffers[1].cpu(), self.n_bins, self.auc_bins)
+            return CalibrationStats.empty(self.n_bins, self.auc_bins, num_structures=self._C)
+        counts, sums = (b.cpu().reshape(b.shape[0] * self._C, -1) for b in buffers)
+        return CalibrationStats.unpack(counts, sums, self.n_bins, self.auc_bins, self._C)
 
     def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
         """The pooled metrics of every call so far: ``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc`` (binned),

@@ -298,6 +298,13 @@ def test_several_structures_through_monai_transforms(tmp_path):
     torch.testing.assert_close(loss, per)
     loss.backward()
     st = orcal.calibration_stats(logits.detach(), batch_k, num_raters=3, kind="ordinal")
-    assert st.num_structures == 2 and "mr_ece/2" in orcal.calibration_metrics(st)
+    want = orcal.calibration_metrics(st)
+    assert st.num_structures == 2 and "mr_ece/2" in want
+    metric = orcal_monai.MultiRaterCalibrationMetric(kind="ordinal", num_raters=3, num_structures=2)
+    metric(logits.detach()[:1], batch_k[:1])
+    metric(list(logits.detach()[1:]), list(batch_k[1:]))  # decollated, as MONAI's loops hand them over
+    got = metric.aggregate()
+    assert got["n_images"] == 2 and got["mr_ece/2"] == pytest.approx(want["mr_ece/2"])
+    assert metric.stats().num_structures == 2
     with pytest.raises(ValueError, match="not both"):
         StackRatersd(RATERS, label=1, structures=[1])

@@ -130,3 +130,28 @@ def test_states_and_values_stay_on_the_gpu():
     assert metric.counts.device.type == "cuda" and value.device.type == "cuda"
     assert metric.compute().device.type == "cuda"
     assert float(metric.compute()) == pytest.approx(_reference(batches)["mr_ece"], rel=1e-5)
+
+
+def test_several_structures_as_torchmetrics_averages():
+    """num_structures with torchmetrics' average convention: micro pools the pairs, macro averages the
+    structures, none gives one value per structure (SPEC §11)."""
+    import orcal
+
+    g = torch.Generator().manual_seed(4)
+    C, R = 3, 3
+    logits = torch.randn(4, C * (R + 1), 6, 7, generator=g)
+    labels = torch.randint(0, C + 1, (4, R, 6, 7), generator=g)
+    want = orcal.calibration_metrics(orcal.calibration_stats(logits, labels, kind="ordinal", num_structures=C))
+    metrics = {avg: MultiRaterECE(kind="ordinal", num_structures=C, average=avg) for avg in ("micro", "macro", "none")}
+    for m in metrics.values():
+        m.update(logits[:2], labels[:2])
+        m.update(logits[2:], labels[2:])
+    assert float(metrics["micro"].compute()) == pytest.approx(want["mr_ece"], rel=1e-5)
+    assert float(metrics["macro"].compute()) == pytest.approx(want["mr_ece/macro"], rel=1e-5)
+    per = metrics["none"].compute()
+    assert per.shape == (C,) and per.tolist() == pytest.approx([want[f"mr_ece/{c}"] for c in (1, 2, 3)], rel=1e-5)
+    every = MultiRaterCalibrationMetric(kind="ordinal", num_structures=C)
+    every.update(logits, labels)
+    assert float(every.compute()["auc/2"]) == pytest.approx(want["auc/2"], rel=1e-5)
+    with pytest.raises(ValueError, match="average"):
+        MultiRaterECE(num_structures=C, average="weighted")
