@@ -122,3 +122,74 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert main(["nnunet", "convert", "--dataset", "synthetic", "--id", "0", "--name", "X", "--out",
                  str(tmp_path)]) == 2
     assert "1..999" in capsys.readouterr().err
+
+
+def test_several_structures_convert_train_predict_export_evaluate(tmp_path):
+    """Three structures through the real nnU-Net: the joint vote count as nnU-Net's class, the ordinal loss
+    on each structure's marginal levels, and maps per structure exported from the joint softmax."""
+    pytest.importorskip("nnunetv2")
+    sitk = pytest.importorskip("SimpleITK")
+    from orcal.nnunet import joint_levels, marginal_matrix
+
+    raw, pre, res, ext = (tmp_path / n for n in ("raw", "pre", "res", "ext"))
+    options = ["--option", "n=10", "--option", "shape=(24,32,32)", "--option", "R=3", "--option", "structures=3"]
+    assert main(["nnunet", "convert", "--dataset", "synthetic", *options, "--id", "991", "--name", "ORCStructures",
+                 "--out", str(raw), "--quiet"]) == 0
+    folder = raw / "Dataset991_ORCStructures"
+    meta = json.loads((folder / "dataset.json").read_text())
+    levels = joint_levels(3, 3)
+    assert len(meta["labels"]) == len(levels) == 20 and meta["labels"]["k=0/1/2"] == 6
+    assert meta["orcal"]["num_structures"] == 3
+    assert main(["nnunet", "trainer", str(ext)]) == 0
+    (ext / "tiny.py").write_text(textwrap.dedent(TINY_TRAINER))
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+           "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(ext)}
+    _nnunet("nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-npfp", "1", "-np", "1",
+            "--verify_dataset_integrity", env=env)
+    log = _nnunet("nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "nnUNetTrainerORC_tiny", "-device", "cpu",
+                  env={**env, "nnUNet_n_proc_DA": "0"})
+    assert "train_loss" in log and "Pseudo dice" in log
+    pred = tmp_path / "pred"
+    _nnunet("nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", "991", "-c", "3d_fullres",
+            "-f", "0", "-tr", "nnUNetTrainerORC_tiny", "--save_probabilities", "-device", "cpu", "-npp", "1",
+            "-nps", "1", "--disable_tta", "-chk", "checkpoint_final.pth", env=env)
+    maps = tmp_path / "maps"
+    assert main(["nnunet", "export", str(pred), "--out", str(maps)]) == 0
+    cases = sorted(p.stem for p in pred.glob("*.npz"))
+    M = marginal_matrix(3, 3).numpy()
+    for case in cases:
+        with np.load(pred / f"{case}.npz") as z:
+            q = z["probabilities"].astype(np.float64)  # the softmax over the 20 joint classes
+        marginal = np.tensordot(M, q, axes=1).reshape(3, 4, *q.shape[1:])
+        for c in range(3):
+            path = maps / "expected" / f"structure{c + 1}" / f"{case}.nii.gz"
+            got = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            np.testing.assert_allclose(got, (np.arange(4).reshape(4, 1, 1, 1) * marginal[c]).sum(0) / 3, atol=1e-5)
+    assert main(["evaluate", "--pred", str(maps / "expected" / "structure2"), "--raters", str(folder / "ratersTs"),
+                 "--label", "2", "--out", str(tmp_path / "eval"), "--bootstrap", "0", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["n_images"] == len(cases) and 0 <= report["metrics"]["mr_ece"] <= 1
+
+
+def test_the_joint_loss_is_the_ordinal_loss_of_each_structures_marginals():
+    import torch
+
+    import orcal
+    from orcal.nnunet import JointOrdinalLoss, joint_index, joint_levels
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (2, 4, 5, 6, 3), generator=g)  # 4 raters, 2 structures
+    k = orcal.orc_targets(labels, num_classes=2)
+    target = torch.from_numpy(np.stack([joint_index(k[b].numpy(), 4) for b in range(2)]))[:, None]
+    levels = joint_levels(2, 4)
+    assert torch.equal(levels[target[:, 0].long()].movedim(-1, 1), k)
+    target[0, 0, 0] = len(levels)  # nnU-Net's ignore label
+    z = torch.randn(2, len(levels), 5, 6, 3, generator=g, dtype=torch.float64)
+    loss = JointOrdinalLoss(2, 4, rps_weight=0.5, ignore_index=len(levels))(z, target)
+    q = torch.softmax(z, 1)
+    direct = 0
+    valid = target[:, 0] != len(levels)
+    for c in range(2):  # brute force: the marginal distribution of structure c's levels
+        marg = torch.stack([q[:, levels[:, c] == j].sum(1) for j in range(5)], 1)
+        direct = direct + orcal.ordinal_loss(torch.log(marg), k[:, c], rps_weight=0.5, valid=valid, backend="torch")
+    torch.testing.assert_close(loss, direct.float(), atol=1e-5, rtol=1e-5)
