@@ -95,6 +95,26 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
     return _save(fig, path)
 
 
+def reliability_per_structure(methods: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
+    """One reliability panel per structure (SPEC §11), side by side: ``methods`` maps a name to
+    :class:`~orcal.stats.CalibrationStats` of several structures (the same number for every method)."""
+    _check_methods(methods, "reliability_per_structure")
+    counts = {getattr(st, "num_structures", 1) for st in methods.values()}
+    if len(counts) != 1 or next(iter(counts)) < 2:
+        raise ValueError(f"reliability_per_structure needs statistics of several structures, the same number for "
+                         f"every method; got {sorted(counts)}")
+    C = counts.pop()
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, C, figsize=(4.2 * C, 5.6), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
+    for c in range(C):
+        draw_reliability({name: st.structure(c) for name, st in methods.items()}, axes[0, c], axes[1, c],
+                         title=f"structure {c + 1}")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def draw_reliability(methods: Mapping[str, Any], ax, counts_ax=None, title: str | None = None) -> None:
     """Draw the reliability curves of ``methods`` on the matplotlib axes ``ax`` and, when given, the pairs per
     bin on ``counts_ax`` (the panels of :func:`reliability_diagram`, for figures of the caller's own)."""

@@ -534,6 +534,10 @@ def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreem
         path = fig_dir / f"reliability_{name}.png"
         plots.reliability_diagram(stats_by_row, path, title=f"{key}: reliability (voxel–rater pairs, test set)")
         figures[f"{key}: reliability diagram"] = str(path.relative_to(rel))
+    if stats_by_row and all(getattr(st, "num_structures", 1) > 1 for st in stats_by_row.values()):
+        path = fig_dir / f"reliability_structures_{name}.png"
+        plots.reliability_per_structure(stats_by_row, path, title=f"{key}: reliability per structure (test set)")
+        figures[f"{key}: reliability diagram per structure"] = str(path.relative_to(rel))
     if agreement_by_row:
         path = fig_dir / f"agreement_{name}.png"
         plots.confidence_vs_agreement(agreement_by_row, path, title=f"{key}: mean confidence per rater agreement")

@@ -81,8 +81,22 @@ def test_an_experiment_on_several_structures(tmp_path):
     assert "## Per structure" in report and "MR-ECE (structure 3)" in report
     volumes = results["volumes"][key]["ordinal/expected"]  # 3D data: the volume uncertainty of SPEC §11.4
     assert 0 <= volumes["volume_coverage"] <= 1 and volumes["volume_crps"] >= 0 and "volume_crps/3" in volumes
-    assert "## Volume uncertainty" in report
+    assert "## Volume uncertainty" in report and "reliability diagram per structure" in report
+    assert list((out / "figures").glob("reliability_structures_*.png"))
     assert any(p.name.startswith("structures_mr_ece_") for p in out.iterdir())
+
+
+def test_the_per_structure_reliability_figure(tmp_path):
+    import orcal
+    from orcal import plots
+
+    g = torch.Generator().manual_seed(0)
+    st = orcal.calibration_stats(torch.randn(3, 8, 6, 5, generator=g), torch.randint(0, 3, (3, 3, 6, 5), generator=g),
+                                 kind="ordinal", num_structures=2)
+    path = plots.reliability_per_structure({"ORC": st, "again": st}, tmp_path / "r.png", title="two structures")
+    assert (tmp_path / "r.png").stat().st_size > 10_000 and path.endswith("r.png")
+    with pytest.raises(ValueError, match="several structures"):
+        plots.reliability_per_structure({"one": st.structure(0)}, tmp_path / "x.png")
 
 
 def test_train_predict_evaluate_on_curvas_structures(tmp_path):
