@@ -53,17 +53,22 @@ def be(request):
     return request.param
 
 
-def test_triton_cases():
-    """The backend cases of this file on the Triton kernels, in Triton's interpreter (a child process)."""
+def run_triton_cases(test_file: str) -> None:
+    """Run the ``triton`` backend cases of ``test_file`` in Triton's interpreter (a child process)."""
     if INTERPRETED:
         pytest.skip("already in the interpreter")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider",
                            "-k", "triton"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_triton_cases():
+    """The backend cases of this file on the Triton kernels, in Triton's interpreter (a child process)."""
+    run_triton_cases(__file__)
 
 
 def _votes(shape, R, seed=0, device="cpu"):

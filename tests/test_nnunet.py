@@ -40,11 +40,32 @@ def _nnunet(tool: str, *args: str, env: dict, timeout: int = 300) -> str:
     return done.stdout
 
 
+def _plan_train_predict(dataset_id: int, folder: Path, tmp_path: Path) -> Path:
+    """nnU-Net's own commands on a converted dataset: plan and preprocess, train the tiny ORC trainer, predict
+    the test images with probabilities. Returns the prediction folder."""
+    raw, pre, res, ext = (tmp_path / n for n in ("raw", "pre", "res", "ext"))
+    assert main(["nnunet", "trainer", str(ext)]) == 0
+    (ext / "tiny.py").write_text(textwrap.dedent(TINY_TRAINER))
+    # nnU-Net's pitfalls on a small CPU: one process for planning, no augmentation workers for training
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+           "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(ext)}
+    _nnunet("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-npfp", "1", "-np", "1",
+            "--verify_dataset_integrity", env=env)
+    log = _nnunet("nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", "nnUNetTrainerORC_tiny", "-device",
+                  "cpu", env={**env, "nnUNet_n_proc_DA": "0"})
+    assert "Using trainer 'nnUNetTrainerORC_tiny'" in log and "train_loss" in log and "Pseudo dice" in log
+    pred = tmp_path / "pred"
+    _nnunet("nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",
+            "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerORC_tiny", "--save_probabilities", "-device", "cpu",
+            "-npp", "1", "-nps", "1", "--disable_tta", "-chk", "checkpoint_final.pth", env=env)
+    return pred
+
+
 def test_convert_train_predict_export_evaluate(tmp_path):
     pytest.importorskip("nnunetv2")
     sitk = pytest.importorskip("SimpleITK")
     nib = pytest.importorskip("nibabel")
-    raw, pre, res, ext = (tmp_path / n for n in ("raw", "pre", "res", "ext"))
+    raw = tmp_path / "raw"
     options = ["--option", "n=10", "--option", "shape=(32,32,24)", "--option", "R=3"]
     assert main(["nnunet", "convert", "--dataset", "synthetic", *options, "--id", "990", "--name", "ORCTest",
                  "--out", str(raw), "--quiet"]) == 0
@@ -57,20 +78,7 @@ def test_convert_train_predict_export_evaluate(tmp_path):
     k = np.asarray(nib.load(str(next((folder / "labelsTr").glob("*.nii.gz")))).dataobj)
     assert k.shape == (32, 32, 24) and set(np.unique(k)) <= {0, 1, 2, 3}
 
-    assert main(["nnunet", "trainer", str(ext)]) == 0
-    (ext / "tiny.py").write_text(textwrap.dedent(TINY_TRAINER))
-    # nnU-Net's pitfalls on a small CPU: one process for planning, no augmentation workers for training
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
-           "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(ext)}
-    _nnunet("nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "3d_fullres", "-npfp", "1", "-np", "1",
-            "--verify_dataset_integrity", env=env)
-    log = _nnunet("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerORC_tiny", "-device", "cpu",
-                  env={**env, "nnUNet_n_proc_DA": "0"})
-    assert "Using trainer 'nnUNetTrainerORC_tiny'" in log and "train_loss" in log and "Pseudo dice" in log
-    pred = tmp_path / "pred"
-    _nnunet("nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", "990", "-c", "3d_fullres",
-            "-f", "0", "-tr", "nnUNetTrainerORC_tiny", "--save_probabilities", "-device", "cpu", "-npp", "1",
-            "-nps", "1", "--disable_tta", "-chk", "checkpoint_final.pth", env=env)
+    pred = _plan_train_predict(990, folder, tmp_path)
 
     maps = tmp_path / "maps"
     assert main(["nnunet", "export", str(pred), "--out", str(maps)]) == 0
@@ -131,7 +139,7 @@ def test_several_structures_convert_train_predict_export_evaluate(tmp_path):
     sitk = pytest.importorskip("SimpleITK")
     from orcal.nnunet import joint_levels, marginal_matrix
 
-    raw, pre, res, ext = (tmp_path / n for n in ("raw", "pre", "res", "ext"))
+    raw = tmp_path / "raw"
     options = ["--option", "n=10", "--option", "shape=(24,32,32)", "--option", "R=3", "--option", "structures=3"]
     assert main(["nnunet", "convert", "--dataset", "synthetic", *options, "--id", "991", "--name", "ORCStructures",
                  "--out", str(raw), "--quiet"]) == 0
@@ -140,19 +148,7 @@ def test_several_structures_convert_train_predict_export_evaluate(tmp_path):
     levels = joint_levels(3, 3)
     assert len(meta["labels"]) == len(levels) == 20 and meta["labels"]["k=0/1/2"] == 6
     assert meta["orcal"]["num_structures"] == 3
-    assert main(["nnunet", "trainer", str(ext)]) == 0
-    (ext / "tiny.py").write_text(textwrap.dedent(TINY_TRAINER))
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
-           "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(ext)}
-    _nnunet("nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-npfp", "1", "-np", "1",
-            "--verify_dataset_integrity", env=env)
-    log = _nnunet("nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "nnUNetTrainerORC_tiny", "-device", "cpu",
-                  env={**env, "nnUNet_n_proc_DA": "0"})
-    assert "train_loss" in log and "Pseudo dice" in log
-    pred = tmp_path / "pred"
-    _nnunet("nnUNetv2_predict", "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", "991", "-c", "3d_fullres",
-            "-f", "0", "-tr", "nnUNetTrainerORC_tiny", "--save_probabilities", "-device", "cpu", "-npp", "1",
-            "-nps", "1", "--disable_tta", "-chk", "checkpoint_final.pth", env=env)
+    pred = _plan_train_predict(991, folder, tmp_path)
     maps = tmp_path / "maps"
     assert main(["nnunet", "export", str(pred), "--out", str(maps)]) == 0
     cases = sorted(p.stem for p in pred.glob("*.npz"))

@@ -9,20 +9,16 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_hardening import BACKENDS, INTERPRETED
+from test_hardening import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
 from orcal import _ext, reference, structures
 from orcal.stats import TENSOR_FIELDS, CalibrationStats
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = [pytest.param((5, 6), id="2d"), pytest.param((3, 4, 5), id="3d")]
 
 
@@ -33,15 +29,7 @@ def be(request):
 
 def test_triton_cases():
     """The backend cases of this file on the Triton kernels, in Triton's interpreter (a child process)."""
-    if INTERPRETED:
-        pytest.skip("already in the interpreter")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                           "-k", "triton"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    run_triton_cases(__file__)
 
 
 def _labels(B, R, S, C, seed=0):
