@@ -367,3 +367,12 @@ def test_several_structures_from_the_loaders(tmp_path):
     assert item["num_structures"] == 2 and [int((m == 1).sum()) for m in item["masks"]] == [1, 2]
     with pytest.raises(ValueError, match="distinct positive labels"):
         load_dataset("folder", tmp_path / "f", structures=[2, 2])
+
+    refuge = write_refuge(tmp_path / "r")
+    item = load_dataset("refuge", refuge, structures="all")[0]  # disc rim 1, cup 2: the disc is labels 1 or 2
+    assert item["num_structures"] == 2
+    k = orcal.orc_targets(item["masks"][None], num_classes=2)[0]
+    assert torch.equal(k[1], load_dataset("refuge", refuge, task="cup")[0]["masks"].sum(0, dtype=torch.uint8))
+    assert torch.equal(k.sum(0), load_dataset("refuge", refuge, task="disc")[0]["masks"].sum(0, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="without a task"):
+        load_dataset("refuge", refuge, task="cup", structures="all")

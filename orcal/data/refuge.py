@@ -18,6 +18,7 @@ from .base import (
     read_mask,
     resolve_task,
     scale_intensity,
+    with_structures,
 )
 
 
@@ -31,9 +32,11 @@ class Refuge(MultiRaterDataset):
 
     Published: the REFUGE challenge (https://refuge.grand-challenge.org) with the per-rater annotations
     released with Ji et al., "Learning calibrated medical image segmentation via multi-rater agreement
-    modeling" (CVPR 2021). ``task`` is "disc" or "cup". ``split``: Training-400 is train (a seeded "val"
-    carved out with ``val_fraction``, ``seed``), Test-400 is test. ``mask_channel`` picks the channel of colour
-    mask files (default: they must be grey).
+    modeling" (CVPR 2021). ``task`` is "disc" or "cup"; ``structures="all"`` reads both at once as rater label
+    maps (SPEC §11) with one label per pixel: 1 the disc rim (disc outside the cup), 2 the cup, so that a
+    rater's disc is labels 1 or 2 and the disc's vote count is ``k_1 + k_2``. ``split``: Training-400 is
+    train (a seeded "val" carved out with ``val_fraction``, ``seed``), Test-400 is test. ``mask_channel``
+    picks the channel of colour mask files (default: they must be grey).
     """
 
     name = "refuge"
@@ -45,8 +48,13 @@ class Refuge(MultiRaterDataset):
 
     def __init__(self, root, split: str | None = None, task: str | None = None, num_raters: int = 7,
                  val_fraction: float = 0.1, seed: int = 0, transform: Callable | None = None,
-                 mask_channel: int | None = None):
-        self.task = resolve_task(task, self.tasks, None, self.name)
+                 mask_channel: int | None = None, structures: str | None = None):
+        if structures is not None:
+            if structures != "all" or task is not None:
+                raise ValueError(f"structures of dataset 'refuge' must be 'all' (disc rim and cup), without a task; "
+                                 f"got structures={structures!r}, task={task!r}")
+        self.structures = ("rim", "cup") if structures else None
+        self.task = None if structures else resolve_task(task, self.tasks, None, self.name)
         root = check_root(root, self.name, self.published, self.layout)
         self.num_raters, self.mask_channel = int(num_raters), mask_channel
         cases = []
@@ -69,10 +77,16 @@ class Refuge(MultiRaterDataset):
             image = np.repeat(image[..., None], 3, axis=-1)
         masks = []
         for r in range(1, self.num_raters + 1):
-            path = image_path.parent / f"{case.id}_seg_{self.task}_{r}.png"
-            if not path.is_file():
-                raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
-            m = read_mask(path, self.mask_channel)
-            check_same_shape(m, image.shape[:2], str(path), str(image_path))
-            masks.append(m)
-        return make_item(np.moveaxis(scale_intensity(image, source=str(image_path)), -1, 0), masks, case.id)
+            read = {}
+            for task in (self.task,) if self.task else self.tasks:
+                path = image_path.parent / f"{case.id}_seg_{task}_{r}.png"
+                if not path.is_file():
+                    raise FileNotFoundError(f"missing rater file {path}; expected {self.layout}")
+                read[task] = read_mask(path, self.mask_channel)
+                check_same_shape(read[task], image.shape[:2], str(path), str(image_path))
+            if self.task:
+                masks.append(read[self.task])
+            else:  # one label per pixel: the cup (2) wins over the disc (1), whose rim is what is left
+                masks.append(np.where(read["cup"] > 0, 2, read["disc"]).astype(np.uint8))
+        item = make_item(np.moveaxis(scale_intensity(image, source=str(image_path)), -1, 0), masks, case.id)
+        return with_structures(item, self.structures)
