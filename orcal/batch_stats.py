@@ -45,8 +45,9 @@ def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
     if num_structures is not None:
         return pred, target, valid
     if kind == "ordinal" and num_raters is not None and structures_of(pred, target) is not None:
-        raise ValueError(f"target {tuple(target.shape)} holds the vote counts of {target.shape[1]} structures, "
-                         f"but the metric was made for one; pass num_structures={target.shape[1]} (SPEC §11)")
+        raise ValueError(f"target {tuple(target.shape)} has as many dimensions as the ordinal logits and "
+                         f"{target.shape[1]} channels: vote counts of {target.shape[1]} structures (then pass "
+                         f"num_structures={target.shape[1]}, SPEC §11), or rater masks (then leave num_raters unset)")
     if num_raters is not None:
         target, valid = ops.channel_first_votes(pred, target, valid, kind)
     return pred, target, valid
@@ -64,9 +65,10 @@ def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | N
                                      n_bins=n_bins, auc_bins=auc_bins, valid=v, backend=backend,
                                      num_structures=num_structures)
 
-    if num_structures is not None:  # the compiled kernels stream; slabs are for one structure's reference pass
-        st = call(pred, target, valid)
-        return st if device is None else st.to(device)
+    if num_structures is not None:
+        return _structure_batch_stats(pred, target, num_raters, valid, num_structures, device, call,
+                                      dict(kind=kind, readout=readout, majority=majority, n_bins=n_bins,
+                                           auc_bins=auc_bins, backend=backend))
 
     spatial = tuple(target.shape[1:] if num_raters is not None else target.shape[2:])
     axis_p = pred.ndim - len(spatial)
@@ -88,3 +90,15 @@ def batch_stats(pred: torch.Tensor, target: torch.Tensor, *, num_raters: int | N
         counts, sums = (c, f) if counts is None else (counts + c, sums + f)
     st = CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
     return st if device is None else st.to(device)
+
+
+def _structure_batch_stats(pred, target, num_raters, valid, C, device, call, options) -> CalibrationStats:
+    """:func:`batch_stats` of several structures: a large batch on the reference backend goes through the
+    binary slabs of its ``(B * C, ...)`` view, so its temporaries stay bounded as for one structure."""
+    large = target.shape[0] * math.prod(pred.shape[2:]) * C > SLAB_VOXELS
+    if not large or ops.resolve_backend("calibration_stats", options["backend"], pred.device) != "torch":
+        st = call(pred, target, valid)
+        return st if device is None else st.to(device)
+    pred, k, valid, R = ops.fold_structures(pred, target, num_raters, options["kind"], valid, options["backend"], C)
+    st = batch_stats(pred, k, num_raters=R, valid=valid, device=device, **options)
+    return st._map(lambda t: t, num_structures=C)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -233,15 +234,22 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     return out
 
 
+_SPACINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _spacings(dataset) -> dict[str, torch.Tensor] | None:
     """Each item's voxel size by id, where every item has one (NIfTI volumes); else None (volumes in
-    1 mm voxels)."""
-    out = {}
+    1 mm voxels). Read once per dataset, not once per run."""
+    if dataset in _SPACINGS:
+        return _SPACINGS[dataset]
+    out: dict[str, torch.Tensor] | None = {}
     for i in range(len(dataset)):
         item = dataset[i]
         if item.get("spacing") is None:
-            return None
+            out = None
+            break
         out[str(item["id"])] = torch.as_tensor(item["spacing"], dtype=torch.float64)
+    _SPACINGS[dataset] = out
     return out
 
 

@@ -69,6 +69,8 @@ class MultiRaterStatistics(torchmetrics.Metric):
             num_raters = ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
         self.num_raters = num_raters
         ops.check_choice("average", average, ("micro", "macro", "none"))
+        if num_structures is None and average != "micro":
+            raise ValueError(f"average={average!r} averages several structures: give num_structures as well")
         self.num_structures = None if num_structures is None else ops.check_int("num_structures", num_structures, 1)
         self.average = average
         C = self.num_structures or 1

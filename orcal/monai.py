@@ -35,9 +35,11 @@ except ImportError as err:  # an optional extra: say how to get it
 
 from orcal import distributed, metric_table, ops
 from orcal.batch_stats import batch_stats, check_options, prepare
+from orcal.masks import check_structures
 from orcal.metrics import summarize
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
+from orcal.structures import check_labels
 
 __all__ = ["MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric", "ORCTargetd", "StackRatersd"]
 
@@ -89,11 +91,8 @@ class StackRatersd(MapTransform):
         if structures is not None:
             if label is not None:
                 raise ValueError("StackRatersd: give label (one structure) or structures (several), not both")
-            if (isinstance(structures, str | bytes) or not isinstance(structures, Sequence) or not structures
-                    or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in structures)
-                    or len(set(structures)) != len(structures) or len(structures) > 255):
-                raise TypeError(f"StackRatersd: structures must be a sequence of distinct ints, got {structures!r}")
-        self.structures = None if structures is None else [int(v) for v in structures]
+            structures = list(check_structures(structures, "StackRatersd: structures"))
+        self.structures = structures
         if not isinstance(name, str) or not name:
             raise ValueError(f"StackRatersd: name must be a non-empty key, got {name!r}")
         if union_key is not None and (not isinstance(union_key, str) or union_key == name):
@@ -181,6 +180,7 @@ class ORCTargetd(MapTransform):
             if self.num_classes is None:
                 d[self.names[key]] = (masks != 0).sum(dim=0, keepdim=True, dtype=torch.uint8)
             else:  # torch ops on the MetaTensor keep its metadata
+                check_labels(ops.plain_tensor(masks)[None], self.num_classes, f"ORCTargetd: data[{key!r}]")
                 d[self.names[key]] = torch.stack([(masks == c).sum(dim=0, dtype=torch.uint8)
                                                   for c in range(1, self.num_classes + 1)])
         return d

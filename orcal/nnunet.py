@@ -233,6 +233,10 @@ def _structures_of_prediction(pred: Path) -> tuple[int, int] | None:
     """``(C, R)`` of a several-structure dataset, from the dataset.json nnU-Net writes beside its predictions."""
     path = pred / "dataset.json"
     if not path.is_file():
+        import warnings
+
+        warnings.warn(f"{path} is missing (nnUNetv2_predict writes it): reading the probabilities as the levels of "
+                      "one structure", stacklevel=3)
         return None
     meta = json.loads(path.read_text()).get("orcal") or {}
     C = meta.get("num_structures")
@@ -276,6 +280,10 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
         reference_image = sitk.ReadImage(str(seg_path))
         if joint is None:
             maps = _readouts_of_levels(q, q.shape[0] - 1, majority)
+        elif q.shape[0] != len(joint_levels(*joint)):
+            raise ValueError(f"{path}: {q.shape[0]} classes, but dataset.json describes the "
+                             f"{len(joint_levels(*joint))} joint vote counts of {joint[0]} structures and "
+                             f"{joint[1]} raters")
         else:
             C, R = joint
             marginal = torch.einsum("mn,n...->m...", marginal_matrix(C, R), q.double().float())

@@ -455,8 +455,9 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
 
 
-def _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, auc_bins, valid, backend, C):
-    """The statistics of SPEC §11: the binary pass over the ``(B * C, ...)`` views, one row per structure."""
+def fold_structures(pred, target, num_raters, kind, valid, backend, C):
+    """Check the inputs of SPEC §11 statistics and return their binary views ``(pred, k, valid, R)``: pred
+    ``(B * C, ...)``, vote counts ``(B * C, *S)`` (rater label maps counted first), valid likewise."""
     C = check_int("num_structures", C, 1)
     check_choice("kind", kind, KINDS)
     _check_spatial("pred", pred, 1)
@@ -471,8 +472,14 @@ def _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, 
     spatial = pred.shape[:1] + pred.shape[2:]
     if target.shape[:1] + target.shape[2:] != spatial or target.shape[1] != C:
         raise ValueError(f"target {tuple(target.shape)} must be (B, C, *S) = {(spatial[0], C, *spatial[1:])}")
-    st = calibration_stats(structures.fold(pred, C), structures.fold(target, C), num_raters, kind, readout,
-                           majority, n_bins, auc_bins, structures.fold_valid(valid, spatial, C), backend)
+    return (structures.fold(pred, C), structures.fold(target, C), structures.fold_valid(valid, spatial, C),
+            num_raters)
+
+
+def _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, auc_bins, valid, backend, C):
+    """The statistics of SPEC §11: the binary pass over the ``(B * C, ...)`` views, one row per structure."""
+    pred, k, valid, R = fold_structures(pred, target, num_raters, kind, valid, backend, C)
+    st = calibration_stats(pred, k, R, kind, readout, majority, n_bins, auc_bins, valid, backend)
     return st._map(lambda t: t, num_structures=C)
 
 

@@ -308,3 +308,7 @@ def test_several_structures_through_monai_transforms(tmp_path):
     assert metric.stats().num_structures == 2
     with pytest.raises(ValueError, match="not both"):
         StackRatersd(RATERS, label=1, structures=[1])
+    with pytest.raises(ValueError, match="distinct positive labels"):
+        StackRatersd(RATERS, structures=[0, 1])
+    with pytest.raises(ValueError, match=r"labels 0..C = 0..1"):
+        ORCTargetd(num_classes=1)(d)  # the stack holds labels 1 and 2

@@ -355,3 +355,22 @@ def test_the_streaming_metric_sums_structures_over_ranks(tmp_path):
         rows = CalibrationStats.from_dict(got["rows"])
         assert rows.num_structures == 2
         _assert_same_stats(rows, whole)
+
+
+def test_large_batches_of_several_structures_go_in_slabs(monkeypatch):
+    import orcal.batch_stats as batch_stats_module
+    from orcal.metrics import MultiRaterCalibration
+
+    C, R = 2, 3
+    logits, labels = _logits(2, C, R, (7, 5, 6)), _labels(2, R, (7, 5, 6), C)
+    valid = torch.rand(2, 7, 5, 6, generator=torch.Generator().manual_seed(8)) > 0.2
+    whole = MultiRaterCalibration(kind="ordinal", per_image=True, backend="torch", num_structures=C)
+    whole.update(logits, labels, valid=valid)
+    calls = []
+    real = orcal.ops.calibration_stats
+    monkeypatch.setattr(batch_stats_module, "SLAB_VOXELS", 70)  # slabs of one or two planes
+    monkeypatch.setattr(batch_stats_module.ops, "calibration_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sliced = MultiRaterCalibration(kind="ordinal", per_image=True, backend="torch", num_structures=C)
+    sliced.update(logits, labels, valid=valid)
+    assert len(calls) > 3 and sliced.stats().num_structures == C
+    _assert_same_stats(sliced.stats(), whole.stats())

@@ -136,3 +136,17 @@ def test_train_predict_evaluate_on_curvas_structures(tmp_path):
                  "test_fraction=0.25", "--bootstrap", "0", "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_images"] == 1 and 0 <= metrics["metrics"]["mr_ece"] <= 1
+
+
+@pytest.mark.parametrize("method", ["soft", "ordinal"])
+def test_one_structure_of_label_maps_is_the_binary_objective(method):
+    from orcal.training.config import TrainConfig
+    from orcal.training.objective import Objective
+
+    objective = Objective(TrainConfig(method=method))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (2, 3, 6, 5), generator=g).to(torch.uint8)  # label 1 only: one structure
+    valid = torch.rand(2, 6, 5, generator=g) > 0.3  # padding, as collate marks it
+    logits = torch.randn(2, 4 if method == "ordinal" else 1, 6, 5, generator=g)
+    got = objective(logits, labels, valid, g, num_structures=1)
+    assert torch.allclose(got, objective(logits, labels, valid, g))

@@ -44,8 +44,8 @@ def structures(text: str) -> str | list[int]:
     return labels
 
 
-STRUCTURES_HELP = ("several structures at once (SPEC §11): 'all' or labels such as 1,3 (CURVAS, LongCIU, folder; "
-                   "for synthetic data use --option structures=C)")
+STRUCTURES_HELP = ("several structures at once (SPEC §11): 'all' (CURVAS, LongCIU, REFUGE) or labels such as 1,3 "
+                   "(CURVAS, LongCIU, folder); for synthetic data use --option structures=C")
 
 
 def loader_options(args: argparse.Namespace) -> dict:

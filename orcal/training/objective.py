@@ -45,6 +45,8 @@ class Objective:
         extra = {"generator": generator} if self.strategy.needs_generator else {}
         target = fusion.make_target(self.method, masks, num_structures=num_structures, **self.options, **extra)
         fn = self.mean if reduction == "mean" else self.sum
+        if num_structures == 1:  # one structure of a label map: the binary case
+            target, num_structures = target[:, 0], None
         if num_structures is None or self.strategy.head == "ordinal":
             return fn(logits.float(), target, valid)
         if valid is not None:

@@ -175,7 +175,8 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
     """Write every item's foreground probability, one file per case and readout, as ``orcal evaluate`` reads
     them: ``OUT/<readout>/<case><ext>``; for an ordinal head also ``OUT/expected_k/<case><ext>``, the predicted
     number of raters ``E[k]`` (float32). A model of several structures writes each structure ``c`` under
-    ``OUT/<readout>/structure<c>/`` (``orcal evaluate --label c`` reads one against the raters' label maps).
+    ``OUT/<readout>/structure<c>/`` (structure ``c`` is the ``c``-th label the loader read: score it with
+    ``orcal evaluate`` and that label's ``--label`` or ``--task``).
 
     Args:
         readouts: default both readouts for an ordinal head (SPEC §2), ``("majority",)`` for a binary one (the
