@@ -387,15 +387,19 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
               "equal-width bins over voxel–rater pairs; AUC counts every voxel's k positive and R − k negative "
               "pairs. ORC is reported with both readouts: *majority* (the paper's, the probability that a "
               "majority of raters vote foreground) and *expected* (the expected fraction of raters voting "
-              "foreground, the quantity MR-ECE scores against). Rows marked *+ TS* divide the same network's "
-              "logits by one temperature fitted on the validation split against the voxel–rater pairs "
-              "(`orcal.calibrate`; one temperature per row and seed).", ""]
+              "foreground, the quantity MR-ECE scores against)."
+              + (" Rows marked *+ TS* divide the same network's logits by one temperature fitted on the validation "
+                 "split against the voxel–rater pairs (`orcal.calibrate`; one temperature per row and seed)."
+                 if any(row.endswith(TS_SUFFIX) for by_row in results.get("runs", {}).values() for row in by_row)
+                 else ""), ""]
     lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size (test split) | channels |",
               "|---|---|---|---|---|---|---|"]
     for key, d in results.get("datasets", {}).items():
         ranges = d.get("image_size_range") or [[x, x] for x in d.get("image_shape", [])]
         size = " × ".join(str(a) if a == b else f"{a}–{b}" for a, b in ranges) or "?"
-        lines.append(f"| {key} | {d.get('num_raters', '?')} | {d.get('n_train', '?')} | {d.get('n_val', '?')} | "
+        raters = f"{d.get('num_raters', '?')}" + (f" ({d['num_structures']} structures)" if d.get("num_structures")
+                                                  else "")
+        lines.append(f"| {key} | {raters} | {d.get('n_train', '?')} | {d.get('n_val', '?')} | "
                      f"{d.get('n_test', '?')} | {size} | {d.get('channels', '?')} |")
     lines.append("")
     for name in ("table1_mr_ece", "table2_auc", "table3_dice"):
