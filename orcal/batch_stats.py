@@ -8,6 +8,7 @@ tens of bytes per voxel of a CT volume).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -101,4 +102,4 @@ def _structure_batch_stats(pred, target, num_raters, valid, C, device, call, opt
         return st if device is None else st.to(device)
     pred, k, valid, R = ops.fold_structures(pred, target, num_raters, options["kind"], valid, options["backend"], C)
     st = batch_stats(pred, k, num_raters=R, valid=valid, device=device, **options)
-    return st._map(lambda t: t, num_structures=C)
+    return dataclasses.replace(st, num_structures=C)

@@ -42,6 +42,14 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def integer_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of an integer tensor on any device: min/max exist for the signed types everywhere, so
+    uint8 goes through int16 and the wider unsigned types through int64."""
+    if not x.dtype.is_signed:
+        x = x.to(torch.int16 if x.dtype == torch.uint8 else torch.int64)
+    return torch.aminmax(x)
+
+
 def data_check(ok: torch.Tensor, message, error: type[Exception] = ValueError) -> None:
     """Raise ``error(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile``, while a CUDA
     graph is captured and with ``ORCAL_ASYNC_CHECKS=1`` the check is an asynchronous assertion instead (no

@@ -140,6 +140,7 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
 
     from orcal.data import load_dataset
     from orcal.io import file_format, write_array
+    from orcal.ops import orc_targets
 
     if not 1 <= int(dataset_id) <= 999:
         raise ValueError(f"dataset_id must lie in 1..999 (nnU-Net's dataset ids), got {dataset_id}")
@@ -177,8 +178,7 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
                 if C is None:
                     label = masks.sum(0).astype(np.uint8)
                 else:  # several structures: the joint vote count's class
-                    k = np.stack([(masks == c).sum(0) for c in range(1, C + 1)])
-                    label = joint_index(k, R)
+                    label = joint_index(orc_targets(item["masks"][None], num_classes=C)[0].numpy(), R)
                 write_array(folder / labels / f"{case}.nii.gz", _volume(label), like)
             else:
                 for r in range(R):

@@ -7,6 +7,7 @@ Triton on CUDA tensors, else the pure-PyTorch reference. All backends compute th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -22,7 +23,14 @@ from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
     REDUCTIONS,
     under_func_transform,
 )
-from orcal.checks import check_choice, check_int, check_real, check_tensor, data_check  # noqa: F401
+from orcal.checks import (  # noqa: F401  (check_* re-exported)
+    check_choice,
+    check_int,
+    check_real,
+    check_tensor,
+    data_check,
+    integer_range,
+)
 from orcal.masks import check_masks
 from orcal.stats import CalibrationStats
 
@@ -73,9 +81,7 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
         raise ValueError(f"{name} must be on the prediction's device {device}, got {k.device}")
     if k.dtype != torch.uint8:
         if k.numel() and k.device.type != "meta":
-            # min/max exist for the signed types on every device; the wider unsigned ones go through int64
-            signed = k if k.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) else k.to(torch.int64)
-            lo, hi = torch.aminmax(signed)
+            lo, hi = integer_range(k)
             data_check((lo >= 0) & (hi <= num_raters),
                         lambda: f"{name} must lie in 0..R = 0..{num_raters}; found {int(lo)}..{int(hi)}")
         k = k.to(torch.uint8)
@@ -480,7 +486,7 @@ def _structure_stats(pred, target, num_raters, kind, readout, majority, n_bins, 
     """The statistics of SPEC §11: the binary pass over the ``(B * C, ...)`` views, one row per structure."""
     pred, k, valid, R = fold_structures(pred, target, num_raters, kind, valid, backend, C)
     st = calibration_stats(pred, k, R, kind, readout, majority, n_bins, auc_bins, valid, backend)
-    return st._map(lambda t: t, num_structures=C)
+    return dataclasses.replace(st, num_structures=C)
 
 
 def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid):

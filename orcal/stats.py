@@ -7,7 +7,7 @@ totals, per-image values and the bootstrap all come from the same single pass ov
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -17,8 +17,6 @@ from orcal._schema import StatsLayout
 COUNT_FIELDS = ("n", "a", "tp", "fp", "fn", "pos", "neg")
 #: Fields that are float sums (float64).
 SUM_FIELDS = ("s", "brier", "nll")
-#: The tensor fields, in the order of the dataclass.
-TENSOR_FIELDS = ("n", "a", "s", "brier", "nll", "tp", "fp", "fn", "pos", "neg")
 
 
 @dataclass
@@ -166,3 +164,7 @@ class CalibrationStats:
             pos=counts[:, lay.pos():lay.neg()], neg=counts[:, lay.neg():lay.count_cols()],
             s=sums[:, lay.s():lay.brier()], brier=sums[:, lay.brier()], nll=sums[:, lay.nll()],
         )
+
+
+#: The tensor fields, in the order of the dataclass (everything but ``num_structures``).
+TENSOR_FIELDS = tuple(f.name for f in fields(CalibrationStats) if f.name != "num_structures")

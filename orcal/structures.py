@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from orcal.checks import check_int, check_tensor, data_check
+from orcal.checks import check_int, check_tensor, data_check, integer_range
 
 
 def structures_of(logits: torch.Tensor, k: torch.Tensor) -> int | None:
@@ -66,8 +66,7 @@ def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -
     if labels.ndim not in (4, 5):
         raise ValueError(f"{name} must be (B, R, *S) with S 2D or 3D, got shape {tuple(labels.shape)}")
     if labels.numel() and labels.device.type != "meta" and labels.dtype != torch.bool:
-        wide = labels if labels.dtype != torch.uint8 else labels.to(torch.int16)
-        lo, hi = torch.aminmax(wide if wide.dtype.is_signed else wide.to(torch.int64))
+        lo, hi = integer_range(labels)
         data_check((lo >= 0) & (hi <= C), lambda: f"{name} must hold labels 0..C = 0..{C} (0 background); "
                                                   f"found {int(lo)}..{int(hi)}")
     return C

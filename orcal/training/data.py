@@ -95,12 +95,13 @@ def probe(ds: Dataset) -> tuple[int, int, int, int | None]:
         None if structures is None else int(structures)
 
 
-def _votes(item: dict, num_structures: int | None) -> list[torch.Tensor]:
-    """An item's vote counts, one ``(*S)`` map per structure."""
-    masks = item["masks"].to(torch.int64)
+def _votes(item: dict, num_structures: int | None) -> torch.Tensor:
+    """An item's vote counts, ``(C, *S)`` (``C = 1`` for binary rater masks)."""
+    from orcal.ops import orc_targets
+
     if num_structures is None:
-        return [masks.sum(0)]
-    return [(masks == c).sum(0) for c in range(1, num_structures + 1)]
+        return item["masks"].to(torch.int64).sum(0, keepdim=True)
+    return orc_targets(item["masks"][None], backend="torch", num_classes=num_structures)[0].long()
 
 
 def label_prior(ds: Dataset, head: str, num_raters: int, max_items: int = 64,
