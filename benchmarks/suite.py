@@ -416,6 +416,16 @@ def markdown(rows: list[Row], meta: dict) -> str:
                     lines.append(f"| {net} | {'x'.join(map(str, entry['input']))} | {loss} | {t['step_ms']:.1f} | "
                                  f"{t['loss_ms']:.2f} | {100 * t['share_of_step']:.2f} % |")
             continue
+        if name.startswith("Several structures") and "error" not in extra:
+            lines += [f"C = {extra['C']} structures of R = {extra['R']} raters on {extra['shape (B x C(R+1) x S)']} "
+                      f"logits ({extra['backend']} backend): one call on all structures against a loop that slices "
+                      "each structure's channels (the loss: a fresh leaf and backward per call).", "",
+                      "| op | one call ms | loop over structures ms | loop / one call |", "|---|---|---|---|"]
+            for op in ("loss fwd+bwd", "calibration_stats"):
+                t = extra[op]
+                lines.append(f"| {op} | {t['one call ms']:.2f} | {t['loop over structures ms']:.2f} | "
+                             f"{t['loop / one call']:.2f} |")
+            continue
         lines += ["```", json.dumps(extra, indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
 
@@ -497,6 +507,14 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
             meta["extras"]["Share of a training step spent in the loss"] = peers.training_step_share(device, quick)
         except Exception as err:  # another benchmark must not sink the suite
             meta["extras"]["Share of a training step spent in the loss"] = {"error": f"{type(err).__name__}: {err}"}
+    try:  # several structures: one call against the loop over structures (benchmarks.bench_structures)
+        from benchmarks.bench_structures import bench_structures
+
+        ct = default_sizes(device, quick)[-1]  # the CT volume of the matrix, with three structures
+        meta["extras"]["Several structures (benchmarks.bench_structures)"] = bench_structures(
+            device, (ct.batch, *ct.spatial), repeats=repeats)
+    except Exception as err:
+        meta["extras"]["Several structures (benchmarks.bench_structures)"] = {"error": f"{type(err).__name__}: {err}"}
     if staple:
         try:
             result = _bench_staple(device, quick)

@@ -26,8 +26,12 @@ def test_suite_runs_and_writes(tmp_path):
     assert abs(metric["cpp"]["auc"] - metric["auroc"]["auc"]) < 0.05  # binned (4096) against exact
     saved = json.loads((tmp_path / f"{meta['device_name']}-quick.json").read_text())
     assert len(saved["rows"]) == len(rows)
+    structures = meta["extras"]["Several structures (benchmarks.bench_structures)"]
+    assert "error" not in structures and structures["loss fwd+bwd"]["max_abs_diff"] < 1e-5
+    assert all(structures[op]["one call ms"] > 0 for op in ("loss fwd+bwd", "calibration_stats"))
     text = markdown(rows, meta)
     assert "| loss |" in text and "fresh logits leaf" in text and "spread ms" in text
+    assert "| loss fwd+bwd |" in text
     assert (tmp_path / f"{meta['device_name']}-quick.md").exists()
 
 
