@@ -409,8 +409,12 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.threads is not None and device == "cpu":
-        # small networks gain little from intra-op threads, and lose a lot on a busy machine
+        # small networks gain little from intra-op threads, and lose a lot on a busy machine; a fixed thread
+        # count also keeps the results the same on machines with different numbers of cores
         torch.set_num_threads(int(cfg.threads))
+    if str(device).startswith("cuda"):  # the same results on every run: cuDNN's autotuner picks kernels by timing
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

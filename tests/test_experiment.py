@@ -205,6 +205,25 @@ def test_demo_command_runs_and_prints_both_tables(tmp_path, capsys):
     assert (tmp_path / "demo" / "report.md").is_file()
 
 
+@pytest.mark.slow
+def test_demo_results_are_identical_across_runs(tmp_path, capsys):
+    """Two runs of a small demo on one machine give the same numbers, to the last bit (only times differ)."""
+    from orcal.cli import main
+
+    def numbers(out):
+        results = json.loads((out / "results.json").read_text())
+        for key in ("timings", "compute_seconds", "total_seconds", "command"):
+            results.pop(key)
+        return results
+
+    args = ["--samples", "16", "--image-size", "16", "--methods", "soft,staple,ordinal", "--epochs", "2",
+            "--max-steps", "2", "--n-boot", "20", "--quiet", "--device", "cpu"]
+    assert main(["demo", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["demo", "--out", str(tmp_path / "b"), *args]) == 0
+    a, b = numbers(tmp_path / "a"), numbers(tmp_path / "b")
+    assert a["runs"] and a == b
+
+
 # --- seeds, the validation selection, temperature scaling and the findings (SPEC §5.1) ----------------------
 
 def _stats(k, p, R=3):
