@@ -26,9 +26,13 @@ from orcal.io import EXTENSIONS, extension, read_array
 from orcal.metrics import MultiRaterCalibration, bootstrap
 from orcal.stats import CalibrationStats
 
-__all__ = ["evaluate", "find_predictions", "load_prediction", "rater_folder_cases"]
+__all__ = ["MIN_BOOTSTRAP_IMAGES", "bootstrap_warning", "evaluate", "find_predictions", "load_prediction",
+           "rater_folder_cases"]
 
-
+#: Below this many images the bootstrap intervals are reported with a warning. Each resample draws 60 % of the
+#: images, so with n images there are at most C(n, 0.6 n) different resamples (10 for 5 images, 1 for 2): the
+#: 2.5 / 97.5 percentiles are then set by one or two images and do not cover the value 95 % of the time.
+MIN_BOOTSTRAP_IMAGES = 10
 
 def _case_id(path: Path) -> str:
     stem = path.name[: len(path.name) - len(extension(path))]
@@ -178,6 +182,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def bootstrap_warning(n_images: int, n_boot: int) -> str | None:
+    """The warning that goes with bootstrap intervals over ``n_images`` images, or None when there are enough."""
+    if n_boot <= 0 or n_images >= MIN_BOOTSTRAP_IMAGES:
+        return None
+    return (f"the 95 % intervals come from only {n_images} image{'s' if n_images != 1 else ''}: below "
+            f"{MIN_BOOTSTRAP_IMAGES} images the bootstrap has too few distinct resamples to give a 95 % interval; "
+            "read them as a rough spread, not as confidence intervals")
+
+
 def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
@@ -186,8 +199,11 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
     lines = [f"# Evaluation of {name}", "",
              f"{result['n_images']} images, {result['n_pairs']:,} voxel–rater pairs.", ""]
     if ci:
-        lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of the images (2.5 / 97.5 percentiles).",
-                  "", "| metric | value | mean | std | 95% CI |", "|---|---:|---:|---:|---|"]
+        lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of the images (2.5 / 97.5 percentiles)."]
+        warning = bootstrap_warning(result["n_images"], n_boot)
+        if warning:
+            lines += ["", f"**Warning:** {warning}."]
+        lines += ["", "| metric | value | mean | std | 95% CI |", "|---|---:|---:|---:|---|"]
         for key in metric_table.keys():
             c = ci[key]
             lines.append(f"| {metric_table.label(key)} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
@@ -225,11 +241,11 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         progress: show a progress bar.
 
     Returns:
-        The content of ``metrics.json``.
+        The content of ``metrics.json``; its ``warnings`` list says when the bootstrap intervals rest on fewer
+        than :data:`MIN_BOOTSTRAP_IMAGES` images.
     """
-    from tqdm import tqdm
-
     from orcal import plots
+    from orcal._progress import progress_bar
 
     if kind not in ("prob", "logit"):
         raise ValueError(f"kind must be 'prob' or 'logit', got {kind!r}")
@@ -241,7 +257,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
                              dataset_options, label)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
-    for case, masks, valid in tqdm(cases, total=len(ids), desc="evaluate", unit="case", disable=not progress):
+    for case, masks, valid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case", enabled=progress):
         spatial = tuple(masks.shape[1:])
         p = _match_shape(load_prediction(preds[case], kind), spatial, preds[case])
         try:
@@ -261,6 +277,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         "method": name,
         "metrics": {key: result[key] for key in (*metric_table.keys(), "auc_binned") if key in result},
         "bootstrap": ci,
+        "warnings": [w for w in [bootstrap_warning(result["n_images"], n_boot if ci else 0)] if w],
         "n_images": result["n_images"], "n_pairs": result["n_pairs"],
         "bins": {key: result["bins"][key] for key in ("lower", "upper", "count", "confidence", "accuracy")},
         "agreement": result["agreement"],

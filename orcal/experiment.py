@@ -73,10 +73,10 @@ class CachedDataset(torch.utils.data.Dataset):
     """Every item of a dataset read (or generated) once and kept in memory, shared by all runs."""
 
     def __init__(self, dataset, desc: str = "", progress: bool = True):
-        from tqdm.auto import tqdm
+        from orcal._progress import progress_bar
 
-        self.items = [dataset[i] for i in tqdm(range(len(dataset)), desc=desc or "loading", unit="item",
-                                                leave=False, disable=not progress)]
+        self.items = [dataset[i] for i in progress_bar(range(len(dataset)), desc=desc or "loading", unit="item",
+                                                       leave=False, enabled=progress)]
         for attr in ("num_raters", "R", "name"):
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
@@ -404,13 +404,17 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     with ``select_on_val`` each row then takes the setting with the lowest validation MR-ECE, and the other
     seeds train the chosen settings only.
     """
-    from tqdm.auto import tqdm
+    from orcal._progress import progress_bar
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.threads is not None and device == "cpu":
-        # small networks gain little from intra-op threads, and lose a lot on a busy machine
+        # small networks gain little from intra-op threads, and lose a lot on a busy machine; a fixed thread
+        # count also keeps the results the same on machines with different numbers of cores
         torch.set_num_threads(int(cfg.threads))
+    if str(device).startswith("cuda"):  # the same results on every run: cuDNN's autotuner picks kernels by timing
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -425,8 +429,8 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     records: dict[str, dict[int, dict[str, dict]]] = {}
     cases: dict[str, dict] = {}
     choices: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(cfg.datasets) * (len(first_runs) + (len(seeds) - 1) * len(main_runs)), desc="experiment",
-               unit="run", disable=not cfg.progress)
+    bar = progress_bar(total=len(cfg.datasets) * (len(first_runs) + (len(seeds) - 1) * len(main_runs)),
+                       desc="experiment", unit="run", enabled=cfg.progress)
     for spec in cfg.datasets:
         splits = {s: load_split(spec, s) for s in ("train", "val", "test")}
         if spec.label is None:  # the data's own name: a QUBIQ pickle read by the LIDC-pickle loader is not "lidc"

@@ -47,6 +47,9 @@ def _noise(d: Mapping[str, Any]) -> str:
 
 
 def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
+    """The best row on ``metric`` and where the reference row stands, named as a winner only when its lead is
+    larger than the noise (a ranking inside the noise can flip with another seed or machine)."""
+    from orcal.comparison import exceeds_noise
     from orcal.report import row_label
 
     lead = comp.get("leads", {}).get(metric)
@@ -54,18 +57,28 @@ def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
         return []
     best, second = lead["best"], lead["runner_up"]
     ahead = _better_by(lead, metric)
-    out = [f"On {ds}, **{row_label(best)}** has the best {metric_label(metric)} "
-           f"({_f(rows[best][metric]['value'])}); its lead over {row_label(second)} "
-           f"({_f(rows[second][metric]['value'])}) is {_f(ahead['diff'])}, {_noise(ahead)}."]
+    if exceeds_noise(ahead):
+        out = [f"On {ds}, **{row_label(best)}** has the best {metric_label(metric)} "
+               f"({_f(rows[best][metric]['value'])}); its lead over {row_label(second)} "
+               f"({_f(rows[second][metric]['value'])}) is {_f(ahead['diff'])}, {_noise(ahead)}."]
+    else:
+        extreme = "highest" if higher_is_better(metric) else "lowest"
+        out = [f"On {ds}, no row has a better {metric_label(metric)} than the others beyond the noise: the two "
+               f"{extreme}, {row_label(best)} ({_f(rows[best][metric]['value'])}) and {row_label(second)} "
+               f"({_f(rows[second][metric]['value'])}), differ by {_f(ahead['diff'])}, {_noise(ahead)}."]
     ref = comp.get("reference")
     paired = comp.get("paired", {}).get(best, {}).get(metric)
     if ref and ref not in (best, second) and paired and ref in rows:  # (the runner-up was just compared)
-        ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
-                        key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
         ahead = _better_by(paired, metric)
-        out.append(f"{row_label(ref)} ranks {ranked.index(ref) + 1} of {len(ranked)} "
-                   f"({_f(rows[ref][metric]['value'])}; the best row is ahead of it by {_f(ahead['diff'])}, "
-                   f"{_noise(ahead)}).")
+        value = _f(rows[ref][metric]["value"])
+        if exceeds_noise(ahead):
+            ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
+                            key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
+            out.append(f"{row_label(ref)} ranks {ranked.index(ref) + 1} of {len(ranked)} "
+                       f"({value}; the best row is ahead of it by {_f(ahead['diff'])}, {_noise(ahead)}).")
+        else:
+            out.append(f"{row_label(ref)} ({value}) lies within the noise of {row_label(best)}: a difference of "
+                       f"{_f(ahead['diff'])}, {_noise(ahead)}.")
     return out
 
 

@@ -136,8 +136,7 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
     Returns:
         the dataset folder, ``out/Dataset<id>_<dataset_name>``.
     """
-    from tqdm.auto import tqdm
-
+    from orcal._progress import progress_bar
     from orcal.data import load_dataset
     from orcal.io import file_format, write_array
     from orcal.ops import orc_targets
@@ -159,7 +158,7 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
             if "is empty" in str(err):  # a layout without a validation (or test) split
                 continue
             raise
-        for i in tqdm(range(len(ds)), desc=f"{name} {split} -> nnU-Net", unit="case", disable=not progress):
+        for i in progress_bar(range(len(ds)), desc=f"{name} {split} -> nnU-Net", unit="case", enabled=progress):
             item = ds[i]
             case = _case_name(item["id"])
             if case in cases:

@@ -76,7 +76,7 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
 
     Top panel: observed fraction of positive pairs against mean predicted probability in each non-empty bin,
     with the diagonal of perfect calibration; the legend gives each method's MR-ECE. Bottom panel: pairs per
-    bin (log scale).
+    bin (log scale), one step line per method in its curve's colour.
 
     Args:
         methods: ``{name: CalibrationStats | bin table | MultiRaterCalibration.compute() result}``.
@@ -123,18 +123,20 @@ def draw_reliability(methods: Mapping[str, Any], ax, counts_ax=None, title: str 
     from matplotlib import colormaps
 
     ax.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="perfect calibration")
-    n_methods = len(tables)
     colors = colormaps["tab10"].colors
     for i, (name, table) in enumerate(tables.items()):
         color = colors[i % len(colors)]
         nonempty = table["count"] > 0
         ax.plot(table["confidence"][nonempty], table["accuracy"][nonempty], marker="o", markersize=4,
                 linewidth=1.6, color=color, label=f"{name}  (MR-ECE {_ece(table):.4f})")
-        if counts_ax is not None:
-            width = (table["upper"] - table["lower"]) / n_methods
-            left = table["lower"] + i * width
-            counts = np.where(nonempty, table["count"], np.nan)
-            counts_ax.bar(left, counts, width=width, align="edge", color=color, alpha=0.75, linewidth=0)
+        if counts_ax is not None:  # one step line per method: side-by-side bars of many methods cannot be read
+            edges = np.append(table["lower"], table["upper"][-1])
+            counts = table["count"].astype(np.float64)
+            # an empty bin is a gap (log scale): one line per run of non-empty bins, no drop to the baseline
+            change = np.flatnonzero(np.diff(np.concatenate([[0], nonempty.astype(np.int8), [0]])))
+            for start, stop in zip(change[::2], change[1::2]):
+                counts_ax.stairs(counts[start:stop], edges[start:stop + 1], baseline=None, color=color,
+                                 linewidth=1.4, alpha=0.9)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed fraction of positive pairs")
@@ -150,8 +152,9 @@ def draw_reliability(methods: Mapping[str, Any], ax, counts_ax=None, title: str 
     if counts.size:  # whole decades, so that bar heights are not read against a truncated axis
         counts_ax.set_ylim(10 ** np.floor(np.log10(counts.min())), 10 ** np.ceil(np.log10(counts.max() * 1.05)))
     counts_ax.set_xlabel("predicted probability")
-    counts_ax.set_ylabel("pairs")
-    counts_ax.grid(True, axis="y", color="0.92")
+    counts_ax.set_ylabel("pairs per bin")
+    counts_ax.set_axisbelow(True)
+    counts_ax.grid(True, axis="y", which="major", color="0.92")
 
 
 def _as_agreement(name: str, data: Any) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from orcal.data.safe_pickle import safe_loads
 Image = pytest.importorskip("PIL.Image")
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc-idri-slices"
+NO_REAL = f"needs the public LIDC-IDRI-slices copy at {REAL} (not part of the repository)"
 
 
 def _png(path: Path, arr: np.ndarray) -> None:
@@ -98,7 +99,7 @@ def test_lidc_volumes_stack_each_nodule(tmp_path):
     assert len(load_dataset("lidc_volumes", root, min_raters_foreground=3)) == 8  # 3 readers mark every nodule
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="the LIDC-IDRI copy in ../shared/data is absent")
+@pytest.mark.skipif(not REAL.is_dir(), reason=NO_REAL)
 def test_lidc_volumes_on_the_real_export():
     ds = load_dataset("lidc_volumes", REAL)
     assert len(ds) == 781
@@ -151,7 +152,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         np.testing.assert_array_equal(safe_loads(pickle.dumps({"x": [arr]}, protocol=proto))["x"][0], arr)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="the LIDC-IDRI slice copy is not present")
+@pytest.mark.skipif(not REAL.is_dir(), reason=NO_REAL)
 def test_real_lidc_slices_end_to_end():
     full = load_dataset("lidc_slices", REAL)
     assert len(full) > 1000

@@ -73,6 +73,27 @@ def test_end_to_end_writes_every_output(tmp_path):
     assert "| MR-ECE |" in md and "95% CI" in md
 
 
+def test_few_images_warn_about_the_bootstrap_interval(tmp_path, capsys):
+    """A 95 % interval from 2 images is no confidence interval: the printout and both reports say so."""
+    from orcal.evaluate import MIN_BOOTSTRAP_IMAGES
+
+    pred, raters, _ = make_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", str(pred), "--raters", str(raters), "--out", str(out), "--bootstrap", "20",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: the 95 % intervals come from only 2 images" in printed
+    assert f"below {MIN_BOOTSTRAP_IMAGES} images" in printed
+    assert "only 2 images" in json.loads((out / "metrics.json").read_text())["warnings"][0]
+    assert "**Warning:** the 95 % intervals come from only 2 images" in (out / "metrics.md").read_text()
+    # no bootstrap, no warning; enough images, no warning
+    assert evaluate(pred, tmp_path / "a", raters=raters, n_boot=0, progress=False)["warnings"] == []
+    (tmp_path / "many").mkdir()
+    pred, raters, _ = make_folder(tmp_path / "many", n=MIN_BOOTSTRAP_IMAGES)
+    report = evaluate(pred, tmp_path / "b", raters=raters, n_boot=20, progress=False)
+    assert report["warnings"] == [] and "Warning" not in (tmp_path / "b" / "metrics.md").read_text()
+
+
 def test_python_api_without_bootstrap_and_with_logits(tmp_path):
     pred, raters, data = make_folder(tmp_path, n=2)
     logits = tmp_path / "logits"

@@ -710,12 +710,22 @@ def _sync_free_calls(backend, z, k, masks):
             *orcal.calibration_stats(z, k, num_raters=3, kind="ordinal", backend=backend).pack())
 
 
+def _compiled_cuda_backends() -> list:
+    """The compiled kernels on CUDA tensors; a machine without them gets one case that says why it is skipped."""
+    cases = [p for p in BACKENDS if p.id in ("cpp-cuda", "triton-cuda")]
+    if cases:
+        return cases
+    if not torch.cuda.is_available():
+        return [pytest.param(None, id="cuda", marks=pytest.mark.cuda)]  # tests/conftest.py: no GPU here
+    return [pytest.param(None, id="cuda", marks=pytest.mark.skip(
+        reason="this install has no compiled CUDA kernels (neither orcal._C with CUDA nor Triton)"))]
+
+
+@pytest.mark.parametrize("be", _compiled_cuda_backends())
 def test_ops_capture_in_a_cuda_graph(be):
     """While a stream is captured the kernels check their flags on the device: no synchronisation, so
     torch.cuda.graph (and torch.compile(mode="reduce-overhead")) can record them; replays give eager results."""
     backend, dev = be
-    if dev != "cuda" or backend == "torch":
-        pytest.skip("the compiled kernels on a CUDA device")
     z, k = _logits(2, 3, (8, 6, 5), device=dev), _votes((2, 8, 6, 5), 3, device=dev)
     masks = (torch.rand(2, 3, 8, 6, 5, generator=torch.Generator().manual_seed(4)) < 0.5).to(torch.uint8).to(dev)
     side = torch.cuda.Stream()
@@ -734,17 +744,18 @@ def test_ops_capture_in_a_cuda_graph(be):
         torch.testing.assert_close(got, want)
 
 
-def test_async_checks_keep_results_and_catch_bad_values(be, monkeypatch):
-    """ORCAL_ASYNC_CHECKS=1 (no host synchronisation anywhere): the same results; a bad value still fails
-    (on CPU tensors the device-side assertion raises at once; on a GPU it would fail the stream)."""
-    backend, dev = be
-    if backend != "triton" or dev != "cpu":
-        pytest.skip("the Triton launchers read the variable per call; the CUDA kernels once per process")
-    z, k = _logits(1, 3, (4, 5), device=dev), _votes((1, 4, 5), 3, device=dev)
-    masks = (torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(2)) < 0.5).to(torch.uint8)
-    want = _sync_free_calls(backend, z, k, masks)
-    monkeypatch.setenv("ORCAL_ASYNC_CHECKS", "1")
-    for got, expected in zip(_sync_free_calls(backend, z, k, masks), want):
-        torch.testing.assert_close(got, expected)
-    with pytest.raises(RuntimeError, match="orcal: bad masks"):
-        orcal.orc_targets(masks * 2, backend=backend)
+# Only the Triton launchers read ORCAL_ASYNC_CHECKS per call (the CUDA kernels read it once per process), and
+# on CPU tensors they run in the interpreter: this test exists in test_triton_cases' child process only.
+if INTERPRETED:
+    def test_async_checks_keep_results_and_catch_bad_values(be, monkeypatch):
+        """ORCAL_ASYNC_CHECKS=1 (no host synchronisation anywhere): the same results; a bad value still fails
+        (on CPU tensors the device-side assertion raises at once; on a GPU it would fail the stream)."""
+        backend, dev = be  # the only backend of the child process: ("triton", "cpu")
+        z, k = _logits(1, 3, (4, 5), device=dev), _votes((1, 4, 5), 3, device=dev)
+        masks = (torch.rand(1, 3, 4, 5, generator=torch.Generator().manual_seed(2)) < 0.5).to(torch.uint8)
+        want = _sync_free_calls(backend, z, k, masks)
+        monkeypatch.setenv("ORCAL_ASYNC_CHECKS", "1")
+        for got, expected in zip(_sync_free_calls(backend, z, k, masks), want):
+            torch.testing.assert_close(got, expected)
+        with pytest.raises(RuntimeError, match="orcal: bad masks"):
+            orcal.orc_targets(masks * 2, backend=backend)

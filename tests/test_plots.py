@@ -34,6 +34,32 @@ def test_reliability_diagram_accepts_stats_tables_and_results(tmp_path):
     assert open(svg).read(200).lstrip().startswith("<?xml")
 
 
+def test_pair_counts_are_one_step_line_per_method_with_gaps_at_empty_bins():
+    """Nine methods' counts as side-by-side bars were 135 slivers; each method is now one step line in its
+    curve's colour, broken (not dropped to the axis) at an empty bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import StepPatch
+
+    edges = np.linspace(0, 1, 16)
+    tables = {f"m{i}": {"count": np.arange(1, 16) * 10 ** (i % 3), "confidence": (edges[:-1] + edges[1:]) / 2,
+                        "accuracy": (edges[:-1] + edges[1:]) / 2} for i in range(9)}
+    tables["m0"]["count"][5:8] = 0
+    fig, (top, bottom) = plt.subplots(2, 1)
+    plots.draw_reliability(tables, top, bottom)
+    steps = [p for p in bottom.patches if isinstance(p, StepPatch)]
+    assert len(bottom.patches) == len(steps) == 9 + 1  # m0 is two runs of non-empty bins
+    colors = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+              for line in top.lines[1:]}
+    assert {tuple(p.get_edgecolor()[:3]) for p in steps} == {matplotlib.colors.to_rgb(c) for c in colors}
+    first = [p for p in steps if np.allclose(p.get_edgecolor()[:3], matplotlib.colors.to_rgb(top.lines[1].get_color()))]
+    assert sorted(len(p.get_data().values) for p in first) == [5, 7]
+    assert bottom.get_yscale() == "log"
+    plt.close(fig)
+
+
 def test_ece_in_legend_matches_metric():
     a, _ = _result(2)
     assert plots._ece(a["bins"]) == pytest.approx(a["mr_ece"], rel=1e-9)

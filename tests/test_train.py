@@ -322,6 +322,74 @@ def test_validation_reports_mr_ece_and_dice():
     assert last["val_mr_ece"] > 0
 
 
+def test_cli_resume_reads_the_options_from_the_checkpoint(tmp_path, capsys):
+    """``orcal train --out OUT --resume`` needs no other option: the run's own come from OUT/last.pt."""
+    from orcal.cli import main
+
+    out = tmp_path / "run"
+    first = ["--option", "n=8", "--option", "shape=16,16", "--option", "R=3", "--arch", "unet-small",
+             "--model-option", "base_channels=4", "--model-option", "depth=1", "--batch-size", "4", "--lr", "0.005",
+             "--max-steps", "1", "--method", "soft_gaussian", "--sigma", "1.5", "--out", str(out), "--quiet"]
+    assert main(["train", "--epochs", "1", *first]) == 0
+    config = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert config["dataset_options"]["shape"] == (16, 16)  # shape=16,16 reads as a tuple
+    assert main(["train", "--out", str(out), "--epochs", "2", "--resume", "--quiet"]) == 0
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"] == {**config, "epochs": 2, "resume": True}
+    # the same options repeated are fine; a different one is an error naming the option and both values
+    assert main(["train", *first, "--epochs", "3", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--epochs", "4", "--resume", "--lr", "0.01", "--sigma", "2",
+                 "--option", "n=8", "--option", "R=4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run has 0.005)" in err and "--sigma sigma=2.0 (the run has 1.5)" in err
+    assert "R=4 (the run has 3)" in err and "n=8" not in err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3  # nothing trained
+
+
+def test_resume_refuses_fewer_epochs_than_planned_even_quietly(tmp_path, capsys):
+    """A run planned for 6 epochs, killed after 2, resumed with --epochs 3: refused, naming 6 and 3."""
+    from orcal.cli import main
+
+    out = tmp_path / "run"
+    args = ["--option", "n=8", "--option", "shape=16,16", "--option", "R=3", "--arch", "unet-small",
+            "--model-option", "base_channels=4", "--model-option", "depth=1", "--max-steps", "1", "--out", str(out)]
+
+    def kill(epoch, step, loss):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(dataset_options={"n": 8, "shape": (16, 16), "R": 3}, arch="unet-small",
+                          model_options={"base_channels": 4, "depth": 1}, max_steps_per_epoch=1, epochs=6,
+                          out_dir=str(out)), progress=False, callback=kill)
+    assert main(["train", *args, "--epochs", "3", "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs=3" in err and "planned for 6 epochs (2 done)" in err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # finishes the run as planned
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 6
+
+
+def test_train_help_examples_are_valid_shell():
+    """Every example line of ``orcal train --help`` parses in a POSIX shell and with the command's parser."""
+    import shlex
+
+    from orcal.cli import build_parser
+    from orcal.commands import train as command
+
+    parser = build_parser()
+    for line in command.__doc__.splitlines():
+        line = line.split("#")[0].strip()
+        if not line.startswith("orcal train"):
+            continue
+        assert subprocess.run(["sh", "-n", "-c", line]).returncode == 0, line
+        parser.parse_args(shlex.split(line)[1:])
+    help_text = subprocess.run([sys.executable, "-m", "orcal", "train", "--help"], capture_output=True, text=True,
+                               cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    assert "shape=32,32,32" in help_text and "=(" not in help_text
+
+
 @pytest.mark.slow
 def test_cli_under_torchrun_then_resume_on_one_process(tmp_path):
     out = tmp_path / "ddp"

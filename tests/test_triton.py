@@ -1,8 +1,9 @@
 """Triton kernels (orcal._triton) against orcal.reference.
 
 On CPU tensors the kernels run in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
-before Triton is first imported: a plain run starts this file again in a child process with it set
-(``test_interpreter_suite``), so other test modules never see the variable. Shapes are tiny there. On a
+before Triton is first imported: a plain run runs this file's CPU cases once in a child process with it set
+(``interpreter_verdicts``), so other test modules never see the variable, and each case reports the child's
+verdict. Shapes are tiny there. On a
 GPU machine the same tests run natively on CUDA tensors (``-m cuda``).
 """
 
@@ -29,27 +30,56 @@ if not INTERPRETED and torch.cuda.is_available():
 HALF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(scope="session")
+def interpreter_verdicts(request, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """The selected interpreter cases of this file, run once in a child process with TRITON_INTERPRET=1:
+    ``{test name: (passed | failed | skipped, message)}``."""
+    import xml.etree.ElementTree as ET
+
+    here = Path(__file__).resolve()
+    root = here.parents[1]
+    ids = [item.nodeid.split("::", 1)[1] for item in request.session.items
+           if Path(item.path).resolve() == here and "interpreter" in item.name]
+    xml = tmp_path_factory.mktemp("triton-interpreter") / "results.xml"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", *(f"{here}::{i}" for i in ids), "-q",
+                           "-p", "no:cacheprovider", f"--junitxml={xml}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if not xml.is_file():
+        pytest.fail("the Triton interpreter's child process wrote no results:\n" + proc.stdout[-4000:]
+                    + proc.stderr[-2000:], pytrace=False)
+    verdicts = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                message = (child.get("message") or "") + "\n" + (child.text or "")
+                break
+        verdicts[case.get("name")] = (outcome, message.strip())
+    return verdicts
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
-    """The device of a test; CPU tensors run in the interpreter, CUDA tensors run compiled kernels."""
+    """The device of a test; CPU tensors run in the interpreter, CUDA tensors run compiled kernels.
+
+    Outside the interpreter a CPU case reports its verdict from the child process that ran it there
+    (``interpreter_verdicts``; see ``tests/conftest.py``).
+    """
     if request.param == "cuda":
         if INTERPRETED or not torch.cuda.is_available():
             pytest.skip("needs a CUDA device and compiled (not interpreted) Triton kernels")
     elif not INTERPRETED:
-        pytest.skip("interpreter tests run in a child process with TRITON_INTERPRET=1 (test_interpreter_suite)")
+        verdicts = request.getfixturevalue("interpreter_verdicts")
+        request.node.child_verdict = verdicts.get(
+            request.node.name, ("failed", f"{request.node.name} did not run in the Triton interpreter's child "
+                                          "process"))
+        if request.node.child_verdict[0] != "passed":
+            request.node.child_verdict = (request.node.child_verdict[0], "in the Triton interpreter (child "
+                                          "process, TRITON_INTERPRET=1): " + request.node.child_verdict[1])
     return request.param
-
-
-def test_interpreter_suite():
-    """Run the interpreter tests of this file in a fresh process with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("already running in the interpreter")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                           "-k", "interpreter"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -48,6 +48,14 @@ STRUCTURES_HELP = ("several structures at once (SPEC §11): 'all' (CURVAS, LongC
                    "(CURVAS, LongCIU, folder); for synthetic data use --option structures=C")
 
 
+QUIET_HELP = "no progress bars (they are drawn only when stderr is a terminal)"
+
+
+def add_quiet(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *aliases: str) -> None:
+    """``--quiet``, the one name every command gives to hiding its progress bars (``aliases``: older names)."""
+    parser.add_argument("--quiet", *aliases, dest="quiet", action="store_true", help=QUIET_HELP)
+
+
 def loader_options(args: argparse.Namespace) -> dict:
     """``--option KEY=VALUE`` pairs, with ``--structures`` as the loaders' ``structures`` option."""
     options = dict(getattr(args, "option", []) or [])

@@ -11,6 +11,8 @@ import ast
 import json
 import math
 
+from orcal.commands._args import add_quiet
+
 
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
@@ -37,6 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="the structure to read from multi-label rater maps (the loader option label=N)")
     info.add_argument("--limit", type=int, default=None, help="look at the first N cases only")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_quiet(info)
 
 
 def _fmt(x: float) -> str:
@@ -66,8 +69,7 @@ def _print_text(report: dict) -> None:
 
 def info(args: argparse.Namespace) -> dict:
     """Compute the report of ``orcal data info``."""
-    from tqdm.auto import tqdm
-
+    from orcal._progress import progress_bar
     from orcal.data import load_dataset
     from orcal.data.agreement import AgreementAccumulator
 
@@ -79,7 +81,7 @@ def info(args: argparse.Namespace) -> dict:
     n = len(ds) if args.limit is None else min(len(ds), max(int(args.limit), 0))
     acc = AgreementAccumulator()
     shapes, channels = set(), set()
-    for i in tqdm(range(n), desc=f"{args.dataset}: cases", unit="case"):
+    for i in progress_bar(range(n), desc=f"{args.dataset}: cases", unit="case", enabled=not args.quiet):
         item = ds[i]
         shapes.add(tuple(item["image"].shape[1:]))
         channels.add(int(item["image"].shape[0]))

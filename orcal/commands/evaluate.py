@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from orcal.commands._args import key_value
+from orcal.commands._args import add_quiet, key_value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="method name in the report (default: name of --pred)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="evaluate the cases that have a prediction instead of failing on missing ones")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(parser, "--no-progress")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.pred, args.out, dataset=args.dataset, root=args.root, split=args.split, task=args.task,
                       raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
                       n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
-                      allow_missing=args.allow_missing, name=args.name, progress=not args.no_progress,
+                      allow_missing=args.allow_missing, name=args.name, progress=not args.quiet,
                       label=args.label, dataset_options=dict(args.option))
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         if ci and ci[key]["low"] is not None:
             text += f"  [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]"
         print(f"{key:>8}: {text}")
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"{report['n_images']} images; report in {args.out}/ (metrics.json, per_image.csv, metrics.md, "
           "reliability.png, agreement.png)")
     return 0

@@ -16,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from orcal.commands._args import STRUCTURES_HELP, key_value, loader_options, patch_size, structures
+from orcal.commands._args import STRUCTURES_HELP, add_quiet, key_value, loader_options, patch_size, structures
 
 
 def _int_or_none(text: str) -> int | None:
@@ -88,7 +88,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (1000)")
     e.add_argument("--fraction", type=float, default=None, help="bootstrap resample size, fraction of the test set")
     e.add_argument("--force", action="store_true", help="recompute runs that finished earlier")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(e)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

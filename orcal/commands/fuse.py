@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from orcal.commands._args import add_quiet
+
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "png": ".png", "npy": ".npy"}
 #: The option flags below (a strategy takes those named in its registry entry's ``options``).
 OPTION_FLAGS = ("sigma", "padding", "alpha", "confidence_weight", "max_iter", "hard", "majority", "seed")
@@ -36,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="pattern of the rater file names in each case folder (default: every mask file)")
     parser.add_argument("--format", choices=tuple(FORMATS), help="output format (default: as the input)")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
+    add_quiet(parser)
     parser.add_argument("--label", type=int, default=None, metavar="N",
                         help="the structure to fuse in multi-label rater maps (default: masks are binary)")
     parser.add_argument("--mask-channel", type=int, default=None, metavar="C",
@@ -118,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from orcal import fusion
+    from orcal._progress import progress_bar
     from orcal.fusion import make_target
     from orcal.io import extension
 
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     header = f"{'case':<24} {'raters':>6} {'shape':>16} {'dice':>7} {'disagree':>9}  output"
-    bar = tqdm(cases, desc="fuse", unit="case", disable=len(cases) == 1)
+    bar = progress_bar(cases, desc="fuse", unit="case", enabled=len(cases) > 1 and not args.quiet)
     bar.write(header)
     for name, files in bar:
         label = name or "(files)"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from orcal.commands._args import key_value
+from orcal.commands._args import add_quiet, key_value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--id", type=int, required=True, help="nnU-Net dataset id (1..999)")
     conv.add_argument("--name", required=True, help="nnU-Net dataset name, e.g. CurvasPancreas")
     conv.add_argument("--out", required=True, help="nnU-Net's raw folder (nnUNet_raw)")
-    conv.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(conv)
     tr = sub.add_parser("trainer", help="write the module nnUNet_extTrainer needs to find nnUNetTrainerORC")
     tr.add_argument("folder", help="folder to write it into; then export nnUNet_extTrainer=FOLDER")
     ex = sub.add_parser("export", help="nnUNetv2_predict --save_probabilities output to orcal's probability maps")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orcal.commands._args import STRUCTURES_HELP, key_value, loader_options, structures
+from orcal.commands._args import STRUCTURES_HELP, add_quiet, key_value, loader_options, structures
 
 
 def _intensity(text: str):
@@ -55,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     parser.add_argument("--batch-size", type=int, default=2, help="2D images, or 3D windows, per forward pass")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap for volumes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser)
 
 
 def checkpoint_file(path: str) -> Path:

@@ -116,9 +116,9 @@ def agreement_stats(masks_iterable: Iterable, progress: bool = False, total: int
     acc = AgreementAccumulator()
     it = masks_iterable
     if progress:
-        from tqdm.auto import tqdm
+        from orcal._progress import progress_bar
 
-        it = tqdm(masks_iterable, total=total, desc="agreement", unit="case")
+        it = progress_bar(masks_iterable, total=total, desc="agreement", unit="case")
     for masks in it:
         acc.update(masks)
     return acc.compute()

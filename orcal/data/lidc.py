@@ -97,10 +97,10 @@ class LIDCSlices(MultiRaterDataset):
                 for patient, nodule, slices in self._nodules(root) for s in slices]
 
     def _filter(self, cases: list[Case], n: int) -> list[Case]:
-        from tqdm.auto import tqdm
+        from orcal._progress import progress_bar
 
         keep = []
-        for case in tqdm(cases, desc=f"{self.name}: reading masks", unit="case", leave=False):
+        for case in progress_bar(cases, desc=f"{self.name}: reading masks", unit="case", leave=False):
             item = self.load_case(case)
             if int(item["masks"].flatten(1).any(1).sum()) >= n:
                 keep.append(case)

@@ -274,9 +274,9 @@ class SlidingWindow:
         out = norm = None
         it = range(0, len(tiles), max(int(batch_size), 1))
         if progress:
-            from tqdm.auto import tqdm
+            from orcal._progress import progress_bar
 
-            it = tqdm(it, desc="sliding window", unit="batch")
+            it = progress_bar(it, desc="sliding window", unit="batch")
         for i in it:
             group = tiles[i:i + max(int(batch_size), 1)]
             x = torch.cat([volume[(slice(None), slice(None)) + t] for t in group])

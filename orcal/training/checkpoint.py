@@ -134,7 +134,14 @@ def check_resumable(ckpt: dict, spec: dict, cfg: TrainConfig, path: Path) -> Non
                              f"{key}={new_cfg[key]!r}. Resume with the run's own settings (only "
                              f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} may change), or start a new run "
                              "in another folder")
-    done = int(ckpt["epoch"])
+    done, planned = int(ckpt["epoch"]), int(old_cfg.get("epochs", ckpt["epoch"]))
     if cfg.epochs < done:
         raise ValueError(f"cannot resume {path}: it has already trained {done} epochs, more than epochs="
                          f"{cfg.epochs}; pass epochs >= {done}")
+    if cfg.epochs < planned:
+        # the learning rate follows a cosine over the planned epochs: a shorter plan would jump it down mid-run
+        raise ValueError(f"cannot resume {path} with epochs={cfg.epochs}: the run was planned for {planned} epochs "
+                         f"({done} done) and its learning rate follows a cosine schedule over those {planned}; "
+                         f"lowering it to {cfg.epochs} would change the schedule mid-run. Resume with epochs >= "
+                         f"{planned} (leave --epochs out to finish the run as planned), or start a new run in "
+                         "another folder")

@@ -80,9 +80,9 @@ def validate(model: nn.Module, val_ds: Dataset, cfg: TrainConfig, objective: Obj
     total = count = 0.0
     bar = loader
     if epoch_progress:
-        from tqdm.auto import tqdm
+        from orcal._progress import progress_bar
 
-        bar = tqdm(loader, desc="  validation", leave=False, unit="batch")
+        bar = progress_bar(loader, desc="  validation", leave=False, unit="batch")
     for j, batch in enumerate(bar):
         image, masks, valid = to_device(batch, device)
         logits = infer_logits(model, image, spatial_dims, patch, cfg.sw_overlap, cfg.amp, device)
@@ -223,9 +223,9 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
         loss_sum, n_steps = 0.0, 0
         bar = None
         if show:
-            from tqdm.auto import tqdm
+            from orcal._progress import progress_bar
 
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+            bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
         for step, batch in enumerate(loader):
             if step >= steps:
                 break

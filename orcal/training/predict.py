@@ -61,9 +61,9 @@ def _batches(dataset: Dataset, batch_size: int, progress: bool) -> Iterator[list
     """Items in runs of at most ``batch_size`` with one image and mask shape; 3D volumes one at a time."""
     it: Any = range(len(dataset))
     if progress:
-        from tqdm.auto import tqdm
+        from orcal._progress import progress_bar
 
-        it = tqdm(it, desc="predict", unit="image")
+        it = progress_bar(it, desc="predict", unit="image")
     batch: list[dict] = []
     for i in it:
         item = dict(dataset[i])
