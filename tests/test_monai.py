@@ -61,10 +61,10 @@ def test_stack_raters_from_float_label_files(tmp_path):
     assert torch.equal(union[0], masks.amax(0)) and union.shape == (1, 16, 14, 12)
     torch.testing.assert_close(torch.as_tensor(masks.affine), torch.as_tensor(d["rater0"].affine))
     assert int(StackRatersd(RATERS, label=[2, 300])(d)["masks"].sum()) == int(masks.sum())  # 300: no voxel
-    any_label = StackRatersd(RATERS)(d)["masks"]
-    assert int(any_label[0].sum()) == int(((d["rater0"] != 0)).sum())
-    both = StackRatersd(RATERS, label=[1, 2])(d)["masks"]
-    assert torch.equal(both, any_label)
+    both = StackRatersd(RATERS, label=[1, 2])(d)["masks"]  # the union of the labels, asked for explicitly
+    assert int(both[0].sum()) == int(((d["rater0"] != 0)).sum())
+    binary = {key: (d[key] == 2).float() for key in RATERS}  # maps of one label: label=None reads them as they are
+    assert torch.equal(StackRatersd(RATERS)(binary)["masks"], masks)
     corner = StackRatersd(RATERS, label=1, union_key=None)(d)
     assert int(corner["masks"].sum()) == 3 * 27 and torch.equal(corner["union"], union)  # union not rewritten
 
@@ -74,20 +74,25 @@ def test_stack_raters_errors(tmp_path):
     d = _load(cases)(cases[0])
     bad = dict(d, rater1=d["rater1"][:, :8])
     with pytest.raises(ValueError, match="'rater0' and 'rater1' have different shapes"):
-        StackRatersd(RATERS)(bad)
+        StackRatersd(RATERS, label=2)(bad)
     shifted = d["rater2"].clone()
     shifted.affine = torch.as_tensor(np.diag([1.0, 0.8, 2.0, 1.0]))
     with pytest.raises(ValueError, match="'rater0' and 'rater2' have different affines"):
-        StackRatersd(RATERS)(dict(d, rater2=shifted))
+        StackRatersd(RATERS, label=2)(dict(d, rater2=shifted))
     with pytest.raises(ValueError, match=r"channel-first label map \(1, \*S\)"):
-        StackRatersd(RATERS)(dict(d, rater0=d["rater0"][0]))
+        StackRatersd(RATERS, label=2)(dict(d, rater0=d["rater0"][0]))
     with pytest.raises(KeyError, match="rater0"):
         StackRatersd(RATERS)({"image": d["image"]})
+    # label maps of several structures where one is assumed: refused, saying how to choose
+    with pytest.raises(ValueError, match=r"several labels \[1, 2\].*label=1.*label=\[1, 2\].*num_classes=2"):
+        StackRatersd(RATERS)(d)
+    with pytest.raises(TypeError, match="non-integer.*nearest"):  # interpolated label maps
+        StackRatersd(RATERS, label=2)(dict(d, rater1=d["rater1"] * 0.5))
     with pytest.raises(TypeError, match="label"):
         StackRatersd(RATERS, label=1.5)
     with pytest.raises(ValueError, match="union_key"):
         StackRatersd(RATERS, name="masks", union_key="masks")
-    part = StackRatersd([*RATERS, "rater3"], allow_missing_keys=True)(d)
+    part = StackRatersd([*RATERS, "rater3"], label=2, allow_missing_keys=True)(d)
     assert part["masks"].shape[0] == 3
 
 
@@ -310,5 +315,5 @@ def test_several_structures_through_monai_transforms(tmp_path):
         StackRatersd(RATERS, label=1, structures=[1])
     with pytest.raises(ValueError, match="distinct positive labels"):
         StackRatersd(RATERS, structures=[0, 1])
-    with pytest.raises(ValueError, match=r"labels 0..C = 0..1"):
+    with pytest.raises(ValueError, match=r"labels up to 2.*num_classes=1 counts labels 1..1 only"):
         ORCTargetd(num_classes=1)(d)  # the stack holds labels 1 and 2
