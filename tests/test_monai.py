@@ -352,7 +352,8 @@ def test_forgotten_structure_count_is_refused(tmp_path):
 
     batch_k = k[None]
     head = torch.randn(1, 12, 20, 16, 12)  # 12 channels: C * (R + 1) for C = 3, or R = 11 for one structure
-    with pytest.raises(ValueError, match=r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"):
+    with pytest.raises(ValueError, match=r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"
+                       ):
         orcal.OrdinalLoss(num_raters=3, num_classes=2)(head, batch_k)
     with pytest.raises(ValueError, match=r"has 12 channels.*num_raters = 3 need R \+ 1 = 4"):
         orcal.OrdinalLoss(num_raters=3)(head, batch_k[:, :1])  # read as one structure with R = 11 before
@@ -440,7 +441,6 @@ def test_early_stopping_and_best_model_keep_the_lowest_mr_ece():
 
     # MONAI's own engine: metric_cmp_fn makes state.best_metric the lowest MR-ECE
     from monai.engines import SupervisedEvaluator
-
     from monai.handlers import from_engine
 
     data = [{"image": p, "label": m} for (p, m), in epochs]
