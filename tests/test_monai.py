@@ -352,8 +352,8 @@ def test_forgotten_structure_count_is_refused(tmp_path):
 
     batch_k = k[None]
     head = torch.randn(1, 12, 20, 16, 12)  # 12 channels: C * (R + 1) for C = 3, or R = 11 for one structure
-    with pytest.raises(ValueError, match=r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"
-                       ):
+    said = r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"
+    with pytest.raises(ValueError, match=said):
         orcal.OrdinalLoss(num_raters=3, num_classes=2)(head, batch_k)
     with pytest.raises(ValueError, match=r"has 12 channels.*num_raters = 3 need R \+ 1 = 4"):
         orcal.OrdinalLoss(num_raters=3)(head, batch_k[:, :1])  # read as one structure with R = 11 before
