@@ -228,7 +228,8 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | N
 
     Args:
         masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater; with ``num_classes``, rater label
-            maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel).
+            maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel). A
+            float tensor holding integers (MONAI's) is read as those integers (SPEC §8).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
         num_classes: the number of structures ``C`` of label maps (SPEC §11).
 
