@@ -2,8 +2,9 @@
 
 The scalar metrics (``MultiRaterECE``, ``MultiRaterAUROC``, ``MultiRaterDice``) are torchmetrics metrics with
 summed states: logging the metric object makes Lightning log its pooled value over the whole validation set
-each epoch (not a mean of per-batch values), summed over ranks under DDP. ``ModelCheckpoint`` keeps the
-epoch with the lowest validation MR-ECE.
+each epoch (not a mean of per-batch values), summed over ranks under DDP. Lower MR-ECE is better
+(``MultiRaterECE.higher_is_better`` is False): ``ModelCheckpoint`` keeps the epoch with the lowest validation
+MR-ECE and ``EarlyStopping`` stops when it no longer falls, both with ``mode="min"``.
 
     python examples/lightning_module.py --out /tmp/orcal-lightning    # about 15 s on a 2-core CPU
 """
@@ -14,7 +15,7 @@ import argparse
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
@@ -32,7 +33,8 @@ class ORCModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=2, dilation=2),
                                  nn.ReLU(), nn.Conv2d(16, raters + 1, 1))
-        self.loss = OrdinalLoss(rps_weight=rps_weight, from_masks=True)  # targets: the (B, R, *S) rater stack
+        # targets: the (B, R, *S) rater stack; num_raters checks the head's R + 1 channels
+        self.loss = OrdinalLoss(rps_weight=rps_weight, from_masks=True, num_raters=raters)
         # one statistics state for the three (torchmetrics' compute group); the expected readout
         self.val_metrics = MetricCollection({"mr_ece": MultiRaterECE(kind="ordinal", readout="expected"),
                                              "auc": MultiRaterAUROC(kind="ordinal", readout="expected"),
@@ -72,11 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--raters", type=int, default=3)
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patience", type=int, default=5, help="epochs without a lower val/mr_ece before stopping")
     args = parser.parse_args(argv)
     L.seed_everything(args.seed, verbose=False)
     train, val = loaders(args.raters, args.size, n_train=48, n_val=16, seed=args.seed)
     module = ORCModule(raters=args.raters)
-    best = ModelCheckpoint(dirpath=f"{args.out}/checkpoints", monitor="val/mr_ece", mode="min")
+    mode = "max" if MultiRaterECE.higher_is_better else "min"  # "min": Lightning does not read the direction
+    best = ModelCheckpoint(dirpath=f"{args.out}/checkpoints", monitor="val/mr_ece", mode=mode)
+    stop = EarlyStopping(monitor="val/mr_ece", mode=mode, patience=args.patience)
     epochs: list[float] = []
 
     class Record(L.Callback):
@@ -85,14 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
                 epochs.append(float(trainer.callback_metrics["val/mr_ece"]))
 
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, default_root_dir=args.out,
-                        callbacks=[best, Record()], logger=L.pytorch.loggers.CSVLogger(args.out),
+                        callbacks=[best, stop, Record()], logger=L.pytorch.loggers.CSVLogger(args.out),
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2)
     trainer.fit(module, train, val)
     for epoch, value in enumerate(epochs):
         print(f"epoch {epoch}: val/mr_ece {value:.4f}")
     print(f"best checkpoint (lowest val/mr_ece {float(best.best_model_score):.4f}): {best.best_model_path}")
     return {"epochs": epochs, "best_score": float(best.best_model_score), "best_path": best.best_model_path,
-            "module": module, "val": val}
+            "module": module, "val": val, "mode": mode}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Each case is an image and one label file per rater (here written from orcal's sy
 team's own files would be on disk). MONAI loads them; ``StackRatersd`` turns the raters' label maps into one
 uint8 rater stack and their union; ``RandCropByPosNegLabeld`` samples patches around the union;
 ``ORCTargetd`` gives the vote count ``k``; a MONAI ``UNet`` with ``R + 1`` output channels trains with
-``OrdinalLoss`` under bf16 autocast; ``sliding_window_inference`` predicts whole volumes and
-``MultiRaterCalibrationMetric`` scores them.
+``OrdinalLoss(num_raters=R)`` (which checks the head) under bf16 autocast; ``sliding_window_inference``
+predicts whole volumes and ``MultiRaterCalibrationMetric`` scores them. The best epoch is the one with the
+*lowest* MR-ECE (``metric_cmp_fn``), and ``ORCReadoutd`` turns its logits into the probability map a person
+looks at, saved as NIfTI with the image's affine.
 
     python examples/monai_3d.py --out /tmp/orcal-monai3d            # about 15 s on a 2-core CPU
 """
@@ -21,11 +23,11 @@ import torch
 from monai.data import DataLoader, Dataset, decollate_batch, list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
-from monai.transforms import Compose, DeleteItemsd, LoadImaged, RandCropByPosNegLabeld, ScaleIntensityd
+from monai.transforms import Compose, DeleteItemsd, LoadImaged, RandCropByPosNegLabeld, SaveImage, ScaleIntensityd
 
 from orcal import OrdinalLoss
 from orcal.data.synthetic import make_synthetic
-from orcal.monai import MultiRaterCalibrationMetric, ORCTargetd, StackRatersd
+from orcal.monai import MultiRaterCalibrationMetric, ORCReadoutd, ORCTargetd, StackRatersd, metric_cmp_fn
 
 
 def write_cases(root: str, n: int, raters: int, shape: tuple[int, ...], seed: int) -> list[dict[str, str]]:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     raters = [f"rater{r}" for r in range(R)]
 
     load = [LoadImaged(["image", *raters], ensure_channel_first=True), ScaleIntensityd("image"),
-            StackRatersd(raters, name="masks", label=1, union_key="union"), ORCTargetd("masks", name="k")]
+            StackRatersd(raters, name="masks", label=1, union_key="union"), ORCTargetd("masks", name="k", num_raters=R)]
     train_tf = Compose([*load, RandCropByPosNegLabeld(["image", "k"], label_key="union", num_samples=4,
                                                       spatial_size=(args.patch,) * 3, pos=1, neg=1),
                         DeleteItemsd([*raters, "masks", "union"])])  # what stayed at full size
@@ -72,11 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = UNet(spatial_dims=3, in_channels=1, out_channels=R + 1, channels=(8, 16, 32), strides=(2, 2),
                  num_res_units=1).to(device)
-    loss_fn = OrdinalLoss(rps_weight=1.0)  # takes MONAI's (B, 1, *S) uint8 MetaTensor targets as they are
+    loss_fn = OrdinalLoss(rps_weight=1.0, num_raters=R)  # takes MONAI's (B, 1, *S) MetaTensor targets as they are
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     metric = MultiRaterCalibrationMetric(kind="ordinal", readout="expected", num_raters=R)
+    better = metric_cmp_fn("mr_ece")  # lower MR-ECE is better: a Dice-era "greater" keeps the worst epoch
+    readout = ORCReadoutd("pred", readout="expected")  # the map to look at (channel 0 of the logits is not)
 
-    history = []
+    history, best = [], None
     for epoch in range(args.epochs):
         model.train()
         losses = []
@@ -94,14 +98,21 @@ def main(argv: list[str] | None = None) -> dict:
                 logits = sliding_window_inference(batch["image"].to(device), roi_size=(args.patch,) * 3,
                                                   sw_batch_size=4, predictor=model, overlap=0.25)
                 metric(decollate_batch(logits.float()), decollate_batch(batch["k"].to(device)))
-        result = metric.aggregate()
+        result = metric.aggregate()  # a dict of floats
         metric.reset()
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **{key: result[key] for key in
                                                                              ("mr_ece", "auc", "dice")}})
+        if best is None or better(result["mr_ece"], best["mr_ece"]):
+            best = history[-1]
+            torch.save(model.state_dict(), os.path.join(args.out, "best_model.pt"))
+            # the last validation volume's expected-fraction map (1, *S), with the image's affine
+            prob = readout({"pred": decollate_batch(logits.float())[0]})["pred"]
+            SaveImage(output_dir=args.out, output_postfix="prob", separate_folder=False, print_log=False)(prob)
         print(f"epoch {epoch}: loss {history[-1]['loss']:.4f}  val MR-ECE {result['mr_ece']:.4f}  "
               f"AUC {result['auc']:.4f}  Dice {result['dice']:.4f}  ({result['n_images']} volumes, "
               f"{result['n_pairs']} voxel-rater pairs)")
-    return {"history": history, "affine": batch["image"].affine}
+    print(f"best epoch {best['epoch']}: val MR-ECE {best['mr_ece']:.4f}")
+    return {"history": history, "affine": batch["image"].affine, "best": best}
 
 
 if __name__ == "__main__":

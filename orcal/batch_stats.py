@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -34,17 +35,69 @@ def check_options(n_bins: int, auc_bins: int, kind: str, readout: str, majority:
     return n_bins, auc_bins, majority
 
 
+def check_raters(configured: int | None, given: int | None) -> int | None:
+    """The ``num_raters`` of an update: the one the metric was made with, which an update may repeat (older
+    code passes it there) but not contradict; with none made, the update's own (``R`` may then vary)."""
+    if given is None:
+        return configured
+    given = ops.check_int("num_raters", given, 1, ops.MAX_RATERS)
+    if configured is not None and given != configured:
+        raise ValueError(f"update(num_raters={given}) contradicts num_raters={configured} given when the metric "
+                         "was made; give it once, to the constructor")
+    return given
+
+
+def warn_if_post_processed(pred: torch.Tensor, kind: str, name: str = "pred") -> None:
+    """Warn when logits (``kind="ordinal"`` or ``"logit"``) all lie in [0, 1]: probabilities or a thresholded
+    map where raw network outputs are expected, the trace of a segmentation tutorial's post-processing left in
+    place. One min/max over ``pred`` (a second pass only when the first finds [0, 1])."""
+    if (kind == "prob" or not isinstance(pred, torch.Tensor) or not pred.numel() or pred.device.type == "meta"
+            or not pred.is_floating_point() or torch.compiler.is_compiling()):
+        return
+    lo, hi = (float(v) for v in torch.aminmax(pred.detach()))
+    if not (0.0 <= lo and hi <= 1.0):
+        return
+    binary = bool(((pred == 0) | (pred == 1)).all())
+    held = ("only 0 and 1, a thresholded map (MONAI: AsDiscrete(threshold=0.5))" if binary else
+            "only values in [0, 1], probabilities (MONAI: Activations(sigmoid=True) or softmax)")
+    fix = ("give the metric the network's raw ordinal outputs (R + 1 channels, no Activations/AsDiscrete "
+           "post-processing; view them with orcal.monai.ORCReadoutd)" if kind == "ordinal" else
+           "give the raw logits, or pass kind='prob' if these are probabilities")
+    warnings.warn(f"{name} is read as {'ordinal' if kind == 'ordinal' else 'binary'} logits (kind={kind!r}) but "
+                  f"holds {held}: the metrics computed from it are wrong; {fix}", UserWarning, stacklevel=3)
+
+
+def _check_forgot_raters(pred: torch.Tensor, target: torch.Tensor, kind: str) -> None:
+    """Vote counts ``k`` given where rater masks are read (no ``num_raters``): refuse, saying to pass it."""
+    if target.ndim >= pred.ndim:
+        one_channel = target.ndim >= 3 and target.shape[1] == 1
+        levels = pred.shape[1] if kind == "ordinal" and pred.ndim >= 2 else 2
+        if not one_channel or (levels == 2 and (not target.numel() or target.device.type == "meta"
+                                                or int(target.max()) <= 1)):
+            return  # a rater stack (one rater's 0/1 channel included)
+    raise ValueError(f"target {tuple(target.shape)} holds vote counts k (one channel, or none), which need the "
+                     "number of raters: pass num_raters=R where the metric is made (e.g. "
+                     "MultiRaterCalibrationMetric(kind=..., num_raters=R)); a rater stack (B, R, *S) needs none")
+
+
 def prepare(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, num_raters: int | None,
             kind: str, num_structures: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A metric update's tensors as the ecosystem hands them over (``MetaTensor`` s, channel-first vote
-    counts ``(B, 1, *S)``) as plain tensors with vote counts ``(B, *S)`` (``(B, C, *S)`` for several
-    structures, which the metric must have been told of: ``num_structures``)."""
+    counts ``(B, 1, *S)``, counts and masks as floats holding integers after MONAI's resampling) as plain
+    tensors with integer vote counts ``(B, *S)`` (``(B, C, *S)`` for several structures, which the metric must
+    have been told of: ``num_structures``). Warns when logits look post-processed."""
     ops.check_choice("kind", kind, ops.KINDS)
     ops.check_tensor("pred", pred)
     ops.check_tensor("target", target)
     pred, target, valid = ops.plain_tensor(pred), ops.plain_tensor(target), ops.plain_tensor(valid)
+    what = "rater label maps" if num_raters is None and num_structures else \
+        "rater masks" if num_raters is None else "vote counts"
+    target = ops.integer_valued(target, "target", what, 0, ops.MAX_RATERS)
+    warn_if_post_processed(pred, kind)
     if num_structures is not None:
         return pred, target, valid
+    if num_raters is None:
+        _check_forgot_raters(pred, target, kind)
     if kind == "ordinal" and num_raters is not None and structures_of(pred, target) is not None:
         raise ValueError(f"target {tuple(target.shape)} has as many dimensions as the ordinal logits and "
                          f"{target.shape[1]} channels: vote counts of {target.shape[1]} structures (then pass "

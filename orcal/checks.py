@@ -50,6 +50,29 @@ def integer_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.aminmax(x)
 
 
+#: How to keep counts and label maps integers through MONAI's resampling (every float-count error says it).
+NEAREST_HINT = ("resample label maps and vote counts with nearest-neighbour interpolation (MONAI: "
+                "Spacingd(keys, pixdim, mode=('bilinear', 'nearest')) with one mode per key, image first), or pass "
+                "an integer tensor")
+
+
+def integer_valued(x: torch.Tensor, name: str, what: str, low: int = 0, high: int = 255) -> torch.Tensor:
+    """Counts or labels given as a float tensor (what MONAI's ``Spacingd``/``Orientationd`` and loaders make of
+    them) as an integer tensor (uint8 when ``low >= 0``, else int16), when every value is an exact integer in
+    ``low..high``; other tensors are returned as they are. A non-integer value (interpolated by a resampling)
+    is a ``TypeError`` that says how to keep them integers; one outside the range a ``ValueError``."""
+    if not x.dtype.is_floating_point:
+        return x
+    if x.numel() and x.device.type != "meta":
+        whole = x == x.round()  # False for NaN and inf
+        data_check(whole.all(), lambda: f"{name} ({what}) is a {x.dtype} tensor holding non-integer values "
+                                        f"(e.g. {x[~whole].flatten()[0].item()}): {NEAREST_HINT}", TypeError)
+        lo, hi = torch.aminmax(x)
+        data_check((lo >= low) & (hi <= high),
+                   lambda: f"{name} ({what}) must lie in {low}..{high}; found {lo.item():g}..{hi.item():g}")
+    return x.to(torch.uint8 if low >= 0 else torch.int16)
+
+
 def data_check(ok: torch.Tensor, message, error: type[Exception] = ValueError) -> None:
     """Raise ``error(message())`` unless ``ok`` (a bool tensor) holds. Inside ``torch.compile``, while a CUDA
     graph is captured and with ``ORCAL_ASYNC_CHECKS=1`` the check is an asynchronous assertion instead (no

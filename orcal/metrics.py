@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from orcal import distributed, ops, reference
-from orcal.batch_stats import batch_stats, check_options, prepare
+from orcal.batch_stats import batch_stats, check_options, check_raters, prepare
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
 
@@ -95,6 +95,9 @@ class MultiRaterCalibration:
             ``(B, C * (R+1), *S)``, targets rater label maps or vote counts ``(B, C, *S)``; :meth:`compute`
             then adds ``"<metric>/macro"`` and ``"<metric>/<c>"`` keys, and the agreement table and the exact
             AUC (one structure's) are not kept.
+        num_raters: ``R`` when targets are vote counts ``k`` (``(B, *S)`` or ``(B, 1, *S)``, as
+            ``ORCTargetd`` writes them); None: targets are rater masks ``(B, R, *S)``. The same place as in
+            the torchmetrics and MONAI forms; :meth:`update` may repeat it, not contradict it.
         sync: whether :meth:`compute` and :meth:`stats` sum the state over the ranks of ``torch.distributed``:
             ``"auto"`` (when a process group of several ranks is initialised), ``True`` (it must be), or
             ``False`` (this process only: evaluation on rank 0 alone, which would otherwise wait for the
@@ -104,7 +107,7 @@ class MultiRaterCalibration:
     def __init__(self, n_bins: int = 15, auc_bins: int = 4096, per_image: bool = False, exact_auc: bool = False,
                  kind: str = "prob", readout: str = "majority", majority: int | None = None,
                  agreement: bool = True, backend: str = "auto", sync: bool | str = "auto",
-                 num_structures: int | None = None) -> None:
+                 num_structures: int | None = None, num_raters: int | None = None) -> None:
         if sync not in (True, False, "auto"):
             raise ValueError(f"sync must be True, False or 'auto', got {sync!r}")
         self.sync = sync
@@ -116,6 +119,7 @@ class MultiRaterCalibration:
         agreement = agreement and self.num_structures is None
         self.per_image, self.exact_auc, self.agreement = bool(per_image), bool(exact_auc), bool(agreement)
         self.kind, self.readout, self.majority, self.backend = kind, readout, majority, backend
+        self.num_raters = check_raters(None, num_raters)
         self.reset()
 
     # --- state -------------------------------------------------------------------------------------------
@@ -140,13 +144,15 @@ class MultiRaterCalibration:
                 ``(B, R+1, *S)``, as set by ``kind``.
             target: rater masks ``(B, R, *S)``, or vote counts ``k`` ``(B, *S)`` or ``(B, 1, *S)`` with
                 ``num_raters``.
-            num_raters: ``R`` when ``target`` holds vote counts. ``R`` may differ between updates.
+            num_raters: ``R`` when ``target`` holds vote counts, if not given to the constructor (then ``R``
+                may differ between updates); given there too, it must be the same.
             valid: optional ``(B, *S)`` bool mask of the voxels that count.
             kind: overrides the ``kind`` given at construction for this update.
 
         An empty batch (``B = 0`` in both ``pred`` and ``target``, with shapes that agree) adds nothing.
         """
         kind = self.kind if kind is None else kind
+        num_raters = check_raters(self.num_raters, num_raters)
         pred, target, valid = prepare(pred, target, valid, num_raters, kind, self.num_structures)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
                          majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins,

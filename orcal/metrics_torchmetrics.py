@@ -26,7 +26,7 @@ import torch
 import torchmetrics
 
 from orcal import metric_table, ops
-from orcal.batch_stats import batch_stats, check_options, prepare
+from orcal.batch_stats import batch_stats, check_options, check_raters, prepare
 from orcal.stats import CalibrationStats
 
 __all__ = ["MultiRaterAUROC", "MultiRaterBrier", "MultiRaterCalibrationMetric", "MultiRaterDice", "MultiRaterECE",
@@ -43,7 +43,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
         readout: ordinal readout, ``"majority"`` or ``"expected"``.
         majority: majority threshold for the readout and Dice; default ``R // 2 + 1``.
         num_raters: ``R`` when targets are vote counts ``k`` (``(B, *S)`` or ``(B, 1, *S)``); ``None``: targets
-            are rater masks ``(B, R, *S)``. :meth:`update` may override it.
+            are rater masks ``(B, R, *S)``. :meth:`update` may repeat it, not contradict it.
         backend: kernel backend of :func:`orcal.calibration_stats`.
         num_structures: ``C`` structures at once (SPEC §11): predictions ``(B, C, *S)`` or ordinal logits
             ``(B, C * (R+1), *S)``, targets rater label maps or vote counts ``(B, C, *S)``; the state keeps a
@@ -65,9 +65,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
         super().__init__(**kwargs)
         self.n_bins, self.auc_bins, self.majority = check_options(n_bins, auc_bins, kind, readout, majority, backend)
         self.kind, self.readout, self.backend = kind, readout, backend
-        if num_raters is not None:
-            num_raters = ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
-        self.num_raters = num_raters
+        self.num_raters = check_raters(None, num_raters)
         ops.check_choice("average", average, ("micro", "macro", "none"))
         if num_structures is None and average != "micro":
             raise ValueError(f"average={average!r} averages several structures: give num_structures as well")
@@ -82,9 +80,9 @@ class MultiRaterStatistics(torchmetrics.Metric):
     def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
                valid: torch.Tensor | None = None, kind: str | None = None) -> None:
         """Add a batch; arguments as :meth:`orcal.metrics.MultiRaterCalibration.update` (``num_raters``
-        defaults to the one given at construction)."""
+        belongs to the constructor; an update may repeat it)."""
         kind = self.kind if kind is None else kind
-        num_raters = self.num_raters if num_raters is None else num_raters
+        num_raters = check_raters(self.num_raters, num_raters)
         pred, target, valid = prepare(pred, target, valid, num_raters, kind, self.num_structures)
         st = batch_stats(pred, target, num_raters=num_raters, valid=valid, kind=kind, readout=self.readout,
                          majority=self.majority, n_bins=self.n_bins, auc_bins=self.auc_bins, backend=self.backend,

@@ -30,6 +30,7 @@ from orcal.checks import (  # noqa: F401  (check_* re-exported)
     check_tensor,
     data_check,
     integer_range,
+    integer_valued,
 )
 from orcal.masks import check_masks
 from orcal.stats import CalibrationStats
@@ -72,13 +73,14 @@ def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "
               device: torch.device | None = None) -> torch.Tensor:
     """Check vote counts ``k`` (B, *S) and return them as uint8 (a copy only if the dtype differs)."""
     check_tensor(name, k)
-    if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+    if k.dtype.is_complex or k.dtype == torch.bool:
         raise TypeError(f"{name} (vote counts) must be an integer tensor (uint8), got {k.dtype}")
     if k.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)} (the prediction without its channel axis), "
                          f"got {tuple(k.shape)}")
     if device is not None and k.device != device:
         raise ValueError(f"{name} must be on the prediction's device {device}, got {k.device}")
+    k = integer_valued(k, name, "vote counts", 0, num_raters)  # MONAI's resampled float32 counts
     if k.dtype != torch.uint8:
         if k.numel() and k.device.type != "meta":
             lo, hi = integer_range(k)
@@ -125,12 +127,7 @@ def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Si
     check_tensor(name, k)
     if k.ndim == len(spatial) + 1 and k.shape[1] == 1:
         k = k[:, 0]
-    if k.dtype.is_floating_point:
-        if k.numel() and k.device.type != "meta":
-            data_check((torch.isfinite(k) & (k == k.round())).all(),
-                       lambda: f"{name} (vote counts) is a float tensor holding non-integer values; pass integers",
-                       TypeError)
-        k = k.to(torch.int16)  # 0..255 and a negative ignore_index fit
+    k = integer_valued(k, name, "vote counts", -32768, 32767)  # 0..255 and a negative ignore_index fit
     if ignore_index is not None and k.shape == spatial:
         k, valid = drop_ignored(k, valid, check_int("ignore_index", ignore_index))
     return k, valid
@@ -231,7 +228,8 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | N
 
     Args:
         masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater; with ``num_classes``, rater label
-            maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel).
+            maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel). A
+            float tensor holding integers (MONAI's) is read as those integers (SPEC §8).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
         num_classes: the number of structures ``C`` of label maps (SPEC §11).
 
@@ -245,6 +243,8 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | N
         # one binary count per structure, on whichever backend counts binary masks
         return torch.stack([orc_targets(labels == c, backend) for c in range(1, C + 1)], 1)
     raw, masks = masks, plain_tensor(masks)
+    if isinstance(masks, torch.Tensor):
+        masks = integer_valued(masks, "masks", "rater masks", 0, 1)
     which = resolve_backend("orc_targets", backend, masks.device if isinstance(masks, torch.Tensor) else
                             torch.device("cpu"))
     which = _subclass_backend("orc_targets", which, backend, raw)
@@ -295,7 +295,8 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
 
 def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0, majority: int | None = None,
                  valid: torch.Tensor | None = None, reduction: str = "mean", backend: str = "auto",
-                 ignore_index: int | None = None, structure_reduction: str = "sum") -> torch.Tensor:
+                 ignore_index: int | None = None, structure_reduction: str = "sum", num_raters: int | None = None,
+                 num_structures: int | None = None) -> torch.Tensor:
     """Ordinal rater-consensus loss: ``BCE(majority logit, [k >= m]) + rps_weight * RPS`` (SPEC §3).
 
     Several structures (SPEC §11): ``k`` ``(B, C, *S)`` with ``C > 1`` and logits ``(B, C * (R+1), *S)``
@@ -314,6 +315,9 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
         ignore_index: a value of ``k`` that marks voxels to leave out (nnU-Net pads with -1): they are treated
             as invalid (no loss, zero gradient).
+        num_raters, num_structures: ``R`` and ``C`` when known: the logits must then have ``R + 1`` (or
+            ``C * (R + 1)``) channels and ``k`` ``C`` channels, else an error names both numbers. Without
+            them ``R`` is read from the head, so a head sized for other raters trains on other counts.
 
     Returns:
         The loss in float32 (float64 for float64 logits). Compiled backends compute the gradient in the
@@ -323,6 +327,12 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     logits, k, valid = plain_tensor(logits), plain_tensor(k), plain_tensor(valid)
     check_tensor("logits", logits)
     C = structures.structures_of(logits, k)
+    if num_raters is not None or num_structures is not None:
+        _check_spatial("logits", logits, 1)
+        structures.check_head(logits.shape[1], num_raters, num_structures)
+        if num_structures is not None and (C or 1) != num_structures:
+            raise ValueError(f"k {tuple(k.shape)} holds the vote counts of {C or 1} structure(s) (channels), but "
+                             f"num_structures = {num_structures}: k must be (B, C, *S)")
     if C is not None:
         return _structure_loss(logits, k, C, rps_weight, majority, valid, reduction, backend, ignore_index,
                                structure_reduction)
@@ -425,6 +435,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     n_bins = check_int("n_bins", n_bins, 1, MAX_ECE_BINS)
     auc_bins = check_int("auc_bins", auc_bins, 2, MAX_AUC_BINS)
     if num_raters is None:  # target are masks
+        target = integer_valued(target, "target", "rater masks", 0, 1)
         check_masks(target, "target", check_values=False)
         R = target.shape[1]
         spatial = target.shape[:1] + target.shape[2:]

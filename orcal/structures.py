@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from orcal.checks import check_int, check_tensor, data_check, integer_range
+from orcal.checks import check_int, check_tensor, data_check, integer_range, integer_valued
 
 
 def structures_of(logits: torch.Tensor, k: torch.Tensor) -> int | None:
@@ -28,6 +28,22 @@ def raters_per_structure(channels: int, num_structures: int, name: str = "logits
         raise ValueError(f"{name} has {channels} channels, which is not C * (R + 1) for C = {C} structures "
                          "and R >= 1 raters (channel c * (R + 1) + level)")
     return channels // C - 1
+
+
+def check_head(channels: int, num_raters: int | None, num_structures: int | None, name: str = "logits") -> None:
+    """Check an ordinal head's channels against the ``R`` raters and ``C`` structures it was said to have:
+    ``C * (R + 1)`` (``R + 1`` for one structure). A head sized for other raters would otherwise train
+    silently on other vote counts (the majority threshold moves with ``R``)."""
+    C = 1 if num_structures is None else check_int("num_structures", num_structures, 1)
+    if num_raters is None:
+        raters_per_structure(channels, C, name)
+        return
+    R = check_int("num_raters", num_raters, 1, 255)
+    if channels != C * (R + 1):
+        said = f"num_raters = {R}" + (f" and num_structures = {C}" if num_structures is not None else "")
+        need = f"C * (R + 1) = {C * (R + 1)}" if num_structures is not None else f"R + 1 = {R + 1}"
+        raise ValueError(f"{name} has {channels} channels, but {said} need {need}: size the network's output "
+                         f"channels (e.g. out_channels={C * (R + 1)}), or correct num_raters")
 
 
 def fold(x: torch.Tensor, num_structures: int) -> torch.Tensor:
@@ -58,13 +74,17 @@ def fold_valid(valid: torch.Tensor | None, spatial: torch.Size, num_structures: 
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> int:
-    """Check rater label maps ``(B, R, *S)`` with values in 0..C; returns ``C``."""
+    """Check rater label maps ``(B, R, *S)`` with values in 0..C (an integer dtype, or a float one holding
+    integers, as MONAI hands label maps over); returns ``C``."""
     check_tensor(name, labels)
     C = check_int("num_classes", num_classes, 1, 255)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+    if labels.dtype.is_complex:
         raise TypeError(f"{name} (rater label maps) must be an integer or bool tensor, got {labels.dtype}")
     if labels.ndim not in (4, 5):
         raise ValueError(f"{name} must be (B, R, *S) with S 2D or 3D, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point:  # MONAI's float32 label maps: exact integers only
+        integer_valued(labels, name, "rater label maps", 0, C)
+        return C
     if labels.numel() and labels.device.type != "meta" and labels.dtype != torch.bool:
         lo, hi = integer_range(labels)
         data_check((lo >= 0) & (hi <= C), lambda: f"{name} must hold labels 0..C = 0..{C} (0 background); "

@@ -38,9 +38,21 @@ def test_monai_3d_example_runs_as_a_script(tmp_path):
 def test_monai_3d_example_keeps_the_spacing(tmp_path):
     pytest.importorskip("monai")
     pytest.importorskip("nibabel")
-    result = _load("monai_3d").main(["--out", str(tmp_path), "--epochs", "1", "--cases", "3"])
+    result = _load("monai_3d").main(["--out", str(tmp_path), "--epochs", "2", "--cases", "3"])
     torch.testing.assert_close(torch.as_tensor(result["affine"])[0].diag()[:3].abs().double(),
                                torch.tensor([0.8, 0.8, 1.5], dtype=torch.float64))
+    # the best epoch is the lowest MR-ECE, and its probability map is saved on the image's grid
+    assert result["best"]["mr_ece"] == min(h["mr_ece"] for h in result["history"])
+    assert (tmp_path / "best_model.pt").is_file()
+    import nibabel as nib
+
+    saved = list(tmp_path.glob("*_prob.nii.gz"))
+    assert len(saved) == 1
+    img = nib.load(str(saved[0]))
+    np_affine = torch.as_tensor(img.affine).diag()[:3].abs()
+    torch.testing.assert_close(np_affine, torch.tensor([0.8, 0.8, 1.5], dtype=torch.float64))
+    data = torch.as_tensor(img.get_fdata())
+    assert 0 <= float(data.min()) and float(data.max()) <= 1
 
 
 @pytest.mark.slow
@@ -48,7 +60,7 @@ def test_lightning_example_logs_the_pooled_mr_ece(tmp_path):
     pytest.importorskip("lightning")
     pytest.importorskip("torchmetrics")
     result = _load("lightning_module").main(["--out", str(tmp_path), "--epochs", "3"])
-    assert len(result["epochs"]) == 3
+    assert len(result["epochs"]) == 3 and result["mode"] == "min"
     assert result["best_score"] == pytest.approx(min(result["epochs"]))
     assert Path(result["best_path"]).is_file()
     # the last epoch's logged value is MultiRaterCalibration over the whole validation set, pooled

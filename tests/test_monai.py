@@ -61,10 +61,10 @@ def test_stack_raters_from_float_label_files(tmp_path):
     assert torch.equal(union[0], masks.amax(0)) and union.shape == (1, 16, 14, 12)
     torch.testing.assert_close(torch.as_tensor(masks.affine), torch.as_tensor(d["rater0"].affine))
     assert int(StackRatersd(RATERS, label=[2, 300])(d)["masks"].sum()) == int(masks.sum())  # 300: no voxel
-    any_label = StackRatersd(RATERS)(d)["masks"]
-    assert int(any_label[0].sum()) == int(((d["rater0"] != 0)).sum())
-    both = StackRatersd(RATERS, label=[1, 2])(d)["masks"]
-    assert torch.equal(both, any_label)
+    both = StackRatersd(RATERS, label=[1, 2])(d)["masks"]  # the union of the labels, asked for explicitly
+    assert int(both[0].sum()) == int(((d["rater0"] != 0)).sum())
+    binary = {key: (d[key] == 2).float() for key in RATERS}  # maps of one label: label=None reads them as they are
+    assert torch.equal(StackRatersd(RATERS)(binary)["masks"], masks)
     corner = StackRatersd(RATERS, label=1, union_key=None)(d)
     assert int(corner["masks"].sum()) == 3 * 27 and torch.equal(corner["union"], union)  # union not rewritten
 
@@ -74,20 +74,25 @@ def test_stack_raters_errors(tmp_path):
     d = _load(cases)(cases[0])
     bad = dict(d, rater1=d["rater1"][:, :8])
     with pytest.raises(ValueError, match="'rater0' and 'rater1' have different shapes"):
-        StackRatersd(RATERS)(bad)
+        StackRatersd(RATERS, label=2)(bad)
     shifted = d["rater2"].clone()
     shifted.affine = torch.as_tensor(np.diag([1.0, 0.8, 2.0, 1.0]))
     with pytest.raises(ValueError, match="'rater0' and 'rater2' have different affines"):
-        StackRatersd(RATERS)(dict(d, rater2=shifted))
+        StackRatersd(RATERS, label=2)(dict(d, rater2=shifted))
     with pytest.raises(ValueError, match=r"channel-first label map \(1, \*S\)"):
-        StackRatersd(RATERS)(dict(d, rater0=d["rater0"][0]))
+        StackRatersd(RATERS, label=2)(dict(d, rater0=d["rater0"][0]))
     with pytest.raises(KeyError, match="rater0"):
         StackRatersd(RATERS)({"image": d["image"]})
+    # label maps of several structures where one is assumed: refused, saying how to choose
+    with pytest.raises(ValueError, match=r"several labels \[1, 2\].*label=1.*label=\[1, 2\].*num_classes=2"):
+        StackRatersd(RATERS)(d)
+    with pytest.raises(TypeError, match="non-integer.*nearest"):  # interpolated label maps
+        StackRatersd(RATERS, label=2)(dict(d, rater1=d["rater1"] * 0.5))
     with pytest.raises(TypeError, match="label"):
         StackRatersd(RATERS, label=1.5)
     with pytest.raises(ValueError, match="union_key"):
         StackRatersd(RATERS, name="masks", union_key="masks")
-    part = StackRatersd([*RATERS, "rater3"], allow_missing_keys=True)(d)
+    part = StackRatersd([*RATERS, "rater3"], label=2, allow_missing_keys=True)(d)
     assert part["masks"].shape[0] == 3
 
 
@@ -310,5 +315,259 @@ def test_several_structures_through_monai_transforms(tmp_path):
         StackRatersd(RATERS, label=1, structures=[1])
     with pytest.raises(ValueError, match="distinct positive labels"):
         StackRatersd(RATERS, structures=[0, 1])
-    with pytest.raises(ValueError, match=r"labels 0..C = 0..1"):
+    with pytest.raises(ValueError, match=r"labels up to 2.*num_classes=1 counts labels 1..1 only"):
         ORCTargetd(num_classes=1)(d)  # the stack holds labels 1 and 2
+
+
+# --- the seams where a MONAI pipeline would train or evaluate the wrong thing without a word ---------------
+
+def _structure_cases(root, shape=(20, 16, 12)):
+    """One case, three raters, structures 1 (a box near the origin) and 2 (a box at the far corner)."""
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    item = {"image": os.path.join(root, "img.nii.gz")}
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), affine), item["image"])
+    for r, key in enumerate(RATERS):
+        lab = np.zeros(shape, np.int16)
+        lab[1:4, 1:4, 1:4] = 1
+        lab[14:18 + r % 2, 10:14, 7:11] = 2
+        item[key] = os.path.join(root, f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), item[key])
+    return [item]
+
+
+def test_forgotten_structure_count_is_refused(tmp_path):
+    """Rater label maps of several structures, read as one structure, or a head sized for other raters:
+    refused, saying which number to give."""
+    cases = _structure_cases(str(tmp_path))
+    stacked = _load(cases, StackRatersd(RATERS, structures=[1, 2]))(cases[0])
+    with pytest.raises(ValueError, match=r"labels up to 2.*pass num_classes=2.*StackRatersd\(label=\.\.\.\)"):
+        ORCTargetd()(stacked)  # without num_classes: any structure counted into one k before
+    with pytest.raises(ValueError, match="several labels"):
+        StackRatersd(RATERS)(_load(cases)(cases[0]))  # label=None on maps of two structures
+    assert _load(cases, StackRatersd(RATERS, label=[1, 2]), ORCTargetd())(cases[0])["k"].shape[0] == 1  # asked
+    k = ORCTargetd(num_classes=2, num_raters=3)(stacked)["k"]
+    assert k.shape == (2, 20, 16, 12)
+    with pytest.raises(ValueError, match="holds 3 raters.*num_raters = 4"):
+        ORCTargetd(num_classes=2, num_raters=4)(stacked)
+
+    batch_k = k[None]
+    head = torch.randn(1, 12, 20, 16, 12)  # 12 channels: C * (R + 1) for C = 3, or R = 11 for one structure
+    said = r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"
+    with pytest.raises(ValueError, match=said):
+        orcal.OrdinalLoss(num_raters=3, num_classes=2)(head, batch_k)
+    with pytest.raises(ValueError, match=r"has 12 channels.*num_raters = 3 need R \+ 1 = 4"):
+        orcal.OrdinalLoss(num_raters=3)(head, batch_k[:, :1])  # read as one structure with R = 11 before
+    with pytest.raises(ValueError, match=r"5 channels.*num_raters = 3 need R \+ 1 = 4"):
+        orcal.ordinal_loss(torch.randn(1, 5, 20, 16, 12), batch_k[:, :1], num_raters=3)  # a head for 4 raters
+    with pytest.raises(ValueError, match="1 structure.*num_structures = 2"):
+        orcal.ordinal_loss(torch.randn(1, 8, 20, 16, 12), batch_k[:, :1], num_raters=3, num_structures=2)
+    good = torch.randn(1, 8, 20, 16, 12)
+    torch.testing.assert_close(orcal.OrdinalLoss(num_raters=3, num_classes=2)(good, batch_k),
+                               orcal.ordinal_loss(good, batch_k))
+    masks = torch.as_tensor(stacked["masks"])[None]
+    with pytest.raises(ValueError, match="holds 3 raters.*num_raters = 2"):
+        orcal.OrdinalLoss(from_masks=True, num_classes=2, num_raters=2)(torch.randn(1, 6, 20, 16, 12), masks)
+
+
+def test_post_processed_logits_warn():
+    """A segmentation tutorial's Activations(sigmoid) + AsDiscrete(0.5) left on the ordinal head: warned."""
+    post = monai_transforms.Compose([monai_transforms.Activations(sigmoid=True),
+                                     monai_transforms.AsDiscrete(threshold=0.5)])
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 4, 6, 6, 5, generator=g) * 3
+    k = torch.randint(0, 4, (2, 1, 6, 6, 5), generator=g)
+    binary = torch.stack([post(x) for x in logits])
+    probs = torch.sigmoid(logits)
+    forms = [lambda p: MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)(p, k),
+             lambda p: MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)(decollate_batch(p),
+                                                                                 decollate_batch(k)),
+             lambda p: MultiRaterCalibration(kind="ordinal", num_raters=3).update(p, k)]
+    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    forms.append(lambda p: tm.MultiRaterECE(kind="ordinal", num_raters=3).update(p, k))
+    for form in forms:
+        with pytest.warns(UserWarning, match=r"only 0 and 1.*AsDiscrete"):
+            form(binary)
+        with pytest.warns(UserWarning, match=r"probabilities.*Activations"):
+            form(probs)
+    with pytest.warns(UserWarning, match="binary logits.*kind='prob'"):
+        MultiRaterCalibrationMetric(kind="logit", num_raters=3)(probs[:, :1], k)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # raw logits: no warning
+        MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)(logits, k)
+        MultiRaterCalibrationMetric(num_raters=3)(probs[:, :1], k)  # probabilities where they are expected
+
+
+def _improving_epochs(n=6):
+    """Validation data whose MR-ECE falls at every epoch: predictions drift from the inverted raters' share
+    to the share itself."""
+    g = torch.Generator().manual_seed(6)
+    masks = (torch.rand(2, 3, 6, 6, 4, generator=g) < torch.rand(2, 1, 6, 6, 4, generator=g)).to(torch.uint8)
+    share = masks.float().mean(1, keepdim=True)
+    return [[(share * t / (n - 1) + (1 - share) * (1 - t / (n - 1)), masks)] for t in range(n)], n
+
+
+def test_early_stopping_and_best_model_keep_the_lowest_mr_ece():
+    """Lower is better: ignite's EarlyStopping with handler.score_function runs on while MR-ECE improves (a
+    Dice-era stopping_fn_from_metric stops it), and MONAI's evaluator tracks the lowest value as best."""
+    ignite_engine = pytest.importorskip("ignite.engine")
+    from ignite.handlers import EarlyStopping
+    from monai.handlers import stopping_fn_from_metric
+
+    epochs, n = _improving_epochs()
+
+    def run(score_fn_of):
+        handler = MultiRaterCalibrationHandler(key="mr_ece")
+        trainer = ignite_engine.Engine(lambda engine, batch: None)
+        evaluator = ignite_engine.Engine(lambda engine, batch: batch)
+        handler.attach(evaluator, "val_mr_ece")
+        seen = []
+        evaluator.add_event_handler(ignite_engine.Events.COMPLETED,
+                                    lambda e: seen.append(e.state.metrics["val_mr_ece"]))
+        evaluator.add_event_handler(ignite_engine.Events.COMPLETED,
+                                    EarlyStopping(patience=2, score_function=score_fn_of(handler), trainer=trainer))
+        trainer.add_event_handler(ignite_engine.Events.EPOCH_COMPLETED,
+                                  lambda e: evaluator.run(epochs[e.state.epoch - 1]))
+        trainer.run([0], max_epochs=n)
+        return seen
+
+    kept = run(lambda handler: handler.score_function)
+    assert len(kept) == n and all(b < a for a, b in zip(kept, kept[1:]))  # improved every time, never stopped
+    stopped = run(lambda handler: stopping_fn_from_metric("val_mr_ece"))  # the trap: read as higher-is-better
+    assert len(stopped) == 3
+    assert orcal_monai.score_function("val_auc", key="auc")(type("E", (), {"state": type("S", (), {
+        "metrics": {"val_auc": 0.8}})})) == 0.8  # higher-is-better metrics keep their sign
+
+    # MONAI's own engine: metric_cmp_fn makes state.best_metric the lowest MR-ECE
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import from_engine
+
+    data = [{"image": p, "label": m} for (p, m), in epochs]
+    handler = MultiRaterCalibrationHandler(key="mr_ece", output_transform=from_engine(["pred", "label"]))
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[data[-1]],
+                                    network=torch.nn.Identity(), key_val_metric={"val_mr_ece": handler},
+                                    metric_cmp_fn=handler.metric_cmp_fn, decollate=False)
+    best = []
+    for item in (data[2], data[4], data[1]):
+        evaluator.data_loader = [item]
+        evaluator.run()
+        best.append(evaluator.state.best_metric)
+    assert best[1] < best[0] and best[2] == best[1]  # the worse last epoch is not "best"
+    with pytest.raises(RuntimeError, match="attached to no engine"):
+        MultiRaterCalibrationHandler().score_function(evaluator)
+
+
+def test_torchmetrics_direction_attributes():
+    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    assert tm.MultiRaterECE.higher_is_better is False and tm.MultiRaterBrier.higher_is_better is False
+    assert tm.MultiRaterAUROC.higher_is_better is True and tm.MultiRaterDice.higher_is_better is True
+
+
+def test_crop_on_the_union_of_structures(tmp_path):
+    """RandCropByPosNegLabeld reads a several-channel label as one-hot and drops channel 0: cropping on k
+    (C, *S) never centres on structure 1; ORCTargetd's union_key (and StackRatersd's union) does."""
+    cases = _structure_cases(str(tmp_path))
+    base = [StackRatersd(RATERS, structures=[1, 2], union_key="stack_union"),
+            ORCTargetd(num_classes=2, union_key="union")]
+
+    def structure1_crops(label_key):
+        crop = RandCropByPosNegLabeld(["image", "k"], label_key=label_key, spatial_size=(4, 4, 4), pos=1, neg=0,
+                                      num_samples=24)
+        transform = _load(cases, *base, crop)
+        transform.set_random_state(1)
+        return sum(int(s["k"][0].max() > 0) for s in transform(cases[0]))
+
+    assert structure1_crops("k") == 0  # what cropping on the vote counts does
+    assert structure1_crops("union") > 0
+    assert structure1_crops("stack_union") > 0
+    d = _load(cases, *base)(cases[0])
+    assert torch.equal(d["union"], d["stack_union"]) and d["union"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="union_key"):
+        ORCTargetd(union_key="k")
+
+
+def test_resampled_float_counts_one_rule(tmp_path):
+    """Spacingd/Orientationd after ORCTargetd make k float32: the loss and all three metric forms read exact
+    integers as counts; an interpolating resampling is refused, naming the fix."""
+    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    cases = _write_cases(str(tmp_path), n=1)
+    head = [StackRatersd(RATERS, label=2), ORCTargetd(num_raters=3)]
+    nearest = _load(cases, *head, monai_transforms.Orientationd(["image", "k"], axcodes="RAS"),
+                    monai_transforms.Spacingd(["image", "k"], pixdim=(1.0, 1.0, 1.5), mode=("bilinear", "nearest")))
+    d = nearest(cases[0])
+    k = d["k"][None]
+    assert k.dtype == torch.float32  # what MONAI hands over
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(1, 4, *k.shape[2:], generator=g)
+    ki = k.as_tensor().to(torch.uint8)
+    want = MultiRaterCalibration(kind="ordinal", num_raters=3)
+    want.update(logits, ki)
+    expected = want.compute()["mr_ece"]
+    monai_metric = MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)
+    monai_metric(decollate_batch(logits), decollate_batch(k))
+    streaming = MultiRaterCalibration(kind="ordinal", num_raters=3)
+    streaming.update(logits, k)
+    ece = tm.MultiRaterECE(kind="ordinal", num_raters=3)
+    ece.update(logits, k)
+    for got in (monai_metric.aggregate("mr_ece"), streaming.compute()["mr_ece"], float(ece.compute())):
+        assert got == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(orcal.OrdinalLoss(num_raters=3)(logits, k), orcal.ordinal_loss(logits, ki))
+
+    smooth = _load(cases, *head, monai_transforms.Spacingd(["image", "k"], pixdim=(1.0, 1.0, 1.5), mode="bilinear"))
+    k_bad = smooth(cases[0])["k"][None]
+    logits = torch.randn(1, 4, *k_bad.shape[2:], generator=g)
+    for call in (lambda: orcal.OrdinalLoss()(logits, k_bad),
+                 lambda: MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)(logits, k_bad),
+                 lambda: MultiRaterCalibration(kind="ordinal", num_raters=3).update(logits, k_bad),
+                 lambda: tm.MultiRaterECE(kind="ordinal", num_raters=3).update(logits, k_bad)):
+        with pytest.raises(TypeError, match=r"non-integer.*Spacingd\(keys, pixdim, mode=\('bilinear', 'nearest'\)\)"):
+            call()
+
+
+def test_num_raters_in_the_constructor_of_every_metric_form():
+    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    g = torch.Generator().manual_seed(8)
+    logits, k = torch.randn(2, 4, 6, 6, 5, generator=g), torch.randint(0, 4, (2, 1, 6, 6, 5), generator=g)
+    values = []
+    for make, step, result in (
+            (MultiRaterCalibration, lambda m, **kw: m.update(logits, k, **kw), lambda m: m.compute()["mr_ece"]),
+            (tm.MultiRaterECE, lambda m, **kw: m.update(logits, k, **kw), lambda m: float(m.compute())),
+            (MultiRaterCalibrationMetric, lambda m, **kw: m(logits, k), lambda m: m.aggregate("mr_ece"))):
+        metric = make(kind="ordinal", num_raters=3)
+        step(metric)
+        values.append(result(metric))
+        with pytest.raises(ValueError, match=r"holds vote counts k.*pass num_raters=R"):
+            step(make(kind="ordinal"))  # forgot num_raters: say to pass it
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(values[2], rel=1e-9)
+    repeated = MultiRaterCalibration(kind="ordinal", num_raters=3)
+    repeated.update(logits, k, num_raters=3)  # older code passes it to update: the same number is fine
+    with pytest.raises(ValueError, match=r"update\(num_raters=4\) contradicts num_raters=3"):
+        repeated.update(logits, k, num_raters=4)
+    with pytest.raises(ValueError, match=r"update\(num_raters=4\) contradicts num_raters=3"):
+        tm.MultiRaterECE(kind="ordinal", num_raters=3).update(logits, k, num_raters=4)
+    with pytest.raises(ValueError, match="pass num_raters"):  # probabilities against k (B, 1, *S)
+        MultiRaterCalibrationMetric()(torch.rand(2, 1, 6, 6, 5), k)
+
+
+def test_readout_transform_for_viewing(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    cases = _write_cases(str(tmp_path), n=1)
+    image = _load(cases)(cases[0])["image"]
+    logits = MetaTensor(torch.randn(4, *image.shape[1:], generator=g), meta=image.meta)
+    d = orcal_monai.ORCReadoutd("pred", readout="expected", name="prob")({"pred": logits})
+    prob = d["prob"]
+    assert isinstance(prob, MetaTensor) and prob.shape == (1, *image.shape[1:])
+    torch.testing.assert_close(torch.as_tensor(prob.affine), torch.as_tensor(image.affine))
+    torch.testing.assert_close(prob.as_tensor(), orcal.foreground_probability(logits.as_tensor()[None], "expected"))
+    ek = orcal_monai.ORCReadoutd("pred", readout="expected_k")({"pred": logits})["pred"]
+    torch.testing.assert_close(ek.as_tensor(), 3 * prob.as_tensor())
+    maj = orcal_monai.ORCReadoutd("pred", readout="majority", name="p")({"pred": logits})["p"]
+    torch.testing.assert_close(maj.as_tensor(), orcal.foreground_probability(logits.as_tensor()[None]))
+    two = torch.randn(8, 5, 5, 4, generator=g)
+    both = orcal_monai.ORCReadoutd("pred", num_structures=2)({"pred": two})["pred"]
+    torch.testing.assert_close(both, orcal.foreground_probability(two[None], "expected", num_structures=2)[0])
+    with pytest.raises(ValueError, match="decollate"):
+        orcal_monai.ORCReadoutd("pred")({"pred": torch.randn(4, 5)})
+    with pytest.raises(ValueError, match="readout"):
+        orcal_monai.ORCReadoutd("pred", readout="mean")

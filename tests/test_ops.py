@@ -137,8 +137,14 @@ def test_stats_k_greater_than_r_and_shape_mismatch():
         orcal.calibration_stats(p, torch.full((2, 5, 6), 4, dtype=torch.uint8), num_raters=3, backend="torch")
     with pytest.raises(ValueError, match="same images"):
         orcal.calibration_stats(torch.rand(2, 5, 7), masks_case())
-    with pytest.raises(TypeError, match="bool or uint8"):
-        orcal.calibration_stats(p, masks_case().float())
+    # one rule for counts and masks everywhere: floats holding integers (MONAI's resampled labels) are read as
+    # integers, interpolated values are refused with the fix
+    same = orcal.calibration_stats(p, masks_case().float()).pack()[0]
+    assert torch.equal(same, orcal.calibration_stats(p, masks_case()).pack()[0])
+    with pytest.raises(TypeError, match="non-integer.*mode=\\('bilinear', 'nearest'\\)"):
+        orcal.calibration_stats(p, masks_case().float() * 0.5)
+    with pytest.raises(ValueError, match="0..1"):
+        orcal.calibration_stats(p, masks_case().float() * 2)
     with pytest.raises(ValueError, match="kind"):
         orcal.calibration_stats(p, masks_case(), kind="probability")
 

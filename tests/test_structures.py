@@ -70,8 +70,13 @@ def test_orc_targets_refuses_labels_beyond_c(be):
     labels = torch.full((1, 2, 3, 3), 4, dtype=torch.int64, device=dev)
     with pytest.raises(ValueError, match=r"labels 0..C = 0..3"):
         orcal.orc_targets(labels, backend=backend, num_classes=3)
-    with pytest.raises(TypeError, match="integer"):
+    with pytest.raises(ValueError, match=r"0..3"):  # MONAI's float32 label maps: integers are labels
         orcal.orc_targets(labels.float(), backend=backend, num_classes=3)
+    with pytest.raises(TypeError, match="non-integer.*nearest"):  # interpolated: refused with the fix
+        orcal.orc_targets(labels.float() - 1.5, backend=backend, num_classes=3)
+    float_labels = (labels - 2).float()
+    assert torch.equal(orcal.orc_targets(float_labels, backend=backend, num_classes=3),
+                       orcal.orc_targets(float_labels.long(), backend=backend, num_classes=3))
 
 
 # --- readout and loss ---------------------------------------------------------------------------------------
