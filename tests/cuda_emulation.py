@@ -58,8 +58,13 @@ def load(which: str = "1"):
             wrapper.write_text(text)
         sources.append(str(wrapper))
     sanitize = FLAVOURS[which]
-    build(name=f"orcal_emu_{'tsan' if sanitize else 'plain'}", sources=sources, build_directory=str(out),
-          extra_cflags=["-std=c++20", "-O2", "-g0", "-pthread", "-DORCAL_CUDA_EMULATION",
-                        "-DORCAL_OPS_NAMESPACE=orcal_emu", *sanitize],
-          extra_ldflags=["-pthread", *sanitize], is_python_module=False, verbose=False)
+    preload = os.environ.pop("LD_PRELOAD", None)  # the compiler crashes with libtsan preloaded
+    try:
+        build(name=f"orcal_emu_{'tsan' if sanitize else 'plain'}", sources=sources, build_directory=str(out),
+              extra_cflags=["-std=c++20", "-O2", "-g0", "-pthread", "-DORCAL_CUDA_EMULATION",
+                            "-DORCAL_OPS_NAMESPACE=orcal_emu", *sanitize],
+              extra_ldflags=["-pthread", *sanitize], is_python_module=False, verbose=False)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
     return torch.ops.orcal_emu
