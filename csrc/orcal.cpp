@@ -1,8 +1,14 @@
 // The one place where every orcal op schema is declared. Kernels register per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(orcal, <Device>, m).
+// csrc/cpu/*.cpp and csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(orcal, <Device>, m). The host emulation of the
+// CUDA kernels (tests only) compiles this file with -DORCAL_OPS_NAMESPACE=orcal_emu.
 #include <torch/library.h>
 
-TORCH_LIBRARY(orcal, m) {
+#ifndef ORCAL_OPS_NAMESPACE
+#define ORCAL_OPS_NAMESPACE orcal
+#endif
+#define ORCAL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands ORCAL_OPS_NAMESPACE first
+
+ORCAL_TORCH_LIBRARY(ORCAL_OPS_NAMESPACE, m) {
   // (B, R, *S) bool/uint8 masks -> (B, *S) uint8 vote counts. Non-binary values raise ValueError.
   m.def("orc_targets(Tensor masks) -> Tensor");
   // (B, R+1, *S) logits -> (B, *S) foreground probability in the logits' dtype.

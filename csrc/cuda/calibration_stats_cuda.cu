@@ -6,13 +6,10 @@
 // time, blocks reduce them in a fixed tree into a per-block buffer, and at::sum adds the blocks. More ECE
 // bins take more passes over the input (never the case for the usual 10-20 bins).
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -60,7 +57,7 @@ __device__ inline T voxel_probability(const StatsParams& P, int64_t b, int64_t v
 
 template <typename scalar_t, typename T, int kLocalBins>
 __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
-  extern __shared__ unsigned long long smem_ull[];
+  ORCAL_DYNAMIC_SHARED(unsigned long long, smem_ull);
   const StatsLayout lay{P.n_bins, P.auc_bins};
   const int64_t nb = P.n_bins, tb = P.auc_bins;
   double* red = reinterpret_cast<double*>(smem_ull);                          // blockDim doubles
@@ -237,9 +234,9 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
       using scalar_t = decltype(scalar_tag);
       using T = decltype(opmath_tag);
       if (n_bins <= kFewLocalBins)
-        stats_kernel<scalar_t, T, kFewLocalBins><<<grid, cuda::kThreads, shared, stream>>>(P);
+        ORCAL_LAUNCH(grid, cuda::kThreads, shared, stream, stats_kernel<scalar_t, T, kFewLocalBins>)(P);
       else
-        stats_kernel<scalar_t, T, kManyLocalBins><<<grid, cuda::kThreads, shared, stream>>>(P);
+        ORCAL_LAUNCH(grid, cuda::kThreads, shared, stream, stats_kernel<scalar_t, T, kManyLocalBins>)(P);
     };
     switch (dtype) {
       case Dtype::f32: launch(float{}, float{}); break;
@@ -276,6 +273,6 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orcal, CUDA, m) { m.impl("calibration_stats", &calibration_stats_cuda); }
+ORCAL_CUDA_LIBRARY_IMPL(m) { m.impl("calibration_stats", &calibration_stats_cuda); }
 
 }  // namespace orcal

@@ -1,13 +1,29 @@
-// Small helpers shared by the orcal CUDA kernels.
+// Small helpers shared by the orcal CUDA kernels, and the switch to the host emulation of the tests
+// (ORCAL_CUDA_EMULATION, csrc/cuda/emulation.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_assert_async.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/eq.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
+
+#ifdef ORCAL_CUDA_EMULATION
+#include "emulation.h"
+// The emulated kernels register under their own namespace, for the CPU: orcal.cpp declares the schemas there.
+#define ORCAL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(orcal_emu, CPU, m)
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+// kernel<<<grid, block, shared, stream>>>, written so that a C++ compiler can read it too.
+#define ORCAL_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#define ORCAL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define ORCAL_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(orcal, CUDA, m)
+#endif
 
 #include <cstdint>
 #include <cstdlib>
@@ -45,7 +61,7 @@ inline int64_t grid_for(int64_t work, int64_t per_thread = 4, int64_t cap = 4096
 template <typename Counter>
 __device__ inline void warp_aggregated_add(Counter* hist_a, Counter* hist_b, unsigned key, unsigned a,
                                            unsigned b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(ORCAL_CUDA_EMULATION)
   const unsigned peers = __match_any_sync(__activemask(), key);
   const unsigned total_a = __reduce_add_sync(peers, a);
   const unsigned total_b = __reduce_add_sync(peers, b);

@@ -1,9 +1,6 @@
 // foreground_probability on CUDA (SPEC §2): one thread per voxel, voxel_readout() of ordinal_math.h.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../common/op_checks.h"
@@ -42,7 +39,7 @@ at::Tensor foreground_probability_cuda(const at::Tensor& logits_in, c10::string_
   auto launch = [&](auto scalar_tag, auto opmath_tag) {
     using scalar_t = decltype(scalar_tag);
     using T = decltype(opmath_tag);
-    readout_kernel<scalar_t, T><<<blocks, cuda::kThreads, 0, stream>>>(
+    ORCAL_LAUNCH(blocks, cuda::kThreads, 0, stream, readout_kernel<scalar_t, T>)(
         static_cast<const scalar_t*>(logits.data_ptr()), static_cast<scalar_t*>(out.data_ptr()), total, V,
         static_cast<int>(R), static_cast<int>(majority), mode);
   };
@@ -58,6 +55,6 @@ at::Tensor foreground_probability_cuda(const at::Tensor& logits_in, c10::string_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orcal, CUDA, m) { m.impl("foreground_probability", &foreground_probability_cuda); }
+ORCAL_CUDA_LIBRARY_IMPL(m) { m.impl("foreground_probability", &foreground_probability_cuda); }
 
 }  // namespace orcal

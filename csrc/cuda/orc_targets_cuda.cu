@@ -2,9 +2,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common/op_checks.h"
@@ -36,7 +33,7 @@ at::Tensor orc_targets_cuda(const at::Tensor& masks_in) {
   at::Tensor bad = at::zeros({1}, masks.options().dtype(at::kInt));
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((B * V + threads - 1) / threads, 65535LL * 8);
-  orc_targets_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  ORCAL_LAUNCH(blocks, threads, 0, c10::cuda::getCurrentCUDAStream(), orc_targets_kernel)(
       static_cast<const uint8_t*>(masks.data_ptr()), k.data_ptr<uint8_t>(), R, V, B * V, bad.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (cuda::async_checks()) {
@@ -49,6 +46,6 @@ at::Tensor orc_targets_cuda(const at::Tensor& masks_in) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orcal, CUDA, m) { m.impl("orc_targets", &orc_targets_cuda); }
+ORCAL_CUDA_LIBRARY_IMPL(m) { m.impl("orc_targets", &orc_targets_cuda); }
 
 }  // namespace orcal

@@ -2,15 +2,12 @@
 // writing the gradient once. Each block writes its loss sum to a buffer, summed afterwards by at::sum:
 // deterministic (no floating-point atomics), and the grid depends on the problem size only.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -85,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
     auto launch = [&](auto scalar_tag, auto opmath_tag) {
       using scalar_t = decltype(scalar_tag);
       using T = decltype(opmath_tag);
-      ordinal_loss_kernel<scalar_t, T><<<blocks, cuda::kThreads, 0, stream>>>(
+      ORCAL_LAUNCH(blocks, cuda::kThreads, 0, stream, ordinal_loss_kernel<scalar_t, T>)(
           static_cast<const scalar_t*>(logits.data_ptr()), k.data_ptr<uint8_t>(),
           valid.has_value() ? valid->data_ptr<bool>() : nullptr,
           need_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr,
@@ -115,6 +112,6 @@ std::tuple<at::Tensor, at::Tensor> ordinal_loss_cuda(const at::Tensor& logits_in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orcal, CUDA, m) { m.impl("ordinal_loss", &ordinal_loss_cuda); }
+ORCAL_CUDA_LIBRARY_IMPL(m) { m.impl("ordinal_loss", &ordinal_loss_cuda); }
 
 }  // namespace orcal
