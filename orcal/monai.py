@@ -232,6 +232,8 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         return tuple(t.reshape(st.n_images, self._C * t.shape[1]) for t in st.pack())
 
     def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
+        if y is not None and len(y) != len(y_pred):  # MONAI zips the lists: the extra images would be dropped
+            raise ValueError(f"MultiRaterCalibrationMetric: {len(y_pred)} predictions need as many targets, got {len(y)}")
         valid = kwargs.pop("valid", None)
         if valid is None:
             return super()._compute_list(y_pred, y, **kwargs)
