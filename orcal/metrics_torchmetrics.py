@@ -104,9 +104,10 @@ class MultiRaterStatistics(torchmetrics.Metric):
         """torchmetrics' ``merge_state``, refusing a state of other bins or another structure count."""
         if isinstance(incoming_state, MultiRaterStatistics):
             theirs = (incoming_state.n_bins, incoming_state.auc_bins, incoming_state.num_structures)
-            if theirs != (self.n_bins, self.auc_bins, self.num_structures):
+            mine = (self.n_bins, self.auc_bins, self.num_structures)
+            if theirs != mine:
                 raise ValueError(f"{type(self).__name__}.merge_state: the incoming metric has n_bins, auc_bins, "
-                                 f"num_structures = {theirs}, this one {(self.n_bins, self.auc_bins, self.num_structures)}")
+                                 f"num_structures = {theirs}, this one {mine}")
         elif isinstance(incoming_state, dict):
             incoming_state = {k: self._fit_state(k, v, "merged") if k in ("counts", "sums") else v
                               for k, v in incoming_state.items()}

@@ -233,7 +233,8 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
 
     def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
         if y is not None and len(y) != len(y_pred):  # MONAI zips the lists: the extra images would be dropped
-            raise ValueError(f"MultiRaterCalibrationMetric: {len(y_pred)} predictions need as many targets, got {len(y)}")
+            raise ValueError(f"MultiRaterCalibrationMetric: {len(y_pred)} predictions need as many targets, "
+                             f"got {len(y)}")
         valid = kwargs.pop("valid", None)
         if valid is None:
             return super()._compute_list(y_pred, y, **kwargs)
