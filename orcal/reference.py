@@ -62,7 +62,7 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority",
         p = ((torch.softmax(z, dim=1) * levels).sum(1) / R).clamp(0, 1)
         # +inf logits (softmax gives NaN): one such level takes all the mass, several have no limit (NaN).
         pinf = z == math.inf
-        n_inf = pinf.sum(1)
+        n_inf = pinf.sum(1) + 2 * z.isnan().sum(1)  # a NaN level: no limit either
         limit = torch.where(n_inf == 1, (pinf * levels).sum(1) / R, torch.full_like(p, math.nan))
         return torch.where(n_inf == 0, p, limit)
     raise ValueError(f"readout must be 'majority' or 'expected', got {readout!r}")

@@ -146,8 +146,9 @@ C10_HOST_DEVICE inline VoxelGroups<T> voxel_groups(const Load& z, int R, int m) 
 }
 
 // The expected readout where logits are +inf (SPEC §2): one level at +inf takes all the mass, so the readout
-// is that level / R; two or more at +inf have no limit (NaN). n_inf counts the +inf levels, inf_level sums
-// their levels; p is the readout computed as if all were finite (NaN where n_inf > 0). Branch-free.
+// is that level / R; two or more at +inf have no limit (NaN). n_inf counts the +inf levels (a NaN level
+// counts 2, so that NaN stays NaN), inf_level sums their levels; p is the readout computed as if all were
+// finite (NaN where n_inf > 0). Branch-free.
 template <typename T>
 C10_HOST_DEVICE inline T expected_inf_limit(T p, T n_inf, T inf_level, T R) {
   const T nan = static_cast<T>(NAN);
@@ -166,7 +167,7 @@ C10_HOST_DEVICE inline T voxel_readout(const Load& z, int R, int m, int readout)
     const T e = c < m ? ox_exp(zc - g.max_lo) * s.a_lo : ox_exp(zc - g.max_hi) * s.a_hi;
     acc += T(c) * e;
     const bool pinf = zc == static_cast<T>(INFINITY);
-    n_inf += pinf ? T(1) : T(0);
+    n_inf += pinf ? T(1) : (zc != zc ? T(2) : T(0));
     inf_level += pinf ? T(c) : T(0);
   }
   const T p = acc / T(R);

@@ -131,7 +131,7 @@ inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T
       const T* __restrict__ ec = e + c * NB;
       const T level = static_cast<T>(c);
       for (int v = 0; v < NB; ++v) {
-        n_inf[v] += ec[v] == pinf ? T(1) : T(0);
+        n_inf[v] += ec[v] == pinf ? T(1) : (ec[v] != ec[v] ? T(2) : T(0));  // NaN: no limit
         inf_level[v] += ec[v] == pinf ? level : T(0);
       }
     }
