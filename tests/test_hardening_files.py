@@ -208,3 +208,25 @@ def test_a_truncated_run_statistics_file_is_named(tmp_path):
     stats.write_bytes(stats.read_bytes()[:40])
     with pytest.raises(ValueError, match=rf"{stats.name}: the run's statistics could not be read .* delete it"):
         load_run_stats(tmp_path, Run)
+
+
+def test_a_damaged_nnunet_dataset_json_is_named(tmp_path):
+    pytest.importorskip("SimpleITK")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    np.savez(pred / "case1.npz", probabilities=np.full((4, 2, 2, 2), 0.25, dtype=np.float32))
+    (pred / "dataset.json").write_text('{"orcal": {"num_structures": 2')  # cut short
+    rc, err = _cli("nnunet", "export", pred, "--out", tmp_path / "out")
+    assert rc == 2 and "dataset.json: a damaged dataset.json" in err
+
+
+def test_an_error_on_an_existing_folder_keeps_its_message(monkeypatch, tmp_path):
+    """FileExistsError raised with a message (no filename) is printed as it is, not as 'None: None'."""
+    from orcal.commands import fuse
+
+    def refuse(args):
+        raise FileExistsError(f"{tmp_path} already holds a dataset.json; remove it or choose another id or name")
+
+    monkeypatch.setattr(fuse, "run", refuse)
+    rc, err = _cli("fuse", "--method", "soft", "a.nii.gz", "b.nii.gz", "--out", tmp_path)
+    assert rc == 2 and "already holds a dataset.json" in err and "None" not in err

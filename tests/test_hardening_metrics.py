@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from test_hardening import BACKENDS, run_triton_cases
 
 import orcal
 from orcal.calibrate import TemperatureScaler, fit_temperature
-from test_hardening import BACKENDS, run_triton_cases
 
 NAN, INF = math.nan, math.inf
 

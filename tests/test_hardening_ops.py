@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from test_hardening import BACKENDS, run_triton_cases
 
 import orcal
 from orcal import reference
-from test_hardening import BACKENDS, run_triton_cases
 
 INF, NAN = math.inf, math.nan
 
