@@ -68,6 +68,14 @@ def _check_integer_labels(arr: np.ndarray, source: str, what: str = "a label map
                              f"non-finite values (e.g. {arr[bad].flat[0]})")
 
 
+def check_integer_values(x: torch.Tensor, name: str) -> None:
+    """The tensor form of the rule above, for label maps handed over as float tensors (MONAI's loaders)."""
+    if x.dtype.is_floating_point and x.numel() and x.device.type != "meta":
+        bad = ~torch.isfinite(x) | (x != x.round())
+        data_check(~bad.any(), lambda: f"{name} must hold integer labels, found {int(bad.sum())} non-integer or "
+                                       f"non-finite values (e.g. {x[bad].flatten()[0].item()})")
+
+
 def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
     """A rater's mask array as uint8 {0, 1}; foreground may be stored as 1, 255 or any single non-zero value."""
     arr = np.asarray(arr)

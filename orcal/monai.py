@@ -35,7 +35,7 @@ except ImportError as err:  # an optional extra: say how to get it
 
 from orcal import distributed, metric_table, ops
 from orcal.batch_stats import batch_stats, check_options, prepare
-from orcal.masks import check_structures
+from orcal.masks import check_integer_values, check_structures
 from orcal.metrics import summarize
 from orcal.ops import bootstrap
 from orcal.stats import CalibrationStats
@@ -126,6 +126,7 @@ class StackRatersd(MapTransform):
         maps = [_as_tensor(d[key], f"StackRatersd: data[{key!r}]") for key in present]
         first, first_key = maps[0], present[0]
         for key, x in zip(present, maps):
+            check_integer_values(x, f"StackRatersd: data[{key!r}]")  # NaN would be a vote, 1.5 no label
             if x.ndim < 3 or x.shape[0] != 1:
                 raise ValueError(f"StackRatersd: data[{key!r}] must be a channel-first label map (1, *S), got "
                                  f"shape {tuple(x.shape)}; load it with LoadImaged(..., ensure_channel_first=True)")

@@ -172,3 +172,19 @@ def test_monai_metric_refuses_lists_of_different_lengths(be):
         metric(preds, [_masks()[0].to(dev)])
     with pytest.raises(ValueError):
         metric(torch.rand(2, 1, 4, 4, device=dev), _masks(1).to(dev))
+
+
+@pytest.mark.parametrize("bad", [NAN, 1.5])
+def test_monai_rater_stack_refuses_nan_and_non_integer_labels(bad):
+    pytest.importorskip("monai")
+    from orcal.monai import StackRatersd
+
+    maps = [torch.zeros(1, 4, 4) for _ in range(3)]
+    maps[0][0, 0, 0] = 1.0
+    maps[1][0, 1, 1] = bad  # NaN != 0 would be a vote; 1.5 would match no structure
+    data = {f"r{i}": m for i, m in enumerate(maps)}
+    for transform in (StackRatersd(keys=list(data)), StackRatersd(keys=list(data), structures=[1, 2])):
+        with pytest.raises(ValueError, match=r"StackRatersd: data\['r1'\] must hold integer labels, found 1"):
+            transform(data)
+    maps[1][0, 1, 1] = 2.0
+    assert int(StackRatersd(keys=list(data))(data)["masks"].sum()) == 2
