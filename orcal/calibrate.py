@@ -56,11 +56,13 @@ def _check(logits: torch.Tensor, target: torch.Tensor, num_raters: int | None, v
         R, spatial = target.shape[1], target.shape[:1] + target.shape[2:]
     else:
         R = ops.check_int("num_raters", num_raters, 1, ops.MAX_RATERS)
-        if target.dtype.is_floating_point or target.dtype == torch.bool:
-            raise TypeError(f"vote counts must be an integer tensor, got {target.dtype}")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target (vote counts) must be an integer tensor, got {target.dtype}")
         spatial = target.shape
         if target.numel():
-            ops.data_check((target.min() >= 0) & (target.max() <= R), lambda: f"vote counts must lie in 0..R = 0..{R}")
+            lo, hi = ops.integer_range(target)  # every integer dtype, uint16 included
+            ops.data_check((lo >= 0) & (hi <= R),
+                           lambda: f"target (vote counts) must lie in 0..R = 0..{R}; found {int(lo)}..{int(hi)}")
     if kind == "ordinal":
         if logits.ndim < 2 or logits.shape[1] != R + 1:
             raise ValueError(f"ordinal logits need R + 1 = {R + 1} channels, got shape {tuple(logits.shape)}")
@@ -118,13 +120,17 @@ class TemperatureScaler:
             raise ValueError(f"TemperatureScaler saw R = {self._R} raters before, now R = {R}")
         self._R = R
         B = logits.shape[0]
-        k = target.sum(1, dtype=torch.uint8) if num_raters is None else target.to(torch.uint8)
+        k = target.sum(1, dtype=torch.uint8) if num_raters is None else target.to(torch.uint8)  # checked: 0..R
         channels = logits.shape[1] if self.kind == "ordinal" else 1
         z = logits.detach().reshape(B, channels, -1).transpose(1, 2).reshape(-1, channels)
         k = k.reshape(-1)
         if valid is not None:
             keep = valid.reshape(-1)
             z, k = z[keep], k[keep]
+        # one NaN or infinite logit makes every pair NLL non-finite and drives T to a bound of its search
+        bad = ~torch.isfinite(z).all(1)
+        ops.data_check(~bad.any(), lambda: f"logits hold NaN or infinite values at {int(bad.sum())} valid voxels; "
+                                           "mark them invalid (valid=) or fix the model")
         keys = torch.rand(k.shape[0], generator=self._gen).to(z.device)
         # only this batch's smallest keys can survive the merge: trim on its device before the copy
         keys, z, k = (t.cpu() for t in self._smallest(keys, z.float(), k))

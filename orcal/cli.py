@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"orcal {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # e.g. --out naming a file where a folder is made: the path and the reason, not a traceback
+        hint = (" (a folder is needed there, and a file is in the way)"
+                if isinstance(err, (FileExistsError, NotADirectoryError)) else "")
+        where = err if err.filename is None else f"{err.filename}: {err.strerror}{hint}"
+        print(f"orcal {args.command}: error: {where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from orcal import metric_table, reference
-from orcal.io import EXTENSIONS, extension, read_array
+from orcal.io import EXTENSIONS, check_same_grid, extension, read_array
 from orcal.metrics import MultiRaterCalibration, bootstrap
 from orcal.stats import CalibrationStats
 
@@ -103,8 +103,9 @@ def rater_folder_cases(raters_dir: str | os.PathLike, rater_glob: str = "*") -> 
 
 
 def _read_rater_masks(files: list[Path], label: int | Sequence[int] | None = None) -> torch.Tensor:
-    from orcal.io import read_mask
+    from orcal.io import check_same_grid, read_mask
 
+    check_same_grid(files, "the raters of a case")
     masks = [read_mask(f, label=label) for f in files]
     shapes = {m.shape for m in masks}
     if len(shapes) > 1:
@@ -124,8 +125,9 @@ def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndar
 def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
                 allow_missing: bool, dataset_options: dict[str, Any] | None = None,
                 label: int | Sequence[int] | None = None
-                ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
-    """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None)``."""
+                ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path | None]]]:
+    """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None, a file on the case's
+    voxel grid or None)``."""
     if (dataset is None) == (raters is None):
         raise ValueError("give the rater masks with exactly one of --dataset/--root or --raters")
     if raters is not None:
@@ -133,7 +135,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
         ids = list(folders)
 
         def load(case: str):
-            return _read_rater_masks(folders[case], label), None
+            return _read_rater_masks(folders[case], label), None, folders[case][0]
     else:
         from orcal.data import load_dataset
 
@@ -146,7 +148,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
 
         def load(case: str):
             item = ds[index[case]]
-            return item["masks"], item.get("valid")
+            return item["masks"], item.get("valid"), getattr(ds, "image_path", lambda i: None)(index[case])
 
     unmatched = sorted(set(preds) - set(ids))
     if unmatched:
@@ -161,8 +163,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
 
     def generate():
         for case in todo:
-            masks, valid = load(case)
-            yield case, masks, valid
+            yield case, *load(case)
 
     return todo, generate()
 
@@ -257,7 +258,10 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
                              dataset_options, label)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
-    for case, masks, valid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case", enabled=progress):
+    for case, masks, valid, grid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case",
+                                                 enabled=progress):
+        if grid is not None:
+            check_same_grid([grid, preds[case]], "a prediction and its case's raters")
         spatial = tuple(masks.shape[1:])
         p = _match_shape(load_prediction(preds[case], kind), spatial, preds[case])
         try:

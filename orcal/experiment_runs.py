@@ -69,8 +69,13 @@ def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
     """Per-readout :class:`~orcal.stats.CalibrationStats` of a finished run."""
     from orcal.stats import CalibrationStats
 
-    saved = torch.load(run_files(run_dir, run)["stats"], weights_only=True)
-    return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
+    path = run_files(run_dir, run)["stats"]
+    try:
+        saved = torch.load(path, weights_only=True)
+        return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
+    except Exception as err:  # truncated or damaged: name the file rather than show a traceback
+        raise ValueError(f"{path}: the run's statistics could not be read ({type(err).__name__}: {err}); delete "
+                         f"it and its {path.name.replace('.stats.pt', '.json')} to rerun that run") from err
 
 
 def load_case_maps(run_dir: Path, run) -> dict[str, np.ndarray]:

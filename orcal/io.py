@@ -23,8 +23,8 @@ EXTENSIONS = NIFTI_EXTENSIONS + IMAGE_EXTENSIONS + NUMPY_EXTENSIONS
 #: Files larger than this are refused before reading (a wrong path or a hostile file).
 MAX_FILE_BYTES = 8 * 1024**3
 
-__all__ = ["EXTENSIONS", "binary_mask", "extension", "file_format", "mask_plane", "natural_key", "rater_files",
-           "read_array", "read_mask", "write_array"]
+__all__ = ["EXTENSIONS", "binary_mask", "check_same_grid", "extension", "file_format", "mask_plane", "natural_key",
+           "nifti_affine", "rater_files", "read_array", "read_mask", "write_array"]
 
 
 def file_format(path: str | os.PathLike) -> str:
@@ -105,6 +105,34 @@ def read_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
 
     img = nib.load(str(path))
     return tuple(float(z) for z in img.header.get_zooms()[: len(img.shape)])
+
+
+#: Largest difference (mm) between two NIfTI affines read as one voxel grid: float32 rounding of the header.
+GRID_ATOL = 1e-3
+
+
+def nifti_affine(path: str | os.PathLike) -> np.ndarray | None:
+    """The voxel-to-world affine of a NIfTI file; None for other formats (they carry no grid)."""
+    if file_format(path) != "nifti":
+        return None
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except Exception as err:
+        raise ValueError(f"{path}: could not read it as nifti ({type(err).__name__}: {err})") from err
+
+
+def check_same_grid(paths: Sequence[str | os.PathLike], what: str) -> None:
+    """The NIfTI files among ``paths`` must share one voxel grid: a mask mirrored or shifted against the
+    others has the same shape and would be scored voxel by voxel against the wrong anatomy."""
+    grids = [(p, a) for p in paths if (a := nifti_affine(p)) is not None]
+    for p, a in grids[1:]:
+        if not np.allclose(a, grids[0][1], rtol=0, atol=GRID_ATOL):
+            diff = float(np.abs(a - grids[0][1]).max())
+            raise ValueError(f"{p}: its voxel grid (NIfTI affine) differs from that of {grids[0][0]} by up to "
+                             f"{diff:.4g}: {what} must lie on one grid (mirrored, shifted or resampled files "
+                             "are not compared voxel by voxel); resample them onto one grid first")
 
 
 def read_mask(path: str | os.PathLike, channel: int | None = None, label: int | Sequence[int] | None = None,

@@ -58,11 +58,22 @@ def as_bool_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
     return masks != 0
 
 
+def _check_integer_labels(arr: np.ndarray, source: str, what: str = "a label map") -> None:
+    """A float file array must hold finite integers: NaN would count as a vote (NaN != 0) and 1.5 as no
+    label, both without a word."""
+    if arr.dtype.kind in "fc":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            raise ValueError(f"{source}: {what} must hold integer labels, found {int(bad.sum())} non-integer or "
+                             f"non-finite values (e.g. {arr[bad].flat[0]})")
+
+
 def binary_mask(arr: np.ndarray, source: str) -> np.ndarray:
     """A rater's mask array as uint8 {0, 1}; foreground may be stored as 1, 255 or any single non-zero value."""
     arr = np.asarray(arr)
     if arr.dtype == bool:
         return arr.astype(np.uint8)
+    _check_integer_labels(arr, source, "a mask")
     values = np.unique(arr)
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
@@ -82,8 +93,7 @@ def select_labels(arr: np.ndarray, labels: int | Sequence[int], source: str) -> 
     wanted = (labels,) if isinstance(labels, (int, np.integer)) else tuple(labels)
     if not wanted or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in wanted):
         raise ValueError(f"label must be a positive integer or a list of them (0 is background), got {labels!r}")
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
-        raise ValueError(f"{source}: a label map must hold integer labels, found non-integer values")
+    _check_integer_labels(arr, source)
     return np.isin(arr, np.asarray(wanted)).astype(np.uint8)
 
 
@@ -103,8 +113,7 @@ def structure_map(arr: np.ndarray, structures: Sequence[int], source: str) -> np
     rater label maps of SPEC §11 (structure ``c`` of the result is ``structures[c - 1]`` of the file)."""
     wanted = check_structures(structures)
     arr = np.asarray(arr)
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
-        raise ValueError(f"{source}: a label map must hold integer labels, found non-integer values")
+    _check_integer_labels(arr, source)
     out = np.zeros(arr.shape, dtype=np.uint8)
     for i, value in enumerate(wanted):
         out[arr == value] = i + 1

@@ -77,6 +77,40 @@ class MultiRaterStatistics(torchmetrics.Metric):
         self.add_state("counts", default=counts if num_structures else counts[0], dist_reduce_fx="sum")
         self.add_state("sums", default=sums if num_structures else sums[0], dist_reduce_fx="sum")
 
+    def _fit_state(self, name: str, value: Any, source: str) -> Any:
+        """``value`` for state ``name`` if it was made with this metric's bins and structure count (one
+        structure's state may be 1-D or ``(1, X)``: earlier versions), else a ``ValueError``: adding the
+        packed statistics of another layout would give wrong values without a word."""
+        want = self._defaults[name].shape
+        if isinstance(value, torch.Tensor) and value.ndim in (1, 2):
+            if value.shape == want:
+                return value
+            if self.num_structures in (None, 1) and value.numel() == want.numel() and value.shape[0] == 1:
+                return value.reshape(want)
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{type(self).__name__}: the {source} state {name!r} has shape {got}, but this metric "
+                         f"(n_bins={self.n_bins}, auc_bins={self.auc_bins}, num_structures={self.num_structures}) "
+                         f"keeps {tuple(want)}: it was made with other bins or another number of structures")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        for name in ("counts", "sums"):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = self._fit_state(name, state_dict[prefix + name], "loaded")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def merge_state(self, incoming_state: dict[str, Any] | torchmetrics.Metric) -> None:
+        """torchmetrics' ``merge_state``, refusing a state of other bins or another structure count."""
+        if isinstance(incoming_state, MultiRaterStatistics):
+            theirs = (incoming_state.n_bins, incoming_state.auc_bins, incoming_state.num_structures)
+            mine = (self.n_bins, self.auc_bins, self.num_structures)
+            if theirs != mine:
+                raise ValueError(f"{type(self).__name__}.merge_state: the incoming metric has n_bins, auc_bins, "
+                                 f"num_structures = {theirs}, this one {mine}")
+        elif isinstance(incoming_state, dict):
+            incoming_state = {k: self._fit_state(k, v, "merged") if k in ("counts", "sums") else v
+                              for k, v in incoming_state.items()}
+        super().merge_state(incoming_state)
+
     def update(self, pred: torch.Tensor, target: torch.Tensor, num_raters: int | None = None,
                valid: torch.Tensor | None = None, kind: str | None = None) -> None:
         """Add a batch; arguments as :meth:`orcal.metrics.MultiRaterCalibration.update` (``num_raters``
@@ -124,7 +158,9 @@ class MultiRaterStatistics(torchmetrics.Metric):
             fig, ax = plt.subplots(figsize=(5, 4.5))
         else:
             fig = ax.get_figure()
-        with self.sync_context():  # the pairs of every rank, as compute() sees them
+        # the pairs of every rank, synchronised as compute() does it (the metric's own dist_sync_fn)
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
             totals = self.totals()
         draw_reliability({type(self).__name__: totals}, ax)
         return fig, ax

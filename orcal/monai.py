@@ -149,7 +149,7 @@ class StackRatersd(MapTransform):
             if x.shape != first.shape:
                 raise ValueError(f"StackRatersd: raters {first_key!r} and {key!r} have different shapes "
                                  f"{tuple(first.shape)} and {tuple(x.shape)}")
-            if x.is_floating_point():  # resampled by interpolation: labels would be invented
+            if x.is_floating_point():  # NaN would be a vote, 1.5 (interpolated) a label invented
                 ops.integer_valued(ops.plain_tensor(x), f"StackRatersd: data[{key!r}]", "label map", -32768, 32767)
             a, b = _affine(first), _affine(x)
             if a is not None and b is not None and not torch.allclose(a, b, atol=AFFINE_ATOL, rtol=0):
@@ -356,6 +356,9 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         return tuple(t.reshape(st.n_images, self._C * t.shape[1]) for t in st.pack())
 
     def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
+        if y is not None and len(y) != len(y_pred):  # MONAI zips the lists: the extra images would be dropped
+            raise ValueError(f"MultiRaterCalibrationMetric: {len(y_pred)} predictions need as many targets, "
+                             f"got {len(y)}")
         valid = kwargs.pop("valid", None)
         if valid is None:
             return super()._compute_list(y_pred, y, **kwargs)

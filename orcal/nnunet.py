@@ -237,9 +237,12 @@ def _structures_of_prediction(pred: Path) -> tuple[int, int] | None:
         warnings.warn(f"{path} is missing (nnUNetv2_predict writes it): reading the probabilities as the levels of "
                       "one structure", stacklevel=3)
         return None
-    meta = json.loads(path.read_text()).get("orcal") or {}
-    C = meta.get("num_structures")
-    return None if C is None else (int(C), int(meta["num_raters"]))
+    try:
+        meta = json.loads(path.read_text()).get("orcal") or {}
+        C = meta.get("num_structures")
+        return None if C is None else (int(C), int(meta["num_raters"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # damaged: name the file
+        raise ValueError(f"{path}: a damaged dataset.json ({type(err).__name__}: {err})") from err
 
 
 def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, majority: int | None = None

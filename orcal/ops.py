@@ -239,7 +239,7 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | N
     """
     if num_classes is not None:
         labels = plain_tensor(masks)
-        C = structures.check_labels(labels, num_classes)
+        C = structures.check_labels(labels, num_classes, "masks")
         # one binary count per structure, on whichever backend counts binary masks
         return torch.stack([orc_targets(labels == c, backend) for c in range(1, C + 1)], 1)
     raw, masks = masks, plain_tensor(masks)
@@ -479,6 +479,7 @@ def fold_structures(pred, target, num_raters, kind, valid, backend, C):
     check_choice("kind", kind, KINDS)
     _check_spatial("pred", pred, 1)
     if num_raters is None:  # rater label maps (B, R, *S)
+        structures.check_labels(target, C, "target")
         num_raters = target.shape[1]
         target = orc_targets(target, backend, num_classes=C)
     channels = C * (check_int("num_raters", num_raters, 1, MAX_RATERS) + 1) if kind == "ordinal" else C

@@ -59,7 +59,12 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority",
         R = z.shape[1] - 1
         levels = torch.arange(R + 1, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
         # Rounding can carry the sum just past 1 on confident voxels (e.g. 1.0000001): clamp, keep NaN.
-        return ((torch.softmax(z, dim=1) * levels).sum(1) / R).clamp(0, 1)
+        p = ((torch.softmax(z, dim=1) * levels).sum(1) / R).clamp(0, 1)
+        # +inf logits (softmax gives NaN): one such level takes all the mass, several have no limit (NaN).
+        pinf = z == math.inf
+        n_inf = pinf.sum(1) + 2 * z.isnan().sum(1)  # a NaN level: no limit either
+        limit = torch.where(n_inf == 1, (pinf * levels).sum(1) / R, torch.full_like(p, math.nan))
+        return torch.where(n_inf == 0, p, limit)
     raise ValueError(f"readout must be 'majority' or 'expected', got {readout!r}")
 
 

@@ -16,7 +16,7 @@ from orcal.checks import check_int, check_tensor, data_check, integer_range, int
 def structures_of(logits: torch.Tensor, k: torch.Tensor) -> int | None:
     """``C`` when ``k`` holds one vote map per structure (it has as many dimensions as the logits and more
     than one channel), else None: ``k`` ``(B, *S)`` or ``(B, 1, *S)`` is the binary case."""
-    if isinstance(k, torch.Tensor) and k.ndim == logits.ndim and k.shape[1] > 1:
+    if isinstance(k, torch.Tensor) and k.ndim == logits.ndim and k.ndim >= 3 and k.shape[1] > 1:
         return k.shape[1]
     return None
 

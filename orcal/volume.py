@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orcal.checks import check_real, check_tensor
+from orcal.checks import check_int, check_real, check_tensor, data_check
 from orcal.masks import check_masks
 from orcal.reference import per_structure
 
@@ -84,7 +84,9 @@ def volume_stats(prob: torch.Tensor, raters: torch.Tensor, spacing=None, valid: 
     """
     check_tensor("prob", prob)
     check_tensor("raters", raters)
-    C = 1 if num_structures is None else int(num_structures)
+    if not prob.dtype.is_floating_point:
+        raise TypeError(f"prob must be a float tensor of probabilities, got {prob.dtype}")
+    C = 1 if num_structures is None else check_int("num_structures", num_structures, 1, 255)
     if num_structures is None:
         check_masks(raters, "raters")
         prob = prob.unsqueeze(1)
@@ -98,7 +100,12 @@ def volume_stats(prob: torch.Tensor, raters: torch.Tensor, spacing=None, valid: 
                          f" for raters {tuple(raters.shape)}")
     if valid is not None and (tuple(valid.shape) != (B, *S) or valid.dtype != torch.bool):
         raise ValueError(f"valid must be a (B, *S) = {(B, *S)} bool tensor, got {tuple(valid.shape)} {valid.dtype}")
-    p = prob.double() if valid is None else prob.double() * valid.unsqueeze(1)
+    # NaN or values outside [0, 1] would give a wrong volume and variance without a word (SPEC §8)
+    counted = prob if valid is None else prob[valid.unsqueeze(1).expand_as(prob)]
+    bad = torch.isnan(counted) | (counted < 0) | (counted > 1)
+    data_check(~bad.any(), lambda: f"prob must hold probabilities in [0, 1]; found {counted[bad][0].item()} "
+                                   f"({int(bad.sum())} bad values)")
+    p = prob.double() if valid is None else torch.where(valid.unsqueeze(1), prob.double(), 0.0)
     counts = []
     for c in range(1, C + 1):  # one structure's (B, R, *S) masks at a time keeps the temporaries small
         votes = raters.bool() if num_structures is None else raters == c
@@ -108,7 +115,7 @@ def volume_stats(prob: torch.Tensor, raters: torch.Tensor, spacing=None, valid: 
     dims = tuple(range(2, p.ndim))
     return VolumeStats(
         mean=p.sum(dims).reshape(-1).cpu(), var=(p * (1 - p)).sum(dims).reshape(-1).cpu(),
-        raters=torch.stack(counts, 1).reshape(B * C, -1).double().cpu(),
+        raters=torch.stack(counts, 1).reshape(B * C, raters.shape[1]).double().cpu(),  # B = 0 has no -1
         voxel_volume=_voxel_volume(spacing, B, len(S)).repeat_interleave(C), num_structures=C)
 
 

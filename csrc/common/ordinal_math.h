@@ -145,19 +145,34 @@ C10_HOST_DEVICE inline VoxelGroups<T> voxel_groups(const Load& z, int R, int m) 
   return g;
 }
 
+// The expected readout where logits are +inf (SPEC §2): one level at +inf takes all the mass, so the readout
+// is that level / R; two or more at +inf have no limit (NaN). n_inf counts the +inf levels (a NaN level
+// counts 2, so that NaN stays NaN), inf_level sums their levels; p is the readout computed as if all were
+// finite (NaN where n_inf > 0). Branch-free.
+template <typename T>
+C10_HOST_DEVICE inline T expected_inf_limit(T p, T n_inf, T inf_level, T R) {
+  const T nan = static_cast<T>(NAN);
+  return n_inf == T(0) ? p : (n_inf == T(1) ? inf_level / R : nan);
+}
+
 // Foreground probability of one voxel: readout 0 = majority, 1 = expected (SPEC §2).
 template <typename T, typename Load>
 C10_HOST_DEVICE inline T voxel_readout(const Load& z, int R, int m, int readout) {
   const VoxelGroups<T> g = voxel_groups<T>(z, R, m);
   const GroupSoftmax<T> s = combine_groups(g.max_lo, g.s_lo, g.max_hi, g.s_hi);
   if (readout == 0) return sigmoid(s.l);
-  T acc = T(0);
-  for (int c = 1; c <= R; ++c) {
-    const T e = c < m ? ox_exp(z(c) - g.max_lo) * s.a_lo : ox_exp(z(c) - g.max_hi) * s.a_hi;
+  T acc = T(0), n_inf = T(0), inf_level = T(0);
+  for (int c = 0; c <= R; ++c) {
+    const T zc = z(c);
+    const T e = c < m ? ox_exp(zc - g.max_lo) * s.a_lo : ox_exp(zc - g.max_hi) * s.a_hi;
     acc += T(c) * e;
+    const bool pinf = zc == static_cast<T>(INFINITY);
+    n_inf += pinf ? T(1) : (zc != zc ? T(2) : T(0));
+    inf_level += pinf ? T(c) : T(0);
   }
   const T p = acc / T(R);
-  return p > T(1) ? T(1) : p;  // rounding can carry it just past 1 on confident voxels; NaN stays NaN
+  // rounding can carry it just past 1 on confident voxels; NaN stays NaN
+  return expected_inf_limit(p > T(1) ? T(1) : p, n_inf, inf_level, T(R));
 }
 
 // Loss of one voxel (SPEC §3) and, when `store` is given, its gradient scaled by `gscale`

@@ -122,6 +122,20 @@ inline void grouped_softmax(T* __restrict__ e, int R, int m, Groups<T>& g) {
 // Foreground probability of a loaded block (readout 0 majority, 1 expected) into p.
 template <typename T>
 inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T>& g, T* __restrict__ p) {
+  // +inf logits of the expected readout (expected_inf_limit), counted before e is overwritten.
+  alignas(64) T n_inf[NB], inf_level[NB];
+  if (readout != 0) {
+    const T pinf = static_cast<T>(INFINITY);
+    for (int v = 0; v < NB; ++v) n_inf[v] = inf_level[v] = T(0);
+    for (int c = 0; c <= R; ++c) {
+      const T* __restrict__ ec = e + c * NB;
+      const T level = static_cast<T>(c);
+      for (int v = 0; v < NB; ++v) {
+        n_inf[v] += ec[v] == pinf ? T(1) : (ec[v] != ec[v] ? T(2) : T(0));  // NaN: no limit
+        inf_level[v] += ec[v] == pinf ? level : T(0);
+      }
+    }
+  }
   grouped_softmax(e, R, m, g);
   if (readout == 0) {
     for (int v = 0; v < NB; ++v) p[v] = sigmoid(g.l[v]);
@@ -137,7 +151,7 @@ inline void readout_block(T* __restrict__ e, int R, int m, int readout, Groups<T
   const T inv_r = T(1) / static_cast<T>(R);
   for (int v = 0; v < NB; ++v) {  // rounding can carry it just past 1 on confident voxels; NaN stays NaN
     const T x = p[v] * inv_r;
-    p[v] = x > T(1) ? T(1) : x;
+    p[v] = expected_inf_limit(x > T(1) ? T(1) : x, n_inf[v], inf_level[v], static_cast<T>(R));
   }
 }
 

@@ -54,6 +54,11 @@ def _readout(z, c, C, m, EXPECTED: tl.constexpr):
         e = tl.exp(z - mx[None, :])
         p = tl.sum(e * c.to(z.dtype), axis=0) / tl.sum(e, axis=0) / (C - 1).to(z.dtype)
         p = tl.where(p > 1.0, 1.0, p)  # rounding can carry it just past 1 on confident voxels; NaN stays NaN
+        # +inf logits: one such level takes all the mass (p = level / R), several have no limit (NaN).
+        pinf = z == float("inf")
+        n_inf = tl.sum(pinf.to(z.dtype), axis=0) + 2 * tl.sum((z != z).to(z.dtype), axis=0)  # NaN stays NaN
+        lim = tl.sum(tl.where(pinf, c.to(z.dtype), 0.0), axis=0) / (C - 1).to(z.dtype)
+        p = tl.where(n_inf == 0, p, tl.where(n_inf == 1, lim, float("nan")))
     else:
         hi = c >= m
         mx_hi = _finite_or_zero(tl.max(tl.where(hi, z, -float("inf")), axis=0))

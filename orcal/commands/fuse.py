@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from orcal import fusion
     from orcal._progress import progress_bar
     from orcal.fusion import make_target
-    from orcal.io import extension
+    from orcal.io import check_same_grid, extension
 
     strategy = fusion.get(args.method)
     given = {name: (value, "--" + name.replace("_", "-")) for name in OPTION_FLAGS
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if len(files) < 2:
             where = f"case {name}" if name else "fuse"
             raise ValueError(f"{where}: {len(files)} rater file(s) found; fusing needs at least 2")
+        check_same_grid(files, f"the raters of case {name}" if name else "the raters")
         arrays = [load_mask(f, args.mask_channel, args.label) for f in files]
         for f, a in zip(files, arrays):
             if a.shape != arrays[0].shape:

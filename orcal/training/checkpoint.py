@@ -7,6 +7,7 @@ checkpoint. Loaded with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -47,6 +48,20 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: written beside the weights, so that a
+    checkpoint whose bytes were damaged after the write is refused instead of predicting with other weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}={t!r};".encode())
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 #: What a ``last.pt`` holds beyond the weights: everything :func:`train` needs to resume.
 RESUME_KEYS = ("optimizer", "rng", "epoch", "history", "best_val", "best_epoch", "best_model", "config")
 
@@ -66,6 +81,21 @@ def load_checkpoint(path: str | os.PathLike, required: Sequence[str] = ()) -> di
         raise ValueError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}"
                          + (" (a best.pt holds weights only; resume needs last.pt)" if "optimizer" in missing else ""))
     return ckpt
+
+
+def check_weights(ckpt: dict, path: str | os.PathLike, key: str = "model") -> None:
+    """Refuse damaged weights, naming the file: a checksum that does not match (bytes changed after the
+    write) or NaN / infinite values (a diverged run), either of which would predict garbage and exit 0."""
+    state = ckpt[key]
+    want = ckpt.get(f"{key}_sha256")
+    if want is not None and weights_digest(state) != want:
+        raise ValueError(f"checkpoint {path} is damaged: its weights do not match the checksum written with them "
+                         "(the file changed after it was saved); use another copy or retrain")
+    bad = [name for name, t in state.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds NaN or infinite weights in {len(bad)} tensor(s) ({bad[0]}, ...): "
+                         "the run diverged or the file is damaged")
 
 
 def load_weights(model: nn.Module, state: dict, path: Path) -> None:
@@ -112,6 +142,7 @@ def load_model(checkpoint_path: str | os.PathLike, device: str | torch.device = 
     except (KeyError, TypeError) as err:
         raise ValueError(f"checkpoint {checkpoint_path} is incomplete: its model_spec lacks {err}") from err
     load_weights(model, ckpt["model"], Path(checkpoint_path))
+    check_weights(ckpt, checkpoint_path)
     model.to(resolve_device(device)).eval()
     return model, TrainConfig.from_dict(ckpt.get("config", {}))
 

@@ -20,9 +20,11 @@ from orcal.training.checkpoint import (
     RESUME_KEYS,
     atomic_save,
     check_resumable,
+    check_weights,
     clean_stale_temporaries,
     load_checkpoint,
     load_weights,
+    weights_digest,
 )
 from orcal.training.config import TrainConfig, TrainResult, plain
 from orcal.training.data import SeededView, collate, label_prior, load_datasets, probe, training_transform
@@ -173,6 +175,7 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
         ckpt = load_checkpoint(path, RESUME_KEYS)
         check_resumable(ckpt, spec, cfg, path)
         load_weights(model, ckpt["model"], path)
+        check_weights(ckpt, path)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
@@ -269,9 +272,12 @@ def _train(cfg: TrainConfig, progress: bool, train_ds: Dataset | None, val_ds: D
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if info.main and out_dir is not None:
             if improved:
-                atomic_save({"version": CHECKPOINT_VERSION, "model": best_state, "model_spec": spec,
+                atomic_save({"version": CHECKPOINT_VERSION, "model": best_state,
+                             "model_sha256": weights_digest(best_state), "model_spec": spec,
                              "config": cfg.to_dict(), "epoch": epoch + 1, "val_loss": val_loss}, out_dir / BEST)
-            atomic_save({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_spec": spec,
+            state = model.state_dict()
+            atomic_save({"version": CHECKPOINT_VERSION, "model": state, "model_sha256": weights_digest(state),
+                         "model_spec": spec,
                          "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                          "rng": rng_state(), "epoch": epoch + 1,
                          "history": history, "best_val": best_val, "best_epoch": best_epoch,

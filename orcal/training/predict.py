@@ -212,6 +212,12 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
             maps["expected_k"] = probability(logits, head, "expected", num_structures=C).float().cpu() * R
         if C is not None:  # (B, C, *S): one map per structure
             maps = {f"{name}/structure{c + 1}": m[:, c] for name, m in maps.items() for c in range(C)}
+        for name, m in maps.items():  # NaN would be written as 0 in 8-bit files, and scored as a confident 0
+            bad = ~torch.isfinite(m)
+            if bad.any():
+                case = batch_ids[int(bad.flatten(1).any(1).nonzero()[0])]
+                raise ValueError(f"case {case}: the model gives {int(bad.sum())} NaN or infinite values in its "
+                                 f"{name} map (a damaged checkpoint, or NaN in the input); nothing written for it")
         for j, case in enumerate(batch_ids):
             like = sources.get(case)
             like = like if like is not None and file_format(like) == "nifti" else None
