@@ -51,13 +51,16 @@ def _pow2(n: int) -> int:
 
 
 def _block_v(rows: int, elem_size: int, per_thread: int) -> int:
-    """Voxels of a ``[rows, BLOCK_V]`` tile with at most ``per_thread`` elements per thread.
+    """Voxels of a ``[rows, BLOCK_V]`` tile with at most ``per_thread`` elements per thread (a power of 2).
 
     Each thread holds up to 16 bytes of consecutive voxels (vectorised loads); a tile of more rows than
     ``per_thread`` gets fewer voxels than threads, and Triton then spreads a voxel's rows over threads.
     """
+    threads = 32 * NUM_WARPS
     vec = min(16 // elem_size, max(1, per_thread // rows))
-    return max(16, min(32 * NUM_WARPS * vec, 32 * NUM_WARPS * per_thread // rows))
+    if rows * vec <= per_thread:
+        return threads * vec
+    return max(16, 1 << (threads * per_thread // rows).bit_length() - 1)
 
 
 #: Tile elements per thread of the loss and readout kernels: about 32, so their temporaries stay in registers.
@@ -78,9 +81,9 @@ def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
 #: ECE bins one pass of the statistics kernel holds in registers (every thread keeps ``n``, ``a`` and ``s`` of
 #: each); more bins take further passes over the voxels, one per window.
 STATS_BIN_WINDOW = 16
-#: Tile elements per thread of the statistics kernel's widest tile (the channels, the masks or the one-hot
-#: ECE window times the voxels a thread holds): above it the kernel spills.
-STATS_TILE_ELEMS = 32
+#: Logit and mask elements per thread of the statistics kernel (its channel and mask tiles together): the
+#: largest that compiles without spills at R = 7 and R = 32 (``python -m benchmarks.sass``).
+STATS_TILE_ELEMS = 64
 #: A program of the statistics kernel covers at least this many blocks of one image (its flush, about
 #: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs.
 STATS_MIN_ITERS = 4
@@ -91,13 +94,17 @@ def stats_tile(channels: int, mask_raters: int, n_bins: int, elem_size: int) -> 
     """Constexprs ``C_PAD``, ``R_PAD``, ``NB_PAD``, ``BLOCK_V`` of the statistics kernel.
 
     ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits; ``mask_raters``: R when
-    the target are masks, else 0. The voxels per thread shrink as the widest tile grows, so nothing spills.
+    the target are masks, else 0. The voxels per thread shrink as the channel and mask tiles grow, so nothing
+    spills; the one-hot tile of the ECE window costs few registers (it is reduced as it is made).
     """
     c_pad = _pow2(channels)
     r_pad = _pow2(mask_raters) if mask_raters else 1
     nb_pad = min(_pow2(n_bins), STATS_BIN_WINDOW)
-    return {"C_PAD": c_pad, "R_PAD": r_pad, "NB_PAD": nb_pad,
-            "BLOCK_V": _block_v(max(c_pad, r_pad, nb_pad), elem_size, STATS_TILE_ELEMS)}
+    rows = c_pad + (r_pad if mask_raters else 0)
+    # Half inputs get the voxels per thread of float32 ones: the math is float32 either way (8 bf16 voxels
+    # per thread spill).
+    block = _block_v(rows, max(elem_size, 4), STATS_TILE_ELEMS)
+    return {"C_PAD": c_pad, "R_PAD": r_pad, "NB_PAD": nb_pad, "BLOCK_V": block}
 
 
 def stats_grid(V: int, block: int, R: int) -> tuple[int, int]:
