@@ -46,6 +46,8 @@ class SassRow:
     loop_instructions: int
     voxels_per_trip: int  # voxels one warp handles per trip through the hot loop
     bytes_per_voxel: float
+    shuffles: int = 0  # SHFL in the hot loop: reductions across the lanes of a warp
+    barriers: int = 0  # BAR in the hot loop: reductions across the warps of a block
     error: str = ""
 
     @property
@@ -96,6 +98,10 @@ def _functions(cubin: Path, cuobjdump: str) -> dict[str, list[str]]:
     return funcs
 
 
+def _count(lines: list[str], opcode: str) -> int:
+    return sum(1 for x in lines if re.search(rf"\b{opcode}\b", x))
+
+
 def hot_loop(lines: list[str]) -> list[str]:
     """The instructions of the voxel loop (the longest backward branch), or all of them without a loop."""
     lines = [x for x in lines if re.match(r"\s*/\*[0-9a-f]+\*/", x)]
@@ -135,18 +141,18 @@ def triton_cases() -> list[dict]:
                            "C": "i32", "V": "i32", "m": "i32", "nblk": "i32"},
                 constexprs={"HAS_VALID": False, "MAP": False, "GRAD": True, "IS_F64": False, "C_PAD": c_pad,
                             "BLOCK_V": block}))
-            for n_bins, masks in ((15, False), (15, True), (100, False)):
-                tile = _ops.stats_tile(C, R if masks else 0, n_bins, size)
+            for n_bins in (15, 100):  # rater masks are summed into votes by orc_targets_kernel first
+                tile = _ops.stats_tile(C, n_bins, size)
                 cases.append(dict(
                     kernel="calibration_stats_kernel", dtype=dtype,
-                    case=f"R={R}, ordinal, {'masks' if masks else 'votes'}, {n_bins} bins", voxels=tile["BLOCK_V"],
-                    bytes_per_voxel=C * size + (R if masks else 1),
+                    case=f"R={R}, ordinal, votes, {n_bins} bins", voxels=tile["BLOCK_V"],
+                    bytes_per_voxel=C * size + 1,
                     signature={"pred_ptr": f"*{ty}", "tgt_ptr": "*u8", "valid_ptr": "*u8", "counts_ptr": "*i64",
                                "partial_ptr": "*fp64", "auc_ptr": "*i64", "flag_ptr": "*i32",
                                **{n: "i32" for n in ("V", "R", "C", "m", "n_bins", "bin_lo", "auc_bins", "P",
                                                      "iters", "count_cols", "a_col", "tp_col", "pos_col",
                                                      "sum_cols", "brier_col")}},
-                    constexprs={"KIND": 2, "EXPECTED": False, "MASKS": masks, "HAS_VALID": False, "IS_F64": False,
+                    constexprs={"KIND": 2, "EXPECTED": False, "HAS_VALID": False, "IS_F64": False,
                                 "PACKED": True, "FULL": True, **tile}))
         c_pad, block = _ops.voxel_block(8, size)
         cases.append(dict(
@@ -198,7 +204,7 @@ def triton_rows(cases: list[dict] | None = None, workdir: Path | None = None) ->
                 loop = hot_loop(next(iter(_functions(cubin, cuobjdump).values())))
                 rows.append(SassRow(case["kernel"], "triton", case["dtype"], case["case"], res["registers"],
                                     res["spill_bytes"], len(loop), case["voxels"] // _ops.NUM_WARPS,
-                                    case["bytes_per_voxel"]))
+                                    case["bytes_per_voxel"], _count(loop, "SHFL"), _count(loop, "BAR")))
             except Exception as err:  # report it in the table, measure the others
                 rows.append(SassRow(case["kernel"], "triton", case["dtype"], case["case"], 0, 0, 0, 0,
                                     case["bytes_per_voxel"], error=f"{type(err).__name__}: {str(err)[:200]}"))
@@ -206,6 +212,16 @@ def triton_rows(cases: list[dict] | None = None, workdir: Path | None = None) ->
 
 
 # --- the CUDA kernels: nvcc for sm_90a ----------------------------------------------------------------------
+
+def _signature_head(demangled: str) -> str:
+    """``void ns::kernel<T, (E)1>(args)`` -> ``void ns::kernel<T, (E)1>``: up to the ``(`` outside ``<>``."""
+    depth = 0
+    for i, ch in enumerate(demangled):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and i and demangled[i - 1] != " ":
+            return demangled[:i]
+    return demangled
+
 
 def cuda_rows() -> list[SassRow]:
     """Registers, spills and the hot loop of every CUDA kernel (nvcc -cubin of each ``csrc/cuda/*.cu``)."""
@@ -238,29 +254,33 @@ def _cuda_rows(workdir: Path) -> list[SassRow]:
         res = _resources(cubin, cuobjdump)
         for name, lines in _functions(cubin, cuobjdump).items():
             demangled = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
-            head = demangled.replace("(anonymous namespace)::", "").split("(")[0]
-            short = re.sub(r"<.*", "", head).replace("void ", "").split("::")[-1]
-            dtype = next((d for d, t in (("float32", "float,"), ("bfloat16", "BFloat16"), ("float16", "Half"),
-                                         ("float64", "double,")) if t in demangled), "-")
+            head = _signature_head(demangled.replace("(anonymous namespace)::", "")).replace("void ", "")
+            short = re.sub(r"<.*", "", head).split("::")[-1]
+            targs = head[head.index("<") + 1:head.rindex(">")] if "<" in head else ""
+            first = targs.split(",")[0].strip()
+            dtype = {"float": "float32", "double": "float64", "c10::BFloat16": "bfloat16",
+                     "c10::Half": "float16"}.get(first, "-")
+            case = f"{cu.stem}<{targs.replace('c10::', '')}>" if targs else cu.stem
             loop = hot_loop(lines)
             r = res.get(name, {"registers": 0, "spill_bytes": 0})
             # one voxel per thread per trip of a grid-stride loop
-            rows.append(SassRow(short, "cuda", dtype, cu.stem, r["registers"], r["spill_bytes"], len(loop), 32,
-                                0.0))
+            rows.append(SassRow(short, "cuda", dtype, case[:80], r["registers"], r["spill_bytes"], len(loop), 32,
+                                0.0, _count(loop, "SHFL"), _count(loop, "BAR")))
     return rows
 
 
 def markdown(rows: list[SassRow]) -> str:
-    lines = ["| kernel | provider | dtype | case | registers | spill bytes | hot-loop instructions | "
-             "voxels per warp-trip | warp-instr / voxel | H100 budget at copy bandwidth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | provider | dtype | case | registers | spill bytes | hot-loop instructions | shuffles | "
+             "barriers | voxels per warp-trip | warp-instr / voxel | H100 budget at copy bandwidth |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.kernel} | {r.provider} | {r.dtype} | {r.case} | error: {r.error} ||||||")
+            error = r.error.replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r.kernel} | {r.provider} | {r.dtype} | {r.case} | error: {error} ||||||||")
             continue
         budget = f"{r.budget:.1f}" if r.bytes_per_voxel else ""
         lines.append(f"| {r.kernel} | {r.provider} | {r.dtype} | {r.case} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.loop_instructions} | {r.voxels_per_trip} | "
+                     f"{r.loop_instructions} | {r.shuffles} | {r.barriers} | {r.voxels_per_trip} | "
                      f"{r.per_voxel:.1f} | {budget} |")
     return "\n".join(lines)
 

@@ -384,7 +384,7 @@ def test_stats_grid_depends_on_the_problem_size_only(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_device_query)
     monkeypatch.setattr(torch.cuda, "is_available", no_device_query)
-    block = _ops.stats_tile(8, 0, 15, 4)["BLOCK_V"]
+    block = _ops.stats_tile(8, 15, 4)["BLOCK_V"]
     for V in (1, block, 20 * block + 3, 128 * 256 * 256):
         programs, iters = _ops.stats_grid(V, block, 7)
         assert programs * iters * block >= V > (programs - 1) * iters * block  # every block once, no idle program
@@ -471,7 +471,7 @@ def test_calibration_stats_several_programs_per_image(device):
     per-program partials and their fixed-order sum)."""
     from orcal._triton import _ops
 
-    block = _ops.stats_tile(1, 3, 15, 4)["BLOCK_V"]
+    block = _ops.stats_tile(1, 15, 4)["BLOCK_V"]
     S = (2 * block + 1, 11)  # 22 blocks and a tail: 6 programs of 4 blocks
     programs, iters = _ops.stats_grid(S[0] * S[1], block, 3)
     assert programs > 1 and iters > 1

@@ -81,8 +81,8 @@ def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
 #: ECE bins one pass of the statistics kernel holds in registers (every thread keeps ``n``, ``a`` and ``s`` of
 #: each); more bins take further passes over the voxels, one per window.
 STATS_BIN_WINDOW = 16
-#: Logit and mask elements per thread of the statistics kernel (its channel and mask tiles together): the
-#: largest that compiles without spills at R = 7 and R = 32 (``python -m benchmarks.sass``).
+#: Logit elements per thread of the statistics kernel: the largest that compiles without spills at R = 7
+#: and R = 32 (``python -m benchmarks.sass``).
 STATS_TILE_ELEMS = 64
 #: A program of the statistics kernel covers at least this many blocks of one image (its flush, about
 #: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs.
@@ -90,21 +90,20 @@ STATS_MIN_ITERS = 4
 STATS_PROGRAMS = 1024
 
 
-def stats_tile(channels: int, mask_raters: int, n_bins: int, elem_size: int) -> dict[str, int]:
-    """Constexprs ``C_PAD``, ``R_PAD``, ``NB_PAD``, ``BLOCK_V`` of the statistics kernel.
+def stats_tile(channels: int, n_bins: int, elem_size: int) -> dict[str, int]:
+    """Constexprs ``C_PAD``, ``NB_PAD``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
 
-    ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits; ``mask_raters``: R when
-    the target are masks, else 0. The voxels per thread shrink as the channel and mask tiles grow, so nothing
-    spills; the one-hot tile of the ECE window costs few registers (it is reduced as it is made).
+    ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits. The voxels per thread
+    shrink as the channel tile grows, so nothing spills; the one-hot tile of the ECE window costs few
+    registers (it is reduced as it is made).
     """
     c_pad = _pow2(channels)
-    r_pad = _pow2(mask_raters) if mask_raters else 1
     nb_pad = min(_pow2(n_bins), STATS_BIN_WINDOW)
-    rows = c_pad + (r_pad if mask_raters else 0)
     # Half inputs get the voxels per thread of float32 ones: the math is float32 either way (8 bf16 voxels
     # per thread spill).
-    block = _block_v(rows, max(elem_size, 4), STATS_TILE_ELEMS)
-    return {"C_PAD": c_pad, "R_PAD": r_pad, "NB_PAD": nb_pad, "BLOCK_V": block}
+    block = _block_v(c_pad, max(elem_size, 4), STATS_TILE_ELEMS)
+    vec = max(1, block // (32 * NUM_WARPS))  # voxels per thread: the kernel's per-thread partials
+    return {"C_PAD": c_pad, "NB_PAD": nb_pad, "BLOCK_V": block, "VEC": vec}
 
 
 def stats_grid(V: int, block: int, R: int) -> tuple[int, int]:
@@ -163,20 +162,27 @@ def _as_bytes(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("orcal_triton::orc_targets", mutates_args=())
 def orc_targets(masks: torch.Tensor) -> torch.Tensor:
     """(B, R, *S) bool/uint8 masks -> (B, *S) uint8 vote counts; non-binary values raise ValueError."""
-    B, R = masks.shape[0], masks.shape[1]
+    R = masks.shape[1]
     flat = _as_bytes(_flatten(masks, True))
-    V = flat.shape[2]
-    k = torch.empty((B, V), dtype=torch.uint8, device=masks.device)
+    flags = _new_flags(masks.device)
+    k = _count_votes(flat, flags)
+    if k.numel():
+        _raise_flags(flags, R, "masks", "k")
+    return k.reshape(masks.shape[:1] + masks.shape[2:])
+
+
+def _count_votes(flat: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(B, R, V) uint8 masks -> (B, V) uint8 vote counts; a value above 1 sets ``flags[0]``."""
+    B, R, V = flat.shape
+    k = torch.empty((B, V), dtype=torch.uint8, device=flat.device)
     if k.numel():
         r_pad = _pow2(R)
         block = max(32 * NUM_WARPS, min(4096, 8192 // r_pad))
         nblk = triton_cdiv(V, block)
-        flags = _new_flags(masks.device)
-        with _on(masks.device):
+        with _on(flat.device):
             kernels().orc_targets_kernel[(B * nblk,)](flat, k, flags, R, V, nblk, R_PAD=r_pad, BLOCK_V=block,
                                                       num_warps=NUM_WARPS)
-        _raise_flags(flags, R, "masks", "k")
-    return k.reshape(masks.shape[:1] + masks.shape[2:])
+    return k
 
 
 @torch.library.custom_op("orcal_triton::foreground_probability", mutates_args=())
@@ -263,18 +269,22 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     tgt = _as_bytes(_flatten(target, target_is_masks))
     if not target_is_masks and tgt.dtype != torch.uint8:
         raise TypeError(f"target must be uint8 vote counts, got {target.dtype}")
+    flags = _new_flags(dev)
+    if target_is_masks:
+        # Summing the masks first costs 2 bytes per voxel more than reading them in the statistics kernel, whose
+        # mask tile (a layout of its own for bytes) made it reduce across threads and spill.
+        tgt = _count_votes(tgt, flags)
     vf = _as_bytes(_flatten(valid, False)) if valid is not None else tgt
     layout = StatsLayout(n_bins, auc_bins)
     count_cols = layout.count_cols()
     counts = torch.zeros((B, count_cols), dtype=torch.int64, device=dev)
-    tile = stats_tile(C if ordinal else 1, R if target_is_masks else 0, n_bins, pred.element_size())
+    tile = stats_tile(C if ordinal else 1, n_bins, pred.element_size())
     programs, iters = stats_grid(V, tile["BLOCK_V"], R)
     partial = torch.zeros((B * programs, layout.sum_cols()), dtype=torch.float64, device=dev)
     # One 64-bit atomic per voxel for both AUC counts when neither can reach 2^32 in one image.
     packed = V * max(R, 1) < 2**32 - 1
     auc = torch.zeros((B, auc_bins) if packed else (1,), dtype=torch.int64, device=dev)
     if B * programs:
-        flags = _new_flags(dev)
         with _on(dev):
             # The first pass computes everything with the first window of ECE bins; each further pass only
             # the next window (n_bins above STATS_BIN_WINDOW, rare: the default is 15).
@@ -283,8 +293,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
                     x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, bin_lo, auc_bins,
                     programs, iters, count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(),
                     layout.brier(), KIND=KINDS.index(kind), EXPECTED=readout == "expected",
-                    MASKS=bool(target_is_masks), HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64,
-                    PACKED=packed, FULL=bin_lo == 0, **tile, num_warps=NUM_WARPS)
+                    HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64, PACKED=packed,
+                    FULL=bin_lo == 0, **tile, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts", kind)
         if packed:
             pos, neg = unpack_auc(auc)
