@@ -36,6 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=None,
                         help="also time each case in this many fresh processes, for the spread between runs "
                              "(default 5; 1 with --quick)")
+    parser.add_argument("--sass", action="store_true",
+                        help="add the registers, spills and instructions per voxel of every kernel, compiled for "
+                             "sm_90a without a GPU (Triton; the CUDA kernels too where nvcc is found)")
     parser.add_argument("--no-training-step", action="store_true",
                         help="skip the loss's share of a training step (a 3D U-Net, FPN-ResNet18 in 2D)")
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--processes must be >= 1")
     rows, meta = run_suite(device=device, quick=args.quick, ops=args.ops, providers=providers, raters=args.raters,
                            repeats=args.repeats, out_dir=args.out, staple=not args.no_staple, processes=processes,
-                           size_names=args.sizes, training_step=not args.no_training_step)
+                           size_names=args.sizes, training_step=not args.no_training_step, sass=args.sass)
     print(markdown(rows, meta))
     for key, why in meta["skipped"].items():
         print(f"skipped {key}: {why}")

@@ -139,12 +139,12 @@ def training_step_share(device: str = "cpu", quick: bool = False, R: int = 7, re
     except ImportError:
         pass
     out = {}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     for arch, dims, shape, kw in nets:
         model = build_model(arch, spatial_dims=dims, head="ordinal", num_raters=R, **kw).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        image = torch.randn(shape, generator=g).to(device)
-        k = torch.randint(0, R + 1, (shape[0], *shape[2:]), generator=g, dtype=torch.uint8).to(device)
+        image = torch.randn(shape, generator=g, device=device)
+        k = torch.randint(0, R + 1, (shape[0], *shape[2:]), generator=g, dtype=torch.uint8, device=device)
         with torch.no_grad():
             logits = model(image).float()
         entry = {"input": list(shape), "losses": {}}

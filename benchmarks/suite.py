@@ -213,19 +213,20 @@ class Case:
 
 
 def make_case(op: str, size: Size, R: int, device: str, seed: int = 0) -> Case:
-    g = torch.Generator().manual_seed(seed)
+    # Drawn on the device itself: a GPU draws a CT volume in milliseconds, the host would take seconds.
+    g = torch.Generator(device=device).manual_seed(seed)
     B, S = size.batch, size.spatial
     V = size.voxels
     if op in ("loss", "readout"):
-        logits = (torch.randn(B, R + 1, *S, generator=g) * 2).to(device)
-        k = torch.randint(0, R + 1, (B, *S), generator=g, dtype=torch.uint8).to(device)
+        logits = torch.randn(B, R + 1, *S, generator=g, device=device) * 2
+        k = torch.randint(0, R + 1, (B, *S), generator=g, dtype=torch.uint8, device=device)
         if op == "loss":  # logits read + gradient written + k read
             return Case(op, size, R, {"logits": logits, "k": k}, 2 * logits.numel() * 4 + V)
         return Case(op, size, R, {"logits": logits}, logits.numel() * 4 + V * 4)  # logits read + p written
     # stats: probabilities against rater masks, the way a user evaluates (pred read + masks read)
-    p = torch.rand(B, *S, generator=g)
-    masks = torch.rand(B, R, *S, generator=g) < p.unsqueeze(1)  # raters agree with p: a calibrated-ish model
-    return Case(op, size, R, {"p": p.to(device), "masks": masks.to(device)}, V * 4 + masks.numel())
+    p = torch.rand(B, *S, generator=g, device=device)
+    masks = torch.rand(B, R, *S, generator=g, device=device) < p.unsqueeze(1)  # raters agree with p: calibrated-ish
+    return Case(op, size, R, {"p": p, "masks": masks}, V * 4 + masks.numel())
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -365,6 +366,9 @@ def _fmt(x: float, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+SASS_EXTRA = "Kernel instruction counts (sm_90a)"
+
+
 def markdown(rows: list[Row], meta: dict) -> str:
     lines = [
         f"# orcal benchmarks: {meta['device_description']}",
@@ -426,6 +430,11 @@ def markdown(rows: list[Row], meta: dict) -> str:
                 lines.append(f"| {op} | {t['one call ms']:.2f} | {t['loop over structures ms']:.2f} | "
                              f"{t['loop / one call']:.2f} |")
             continue
+        if name == SASS_EXTRA and "table" in extra:
+            lines += ["Compiled for sm_90a without a GPU; warp-instructions per voxel of the hot loop against what an "
+                      "H100 can issue per voxel while streaming at copy bandwidth (benchmarks/sass.py).", "",
+                      extra["table"]]
+            continue
         lines += ["```", json.dumps(extra, indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
 
@@ -444,13 +453,14 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
               providers: tuple[str, ...] = PROVIDERS, raters: tuple[int, ...] = RATERS,
               sizes: list[Size] | None = None, repeats: int | None = None, budget_s: float | None = None,
               out_dir: Path | str | None = RESULTS, staple: bool = True, progress: bool = True,
-              processes: int = 1, size_names: tuple[str, ...] | None = None, training_step: bool = False
-              ) -> tuple[list[Row], dict]:
+              processes: int = 1, size_names: tuple[str, ...] | None = None, training_step: bool = False,
+              sass: bool = False) -> tuple[list[Row], dict]:
     """Run the benchmark matrix; print nothing. Writes ``<out_dir>/<device-name>.{md,json}`` after every case
     (a run cut short keeps what it measured) unless ``out_dir`` is None. Returns the rows and the metadata.
 
     ``processes``: also time every case in that many fresh processes (the spread); ``size_names`` keeps the
-    default sizes of those names; ``training_step`` adds the loss's share of an optimiser step.
+    default sizes of those names; ``training_step`` adds the loss's share of an optimiser step; ``sass`` the
+    registers, spills and instructions per voxel of every kernel, compiled for sm_90a (:mod:`benchmarks.sass`).
     """
     from tqdm import tqdm
 
@@ -515,6 +525,14 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
             device, (ct.batch, *ct.spatial), repeats=repeats)
     except Exception as err:
         meta["extras"]["Several structures (benchmarks.bench_structures)"] = {"error": f"{type(err).__name__}: {err}"}
+    if sass:
+        try:
+            from benchmarks import sass as sass_table
+
+            meta["extras"][SASS_EXTRA] = {"table": sass_table.markdown(sass_table.triton_rows()
+                                                                      + sass_table.cuda_rows())}
+        except Exception as err:
+            meta["extras"][SASS_EXTRA] = {"error": f"{type(err).__name__}: {err}"}
     if staple:
         try:
             result = _bench_staple(device, quick)

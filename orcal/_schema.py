@@ -146,6 +146,12 @@ def _unsupported_transform(backend: str) -> str | None:
             "constant; use backend='torch' (plain PyTorch, differentiable to any order)")
 
 
+def upstream_is_one(grad_loss: torch.Tensor) -> bool:
+    """Whether the upstream gradient of a reduced loss is known, without synchronising, to be exactly 1."""
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+
+
 def _loss_backward(backend: str):
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:  # only the grad output was used downstream: it is not differentiable
@@ -160,10 +166,10 @@ def _loss_backward(backend: str):
         none = (None,) * 6
         if ctx.reduction == REDUCTIONS["none"]:
             return (grad * grad_loss.unsqueeze(1)).to(grad.dtype), *none
-        # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass.
-        # Only in eager mode: a traced graph (fake or functional tensors, torch.compile) must not branch on data.
-        eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-        if eager and bool(grad_loss == 1):
+        # The usual loss.backward() sends exactly 1: hand the saved gradient over without another pass. Only where
+        # the value is on the host (a CPU tensor): reading a device tensor would synchronise the host on every
+        # backward, and a traced graph (fake or functional tensors, torch.compile) must not branch on data.
+        if upstream_is_one(grad_loss):
             return grad, *none
         return (grad * grad_loss).to(grad.dtype), *none
 

@@ -75,3 +75,25 @@ def test_monai_peer_runs_with_the_real_monai():
         metric.update(p[i:i + 1], masks[i:i + 1])
         per_image.append(metric.compute()["mr_ece"])
     assert stats_peer("monai_ece", 4)(p, masks) == pytest.approx(sum(per_image) / 3, abs=1e-6)
+
+
+def test_sass_hot_loop_is_the_longest_backward_branch():
+    """benchmarks.sass counts the instructions of the voxel loop: the longest backward branch, not the
+    branch-to-self after EXIT nor a short inner retry loop; NOPs are left out."""
+    from benchmarks.sass import hot_loop
+
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FADD R3, R2, R2 ;
+        /*0030*/                   ATOMS.CAS R5, [R6], R7, R8 ;
+        /*0040*/               @P1 BRA 0x30 ;
+        /*0050*/                   NOP ;
+        /*0060*/               @P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80 ;
+    """.strip("\n").splitlines()
+    body = hot_loop(listing)
+    assert [line.split("*/")[0].strip() + "*/" for line in body] == \
+        ["/*0010*/", "/*0020*/", "/*0030*/", "/*0040*/", "/*0060*/"]
+    assert len(hot_loop(listing[:4])) == 4  # no loop: the whole kernel

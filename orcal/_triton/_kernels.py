@@ -175,23 +175,37 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
 
 
 @triton.jit
+def _thread_sum(x, THREADS: tl.constexpr, VEC: tl.constexpr):
+    """``[BLOCK_V] -> [THREADS]``: the sum of the VEC consecutive voxels of each thread (in its registers)."""
+    return tl.sum(tl.reshape(x, [THREADS, VEC]), axis=1)
+
+
+@triton.jit
+def _thread_sum2(x, ROWS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+    """``[ROWS, BLOCK_V] -> [ROWS, THREADS]``, as :func:`_thread_sum` row by row."""
+    return tl.sum(tl.reshape(x, [ROWS, THREADS, VEC]), axis=2)
+
+
+@triton.jit
 def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_ptr, auc_ptr, flag_ptr,
-                             V, R, C, m, n_bins, auc_bins, P, iters, count_cols, a_col, tp_col, pos_col, sum_cols,
-                             brier_col,
-                             KIND: tl.constexpr, EXPECTED: tl.constexpr, MASKS: tl.constexpr,
-                             HAS_VALID: tl.constexpr, IS_F64: tl.constexpr, PACKED: tl.constexpr,
-                             C_PAD: tl.constexpr, R_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-                             BLOCK_V: tl.constexpr):
+                             V, R, C, m, n_bins, bin_lo, auc_bins, P, iters, count_cols, a_col, tp_col, pos_col,
+                             sum_cols, brier_col,
+                             KIND: tl.constexpr, EXPECTED: tl.constexpr, HAS_VALID: tl.constexpr,
+                             IS_F64: tl.constexpr, PACKED: tl.constexpr, FULL: tl.constexpr, C_PAD: tl.constexpr,
+                             NB_PAD: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """SPEC §4 statistics of image ``pid // P``; program ``pid % P`` covers ``iters`` blocks of voxels.
 
-    ECE bins, Dice counts and the extreme AUC bins are accumulated in registers and flushed once per
-    program (integer atomics, exact). Inner AUC bins take one integer atomic per voxel and level, spread
-    over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that ``V * R < 2^32``) positives and
-    negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits), unpacked by the launcher.
+    ECE bins ``bin_lo .. bin_lo + NB_PAD - 1``, Dice counts and the extreme AUC bins are accumulated in
+    registers and flushed once per program (integer atomics, exact). Inner AUC bins take one integer atomic
+    per voxel and level, spread over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that
+    ``V * R < 2^32``) positives and negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits),
+    unpacked by the launcher. Histogram atomics are relaxed: they only count, nothing is ordered by them.
     Float sums go to ``partial_ptr`` (one row of ``sum_cols`` per program). Column offsets come from
     :class:`orcal._schema.StatsLayout` (``count_cols``, ``a_col``, ``tp_col``, ``pos_col``, ``sum_cols``,
     ``brier_col``; ``n`` and ``s`` start at column 0).
     KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
+    ``FULL``: everything; else only the ECE bins of this window (the launcher's further passes over the
+    voxels when ``n_bins`` is wider than one window, so the bin vectors stay small enough for registers).
     """
     pid = tl.program_id(0)
     b = (pid // P).to(tl.int64)
@@ -204,18 +218,22 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     # Integer accumulators are int32: the launcher keeps iters * BLOCK_V * R below 2^31. Every thread
     # holds a copy of the bin vectors, so their width costs registers.
     log_eps = tl.log(tl.full([1], 1e-7, acc_t))
-    n_acc = tl.zeros([NB_PAD], dtype=tl.int32)
-    a_acc = tl.zeros([NB_PAD], dtype=tl.int32)
-    s_acc = tl.zeros([NB_PAD], dtype=tl.float64)
-    brier_acc = tl.zeros([1], dtype=tl.float64)
-    nll_acc = tl.zeros([1], dtype=tl.float64)
-    tp = tl.zeros([1], dtype=tl.int32)
-    fp = tl.zeros([1], dtype=tl.int32)
-    fn = tl.zeros([1], dtype=tl.int32)
-    pos_first = tl.zeros([1], dtype=tl.int32)
-    neg_first = tl.zeros([1], dtype=tl.int32)
-    pos_last = tl.zeros([1], dtype=tl.int32)
-    neg_last = tl.zeros([1], dtype=tl.int32)
+    # Per-thread partials (THREADS = BLOCK_V // VEC columns, one per thread): each trip adds the VEC voxels a
+    # thread holds, in its registers; the threads are reduced once, after the loop, so the loop body has no
+    # cross-thread reduction (no shuffles, no barriers) for these.
+    THREADS: tl.constexpr = BLOCK_V // VEC
+    n_acc = tl.zeros([NB_PAD, THREADS], dtype=tl.int32)
+    a_acc = tl.zeros([NB_PAD, THREADS], dtype=tl.int32)
+    s_acc = tl.zeros([NB_PAD, THREADS], dtype=tl.float64)
+    brier_acc = tl.zeros([THREADS], dtype=tl.float64)
+    nll_acc = tl.zeros([THREADS], dtype=tl.float64)
+    tp = tl.zeros([THREADS], dtype=tl.int32)
+    fp = tl.zeros([THREADS], dtype=tl.int32)
+    fn = tl.zeros([THREADS], dtype=tl.int32)
+    pos_first = tl.zeros([THREADS], dtype=tl.int32)
+    neg_first = tl.zeros([THREADS], dtype=tl.int32)
+    pos_last = tl.zeros([THREADS], dtype=tl.int32)
+    neg_last = tl.zeros([THREADS], dtype=tl.int32)
     row = counts_ptr + b * count_cols
     pos_ptr = row + pos_col
     neg_ptr = pos_ptr + auc_bins
@@ -236,75 +254,71 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
                 p = 1.0 / (1.0 + tl.exp(-x))
             else:
                 p = x
-        # --- the votes
-        if MASKS:
-            r = tl.arange(0, R_PAD)[:, None]
-            mk = tl.load(tgt_ptr + b * R * V + r.to(tl.int64) * V + v[None, :], mask=(r < R) & vm[None, :],
-                         other=0).to(tl.int32)
-            k = tl.sum(mk, axis=0)
-            tl.store(flag_ptr + FLAG_MASKS + v * 0, 1, mask=(tl.max(mk, axis=0) > 1) & vm)
-        else:
-            k = tl.load(tgt_ptr + b * V + v, mask=vm, other=0).to(tl.int32)
+        # --- the votes (rater masks are summed by orc_targets_kernel first: the launcher)
+        k = tl.load(tgt_ptr + b * V + v, mask=vm, other=0).to(tl.int32)
+        if FULL:
             tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=(k > R) & vm)
         w = vm
         if HAS_VALID:
             w = w & (tl.load(valid_ptr + b * V + v, mask=vm, other=0) != 0)
         ok = (p >= 0.0) & (p <= 1.0)  # False for NaN
-        tl.store(flag_ptr + FLAG_PROB + v * 0, 1, mask=w & (ok == 0))
+        if FULL:
+            tl.store(flag_ptr + FLAG_PROB + v * 0, 1, mask=w & (ok == 0))
         w = w & ok
         p = tl.where(w, p, 0.0)
         kw = tl.where(w, k, 0)
         # --- ECE bins: one-hot over the (few) bins, reduced over the voxels of the block
         bi = tl.minimum(tl.floor(p * n_bins).to(tl.int32), n_bins - 1)
-        hot = (bi[None, :] == nb[:, None]) & w[None, :]
-        n_acc += tl.sum(hot.to(tl.int32), axis=1)
-        a_acc += tl.sum(tl.where(hot, kw[None, :], 0), axis=1)
-        s_acc += tl.sum(tl.where(hot, p[None, :], 0.0), axis=1).to(tl.float64)
-        # --- Brier, NLL, Dice counts
-        kf = kw.to(acc_t)
-        rk = tl.where(w, R - kw, 0).to(acc_t)
-        brier = kf * (1.0 - p) * (1.0 - p) + rk * p * p
-        # log p and log(1 - p) bounded below by log(1e-7) (SPEC §4), the bound in the math dtype
-        t1 = 1.0 - p  # log1p(-p) with Goldberg's trick, exact for small p
-        log1m = tl.where(t1 == 1.0, -p, tl.log(t1) * (-p) / tl.where(t1 == 1.0, 1.0, t1 - 1.0))
-        nll = -(kf * tl.maximum(tl.log(p), log_eps) + rk * tl.maximum(log1m, log_eps))
-        brier_acc += tl.sum(tl.where(w, brier, 0.0), axis=0).to(tl.float64)
-        nll_acc += tl.sum(tl.where(w, nll, 0.0), axis=0).to(tl.float64)
-        fg = p >= 0.5
-        y = k >= m
-        tp += tl.sum((w & fg & y).to(tl.int32), axis=0)
-        fp += tl.sum((w & fg & (y == 0)).to(tl.int32), axis=0)
-        fn += tl.sum((w & (fg == 0) & y).to(tl.int32), axis=0)
-        # --- streaming AUC: the first and last score bins (confident voxels, most of an image) are
-        # reduced in registers; the others take one atomic per nonzero count.
-        ti = tl.minimum(tl.floor(p * auc_bins).to(tl.int32), auc_bins - 1)
-        negw = tl.where(w, R - kw, 0)
-        first = ti == 0
-        last = ti == auc_bins - 1
-        pos_first += tl.sum(tl.where(first, kw, 0), axis=0)
-        neg_first += tl.sum(tl.where(first, negw, 0), axis=0)
-        pos_last += tl.sum(tl.where(last, kw, 0), axis=0)
-        neg_last += tl.sum(tl.where(last, negw, 0), axis=0)
-        inner = (first == 0) & (last == 0)
-        if PACKED:
-            both = kw.to(tl.int64) + (negw.to(tl.int64) << 32)
-            tl.atomic_add(auc_ptr + b * auc_bins + ti, both, mask=inner & w)
-        else:
-            tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0))
-            tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0))
+        hot = (bi[None, :] == (bin_lo + nb)[:, None]) & w[None, :]
+        n_acc += _thread_sum2(hot.to(tl.int32), NB_PAD, THREADS, VEC)
+        a_acc += _thread_sum2(tl.where(hot, kw[None, :], 0), NB_PAD, THREADS, VEC)
+        s_acc += _thread_sum2(tl.where(hot, p[None, :], 0.0), NB_PAD, THREADS, VEC).to(tl.float64)
+        if FULL:
+            # --- Brier, NLL, Dice counts
+            kf = kw.to(acc_t)
+            rk = tl.where(w, R - kw, 0).to(acc_t)
+            brier = kf * (1.0 - p) * (1.0 - p) + rk * p * p
+            # log p and log(1 - p) bounded below by log(1e-7) (SPEC §4), the bound in the math dtype
+            t1 = 1.0 - p  # log1p(-p) with Goldberg's trick, exact for small p
+            log1m = tl.where(t1 == 1.0, -p, tl.log(t1) * (-p) / tl.where(t1 == 1.0, 1.0, t1 - 1.0))
+            nll = -(kf * tl.maximum(tl.log(p), log_eps) + rk * tl.maximum(log1m, log_eps))
+            brier_acc += _thread_sum(tl.where(w, brier, 0.0), THREADS, VEC).to(tl.float64)
+            nll_acc += _thread_sum(tl.where(w, nll, 0.0), THREADS, VEC).to(tl.float64)
+            fg = p >= 0.5
+            y = k >= m
+            tp += _thread_sum((w & fg & y).to(tl.int32), THREADS, VEC)
+            fp += _thread_sum((w & fg & (y == 0)).to(tl.int32), THREADS, VEC)
+            fn += _thread_sum((w & (fg == 0) & y).to(tl.int32), THREADS, VEC)
+            # --- streaming AUC: the first and last score bins (confident voxels, most of an image) are
+            # reduced in registers; the others take one atomic per nonzero count.
+            ti = tl.minimum(tl.floor(p * auc_bins).to(tl.int32), auc_bins - 1)
+            negw = tl.where(w, R - kw, 0)
+            first = ti == 0
+            last = ti == auc_bins - 1
+            pos_first += _thread_sum(tl.where(first, kw, 0), THREADS, VEC)
+            neg_first += _thread_sum(tl.where(first, negw, 0), THREADS, VEC)
+            pos_last += _thread_sum(tl.where(last, kw, 0), THREADS, VEC)
+            neg_last += _thread_sum(tl.where(last, negw, 0), THREADS, VEC)
+            inner = (first == 0) & (last == 0)
+            if PACKED:
+                both = kw.to(tl.int64) + (negw.to(tl.int64) << 32)
+                tl.atomic_add(auc_ptr + b * auc_bins + ti, both, mask=inner & w, sem="relaxed")
+            else:
+                tl.atomic_add(pos_ptr + ti, kw.to(tl.int64), mask=inner & (kw > 0), sem="relaxed")
+                tl.atomic_add(neg_ptr + ti, negw.to(tl.int64), mask=inner & (negw > 0), sem="relaxed")
     # --- flush: integer atomics (exact, order-free), float partials by plain stores
-    bm = nb < n_bins
-    tl.atomic_add(row + nb, n_acc.to(tl.int64) * R, mask=bm)
-    tl.atomic_add(row + a_col + nb, a_acc.to(tl.int64), mask=bm)
-    one = tl.arange(0, 1)
-    tl.atomic_add(row + tp_col + one, tp.to(tl.int64))
-    tl.atomic_add(row + tp_col + 1 + one, fp.to(tl.int64))
-    tl.atomic_add(row + tp_col + 2 + one, fn.to(tl.int64))
-    tl.atomic_add(pos_ptr + one, pos_first.to(tl.int64))
-    tl.atomic_add(neg_ptr + one, neg_first.to(tl.int64))
-    tl.atomic_add(pos_ptr + auc_bins - 1 + one, pos_last.to(tl.int64))
-    tl.atomic_add(neg_ptr + auc_bins - 1 + one, neg_last.to(tl.int64))
+    bm = bin_lo + nb < n_bins
+    tl.atomic_add(row + bin_lo + nb, tl.sum(n_acc, axis=1).to(tl.int64) * R, mask=bm, sem="relaxed")
+    tl.atomic_add(row + a_col + bin_lo + nb, tl.sum(a_acc, axis=1).to(tl.int64), mask=bm, sem="relaxed")
     prow = partial_ptr + pid.to(tl.int64) * sum_cols
-    tl.store(prow + nb, s_acc * R, mask=bm)
-    tl.store(prow + brier_col + one, brier_acc)
-    tl.store(prow + brier_col + 1 + one, nll_acc)
+    tl.store(prow + bin_lo + nb, tl.sum(s_acc, axis=1) * R, mask=bm)
+    if FULL:
+        tl.atomic_add(row + tp_col, tl.sum(tp, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(row + tp_col + 1, tl.sum(fp, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(row + tp_col + 2, tl.sum(fn, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(pos_ptr, tl.sum(pos_first, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(neg_ptr, tl.sum(neg_first, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(pos_ptr + auc_bins - 1, tl.sum(pos_last, axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(neg_ptr + auc_bins - 1, tl.sum(neg_last, axis=0).to(tl.int64), sem="relaxed")
+        tl.store(prow + brier_col, tl.sum(brier_acc, axis=0))
+        tl.store(prow + brier_col + 1, tl.sum(nll_acc, axis=0))

@@ -22,7 +22,6 @@ from orcal._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, async_checks
 
 _KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
 _MODULES: dict[bool, ModuleType] = {}
-_INTERPRETER_PROGRAMS = 4  # programs per image under the interpreter (each one costs Python time)
 NUM_WARPS = 4
 
 
@@ -51,15 +50,75 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
-    """(C_PAD, BLOCK_V) for a ``[C_PAD, BLOCK_V]`` tile with every channel of a voxel in one thread.
+def _block_v(rows: int, elem_size: int, per_thread: int) -> int:
+    """Voxels of a ``[rows, BLOCK_V]`` tile with at most ``per_thread`` elements per thread (a power of 2).
 
-    Each thread holds ``vec`` voxels along the contiguous axis (up to 16 bytes, so loads vectorise) and
-    at most about 32 elements in all, so the temporaries of the loss stay in registers.
+    Each thread holds up to 16 bytes of consecutive voxels (vectorised loads); a tile of more rows than
+    ``per_thread`` gets fewer voxels than threads, and Triton then spreads a voxel's rows over threads.
+    """
+    threads = 32 * NUM_WARPS
+    vec = min(16 // elem_size, max(1, per_thread // rows))
+    if rows * vec <= per_thread:
+        return threads * vec
+    return max(16, 1 << (threads * per_thread // rows).bit_length() - 1)
+
+
+#: Tile elements per thread of the loss and readout kernels: about 32, so their temporaries stay in registers.
+VOXEL_TILE_ELEMS = 32
+
+
+def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
+    """(C_PAD, BLOCK_V) for a ``[C_PAD, BLOCK_V]`` tile of the loss and readout kernels.
+
+    Up to 32 padded channels, every channel of a voxel sits in one thread (no shuffles for the channel
+    reductions and scans), which holds up to 16 bytes of consecutive voxels and about VOXEL_TILE_ELEMS
+    elements in all; wider tiles spread a voxel over threads rather than spill.
     """
     c_pad = _pow2(channels)
-    vec = max(1, min(16 // elem_size, 32 // c_pad))
-    return c_pad, 32 * NUM_WARPS * vec
+    return c_pad, _block_v(c_pad, elem_size, VOXEL_TILE_ELEMS)
+
+
+#: ECE bins one pass of the statistics kernel holds in registers (every thread keeps ``n``, ``a`` and ``s`` of
+#: each); more bins take further passes over the voxels, one per window.
+STATS_BIN_WINDOW = 16
+#: Logit elements per thread of the statistics kernel: the largest that compiles without spills at R = 7
+#: and R = 32 (``python -m benchmarks.sass``).
+STATS_TILE_ELEMS = 64
+#: A program of the statistics kernel covers at least this many blocks of one image (its flush, about
+#: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs.
+STATS_MIN_ITERS = 4
+STATS_PROGRAMS = 1024
+
+
+def stats_tile(channels: int, n_bins: int, elem_size: int) -> dict[str, int]:
+    """Constexprs ``C_PAD``, ``NB_PAD``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
+
+    ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits. The voxels per thread
+    shrink as the channel tile grows, so nothing spills; the one-hot tile of the ECE window costs few
+    registers (it is reduced as it is made).
+    """
+    c_pad = _pow2(channels)
+    nb_pad = min(_pow2(n_bins), STATS_BIN_WINDOW)
+    # Half inputs get the voxels per thread of float32 ones: the math is float32 either way (8 bf16 voxels
+    # per thread spill).
+    block = _block_v(c_pad, max(elem_size, 4), STATS_TILE_ELEMS)
+    vec = max(1, block // (32 * NUM_WARPS))  # voxels per thread: the kernel's per-thread partials
+    return {"C_PAD": c_pad, "NB_PAD": nb_pad, "BLOCK_V": block, "VEC": vec}
+
+
+def stats_grid(V: int, block: int, R: int) -> tuple[int, int]:
+    """(programs per image, blocks per program) of the statistics kernel.
+
+    A function of the problem size alone, never of the device (as the CUDA kernel's grid): the float
+    partials are summed in program order, so the sums are bitwise the same on every GPU model.
+    """
+    nblocks = triton_cdiv(V, block) if V else 0
+    if not nblocks:
+        return 0, 0
+    programs = min(STATS_PROGRAMS, triton_cdiv(nblocks, STATS_MIN_ITERS))
+    iters = triton_cdiv(nblocks, programs)
+    iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
+    return triton_cdiv(nblocks, iters), iters
 
 
 def _flatten(x: torch.Tensor, channels: bool) -> torch.Tensor:
@@ -103,20 +162,27 @@ def _as_bytes(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("orcal_triton::orc_targets", mutates_args=())
 def orc_targets(masks: torch.Tensor) -> torch.Tensor:
     """(B, R, *S) bool/uint8 masks -> (B, *S) uint8 vote counts; non-binary values raise ValueError."""
-    B, R = masks.shape[0], masks.shape[1]
+    R = masks.shape[1]
     flat = _as_bytes(_flatten(masks, True))
-    V = flat.shape[2]
-    k = torch.empty((B, V), dtype=torch.uint8, device=masks.device)
+    flags = _new_flags(masks.device)
+    k = _count_votes(flat, flags)
+    if k.numel():
+        _raise_flags(flags, R, "masks", "k")
+    return k.reshape(masks.shape[:1] + masks.shape[2:])
+
+
+def _count_votes(flat: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(B, R, V) uint8 masks -> (B, V) uint8 vote counts; a value above 1 sets ``flags[0]``."""
+    B, R, V = flat.shape
+    k = torch.empty((B, V), dtype=torch.uint8, device=flat.device)
     if k.numel():
         r_pad = _pow2(R)
         block = max(32 * NUM_WARPS, min(4096, 8192 // r_pad))
         nblk = triton_cdiv(V, block)
-        flags = _new_flags(masks.device)
-        with _on(masks.device):
+        with _on(flat.device):
             kernels().orc_targets_kernel[(B * nblk,)](flat, k, flags, R, V, nblk, R_PAD=r_pad, BLOCK_V=block,
                                                       num_warps=NUM_WARPS)
-        _raise_flags(flags, R, "masks", "k")
-    return k.reshape(masks.shape[:1] + masks.shape[2:])
+    return k
 
 
 @torch.library.custom_op("orcal_triton::foreground_probability", mutates_args=())
@@ -154,7 +220,8 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     vf = _as_bytes(_flatten(valid, False)) if valid is not None else kf
     n_vox = B * V
     if reduction == REDUCTIONS["mean"]:
-        count = torch.tensor(float(n_vox), dtype=acc, device=dev) if valid is None else valid.sum().to(acc)
+        # torch.full fills on the device: no host-to-device copy, so no synchronisation (and CUDA-graph safe)
+        count = torch.full((), float(n_vox), dtype=acc, device=dev) if valid is None else valid.sum().to(acc)
         scale = (1.0 / count.clamp_min(1)).reshape(1)
     elif reduction in (REDUCTIONS["sum"], REDUCTIONS["none"]):
         scale = torch.ones(1, dtype=acc, device=dev)
@@ -202,44 +269,48 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     tgt = _as_bytes(_flatten(target, target_is_masks))
     if not target_is_masks and tgt.dtype != torch.uint8:
         raise TypeError(f"target must be uint8 vote counts, got {target.dtype}")
+    flags = _new_flags(dev)
+    if target_is_masks:
+        # Summing the masks first costs 2 bytes per voxel more than reading them in the statistics kernel, whose
+        # mask tile (a layout of its own for bytes) made it reduce across threads and spill.
+        tgt = _count_votes(tgt, flags)
     vf = _as_bytes(_flatten(valid, False)) if valid is not None else tgt
     layout = StatsLayout(n_bins, auc_bins)
     count_cols = layout.count_cols()
     counts = torch.zeros((B, count_cols), dtype=torch.int64, device=dev)
-    elem = pred.element_size()
-    c_pad, block = voxel_block(C if ordinal else 1, elem)
-    r_pad = _pow2(R) if target_is_masks else 1
-    if target_is_masks and r_pad > c_pad:  # keep the mask tile as small as the logits tile
-        block = max(32, min(block, 8192 // r_pad))
-    nblocks = triton_cdiv(V, block) if V else 0
-    if interpreting():
-        programs = min(nblocks, _INTERPRETER_PROGRAMS)
-    else:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-        programs = min(nblocks, max(1, triton_cdiv(8 * sms, max(B, 1))))
-    iters = triton_cdiv(nblocks, programs) if programs else 0
-    iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
-    programs = triton_cdiv(nblocks, iters) if iters else 0
+    tile = stats_tile(C if ordinal else 1, n_bins, pred.element_size())
+    programs, iters = stats_grid(V, tile["BLOCK_V"], R)
     partial = torch.zeros((B * programs, layout.sum_cols()), dtype=torch.float64, device=dev)
     # One 64-bit atomic per voxel for both AUC counts when neither can reach 2^32 in one image.
     packed = V * max(R, 1) < 2**32 - 1
     auc = torch.zeros((B, auc_bins) if packed else (1,), dtype=torch.int64, device=dev)
     if B * programs:
-        flags = _new_flags(dev)
         with _on(dev):
-            kernels().calibration_stats_kernel[(B * programs,)](
-                x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, auc_bins, programs, iters,
-                count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(), layout.brier(),
-                KIND=KINDS.index(kind),
-                EXPECTED=readout == "expected", MASKS=bool(target_is_masks), HAS_VALID=valid is not None,
-                IS_F64=pred.dtype == torch.float64, PACKED=packed,
-                C_PAD=c_pad, R_PAD=r_pad, NB_PAD=_pow2(n_bins), BLOCK_V=block, num_warps=NUM_WARPS)
+            # The first pass computes everything with the first window of ECE bins; each further pass only
+            # the next window (n_bins above STATS_BIN_WINDOW, rare: the default is 15).
+            for bin_lo in range(0, n_bins, tile["NB_PAD"]):
+                kernels().calibration_stats_kernel[(B * programs,)](
+                    x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, bin_lo, auc_bins,
+                    programs, iters, count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(),
+                    layout.brier(), KIND=KINDS.index(kind), EXPECTED=readout == "expected",
+                    HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64, PACKED=packed,
+                    FULL=bin_lo == 0, **tile, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts", kind)
         if packed:
-            counts[:, layout.pos():layout.neg()] += auc & 0xFFFFFFFF
-            counts[:, layout.neg():] += auc >> 32
+            pos, neg = unpack_auc(auc)
+            counts[:, layout.pos():layout.neg()] += pos
+            counts[:, layout.neg():] += neg
     sums = partial.reshape(B, programs, layout.sum_cols()).sum(1)  # fixed order: deterministic
     return counts, sums
+
+
+def unpack_auc(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives) of int64 AUC counts packed as ``pos + (neg << 32)``, both unsigned 32-bit.
+
+    ``>>`` on int64 is an arithmetic shift: a negative count of 2^31 or more sets the sign bit, so the high
+    word is masked after the shift.
+    """
+    return packed & 0xFFFFFFFF, (packed >> 32) & 0xFFFFFFFF
 
 
 def triton_cdiv(a: int, b: int) -> int:
