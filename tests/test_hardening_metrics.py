@@ -100,8 +100,9 @@ def test_temperature_scaling_vote_errors_name_the_target():
     z, k = _held_out("logit")
     with pytest.raises(ValueError, match=r"target \(vote counts\) must lie in 0..R = 0..3; found 4..7"):
         fit_temperature(z, k + 4, num_raters=3)
-    with pytest.raises(TypeError, match="target"):
-        TemperatureScaler().update(z, k.float(), num_raters=3)
+    with pytest.raises(TypeError, match="target"):  # float counts are read only when they hold integers
+        TemperatureScaler().update(z, k.float() + 0.5, num_raters=3)
+    TemperatureScaler().update(z, k.float(), num_raters=3)
 
 
 # --- torchmetrics forms ---------------------------------------------------------------------------------------
