@@ -18,16 +18,10 @@ Several structures (SPEC §11)::
 """
 
 from orcal import _ext, _schema
-from orcal.ops import (
-    bootstrap,
-    calibration_metrics,
-    calibration_stats,
-    foreground_probability,
-    orc_targets,
-    ordinal_loss,
-)
+from orcal.metrics.pooled import bootstrap, calibration_metrics
+from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
+from orcal.ops import calibration_stats, foreground_probability, orc_targets, ordinal_loss
 from orcal.stats import CalibrationStats
-from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 __version__ = "0.1.0"
 

@@ -5,7 +5,7 @@ trains a model with :func:`orcal.train.train`, fits a temperature on the validat
 predicts the test split, accumulates per-image multi-rater statistics (SPEC §4) and keeps one results file
 per run, so that an interrupted experiment resumes where it stopped. The ordinal method is evaluated with
 both readouts (SPEC §2). Optionally the smoothing width and the RPS weight are chosen on the validation
-split. Rows are summarised over seeds and compared pairwise (SPEC §5.1, :mod:`orcal.comparison`); finally it
+split. Rows are summarised over seeds and compared pairwise (SPEC §5.1, :mod:`orcal.metrics.comparison`); finally it
 writes the tables (:mod:`orcal.report`), the figures, the findings and ``report.md`` / ``results.json``.
 
 >>> import tempfile
@@ -56,9 +56,9 @@ from orcal.experiment_runs import (  # noqa: F401  (the experiment's public name
     safe_name,
 )
 from orcal.findings import findings
+from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
 from orcal.training import runtime
 from orcal.training.runtime import hardware_info
-from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ def _metrics(cfg: ExperimentConfig, per_image: bool = True, num_structures: int 
 
 def _scalar_metrics(metric) -> dict[str, float] | None:
     """The scalar metrics of a :class:`~orcal.metrics.MultiRaterCalibration`, None when it saw no image."""
-    from orcal.metric_table import METRICS
+    from orcal.metrics.registry import METRICS
 
     values = metric.compute()
     return {k: float(values[k]) for k in METRICS if k in values} if values["n_images"] else None
@@ -163,12 +163,12 @@ def _scalar_metrics(metric) -> dict[str, float] | None:
 def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentConfig, case: dict[str, Any],
                  device: str, seed: int = 0) -> dict[str, Any]:
     """Evaluate a trained run. On the validation split: every readout's metrics (what ``select_on_val``
-    chooses by) and, with ``cfg.temperature_scaling``, one temperature per readout (:mod:`orcal.calibrate`),
+    chooses by) and, with ``cfg.temperature_scaling``, one temperature per readout (:mod:`orcal.metrics.calibrate`),
     whose scaled readout ``"<readout>+ts"`` is evaluated as a readout of its own. On the test split, per
     readout: the per-image statistics, their bootstrap, the confidence-vs-agreement table and the
     probability map of the qualitative case. A model of several structures (SPEC §11) keeps a statistics row
     per image and structure; its temperature scaling and qualitative maps (one structure's) are left out."""
-    from orcal.calibrate import TemperatureScaler, apply_temperature
+    from orcal.metrics.calibrate import TemperatureScaler, apply_temperature
     from orcal.models import probability
     from orcal.training.predict import predict_logits
 
@@ -255,7 +255,7 @@ def _spacings(dataset) -> dict[str, torch.Tensor] | None:
 
 def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
     """Bootstrap summary of the per-image ``stats`` (SPEC §5) with the experiment's settings."""
-    from orcal.ops import bootstrap
+    from orcal.metrics.pooled import bootstrap
 
     return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed))
 
@@ -354,8 +354,8 @@ def compare_rows(stats: Mapping[str, Sequence], cfg: ExperimentConfig, reference
 
     ``stats`` maps a row to its per-image test statistics, one per seed in the same seed order.
     """
-    from orcal import comparison
-    from orcal.metric_table import higher_is_better
+    from orcal.metrics import comparison
+    from orcal.metrics.registry import higher_is_better
 
     boot = {"n_boot": int(cfg.n_boot), "fraction": float(cfg.fraction), "seed": int(cfg.seed)}
     samples = {row: comparison.seed_samples(st, **boot) for row, st in stats.items()}  # one bootstrap per row

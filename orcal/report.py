@@ -1,7 +1,7 @@
 """Tables, figures and the Markdown report of a multi-rater experiment.
 
 The experiment driver (:mod:`orcal.experiment`) produces, per dataset and per table row, the summary of
-every metric over seeds (:func:`orcal.comparison.seed_summary`: ``{metric: {"value", "seed_std", "seeds",
+every metric over seeds (:func:`orcal.metrics.seed_summary`: ``{metric: {"value", "seed_std", "seeds",
 "mean", "std", "low", "high"}}``). This module lays those out as the paper's tables (methods as rows,
 datasets as columns, the test-set value ± its spread and the bootstrap interval, the best value marked),
 writes them as Markdown and CSV, and renders the report.
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orcal.metric_table import higher_is_better as metric_higher_is_better
-from orcal.metric_table import label as metric_label
-from orcal.plots import plot_qualitative, plot_sweep, sweep_keys  # noqa: F401  (figures live in plots)
+from orcal.metrics.plots import plot_qualitative, plot_sweep, sweep_keys  # noqa: F401  (figures live in plots)
+from orcal.metrics.registry import higher_is_better as metric_higher_is_better
+from orcal.metrics.registry import label as metric_label
 
 Summary = Mapping[str, Mapping[str, float]]       # {metric: {"mean", "std", ...}}
 Runs = Mapping[str, Mapping[str, Summary]]        # {dataset: {row: Summary}}
@@ -168,7 +168,7 @@ def _cell(s: Mapping[str, Any], stat: str) -> tuple[float, float, float, float]:
 def metric_table(runs: Runs, metric: str, digits: int = 4, title: str = "",
                  higher_is_better: bool | None = None, stat: str = "value") -> Table:
     """Build the table of ``metric`` from ``runs`` (``{dataset: {row: {metric: summary}}}``, summaries as
-    :func:`orcal.comparison.seed_summary` or :func:`orcal.bootstrap` give them).
+    :func:`orcal.metrics.seed_summary` or :func:`orcal.bootstrap` give them).
 
     ``stat`` picks the centre value: ``"value"``, the test-set value (averaged over seeds; the bootstrap mean
     where a summary has none), or ``"mean"``, the bootstrap mean.
@@ -312,8 +312,8 @@ def comparison_table(comparison: Mapping[str, Any], metrics: Sequence[str] = ("m
                      ) -> str:
     """Markdown table of every row against the reference row: the test-set difference (mean over seeds), each
     seed's difference and the paired bootstrap interval, per metric; ``*`` marks a difference larger than the
-    noise (:func:`orcal.comparison.exceeds_noise`)."""
-    from orcal.comparison import exceeds_noise
+    noise (:func:`orcal.metrics.exceeds_noise`)."""
+    from orcal.metrics.comparison import exceeds_noise
 
     ref, paired = comparison.get("reference"), comparison.get("paired", {})
     if not ref or not paired:
@@ -389,7 +389,7 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
               "majority of raters vote foreground) and *expected* (the expected fraction of raters voting "
               "foreground, the quantity MR-ECE scores against)."
               + (" Rows marked *+ TS* divide the same network's logits by one temperature fitted on the validation "
-                 "split against the voxel–rater pairs (`orcal.calibrate`; one temperature per row and seed)."
+                 "split against the voxel–rater pairs (`orcal.metrics.calibrate`; one temperature per row and seed)."
                  if any(row.endswith(TS_SUFFIX) for by_row in results.get("runs", {}).values() for row in by_row)
                  else ""), ""]
     lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size (test split) | channels |",
@@ -495,8 +495,8 @@ def write_outputs(results: dict[str, Any], out: Path, panels: Mapping[str, Mappi
     (confidence-vs-agreement tables) and ``"maps"`` (the qualitative case's probability maps); ``cases`` the
     qualitative case per dataset.
     """
-    from orcal import plots
     from orcal.experiment_runs import jsonable, slug
+    from orcal.metrics import plots
 
     paths = write_tables(results["runs"], out)
     tables = {name: metric_table(results["runs"], metric, title=title) for name, metric, title in TABLES}
@@ -532,7 +532,7 @@ def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreem
     """Reliability diagram, confidence-vs-agreement plot and qualitative figure of one dataset."""
     figures: dict[str, str] = {}
     rel = fig_dir.parent
-    from orcal import plots
+    from orcal.metrics import plots
 
     if stats_by_row:
         path = fig_dir / f"reliability_{name}.png"
@@ -553,19 +553,3 @@ def _plot_dataset(key: str, name: str, fig_dir: Path, stats_by_row: dict, agreem
                                 title=f"{key}: test case {where}")
         figures[f"{key}: one test case, rater agreement and each method's probability"] = str(path.relative_to(rel))
     return figures
-
-
-def __getattr__(name: str):
-    # The lists these names held now live in the registries (orcal.fusion, orcal.metric_table).
-    from orcal import fusion, metric_table
-
-    if name == "ROW_ORDER":
-        return tuple(r for m in fusion.names() for r in (
-            [f"{m}/majority", f"{m}/expected"] if fusion.get(m).head == "ordinal" else [m]))
-    if name == "ROW_LABELS":
-        return {r: row_label(r) for r in __getattr__("ROW_ORDER")}
-    if name == "METRIC_LABELS":
-        return {key: m.label for key, m in metric_table.METRICS.items()}
-    if name == "HIGHER_IS_BETTER":
-        return frozenset(key for key, m in metric_table.METRICS.items() if m.higher_is_better)
-    raise AttributeError(f"module 'orcal.report' has no attribute {name!r}")

@@ -236,22 +236,22 @@ def test_seed_summary_aggregates_over_seeds():
     import numpy as np
     import torch
 
-    from orcal import comparison, reference
+    from orcal.metrics import comparison, pooled
 
     g = torch.Generator().manual_seed(0)
     k = torch.randint(0, 4, (12, 8, 8), generator=g, dtype=torch.uint8)
     seeds = [_stats(k, (k / 3 + s * torch.rand(12, 8, 8, generator=g)).clamp(0, 1)) for s in (0.1, 0.3, 0.2)]
     summary = comparison.seed_summary(seeds, n_boot=50, seed=3)
-    values = [reference.calibration_metrics(s)["mr_ece"] for s in seeds]
+    values = [pooled.calibration_metrics(s)["mr_ece"] for s in seeds]
     m = summary["mr_ece"]
     assert m["seeds"] == pytest.approx(values) and m["value"] == pytest.approx(np.mean(values))
     assert m["seed_std"] == pytest.approx(np.std(values, ddof=1))
     # the bootstrap of the seed mean: every seed resampled with the same draws, then averaged
-    samples = torch.stack([reference.bootstrap_samples(s, n_boot=50, seed=3)["mr_ece"] for s in seeds]).mean(0)
+    samples = torch.stack([pooled.bootstrap_samples(s, n_boot=50, seed=3)["mr_ece"] for s in seeds]).mean(0)
     assert m["mean"] == pytest.approx(float(samples.mean())) and m["low"] <= m["mean"] <= m["high"]
     # one seed is the bootstrap of SPEC §5, with no seed spread
     one = comparison.seed_summary(seeds[:1], n_boot=50, seed=3)["mr_ece"]
-    plain = reference.bootstrap(seeds[0], n_boot=50, seed=3)["mr_ece"]
+    plain = pooled.bootstrap(seeds[0], n_boot=50, seed=3)["mr_ece"]
     assert {k: one[k] for k in plain} == pytest.approx(plain) and math.isnan(one["seed_std"])
     # the table shows the seed mean ± the seed std and the bootstrap interval
     table = report.metric_table({"d": {"soft": summary}}, "mr_ece", title="T")
@@ -264,7 +264,7 @@ def test_seed_summary_aggregates_over_seeds():
 def test_paired_difference_cancels_the_images_and_judges_the_noise():
     import torch
 
-    from orcal import comparison
+    from orcal.metrics import comparison
 
     g = torch.Generator().manual_seed(1)
     k = torch.randint(0, 4, (40, 8, 8), generator=g, dtype=torch.uint8)

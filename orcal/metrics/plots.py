@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from orcal import metric_table
+from orcal.metrics.pooled import bin_table
+from orcal.metrics.registry import label as metric_label
 from orcal.stats import CalibrationStats
 
 __all__ = ["confidence_vs_agreement", "draw_reliability", "plot_qualitative", "plot_sweep", "reliability_diagram"]
@@ -30,11 +31,9 @@ def _pyplot():
 
 
 def _as_bin_table(name: str, data: Any) -> dict[str, np.ndarray]:
-    """A bin table (``reference.bin_table``) from statistics, a table, or a ``compute()`` result."""
-    from orcal import reference
-
+    """A bin table (``orcal.metrics.bin_table``) from statistics, a table, or a ``compute()`` result."""
     if isinstance(data, CalibrationStats):
-        return reference.bin_table(data)
+        return bin_table(data)
     if isinstance(data, Mapping) and "bins" in data:
         data = data["bins"]
     if isinstance(data, Mapping) and {"count", "confidence", "accuracy"} <= set(data):
@@ -260,7 +259,7 @@ def plot_sweep(sweep: Mapping[float, Mapping[str, Mapping]], path: str | Path, t
             std = [c.get("std", math.nan) for c in cells]
             ax.errorbar(weights, mean, yerr=std, marker="o", capsize=3, label=f"ORC ({readout})")
         ax.set_xlabel("RPS weight λ")
-        ax.set_ylabel(metric_table.label(metric))
+        ax.set_ylabel(metric_label(metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:

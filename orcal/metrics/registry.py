@@ -6,12 +6,13 @@ and the experiment's report (labels, which way is better). Adding a metric is on
 call with a function of the statistics::
 
     >>> import torch
-    >>> from orcal import metric_table, reference
+    >>> from orcal import reference
+    >>> from orcal.metrics import registry
     >>> st = reference.calibration_stats(torch.tensor([[0.9, 0.2]]), torch.tensor([[2, 0]]), num_raters=2)
-    >>> _ = metric_table.register_metric("pairs", "Pairs", lambda t: t.n.sum(1).double(), higher_is_better=True)
-    >>> metric_table.metrics_from_totals(st)["pairs"]
+    >>> _ = registry.register_metric("pairs", "Pairs", lambda t: t.n.sum(1).double(), higher_is_better=True)
+    >>> registry.metrics_from_totals(st)["pairs"]
     tensor([4.], dtype=torch.float64)
-    >>> metric_table.unregister_metric("pairs")
+    >>> registry.unregister_metric("pairs")
 """
 
 from __future__ import annotations

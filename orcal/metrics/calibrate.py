@@ -12,7 +12,7 @@ Streaming, with bounded memory: :class:`TemperatureScaler` keeps a uniform rando
 and :meth:`TemperatureScaler.fit` searches ``log T`` on that sample::
 
     >>> import torch
-    >>> from orcal.calibrate import fit_temperature
+    >>> from orcal.metrics import fit_temperature
     >>> g = torch.Generator().manual_seed(0)
     >>> z = torch.randn(2, 64, 64, generator=g) * 2                   # well calibrated logits ...
     >>> k = torch.binomial(torch.full_like(z, 4.0), torch.sigmoid(z), generator=g).to(torch.uint8)
@@ -27,8 +27,8 @@ import math
 import torch
 
 from orcal import ops, reference
-from orcal.batch_stats import prepare
 from orcal.masks import check_masks
+from orcal.metrics.batch_stats import prepare
 
 __all__ = ["TemperatureScaler", "apply_temperature", "fit_temperature"]
 
