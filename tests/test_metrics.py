@@ -337,3 +337,23 @@ def test_update_takes_tensor_subclasses():
     b.update(p, masks)
     assert a.compute()["mr_ece"] == b.compute()["mr_ece"] and a.compute()["n_images"] == 3
 
+
+
+@pytest.mark.parametrize("old, names", [
+    ("orcal.metric_table", ("register_metric", "unregister_metric", "METRICS")),
+    ("orcal.calibrate", ("TemperatureScaler", "fit_temperature", "apply_temperature")),
+    ("orcal.plots", ("reliability_diagram", "confidence_vs_agreement")),
+])
+def test_moved_modules_warn_and_give_the_same_objects(old, names):
+    """Paths the docs once gave stay importable for one release, warn, and hand out the metrics package's objects."""
+    import importlib
+    import sys
+
+    import orcal.metrics
+    import orcal.metrics.plots
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    home = orcal.metrics.plots if old == "orcal.plots" else orcal.metrics
+    assert all(getattr(module, name) is getattr(home, name) for name in names)
