@@ -35,7 +35,7 @@ def __getattr__(name: str):
     import importlib
 
     if name in {"metrics", "fusion", "staple", "data", "models", "losses", "train", "evaluate", "experiment",
-                "reference", "plots", "report", "io", "calibrate"}:
+                "reference", "plots", "io", "calibrate"}:
         return importlib.import_module(f"orcal.{name}")
     if name in {"OrdinalLoss", "SoftBCELoss"}:  # the nn.Module forms, for `from orcal import OrdinalLoss`
         return getattr(importlib.import_module("orcal.losses"), name)

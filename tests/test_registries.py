@@ -77,8 +77,8 @@ def test_a_registered_strategy_trains_fuses_and_reports(toy_strategy, toy_metric
 
 def test_a_registered_metric_reaches_every_consumer(toy_metric, tmp_path):
     import orcal
+    from orcal.experiment.tables import metric_results_table as table_of
     from orcal.metrics import MultiRaterCalibration
-    from orcal.report import metric_table as table_of
 
     p = torch.rand(2, 4, 4)
     masks = (torch.rand(2, 3, 4, 4) < 0.5).to(torch.uint8)

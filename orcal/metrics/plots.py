@@ -6,22 +6,20 @@ Every function takes ``{method name: data}`` so that several methods are overlai
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from orcal.metrics.pooled import bin_table
-from orcal.metrics.registry import label as metric_label
 from orcal.stats import CalibrationStats
 
-__all__ = ["confidence_vs_agreement", "draw_reliability", "plot_qualitative", "plot_sweep", "reliability_diagram"]
+__all__ = ["confidence_vs_agreement", "draw_reliability", "reliability_diagram", "reliability_per_structure"]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
@@ -87,7 +85,7 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
     """
     _check_methods(methods, "reliability_diagram")
     tables = {name: _as_bin_table(name, data) for name, data in methods.items()}  # errors before a figure opens
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.4), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
     draw_reliability(tables, top, bottom, title=title)
@@ -103,7 +101,7 @@ def reliability_per_structure(methods: Mapping[str, Any], path: str | os.PathLik
         raise ValueError(f"reliability_per_structure needs statistics of several structures, the same number for "
                          f"every method; got {sorted(counts)}")
     C = counts.pop()
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, C, figsize=(4.2 * C, 5.6), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1.2], "hspace": 0.06})
     for c in range(C):
@@ -181,7 +179,7 @@ def confidence_vs_agreement(methods: Mapping[str, Any], path: str | os.PathLike,
     """
     _check_methods(methods, "confidence_vs_agreement")
     tables = {name: _as_agreement(name, data) for name, data in methods.items()}
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
     ax.plot([0, 1], [0, 1], color="0.55", linestyle="--", linewidth=1, label="ideal (p = k / R)")
     colors = plt.get_cmap("tab10").colors
@@ -201,77 +199,3 @@ def confidence_vs_agreement(methods: Mapping[str, Any], path: str | os.PathLike,
     if title:
         ax.set_title(title)
     return _save(fig, path)
-
-
-def plot_qualitative(image: np.ndarray, votes: np.ndarray, num_raters: int, maps: Mapping[str, np.ndarray],
-                     path: str | Path, title: str = "") -> Path:
-    """One test case side by side: the image, the rater agreement ``k / R`` and each method's probability.
-
-    ``image`` is ``(C, H, W)`` or ``(H, W)`` (first channel shown, or RGB when C = 3), ``votes`` the vote
-    count ``k`` ``(H, W)``, ``maps`` ``{label: p (H, W)}``.
-    """
-    plt = _pyplot()
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = np.moveaxis(image[:3], 0, -1) if image.shape[0] == 3 else image[0]
-    if image.ndim != 2 and not (image.ndim == 3 and image.shape[-1] == 3):
-        raise ValueError(f"image must be 2D (or 3 channels), got shape {image.shape}")
-    panels = [("image", image, "gray"), (f"agreement k/R (R={num_raters})",
-                                         np.asarray(votes, np.float32) / max(int(num_raters), 1), "viridis")]
-    panels += [(label, np.asarray(p, np.float32), "viridis") for label, p in maps.items()]
-    cols = min(len(panels), 6)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    im = None
-    for ax, (label, arr, cmap) in zip(axes.ravel(), panels):
-        if cmap == "gray":
-            lo, hi = float(np.min(arr)), float(np.max(arr))
-            ax.imshow(arr if arr.ndim == 2 else np.clip((arr - lo) / max(hi - lo, 1e-8), 0, 1), cmap=cmap)
-        else:
-            im = ax.imshow(arr, cmap=cmap, vmin=0.0, vmax=1.0)
-        ax.set_title(label, fontsize=8)
-    if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_sweep(sweep: Mapping[float, Mapping[str, Mapping]], path: str | Path, title: str = "") -> Path:
-    """MR-ECE and AUC (test-set value ± bootstrap std, as in the tables) against the RPS weight, one line per
-    readout.
-
-    ``sweep`` is ``{rps_weight: {readout: {metric: summary}}}``.
-    """
-    plt = _pyplot()
-    weights = sorted(float(w) for w in sweep)
-    readouts = sorted({r for by in sweep.values() for r in by})
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, metric in zip(axes, ("mr_ece", "auc")):
-        for readout in readouts:
-            cells = [sweep[w].get(readout, {}).get(metric, {}) for w in sweep_keys(sweep, weights)]
-            mean = [c.get("value", math.nan) for c in cells]
-            std = [c.get("std", math.nan) for c in cells]
-            ax.errorbar(weights, mean, yerr=std, marker="o", capsize=3, label=f"ORC ({readout})")
-        ax.set_xlabel("RPS weight λ")
-        ax.set_ylabel(metric_label(metric))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def sweep_keys(sweep: Mapping, weights: Sequence[float]) -> list:
-    """The sweep's own keys in the order of ``weights`` (keys may be floats or their strings)."""
-    by_value = {float(k): k for k in sweep}
-    return [by_value[w] for w in weights]
