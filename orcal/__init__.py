@@ -34,7 +34,7 @@ def __getattr__(name: str):
     # Sub-modules with heavier dependencies load on first use: orcal.metrics, orcal.fusion, orcal.data, ...
     import importlib
 
-    if name in {"metrics", "fusion", "staple", "data", "models", "losses", "train", "evaluate", "experiment",
+    if name in {"metrics", "fusion", "data", "models", "losses", "train", "evaluate", "experiment",
                 "reference", "plots", "io", "calibrate"}:
         return importlib.import_module(f"orcal.{name}")
     if name in {"OrdinalLoss", "SoftBCELoss"}:  # the nn.Module forms, for `from orcal import OrdinalLoss`
