@@ -18,16 +18,10 @@ Several structures (SPEC §11)::
 """
 
 from orcal import _ext, _schema
-from orcal.ops import (
-    bootstrap,
-    calibration_metrics,
-    calibration_stats,
-    foreground_probability,
-    orc_targets,
-    ordinal_loss,
-)
+from orcal.metrics.pooled import bootstrap, calibration_metrics
+from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
+from orcal.ops import calibration_stats, foreground_probability, orc_targets, ordinal_loss
 from orcal.stats import CalibrationStats
-from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 __version__ = "0.1.0"
 
@@ -40,8 +34,8 @@ def __getattr__(name: str):
     # Sub-modules with heavier dependencies load on first use: orcal.metrics, orcal.fusion, orcal.data, ...
     import importlib
 
-    if name in {"metrics", "fusion", "staple", "data", "models", "losses", "train", "evaluate", "experiment",
-                "reference", "plots", "report", "io", "calibrate"}:
+    if name in {"metrics", "fusion", "data", "models", "losses", "train", "evaluate", "experiment",
+                "reference", "plots", "io", "calibrate"}:
         return importlib.import_module(f"orcal.{name}")
     if name in {"OrdinalLoss", "SoftBCELoss"}:  # the nn.Module forms, for `from orcal import OrdinalLoss`
         return getattr(importlib.import_module("orcal.losses"), name)

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal import metric_table, reference
 from orcal.io import EXTENSIONS, check_same_grid, extension, read_array
-from orcal.metrics import MultiRaterCalibration, bootstrap
+from orcal.metrics import MultiRaterCalibration, bootstrap, registry
 from orcal.stats import CalibrationStats
 
 __all__ = ["MIN_BOOTSTRAP_IMAGES", "bootstrap_warning", "evaluate", "find_predictions", "load_prediction",
@@ -205,13 +204,13 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
         if warning:
             lines += ["", f"**Warning:** {warning}."]
         lines += ["", "| metric | value | mean | std | 95% CI |", "|---|---:|---:|---:|---|"]
-        for key in metric_table.keys():
+        for key in registry.keys():
             c = ci[key]
-            lines.append(f"| {metric_table.label(key)} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
+            lines.append(f"| {registry.label(key)} | {_fmt(result[key])} | {_fmt(c['mean'])} | {_fmt(c['std'])} | "
                          f"[{_fmt(c['low'])}, {_fmt(c['high'])}] |")
     else:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {metric_table.label(key)} | {_fmt(result[key])} |" for key in metric_table.keys()]
+        lines += [f"| {registry.label(key)} | {_fmt(result[key])} |" for key in registry.keys()]
     if "auc_binned" in result:
         lines += ["", f"AUC is exact; the streaming (binned) AUC is {_fmt(result['auc_binned'])}."]
     return "\n".join(lines) + "\n"
@@ -245,8 +244,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         The content of ``metrics.json``; its ``warnings`` list says when the bootstrap intervals rest on fewer
         than :data:`MIN_BOOTSTRAP_IMAGES` images.
     """
-    from orcal import plots
     from orcal._progress import progress_bar
+    from orcal.metrics import plots
 
     if kind not in ("prob", "logit"):
         raise ValueError(f"kind must be 'prob' or 'logit', got {kind!r}")
@@ -279,7 +278,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     _write_per_image(out / "per_image.csv", ids, raters_per_case, stats)
     report = {
         "method": name,
-        "metrics": {key: result[key] for key in (*metric_table.keys(), "auc_binned") if key in result},
+        "metrics": {key: result[key] for key in (*registry.keys(), "auc_binned") if key in result},
         "bootstrap": ci,
         "warnings": [w for w in [bootstrap_warning(result["n_images"], n_boot if ci else 0)] if w],
         "n_images": result["n_images"], "n_pairs": result["n_pairs"],
@@ -300,17 +299,17 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
 
 
 def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: CalibrationStats) -> None:
-    values = reference.metrics_from_totals(stats)  # one value per row: each image on its own
+    values = registry.metrics_from_totals(stats)  # one value per row: each image on its own
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "raters", "pairs", *metric_table.keys()])
+        writer.writerow(["case", "raters", "pairs", *registry.keys()])
         for i, case in enumerate(ids):
-            row = [float(values[key][i]) for key in metric_table.keys()]
+            row = [float(values[key][i]) for key in registry.keys()]
             writer.writerow([case, raters[i], int(stats.n[i].sum()),
                              *("" if math.isnan(v) else f"{v:.6g}" for v in row)])
 
 
 def __getattr__(name: str):
     if name == "METRICS":  # the columns of per_image.csv after case, raters and pairs: the metric table's keys
-        return metric_table.keys()
+        return registry.keys()
     raise AttributeError(f"module 'orcal.evaluate' has no attribute {name!r}")

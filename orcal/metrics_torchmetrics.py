@@ -5,13 +5,13 @@ batches and ranks (``dist_reduce_fx="sum"``), so a value is always the pooled on
 metric)`` in Lightning, the forward idiom (``metric(pred, target)`` each step returns that batch's value and
 adds it to the pool) and ``compute()`` after many updates all equal one pass of
 :class:`orcal.metrics.MultiRaterCalibration` over the same data (the same per-batch statistics,
-:func:`orcal.batch_stats.batch_stats`). In a ``torchmetrics.MetricCollection``
+:func:`orcal.metrics.batch_stats.batch_stats`). In a ``torchmetrics.MetricCollection``
 the scalar metrics of one configuration fall into one compute group, so the statistics are computed once per
 batch for all of them.
 
 - :class:`MultiRaterECE` (``norm="l1" | "l2" | "max"``), :class:`MultiRaterAUROC`,
   :class:`MultiRaterBrier`, :class:`MultiRaterDice`: one scalar each.
-- :class:`MultiRaterCalibrationMetric`: every metric of :mod:`orcal.metric_table` as a dict of scalars,
+- :class:`MultiRaterCalibrationMetric`: every metric of :mod:`orcal.metrics.registry` as a dict of scalars,
   for ``self.log_dict``.
 
 ``plot()`` without a value draws the reliability diagram of the pooled pairs (torchmetrics' ``(fig, ax)``
@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torchmetrics
 
-from orcal import metric_table, ops
-from orcal.batch_stats import batch_stats, check_options, check_raters, prepare
+import orcal.metrics.registry as registry
+from orcal import ops
+from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare
+from orcal.metrics.pooled import calibration_metrics
 from orcal.stats import CalibrationStats
 
 __all__ = ["MultiRaterAUROC", "MultiRaterBrier", "MultiRaterCalibrationMetric", "MultiRaterDice", "MultiRaterECE",
@@ -133,7 +135,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
                                        self.n_bins, self.auc_bins, C)
 
     def _metric(self, key: str) -> torch.Tensor:
-        totals, metric = self.totals(), metric_table.METRICS[key]
+        totals, metric = self.totals(), registry.METRICS[key]
         if self.num_structures is None or self.average == "micro":
             value = metric.from_totals(totals.pooled())[0]
         else:
@@ -150,7 +152,7 @@ class MultiRaterStatistics(torchmetrics.Metric):
         """
         if val is not None:
             return self._plot(val, ax)
-        from orcal.plots import draw_reliability
+        from orcal.metrics.plots import draw_reliability
 
         if ax is None:
             import matplotlib.pyplot as plt
@@ -170,7 +172,7 @@ class MultiRaterECE(MultiRaterStatistics):
     """Multi-rater expected calibration error over voxel–rater pairs (SPEC §4): ``norm="l1"`` (MR-ECE),
     ``"l2"`` (root mean square gap) or ``"max"`` (MR-MCE). Other arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = metric_table.higher_is_better("mr_ece")
+    higher_is_better = registry.higher_is_better("mr_ece")
     _NORMS = {"l1": "mr_ece", "l2": "mr_ece_l2", "max": "mr_mce"}
 
     def __init__(self, norm: str = "l1", **kwargs: Any) -> None:
@@ -186,7 +188,7 @@ class MultiRaterAUROC(MultiRaterStatistics):
     """Multi-rater AUC over voxel–rater pairs, streaming in ``auc_bins`` score bins (its error bound is
     ``MultiRaterCalibrationMetric``'s ``auc_error_bound``). Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = metric_table.higher_is_better("auc")
+    higher_is_better = registry.higher_is_better("auc")
 
     def compute(self) -> torch.Tensor:
         return self._metric("auc")
@@ -195,7 +197,7 @@ class MultiRaterAUROC(MultiRaterStatistics):
 class MultiRaterBrier(MultiRaterStatistics):
     """Brier score over voxel–rater pairs. Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = metric_table.higher_is_better("brier")
+    higher_is_better = registry.higher_is_better("brier")
 
     def compute(self) -> torch.Tensor:
         return self._metric("brier")
@@ -205,14 +207,14 @@ class MultiRaterDice(MultiRaterStatistics):
     """Dice of the majority-thresholded prediction against the majority of the raters, pooled over voxels.
     Arguments: see :class:`MultiRaterStatistics`."""
 
-    higher_is_better = metric_table.higher_is_better("dice")
+    higher_is_better = registry.higher_is_better("dice")
 
     def compute(self) -> torch.Tensor:
         return self._metric("dice")
 
 
 class MultiRaterCalibrationMetric(MultiRaterStatistics):
-    """Every metric of :mod:`orcal.metric_table` (``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``,
+    """Every metric of :mod:`orcal.metrics.registry` (``mr_ece``, ``mr_ece_l2``, ``mr_mce``, ``auc``,
     ``auc_error_bound``, ``brier``, ``nll``, ``dice``) as a dict of scalar tensors, for Lightning's
     ``self.log_dict``. The metrics point different ways, so ``higher_is_better`` is None; the scalar classes
     say which way each one is better. Arguments: see :class:`MultiRaterStatistics`."""
@@ -223,5 +225,5 @@ class MultiRaterCalibrationMetric(MultiRaterStatistics):
     def compute(self) -> dict[str, torch.Tensor]:
         """Every metric as a scalar; with several structures also ``"<metric>/macro"`` and ``"<metric>/<c>"``
         (as :func:`orcal.calibration_metrics`)."""
-        values = ops.calibration_metrics(self.totals())
+        values = calibration_metrics(self.totals())
         return {key: torch.tensor(value, dtype=torch.float32, device=self.device) for key, value in values.items()}

@@ -35,12 +35,13 @@ try:
 except ImportError as err:  # an optional extra: say how to get it
     raise ImportError('orcal.monai needs MONAI: pip install "orcal[monai]"') from err
 
-from orcal import distributed, metric_table, ops
-from orcal.batch_stats import batch_stats, check_options, check_raters, prepare, warn_if_post_processed
+import orcal.metrics.registry as registry
+from orcal import distributed, ops
 from orcal.checks import integer_range
 from orcal.masks import check_structures
-from orcal.metrics import summarize
-from orcal.ops import bootstrap
+from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare, warn_if_post_processed
+from orcal.metrics.pooled import bootstrap
+from orcal.metrics.streaming import summarize
 from orcal.stats import CalibrationStats
 from orcal.structures import check_labels
 
@@ -428,10 +429,10 @@ def score_function(metric_name: str, key: str = "mr_ece") -> Callable[[Any], flo
 
     Args:
         metric_name: the name the metric is attached under (the ``key_val_metric`` key, e.g. ``"val_mr_ece"``).
-        key: the orcal metric it holds (:mod:`orcal.metric_table`), which says its direction.
+        key: the orcal metric it holds (:mod:`orcal.metrics.registry`), which says its direction.
     """
-    ops.check_choice("key", key, metric_table.keys())
-    sign = 1.0 if metric_table.higher_is_better(key) else -1.0
+    ops.check_choice("key", key, registry.keys())
+    sign = 1.0 if registry.higher_is_better(key) else -1.0
 
     def score(engine: Any) -> float:
         return sign * float(engine.state.metrics[metric_name])
@@ -444,8 +445,8 @@ def metric_cmp_fn(key: str = "mr_ece") -> Callable[[float, float], bool]:
     """``metric_cmp_fn`` for MONAI's engines (``SupervisedEvaluator(..., metric_cmp_fn=...)``), which otherwise
     take a larger key metric as better when they track ``engine.state.best_metric``: ``current < best`` when
     lower is better for ``key`` (MR-ECE, Brier, NLL), ``current > best`` otherwise."""
-    ops.check_choice("key", key, metric_table.keys())
-    return operator.gt if metric_table.higher_is_better(key) else operator.lt
+    ops.check_choice("key", key, registry.keys())
+    return operator.gt if registry.higher_is_better(key) else operator.lt
 
 
 class MultiRaterCalibrationHandler(IgniteMetricHandler):
@@ -467,10 +468,10 @@ class MultiRaterCalibrationHandler(IgniteMetricHandler):
 
     def __init__(self, key: str = "mr_ece", output_transform: Any = lambda x: x, save_details: bool = False,
                  **kwargs: Any) -> None:
-        ops.check_choice("key", key, metric_table.keys())
+        ops.check_choice("key", key, registry.keys())
         self.key = key
         #: whether a larger value of ``key`` is better (False for MR-ECE, Brier and NLL)
-        self.higher_is_better = metric_table.higher_is_better(key)
+        self.higher_is_better = registry.higher_is_better(key)
         self.metric_cmp_fn = metric_cmp_fn(key)
         self._names: list[str] = []
         super().__init__(metric_fn=MultiRaterCalibrationMetric(**kwargs), output_transform=output_transform,

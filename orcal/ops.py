@@ -535,33 +535,6 @@ def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name
     data_check(~bad.any(), lambda: probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
 
 
-def calibration_metrics(stats: CalibrationStats) -> dict[str, float]:
-    """Dataset metrics from per-image statistics: ``mr_ece`` (l1), ``mr_ece_l2``, ``mr_mce``, ``auc`` (binned,
-    with ``auc_error_bound``), ``brier``, ``nll`` and ``dice``. Rows are pooled first. Undefined values are NaN.
-    """
-    if not isinstance(stats, CalibrationStats):
-        raise TypeError(f"stats must be CalibrationStats, got {type(stats).__name__}")
-    return reference.calibration_metrics(stats)
-
-
-def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
-              count: int | None = None) -> dict[str, dict[str, float]]:
-    """Bootstrap confidence intervals over images (SPEC §5).
-
-    Returns ``{metric: {"mean", "std", "low", "high", "value"}}`` with the 2.5 / 97.5 percentiles as
-    ``low`` / ``high`` and the full-sample metric as ``value``.
-    """
-    if not isinstance(stats, CalibrationStats):
-        raise TypeError(f"stats must be CalibrationStats, got {type(stats).__name__}")
-    n_boot = check_int("n_boot", n_boot, 1)
-    seed = check_int("seed", seed)
-    if count is not None:
-        count = check_int("count", count, 1)
-    elif not 0 < check_real("fraction", fraction) <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    return reference.bootstrap(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)
-
-
 def register_autograd(op, backend: str = "cpp") -> None:
     """Make a fused ``ordinal_loss`` op (a qualified name or a custom op) differentiable: backward scales the
     gradient it saved (:mod:`orcal._schema`)."""

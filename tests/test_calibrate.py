@@ -1,12 +1,11 @@
-"""Post-hoc temperature scaling (orcal.calibrate, SPEC §10) against voxel-rater pairs."""
+"""Post-hoc temperature scaling (orcal.metrics.calibrate, SPEC §10) against voxel-rater pairs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orcal.calibrate import TemperatureScaler, apply_temperature, fit_temperature
-from orcal.metrics import MultiRaterCalibration
+from orcal.metrics import MultiRaterCalibration, TemperatureScaler, apply_temperature, fit_temperature
 
 
 def _binary(seed=0, shape=(4, 48, 48), R=5, scale=2.0):

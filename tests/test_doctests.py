@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["orcal.fusion", "orcal.metric_table", "orcal.data", "orcal.train", "orcal.experiment", "orcal.calibrate",
-           "orcal.comparison"]
+MODULES = ["orcal.fusion", "orcal.metrics.registry", "orcal.data", "orcal.train", "orcal.experiment",
+           "orcal.metrics.calibrate", "orcal.metrics.comparison"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,8 +10,7 @@ import math
 
 import pytest
 
-from orcal import report
-from orcal.experiment import DatasetSpec, ExperimentConfig, cfg_with, plan_runs, preset_config, run_experiment
+from orcal.experiment import DatasetSpec, ExperimentConfig, cfg_with, plan_runs, preset_config, run_experiment, tables
 
 
 def _summary(mr_ece: float, auc: float, std: float = 0.01) -> dict:
@@ -34,13 +33,13 @@ def _row(markdown: str, label: str) -> list[str]:
 
 
 def test_best_value_marked_in_markdown_and_csv():
-    t1 = report.metric_table(HAND_MADE, "mr_ece")
+    t1 = tables.metric_results_table(HAND_MADE, "mr_ece")
     assert t1.best == {"A": {"ordinal/expected"}, "B": {"soft", "ordinal/majority"}}  # lower is better; a tie
     md = t1.to_markdown()
     assert _row(md, "ORC (expected)")[0] == "**0.0500 ± 0.0100**"
     assert _row(md, "Median Consensus") == ["0.3000 ± 0.0100", "0.1200 ± 0.0100"]
     assert _row(md, "Soft Consensus")[1].startswith("**") and _row(md, "ORC (majority)")[1].startswith("**")
-    t2 = report.metric_table(HAND_MADE, "auc")
+    t2 = tables.metric_results_table(HAND_MADE, "auc")
     assert t2.best == {"A": {"ordinal/majority"}, "B": {"soft"}}  # higher is better
     rows = list(csv.DictReader(io.StringIO(t2.to_csv())))
     best = {(r["key"], col) for r in rows for col in ("A", "B") if r[f"{col}_best"] == "1"}
@@ -49,18 +48,18 @@ def test_best_value_marked_in_markdown_and_csv():
 
 
 def test_dataset_table_marks_the_best_of_each_metric():
-    md = report.dataset_table(HAND_MADE, "B", ("mr_ece", "auc"))
+    md = tables.dataset_table(HAND_MADE, "B", ("mr_ece", "auc"))
     assert md.splitlines()[0] == "| Method | MR-ECE ↓ | AUC ↑ |"
     assert _row(md, "Soft Consensus") == ["**0.1100 ± 0.0100**", "**0.7500 ± 0.0100**"]
     assert _row(md, "Median Consensus") == ["0.1200 ± 0.0100", "0.7000 ± 0.0100"]
     with pytest.raises(ValueError, match="dataset"):
-        report.dataset_table(HAND_MADE, "C")
+        tables.dataset_table(HAND_MADE, "C")
 
 
 def test_table_rows_in_paper_order_and_missing_cells():
     runs = {"A": {"ordinal/majority": _summary(0.2, 0.9), "random": _summary(0.3, 0.8),
                   "staple": {"mr_ece": {"mean": math.nan, "std": math.nan}}}}
-    table = report.metric_table(runs, "mr_ece")
+    table = tables.metric_results_table(runs, "mr_ece")
     assert table.rows == ["random", "staple", "ordinal/majority"]
     assert table.cell_text("staple", "A") == "n/a"
     assert table.best["A"] == {"ordinal/majority"}
@@ -69,9 +68,9 @@ def test_table_rows_in_paper_order_and_missing_cells():
 
 def test_metric_table_rejects_bad_input():
     with pytest.raises(TypeError, match="runs"):
-        report.metric_table([1, 2], "mr_ece")
+        tables.metric_results_table([1, 2], "mr_ece")
     with pytest.raises(ValueError, match="metric"):
-        report.metric_table(HAND_MADE, "")
+        tables.metric_results_table(HAND_MADE, "")
 
 
 def test_config_validation_and_plan():
@@ -95,7 +94,7 @@ def test_config_validation_and_plan():
     from pathlib import Path
 
     from orcal.experiment import Run
-    from orcal.experiment_runs import run_files as _run_files
+    from orcal.experiment.runs import run_files as _run_files
 
     files = [_run_files(Path("d"), Run("ordinal", w, f"ordinal@{w:g}")) for w in (0.0, 0.5, 2.0)]
     for kind in ("json", "stats", "case"):
@@ -236,25 +235,25 @@ def test_seed_summary_aggregates_over_seeds():
     import numpy as np
     import torch
 
-    from orcal import comparison, reference
+    from orcal.metrics import comparison, pooled
 
     g = torch.Generator().manual_seed(0)
     k = torch.randint(0, 4, (12, 8, 8), generator=g, dtype=torch.uint8)
     seeds = [_stats(k, (k / 3 + s * torch.rand(12, 8, 8, generator=g)).clamp(0, 1)) for s in (0.1, 0.3, 0.2)]
     summary = comparison.seed_summary(seeds, n_boot=50, seed=3)
-    values = [reference.calibration_metrics(s)["mr_ece"] for s in seeds]
+    values = [pooled.calibration_metrics(s)["mr_ece"] for s in seeds]
     m = summary["mr_ece"]
     assert m["seeds"] == pytest.approx(values) and m["value"] == pytest.approx(np.mean(values))
     assert m["seed_std"] == pytest.approx(np.std(values, ddof=1))
     # the bootstrap of the seed mean: every seed resampled with the same draws, then averaged
-    samples = torch.stack([reference.bootstrap_samples(s, n_boot=50, seed=3)["mr_ece"] for s in seeds]).mean(0)
+    samples = torch.stack([pooled.bootstrap_samples(s, n_boot=50, seed=3)["mr_ece"] for s in seeds]).mean(0)
     assert m["mean"] == pytest.approx(float(samples.mean())) and m["low"] <= m["mean"] <= m["high"]
     # one seed is the bootstrap of SPEC §5, with no seed spread
     one = comparison.seed_summary(seeds[:1], n_boot=50, seed=3)["mr_ece"]
-    plain = reference.bootstrap(seeds[0], n_boot=50, seed=3)["mr_ece"]
+    plain = pooled.bootstrap(seeds[0], n_boot=50, seed=3)["mr_ece"]
     assert {k: one[k] for k in plain} == pytest.approx(plain) and math.isnan(one["seed_std"])
     # the table shows the seed mean ± the seed std and the bootstrap interval
-    table = report.metric_table({"d": {"soft": summary}}, "mr_ece", title="T")
+    table = tables.metric_results_table({"d": {"soft": summary}}, "mr_ece", title="T")
     assert table.n_seeds == 3 and "mean over 3 seeds" in table.to_markdown()
     assert table.cell_text("soft", "d") == f"{m['value']:.4f} ± {m['seed_std']:.4f} [{m['low']:.4f}, {m['high']:.4f}]"
     with pytest.raises(ValueError, match="same test images"):
@@ -264,7 +263,7 @@ def test_seed_summary_aggregates_over_seeds():
 def test_paired_difference_cancels_the_images_and_judges_the_noise():
     import torch
 
-    from orcal import comparison
+    from orcal.metrics import comparison
 
     g = torch.Generator().manual_seed(1)
     k = torch.randint(0, 4, (40, 8, 8), generator=g, dtype=torch.uint8)
@@ -343,7 +342,7 @@ def test_seeds_and_selection_end_to_end(tmp_path):
 
 
 def safe(key: str) -> str:
-    from orcal.experiment_runs import safe_name
+    from orcal.experiment.runs import safe_name
 
     return safe_name(key)
 
@@ -363,7 +362,7 @@ def _findings_results(best_gap: tuple[float, float, float]) -> dict:
 
 
 def test_findings_name_the_best_and_say_when_intervals_overlap():
-    from orcal.findings import findings
+    from orcal.experiment.findings import findings
 
     overlap = findings(_findings_results((-0.002, -0.005, 0.001)))
     # a lead inside the noise names no winner: the two rows are reported as tied

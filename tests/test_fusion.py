@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import orcal.ops
-import orcal.staple as staple_module
 from orcal import fusion
 from orcal.fusion import (
     METHODS,
@@ -280,7 +281,8 @@ def test_staple_confidence_weight_matches_simpleitk():
 def test_staple_dense_and_sorted_paths_agree(monkeypatch):
     m = torch.cat([blob_masks(4, (6, 5, 4), seed=s) for s in range(3)])
     dense = staple(m, dtype=torch.float64)
-    monkeypatch.setattr(staple_module, "_DENSE_TABLE_MAX", 0)
+    # the module, not the strategy of the same name that orcal.fusion exports
+    monkeypatch.setattr(importlib.import_module("orcal.fusion.staple"), "_DENSE_TABLE_MAX", 0)
     torch.testing.assert_close(staple(m, dtype=torch.float64), dense, atol=1e-12, rtol=0)
 
 

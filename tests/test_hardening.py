@@ -490,7 +490,7 @@ def test_fuse_cases_in_a_folder_with_glob_characters(tmp_path):
 
 @pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
 def test_staple_refuses_an_infinite_confidence_weight():
-    from orcal.staple import staple
+    from orcal.fusion.staple import staple
 
     with pytest.raises(ValueError, match="confidence_weight"):
         staple(torch.ones(1, 3, 4, 4, dtype=torch.uint8), confidence_weight=float("inf"))

@@ -198,7 +198,7 @@ def test_out_pointing_at_a_file_names_it(case, run, tmp_path):
 
 
 def test_a_truncated_run_statistics_file_is_named(tmp_path):
-    from orcal.experiment_runs import load_run_stats, run_files
+    from orcal.experiment.runs import load_run_stats, run_files
 
     class Run:
         key = "ordinal"

@@ -12,7 +12,7 @@ import torch
 from test_hardening import BACKENDS, run_triton_cases
 
 import orcal
-from orcal.calibrate import TemperatureScaler, fit_temperature
+from orcal.metrics import TemperatureScaler, fit_temperature
 
 NAN, INF = math.nan, math.inf
 

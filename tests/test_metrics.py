@@ -11,7 +11,7 @@ import torch
 
 import orcal
 from orcal import reference
-from orcal.metrics import MultiRaterCalibration, agreement_table, bootstrap
+from orcal.metrics import MultiRaterCalibration, agreement_table, bootstrap, pooled
 
 SCALARS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
 
@@ -39,13 +39,13 @@ def test_equals_reference_and_ops():
     metric = MultiRaterCalibration(per_image=True)
     metric.update(p, masks)
     out = metric.compute()
-    ref = reference.calibration_metrics(reference.calibration_stats(p, masks.sum(1), 3))
+    ref = pooled.calibration_metrics(reference.calibration_stats(p, masks.sum(1), 3))
     public = orcal.calibration_metrics(orcal.calibration_stats(p, masks))
     for key in SCALARS:  # the same backend exactly; the reference to float32 accuracy (compiled kernels)
         assert out[key] == pytest.approx(public[key], rel=1e-12, abs=1e-12), key
         assert out[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
     assert out["n_pairs"] == p.numel() * 3 and out["n_images"] == 3
-    table = reference.bin_table(reference.calibration_stats(p, masks.sum(1), 3))
+    table = pooled.bin_table(reference.calibration_stats(p, masks.sum(1), 3))
     for key in ("count", "confidence", "accuracy"):
         np.testing.assert_allclose(out["bins"][key], table[key], equal_nan=True)
     assert metric.stats().n_images == 3
@@ -146,7 +146,7 @@ def test_kinds_logit_and_ordinal_and_valid():
     c = MultiRaterCalibration(readout="expected")
     c.update(logits, masks, valid=valid, kind="ordinal")
     q = reference.foreground_probability(logits, "expected")
-    ref = reference.calibration_metrics(reference.calibration_stats(q, masks.sum(1), 3, valid=valid))
+    ref = pooled.calibration_metrics(reference.calibration_stats(q, masks.sum(1), 3, valid=valid))
     out = c.compute()
     assert out["mr_ece"] == pytest.approx(ref["mr_ece"], rel=1e-6)
     assert int(out["agreement"]["count"].sum()) == int(valid.sum())
@@ -223,7 +223,7 @@ def test_torchmetrics_adapter():
     adapter.update(p[:1], masks[:1])
     adapter.update(p[1:], masks[1:])
     values = adapter.compute()
-    ref = reference.calibration_metrics(reference.calibration_stats(p, masks.sum(1), 3))
+    ref = pooled.calibration_metrics(reference.calibration_stats(p, masks.sum(1), 3))
     for key in SCALARS:
         assert float(values[key]) == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
     adapter.reset()
@@ -278,7 +278,7 @@ def test_distributed_equals_single_process(tmp_path):
 
 
 def test_slabs_of_large_batches_equal_one_call(monkeypatch):
-    import orcal.batch_stats as batch_stats_module
+    import orcal.metrics.batch_stats as batch_stats_module
 
     p, masks = make_data(B=2, R=3, shape=(7, 5, 6), seed=12)
     g = torch.Generator().manual_seed(13)
@@ -336,3 +336,24 @@ def test_update_takes_tensor_subclasses():
     a.update(p.as_subclass(_Meta), masks.as_subclass(_Meta))
     b.update(p, masks)
     assert a.compute()["mr_ece"] == b.compute()["mr_ece"] and a.compute()["n_images"] == 3
+
+
+
+@pytest.mark.parametrize("old, names", [
+    ("orcal.metric_table", ("register_metric", "unregister_metric", "METRICS")),
+    ("orcal.calibrate", ("TemperatureScaler", "fit_temperature", "apply_temperature")),
+    ("orcal.plots", ("reliability_diagram", "confidence_vs_agreement")),
+])
+def test_moved_modules_warn_and_give_the_same_objects(old, names):
+    """Paths the docs once gave stay importable for one release, warn, and hand out the metrics package's objects."""
+    import importlib
+    import sys
+
+    import orcal.metrics
+    import orcal.metrics.plots
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    home = orcal.metrics.plots if old == "orcal.plots" else orcal.metrics
+    assert all(getattr(module, name) is getattr(home, name) for name in names)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from orcal import plots, reference
-from orcal.metrics import MultiRaterCalibration
+from orcal import reference
+from orcal.metrics import MultiRaterCalibration, plots
 
 
 def _result(seed: int, gamma: float = 1.0):

@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from orcal import reference
+from orcal.metrics import pooled
 from orcal.stats import CalibrationStats
 
 
@@ -55,7 +56,7 @@ def test_mr_ece_equals_ece_of_expanded_pairs(R, n_bins):
     masks, p = random_case(R=R, seed=R * 31 + n_bins)
     k = reference.orc_targets(masks)
     st = reference.calibration_stats(p, k, R, n_bins=n_bins, auc_bins=64)
-    metrics = reference.calibration_metrics(st)
+    metrics = pooled.calibration_metrics(st)
     scores, labels = expand_pairs(p, masks)
     for key, norm in (("mr_ece", "l1"), ("mr_ece_l2", "l2"), ("mr_mce", "max")):
         assert metrics[key] == pytest.approx(binary_ece(scores, labels, n_bins, norm), abs=1e-12)
@@ -66,7 +67,7 @@ def test_mr_ece_with_one_rater_is_binary_ece_and_respects_valid():
     valid = torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.3
     st = reference.calibration_stats(p, masks[:, 0], 1, n_bins=15, valid=valid)
     scores, labels = expand_pairs(p, masks, valid)
-    assert reference.calibration_metrics(st)["mr_ece"] == pytest.approx(binary_ece(scores, labels, 15), abs=1e-12)
+    assert pooled.calibration_metrics(st)["mr_ece"] == pytest.approx(binary_ece(scores, labels, 15), abs=1e-12)
     assert int(st.n.sum()) == int(valid.sum())
 
 
@@ -76,15 +77,15 @@ def test_exact_auc_equals_sklearn_on_expanded_pairs(R, ties):
     masks, p = random_case(R=R, seed=R, ties=ties)
     scores, labels = expand_pairs(p, masks)
     expected = roc_auc_score(labels, scores)
-    assert reference.auc_exact(p, reference.orc_targets(masks), R) == pytest.approx(expected, abs=1e-9)
+    assert pooled.auc_exact(p, reference.orc_targets(masks), R) == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize("auc_bins", [4, 32, 4096])
 def test_binned_auc_error_within_reported_bound(auc_bins):
     masks, p = random_case(B=4, R=5, S=(16, 16), seed=auc_bins)
     k = reference.orc_targets(masks)
-    m = reference.calibration_metrics(reference.calibration_stats(p, k, 5, auc_bins=auc_bins))
-    exact = reference.auc_exact(p, k, 5)
+    m = pooled.calibration_metrics(reference.calibration_stats(p, k, 5, auc_bins=auc_bins))
+    exact = pooled.auc_exact(p, k, 5)
     assert abs(m["auc"] - exact) <= m["auc_error_bound"] + 1e-12
     if auc_bins == 4096:
         assert m["auc_error_bound"] < 1e-3
@@ -93,15 +94,15 @@ def test_binned_auc_error_within_reported_bound(auc_bins):
 def test_auc_undefined_without_negatives_is_nan():
     p = torch.rand(1, 4, 4, dtype=torch.float64)
     k = torch.full((1, 4, 4), 3, dtype=torch.uint8)
-    m = reference.calibration_metrics(reference.calibration_stats(p, k, 3))
-    assert math.isnan(m["auc"]) and math.isnan(reference.auc_exact(p, k, 3))
+    m = pooled.calibration_metrics(reference.calibration_stats(p, k, 3))
+    assert math.isnan(m["auc"]) and math.isnan(pooled.auc_exact(p, k, 3))
 
 
 def test_brier_nll_dice_from_first_principles():
     masks, p = random_case(B=2, R=3, seed=7)
     p = p.clamp(0.01, 0.99)
     k = reference.orc_targets(masks)
-    m = reference.calibration_metrics(reference.calibration_stats(p, k, 3))
+    m = pooled.calibration_metrics(reference.calibration_stats(p, k, 3))
     scores, labels = expand_pairs(p, masks)
     assert m["brier"] == pytest.approx(np.mean((scores - labels) ** 2), rel=1e-9)
     assert m["nll"] == pytest.approx(-np.mean(labels * np.log(scores) + (1 - labels) * np.log(1 - scores)), rel=1e-9)
@@ -125,7 +126,7 @@ def test_streaming_in_chunks_equals_one_pass():
     chunked = CalibrationStats.cat(parts)
     for name, value in whole.as_dict().items():
         torch.testing.assert_close(getattr(chunked, name), value, rtol=0, atol=1e-12)
-    assert reference.calibration_metrics(chunked) == reference.calibration_metrics(whole)
+    assert pooled.calibration_metrics(chunked) == pooled.calibration_metrics(whole)
 
 
 def test_pack_unpack_roundtrip():
@@ -224,9 +225,9 @@ def bootstrap_case(n=40, seed=0):
 
 def test_bootstrap_reproducible_and_contains_full_sample():
     st = bootstrap_case()
-    a = reference.bootstrap(st, n_boot=200, seed=3)
-    b = reference.bootstrap(st, n_boot=200, seed=3)
-    c = reference.bootstrap(st, n_boot=200, seed=4)
+    a = pooled.bootstrap(st, n_boot=200, seed=3)
+    b = pooled.bootstrap(st, n_boot=200, seed=3)
+    c = pooled.bootstrap(st, n_boot=200, seed=4)
     assert a == b and a != c
     for key in ("mr_ece", "auc", "brier", "dice"):
         assert a[key]["low"] <= a[key]["value"] <= a[key]["high"]
@@ -238,6 +239,6 @@ def test_bootstrap_resample_sums_rows():
     st = bootstrap_case(n=3)
     # one draw of every image exactly equals the full sample only in expectation; with count == 1 each
     # resample is a single image, so every bootstrap value is one of the per-image values
-    per_image = sorted(reference.calibration_metrics(st[i])["mr_ece"] for i in range(3))
-    res = reference.bootstrap(st, n_boot=50, count=1, seed=0)
+    per_image = sorted(pooled.calibration_metrics(st[i])["mr_ece"] for i in range(3))
+    res = pooled.bootstrap(st, n_boot=50, count=1, seed=0)
     assert per_image[0] - 1e-12 <= res["mr_ece"]["low"] and res["mr_ece"]["high"] <= per_image[-1] + 1e-12

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from orcal import fusion, metric_table
+from orcal import fusion
+from orcal.metrics import registry
 
 
 def unanimous(masks: torch.Tensor, *, margin: float = 0.0) -> torch.Tensor:
@@ -24,9 +25,9 @@ def toy_strategy():
 
 @pytest.fixture
 def toy_metric():
-    metric_table.register_metric("pairs", "Voxel-rater pairs", lambda st: st.n.sum(1).double(), higher_is_better=True)
+    registry.register_metric("pairs", "Voxel-rater pairs", lambda st: st.n.sum(1).double(), higher_is_better=True)
     yield "pairs"
-    metric_table.unregister_metric("pairs")
+    registry.unregister_metric("pairs")
 
 
 def test_registry_errors():
@@ -37,7 +38,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         fusion.get("nope")
     with pytest.raises(ValueError, match="already registered"):
-        metric_table.register_metric("auc", "AUC", lambda st: st.n)
+        registry.register_metric("auc", "AUC", lambda st: st.n)
 
 
 def test_a_registered_strategy_trains_fuses_and_reports(toy_strategy, toy_metric, tmp_path):
@@ -76,8 +77,8 @@ def test_a_registered_strategy_trains_fuses_and_reports(toy_strategy, toy_metric
 
 def test_a_registered_metric_reaches_every_consumer(toy_metric, tmp_path):
     import orcal
+    from orcal.experiment.tables import metric_results_table as table_of
     from orcal.metrics import MultiRaterCalibration
-    from orcal.report import metric_table as table_of
 
     p = torch.rand(2, 4, 4)
     masks = (torch.rand(2, 3, 4, 4) < 0.5).to(torch.uint8)

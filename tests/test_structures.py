@@ -363,7 +363,7 @@ def test_the_streaming_metric_sums_structures_over_ranks(tmp_path):
 
 
 def test_large_batches_of_several_structures_go_in_slabs(monkeypatch):
-    import orcal.batch_stats as batch_stats_module
+    import orcal.metrics.batch_stats as batch_stats_module
     from orcal.metrics import MultiRaterCalibration
 
     C, R = 2, 3

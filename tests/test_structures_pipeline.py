@@ -88,7 +88,7 @@ def test_an_experiment_on_several_structures(tmp_path):
 
 def test_the_per_structure_reliability_figure(tmp_path):
     import orcal
-    from orcal import plots
+    from orcal.metrics import plots
 
     g = torch.Generator().manual_seed(0)
     st = orcal.calibration_stats(torch.randn(3, 8, 6, 5, generator=g), torch.randint(0, 3, (3, 3, 6, 5), generator=g),

@@ -184,9 +184,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(results) -> None:
     """Tables 1 and 2, then the findings paragraph."""
-    from orcal.report import metric_table
+    from orcal.experiment.tables import metric_results_table
 
     print()
     for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
-        print(metric_table(results["runs"], metric, title=title).to_markdown())
+        print(metric_results_table(results["runs"], metric, title=title).to_markdown())
     print(results.get("findings", ""))

@@ -31,9 +31,9 @@ import torch
 
 from orcal.fusion.simple import simple
 from orcal.fusion.smoothing import PADDINGS, gaussian_kernel1d, soft_gaussian, svls, svls_kernel
+from orcal.fusion.staple import staple
 from orcal.fusion.voting import median, ordinal, random_rater, soft
 from orcal.masks import as_bool_masks
-from orcal.staple import staple
 
 check_masks = as_bool_masks  # the strategies' mask rule (orcal.masks), under its public name
 

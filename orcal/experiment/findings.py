@@ -1,5 +1,5 @@
 """The report's opening paragraph, written from the numbers: which row is best on each metric, whether its
-lead is larger than the seed and bootstrap noise (:func:`orcal.comparison.exceeds_noise`), where ORC stands,
+lead is larger than the seed and bootstrap noise (:func:`orcal.metrics.exceeds_noise`), where ORC stands,
 what temperature scaling did, and the caveats a reader needs.
 
 It reads only an experiment's ``results`` (``results.json``), so it can be regenerated from a saved run.
@@ -11,8 +11,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from orcal.metric_table import higher_is_better
-from orcal.metric_table import label as metric_label
+from orcal.experiment.config import TS_SUFFIX
+from orcal.experiment.tables import row_label
+from orcal.metrics.comparison import exceeds_noise
+from orcal.metrics.registry import higher_is_better
+from orcal.metrics.registry import label as metric_label
 
 __all__ = ["FINDINGS_METRICS", "findings"]
 
@@ -34,8 +37,6 @@ def _better_by(d: Mapping[str, Any], metric: str) -> dict[str, Any]:
 
 def _noise(d: Mapping[str, Any]) -> str:
     """Whether the difference ``d`` (as :func:`_better_by` gives it) is larger than the noise, and if not why."""
-    from orcal.comparison import exceeds_noise
-
     interval = f"95 % paired bootstrap interval [{_f(d['low'])}, {_f(d['high'])}]"
     if exceeds_noise(d):
         if len(d.get("seed_diffs", [])) > 1:
@@ -49,9 +50,6 @@ def _noise(d: Mapping[str, Any]) -> str:
 def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
     """The best row on ``metric`` and where the reference row stands, named as a winner only when its lead is
     larger than the noise (a ranking inside the noise can flip with another seed or machine)."""
-    from orcal.comparison import exceeds_noise
-    from orcal.report import row_label
-
     lead = comp.get("leads", {}).get(metric)
     if not lead:
         return []
@@ -83,8 +81,6 @@ def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
 
 
 def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
-    from orcal.report import TS_SUFFIX, row_label
-
     pairs = [(r.removesuffix(TS_SUFFIX), r) for r in rows
              if r.endswith(TS_SUFFIX) and r.removesuffix(TS_SUFFIX) in rows]
     if not pairs:

@@ -5,12 +5,6 @@ number of updates. Only the summed totals are kept (a few thousand numbers whate
 set), plus, on request, one row per image for the bootstrap (``per_image=True``) and the per-score counts of
 the exact AUC (``exact_auc=True``). Under ``torch.distributed`` :meth:`MultiRaterCalibration.compute` sums
 the statistics of every rank; integer counts stay exact.
-
-When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,
-so the value is pooled over batches and ranks): the scalar :class:`MultiRaterECE`, :class:`MultiRaterAUROC`,
-:class:`MultiRaterBrier` and :class:`MultiRaterDice` for Lightning's ``self.log``, and
-:class:`MultiRaterCalibrationMetric` (every metric as a dict) for ``self.log_dict``; see
-:mod:`orcal.metrics_torchmetrics`.
 """
 
 from __future__ import annotations
@@ -22,11 +16,11 @@ import numpy as np
 import torch
 
 from orcal import distributed, ops, reference
-from orcal.batch_stats import batch_stats, check_options, check_raters, prepare
-from orcal.ops import bootstrap
+from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare
+from orcal.metrics.pooled import auc_from_sorted_counts, bin_table, bootstrap, calibration_metrics, merge_scores
 from orcal.stats import CalibrationStats
 
-__all__ = ["MultiRaterCalibration", "agreement_table", "bootstrap", "summarize"]  # + TORCHMETRICS_CLASSES (lazy)
+__all__ = ["MultiRaterCalibration", "agreement_table", "summarize"]
 
 #: Voxels per chunk when accumulating the confidence-vs-agreement table (bounds its temporary memory).
 _AGREEMENT_CHUNK = 1 << 22
@@ -61,10 +55,10 @@ def agreement_table(sum_p: dict[int, torch.Tensor], count: dict[int, torch.Tenso
 
 def summarize(total: CalibrationStats, n_images: int) -> dict[str, Any]:
     """The result of :meth:`MultiRaterCalibration.compute` from pooled statistics: every metric of
-    :mod:`orcal.metric_table` as a float, the reliability table ``bins``, ``n_pairs`` and ``n_images``."""
+    :mod:`orcal.metrics.registry` as a float, the reliability table ``bins``, ``n_pairs`` and ``n_images``."""
     total = total.total()
-    out: dict[str, Any] = dict(reference.calibration_metrics(total))
-    out["bins"] = reference.bin_table(total)
+    out: dict[str, Any] = dict(calibration_metrics(total))
+    out["bins"] = bin_table(total)
     out["n_pairs"] = int(total.n.sum())
     out["n_images"] = int(n_images)
     return out
@@ -200,10 +194,10 @@ class MultiRaterCalibration:
                 count += torch.bincount(kc, minlength=R + 1).cpu()[: R + 1]
             if self.exact_auc:
                 kl = kc.long()
-                parts.append(tuple(t.cpu() for t in reference.merge_scores(pd, kl, R - kl)))
+                parts.append(tuple(t.cpu() for t in merge_scores(pd, kl, R - kl)))
         if parts:  # one merge per update keeps the cost O(distinct scores) per update
             old = self._scores
-            self._scores = reference.merge_scores(torch.cat([old[0], *(q[0] for q in parts)]),
+            self._scores = merge_scores(torch.cat([old[0], *(q[0] for q in parts)]),
                                          torch.cat([old[1], *(q[1] for q in parts)]),
                                          torch.cat([old[2], *(q[2] for q in parts)]))
         if self.agreement:
@@ -251,7 +245,7 @@ class MultiRaterCalibration:
         if self.exact_auc:
             scores = distributed.all_gather_rows(self._scores[0])
             pos, neg = distributed.all_gather_rows(self._scores[1]), distributed.all_gather_rows(self._scores[2])
-            state["scores"] = reference.merge_scores(scores, pos, neg)
+            state["scores"] = merge_scores(scores, pos, neg)
         return state
 
     # --- results -----------------------------------------------------------------------------------------
@@ -262,7 +256,7 @@ class MultiRaterCalibration:
         Returns:
             ``mr_ece`` (l1), ``mr_ece_l2``, ``mr_mce``, ``auc`` (streaming, with ``auc_error_bound``; exact
             with ``exact_auc=True``, then the binned value is ``auc_binned``), ``brier``, ``nll``, ``dice``,
-            ``bins`` (the reliability table of :func:`orcal.reference.bin_table`), ``agreement`` (the
+            ``bins`` (the reliability table of :func:`orcal.metrics.bin_table`), ``agreement`` (the
             confidence-vs-agreement table, when accumulated), ``n_pairs`` and ``n_images``. Metrics that are
             undefined on the data (e.g. AUC without a negative pair) are NaN.
 
@@ -275,7 +269,7 @@ class MultiRaterCalibration:
         out = summarize(state["total"], state["n_images"])
         if self.exact_auc:
             out["auc_binned"] = out["auc"]
-            out["auc"] = reference.auc_from_sorted_counts(state["scores"][1], state["scores"][2])
+            out["auc"] = auc_from_sorted_counts(state["scores"][1], state["scores"][2])
         if self.agreement:
             out["agreement"] = agreement_table(state["sum_p"], state["count"])
         return out
@@ -334,18 +328,3 @@ class MultiRaterCalibration:
     def __repr__(self) -> str:
         return (f"MultiRaterCalibration(n_bins={self.n_bins}, auc_bins={self.auc_bins}, per_image={self.per_image}, "
                 f"exact_auc={self.exact_auc}, kind={self.kind!r}, images={self._n_images})")
-
-
-# --- torchmetrics forms (built on first access, so torchmetrics stays optional) ------------------------------
-
-#: The ``torchmetrics.Metric`` classes of :mod:`orcal.metrics_torchmetrics`, reachable from here.
-TORCHMETRICS_CLASSES = ("MultiRaterCalibrationMetric", "MultiRaterECE", "MultiRaterAUROC", "MultiRaterBrier",
-                        "MultiRaterDice")
-
-
-def __getattr__(name: str):
-    if name in TORCHMETRICS_CLASSES:
-        from orcal import metrics_torchmetrics
-
-        return getattr(metrics_torchmetrics, name)
-    raise AttributeError(f"module 'orcal.metrics' has no attribute {name!r}")

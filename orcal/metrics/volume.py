@@ -17,7 +17,7 @@ import torch
 
 from orcal.checks import check_int, check_real, check_tensor, data_check
 from orcal.masks import check_masks
-from orcal.reference import per_structure
+from orcal.metrics.pooled import per_structure
 
 _FIELDS = ("mean", "var", "raters", "voxel_volume")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orcal import reference
+from orcal.metrics.pooled import bootstrap_samples, calibration_metrics, summarize_samples
 from orcal.stats import CalibrationStats
 
 __all__ = ["SeedSamples", "exceeds_noise", "paired_difference", "seed_samples", "seed_summary"]
@@ -58,9 +58,9 @@ def seed_samples(stats: Sequence[CalibrationStats], n_boot: int = 1000, fraction
     n = {s.n_images for s in stats}
     if len(n) != 1:
         raise ValueError(f"every seed must be evaluated on the same test images, got {sorted(n)} images")
-    full = [reference.calibration_metrics(s.to("cpu")) for s in stats]
+    full = [calibration_metrics(s.to("cpu")) for s in stats]
     values = {k: np.array([v[k] for v in full], dtype=np.float64) for k in full[0]}
-    per_seed = [reference.bootstrap_samples(s, n_boot=n_boot, fraction=fraction, seed=seed) for s in stats]
+    per_seed = [bootstrap_samples(s, n_boot=n_boot, fraction=fraction, seed=seed) for s in stats]
     boot = {k: torch.stack([p[k] for p in per_seed]).mean(0) for k in per_seed[0]}
     return SeedSamples(values, boot, n.pop())
 
@@ -88,7 +88,7 @@ def seed_summary(stats: Seeds, n_boot: int = 1000, fraction: float = 0.6, seed: 
     seed).
     """
     s = _samples(stats, n_boot, fraction, seed)
-    return {k: {**reference.summarize_samples(b, _mean(s.values[k])), "seed_std": _std(s.values[k]),
+    return {k: {**summarize_samples(b, _mean(s.values[k])), "seed_std": _std(s.values[k]),
                 "seeds": s.values[k].tolist()} for k, b in s.boot.items()}
 
 
@@ -108,7 +108,7 @@ def paired_difference(a: Seeds, b: Seeds, n_boot: int = 1000, fraction: float = 
     out = {}
     for key in a.boot:
         d = a.values[key] - b.values[key]
-        s = reference.summarize_samples(a.boot[key] - b.boot[key], _mean(d))
+        s = summarize_samples(a.boot[key] - b.boot[key], _mean(d))
         out[key] = {**s, "diff": s.pop("value"), "seed_diffs": d.tolist(), "seed_std": _std(d)}
     return out
 

@@ -1,0 +1,215 @@
+"""One run of the experiment: train a strategy with :func:`orcal.train.train`, fit a temperature on the
+validation split (SPEC §10), predict the test split, accumulate per-image multi-rater statistics (SPEC §4)
+with their bootstrap (SPEC §5), and keep the run's files, so that an interrupted experiment resumes where it
+stopped (:mod:`orcal.experiment.runs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orcal.experiment.config import RESULTS_VERSION, TS_SUFFIX, DatasetSpec, ExperimentConfig, Run, fingerprint
+from orcal.experiment.runs import jsonable, run_files, safe_name
+from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
+from orcal.training.runtime import hardware_info
+
+
+def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: Path, device: str, seed: int):
+    """The :class:`orcal.train.TrainConfig` of one run."""
+    from orcal.training.config import TrainConfig
+
+    fusion_options = dict(cfg.fusion_options)
+    if run.sigma is not None:
+        fusion_options["sigma"] = run.sigma
+    fields = {
+        "dataset": spec.name, "root": spec.root, "task": spec.task, "dataset_options": dict(spec.options),
+        "method": run.method, "rps_weight": run.rps_weight, "arch": cfg.arch, "encoder": cfg.encoder,
+        "encoder_weights": cfg.encoder_weights, "epochs": int(cfg.epochs), "batch_size": int(cfg.batch_size),
+        "lr": float(cfg.lr), "seed": int(seed), "out_dir": str(out_dir), "amp": str(cfg.amp),
+        "device": device, "max_steps_per_epoch": cfg.max_steps, "patch_size": cfg.patch_size,
+        "model_options": dict(cfg.model_options), "fusion_options": fusion_options,
+    }
+    fields.update(cfg.train_options)
+    unknown = set(fields) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"training does not accept {', '.join(sorted(unknown))} (argument train_options)")
+    tcfg = TrainConfig(**fields)
+    tcfg.validate()
+    return tcfg
+
+
+def _metrics(cfg: ExperimentConfig, per_image: bool = True, num_structures: int | None = None):
+    from orcal.metrics import MultiRaterCalibration
+
+    return MultiRaterCalibration(n_bins=cfg.n_bins, auc_bins=cfg.auc_bins, per_image=per_image, agreement=per_image,
+                                 num_structures=num_structures)
+
+
+def _scalar_metrics(metric) -> dict[str, float] | None:
+    """The scalar metrics of a :class:`~orcal.metrics.MultiRaterCalibration`, None when it saw no image."""
+    from orcal.metrics.registry import METRICS
+
+    values = metric.compute()
+    return {k: float(values[k]) for k in METRICS if k in values} if values["n_images"] else None
+
+
+def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentConfig, case: dict[str, Any],
+                 device: str, seed: int = 0) -> dict[str, Any]:
+    """Evaluate a trained run. On the validation split: every readout's metrics (what ``select_on_val``
+    chooses by) and, with ``cfg.temperature_scaling``, one temperature per readout (:mod:`orcal.metrics.calibrate`),
+    whose scaled readout ``"<readout>+ts"`` is evaluated as a readout of its own. On the test split, per
+    readout: the per-image statistics, their bootstrap, the confidence-vs-agreement table and the
+    probability map of the qualitative case. A model of several structures (SPEC §11) keeps a statistics row
+    per image and structure; its temperature scaling and qualitative maps (one structure's) are left out."""
+    from orcal.metrics.calibrate import TemperatureScaler, apply_temperature
+    from orcal.models import probability
+    from orcal.training.predict import predict_logits
+
+    head, majority = result.head, result.config.majority
+    kind = "ordinal" if head == "ordinal" else "logit"
+    C = getattr(result, "num_structures", None)
+
+    def passes(split: str):
+        return predict_logits(result, splits[split], device=device, batch_size=int(cfg.batch_size), amp=cfg.amp)
+
+    def readouts_of(logits: torch.Tensor, temperatures: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        out = {r: probability(logits, head, readout=r, majority=majority, num_structures=C) for r in run.readouts}
+        out.update({r + TS_SUFFIX: probability(apply_temperature(logits, t), head, readout=r, majority=majority)
+                    for r, t in temperatures.items()})
+        return {r: p.float().cpu() for r, p in out.items()}
+
+    scalers = {r: TemperatureScaler(kind, readout=r, majority=majority, seed=seed) for r in run.readouts} \
+        if cfg.temperature_scaling and len(splits["val"]) and C is None else {}
+    val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in run.readouts}
+    for _, logits, masks, valid in passes("val"):
+        for r, p in readouts_of(logits, {}).items():
+            val[r].update(p, masks, valid=valid)
+        for scaler in scalers.values():
+            scaler.update(logits, masks, valid=valid)
+    temperatures = {r: s.fit() for r, s in scalers.items()}
+    if temperatures:  # the scaled readouts on the split they were fitted on: a second pass, never stored logits
+        val.update({r + TS_SUFFIX: _metrics(cfg, per_image=False) for r in temperatures})
+        for _, logits, masks, valid in passes("val"):
+            for r in temperatures:
+                val[r + TS_SUFFIX].update(readouts_of(logits, {r: temperatures[r]})[r + TS_SUFFIX], masks,
+                                          valid=valid)
+    names = list(run.readouts) + [r + TS_SUFFIX for r in temperatures]
+    test = {r: _metrics(cfg, num_structures=C) for r in names}
+    volumes: dict[str, list] = {r: [] for r in names}
+    spacing: dict | None = None
+    case_maps: dict[str, np.ndarray] = {}
+    for ids, logits, masks, valid in passes("test"):
+        masks = masks.cpu()
+        valid = None if valid is None else valid.cpu()
+        for r, p in readouts_of(logits, temperatures).items():
+            test[r].update(p, masks, valid=valid)
+            if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
+                if spacing is None:
+                    spacing = _spacings(splits["test"]) or {}
+                sp = torch.stack([spacing[i] for i in ids]) if spacing else None
+                volumes[r].append(volume_stats(p, masks, sp, valid, num_structures=C))
+            if case["id"] in ids and C is None:
+                q = p[ids.index(case["id"])]
+                case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
+    out: dict[str, Any] = {}
+    for r in names:
+        values = test[r].compute()
+        stats = test[r].stats()
+        out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg), "agreement": values.get("agreement"),
+                  "case_map": case_maps.get(r), "n_images": values["n_images"],
+                  "val": _scalar_metrics(val[r])}
+        if volumes[r]:
+            out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
+            out[r]["volume"]["spacing_known"] = bool(spacing)
+        base = r.removesuffix(TS_SUFFIX)
+        if base != r:
+            out[r]["temperature"] = temperatures[base]
+    return out
+
+
+_SPACINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spacings(dataset) -> dict[str, torch.Tensor] | None:
+    """Each item's voxel size by id, where every item has one (NIfTI volumes); else None (volumes in
+    1 mm voxels). Read once per dataset, not once per run."""
+    if dataset in _SPACINGS:
+        return _SPACINGS[dataset]
+    out: dict[str, torch.Tensor] | None = {}
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item.get("spacing") is None:
+            out = None
+            break
+        out[str(item["id"])] = torch.as_tensor(item["spacing"], dtype=torch.float64)
+    _SPACINGS[dataset] = out
+    return out
+
+
+def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
+    """Bootstrap summary of the per-image ``stats`` (SPEC §5) with the experiment's settings."""
+    from orcal.metrics.pooled import bootstrap
+
+    return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed))
+
+
+def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],
+                case: dict[str, Any], device: str, seed: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one run of training seed ``seed`` (default ``cfg.seed``) on ``splits`` (train, val,
+    test datasets), save its files under ``run_dir``, return its record."""
+    from orcal.training.loop import train
+
+    seed = int(cfg.seed if seed is None else seed)
+    files = run_files(run_dir, run)
+    t0 = time.perf_counter()
+    tcfg = _train_config(cfg, spec, run, run_dir / "checkpoints" / safe_name(run.key), device, seed)
+    result = train(tcfg, progress=cfg.progress, train_dataset=splits["train"], val_dataset=splits["val"])
+    t1 = time.perf_counter()
+    evaluated = evaluate_run(result, splits, run, cfg, case, device, seed)
+    t2 = time.perf_counter()
+    history = getattr(result, "history", None)
+    record = {
+        "version": RESULTS_VERSION,
+        "fingerprint": fingerprint(cfg, spec, run, seed),
+        "dataset": spec.key,
+        "method": run.method,
+        "rps_weight": run.rps_weight,
+        "sigma": run.sigma,
+        "seed": seed,
+        "key": run.key,
+        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume")
+                         if k in e}
+                     for r, e in evaluated.items()},
+        "train_s": t1 - t0,
+        "eval_s": t2 - t1,
+        "best_epoch": getattr(result, "best_epoch", None),
+        "epochs": cfg.epochs,
+        "steps": cfg.epochs * _steps_per_epoch(len(splits["train"]), cfg),
+        "history": history,
+        "num_raters": getattr(result, "num_raters", None),
+        "device": device,
+        "hardware": hardware_info(device),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
+    maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
+    np.savez_compressed(files["case"], **maps)
+    tmp = Path(f"{files['json']}.tmp")
+    tmp.write_text(json.dumps(jsonable(record), indent=1))
+    tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
+    return json.loads(files["json"].read_text())
+
+
+def _steps_per_epoch(n_train: int, cfg: ExperimentConfig) -> int:
+    patches = int(cfg.train_options.get("patches_per_image", 1))
+    steps = math.ceil(n_train * patches / int(cfg.batch_size))
+    return steps if cfg.max_steps is None else min(steps, int(cfg.max_steps))
