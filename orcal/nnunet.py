@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 # and nnUNetTrainerORC with its epoch variants, defined when first asked for (they import nnU-Net)
-__all__ = ["EPOCH_VARIANTS", "TRAINER_MODULE", "JointOrdinalLoss", "convert_dataset", "export_probabilities",
-           "joint_levels", "marginal_matrix", "read_orcal_meta", "write_trainer_module"]
+__all__ = ["EPOCH_VARIANTS", "SMOKE_ITERATIONS", "TRAINER_MODULE", "JointOrdinalLoss", "convert_dataset",
+           "export_probabilities", "joint_levels", "marginal_matrix", "read_orcal_meta", "write_trainer_module"]
 
 #: The module :func:`write_trainer_module` writes into a ``nnUNet_extTrainer`` folder.
 TRAINER_MODULE = "orcal_trainers.py"
@@ -309,9 +309,9 @@ def write_trainer_module(folder: str | os.PathLike) -> Path:
     ``nnUNet_extTrainer`` at ``folder`` (for ``nnUNetv2_train`` and ``nnUNetv2_predict`` alike)."""
     path = Path(folder) / TRAINER_MODULE
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = ", ".join(["nnUNetTrainerORC", *(_variant_name(e) for e in EPOCH_VARIANTS)])
+    names = "".join(f"    {n},\n" for n in ["nnUNetTrainerORC", *_variants()])
     path.write_text('"""nnU-Net trainers of orcal: found by class name through nnUNet_extTrainer."""\n\n'
-                    f"from orcal.nnunet import {names}  # noqa: F401\n")
+                    f"from orcal.nnunet import (  # noqa: F401\n{names})\n")
     return path
 
 
@@ -421,7 +421,8 @@ def _trainer_class():
         as nnU-Net does (halving, the lowest scale left out). Validation reports the Dice of the majority
         readout ``P(k >= m) >= 0.5`` against ``k >= m``, which nnU-Net's checkpoint selection then tracks;
         the final validation (summary.json) scores the region ``k >= m`` of each structure. Shorter
-        schedules: ``nnUNetTrainerORC_1epoch``, ``_5epochs`` ... (:data:`EPOCH_VARIANTS`).
+        schedules: ``nnUNetTrainerORC_1epoch``, ``_5epochs`` ... (:data:`EPOCH_VARIANTS`), and
+        ``nnUNetTrainerORC_smoke`` (:data:`SMOKE_ITERATIONS` iterations) to check the path.
         """
 
         rps_weight: float = 1.0
@@ -541,24 +542,30 @@ class _MajorityRegions:
 
 #: nnUNetTrainerORC_<n>epochs (and _1epoch): shorter schedules, named the way nnU-Net's own variants are.
 EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250)
+#: The smoke-test variant: one epoch of this many training (and 2 validation) iterations, which checks the
+#: whole path in minutes on a CPU and trains nothing useful.
+SMOKE_ITERATIONS = 10
 
 
-def _variant_name(epochs: int) -> str:
-    return f"nnUNetTrainerORC_{epochs}epoch" + ("" if epochs == 1 else "s")
+def _variants() -> dict[str, tuple[int, int | None]]:
+    """``{class name: (epochs, iterations per epoch or None for nnU-Net's)}`` of the variants."""
+    names = {f"nnUNetTrainerORC_{e}epoch" + ("" if e == 1 else "s"): (e, None) for e in EPOCH_VARIANTS}
+    return {**names, "nnUNetTrainerORC_smoke": (1, SMOKE_ITERATIONS)}
 
 
-def _epoch_variant(base: type, epochs: int) -> type:
-    """``nnUNetTrainerORC`` with ``num_epochs = epochs``, with nnU-Net's ``__init__`` signature (nnU-Net
-    stores a trainer's arguments by name)."""
+def _variant(base: type, name: str, epochs: int, iterations: int | None) -> type:
+    """``nnUNetTrainerORC`` with a shorter schedule, with nnU-Net's ``__init__`` signature (nnU-Net stores a
+    trainer's arguments by name)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008  (nnU-Net's signature)
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = iterations, 2
 
-    cls = type(_variant_name(epochs), (base,), {"__init__": __init__, "__module__": __name__,
-                                                "__doc__": f"nnUNetTrainerORC for {epochs} epoch(s)."})
-    return cls
+    doc = f"nnUNetTrainerORC for {epochs} epoch(s)" + ("" if iterations is None else f" of {iterations} iterations")
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__doc__": doc + "."})
 
 
 def __getattr__(name: str):
@@ -566,10 +573,10 @@ def __getattr__(name: str):
     if name == "nnUNetTrainerORC":
         cls = globals()[name] = _trainer_class()
         return cls
-    variants = {_variant_name(e): e for e in EPOCH_VARIANTS}
+    variants = _variants()
     if name in variants:
         from orcal.nnunet import nnUNetTrainerORC as base
 
-        cls = globals()[name] = _epoch_variant(base, variants[name])
+        cls = globals()[name] = _variant(base, name, *variants[name])
         return cls
     raise AttributeError(f"module 'orcal.nnunet' has no attribute {name!r}")
