@@ -465,7 +465,7 @@ def _trainer_class():
             levels = joint_levels(self.num_structures, R)
             return [tuple(int(i) for i in torch.nonzero(levels[:, c] >= m)[:, 0]) for c in range(levels.shape[1])]
 
-        def perform_actual_validation(self, save_probabilities: bool = False, clean_val_folder: bool = True):
+        def perform_actual_validation(self, *args, **kwargs):  # its arguments differ between nnU-Net versions
             """nnU-Net's final validation, scored per structure on the majority region ``k_c >= m`` of its
             exported segmentation (summary.json: one Dice per structure, ``foreground_mean`` their mean).
             Scored per class, the vote counts (joint ones above all) that neither the reference nor the
@@ -473,7 +473,7 @@ def _trainer_class():
             labels, regions = self.label_manager, self.majority_regions()
             self.label_manager = _MajorityRegions(labels, regions)  # read only by the scoring of the exports
             try:
-                super().perform_actual_validation(save_probabilities, clean_val_folder)
+                super().perform_actual_validation(*args, **kwargs)
             finally:
                 self.label_manager = labels
 
