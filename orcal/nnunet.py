@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# and nnUNetTrainerORC, defined when first asked for (it imports nnU-Net)
-__all__ = ["TRAINER_MODULE", "JointOrdinalLoss", "convert_dataset", "export_probabilities", "joint_levels",
-           "marginal_matrix", "write_trainer_module"]
+# and nnUNetTrainerORC with its epoch variants, defined when first asked for (they import nnU-Net)
+__all__ = ["EPOCH_VARIANTS", "SMOKE_ITERATIONS", "TRAINER_MODULE", "JointOrdinalLoss", "convert_dataset",
+           "export_probabilities", "joint_levels", "marginal_matrix", "read_orcal_meta", "write_trainer_module"]
 
 #: The module :func:`write_trainer_module` writes into a ``nnUNet_extTrainer`` folder.
 TRAINER_MODULE = "orcal_trainers.py"
@@ -120,9 +120,44 @@ def _volume(arr: np.ndarray) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def _json_value(value: Any, name: str) -> Any:
+    """A loader option as its JSON type (tuples as lists), so that dataset.json reads back what was given."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_json_value(v, name) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v, name) for k, v in value.items()}
+    raise TypeError(f"option {name}={value!r} ({type(value).__name__}) cannot be stored in dataset.json; "
+                    "give numbers, strings, booleans or lists of them")
+
+
+#: What convert writes into a dataset folder (removed again by ``overwrite=True``).
+_CONVERTED = ("imagesTr", "labelsTr", "imagesTs", "ratersTs", "dataset.json", "cases.json")
+
+
+def _clear(folder: Path, overwrite: bool) -> None:
+    """An existing dataset folder is an error unless ``overwrite``: then what convert wrote there is removed."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; choose another --out, id or name")
+    found = [n for n in _CONVERTED if (folder / n).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{folder} already holds an nnU-Net dataset ({', '.join(found)}); pass --overwrite "
+                              "(overwrite=True) to replace it, or choose another id or name")
+    import shutil
+
+    for n in found:
+        path = folder / n
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.PathLike, dataset_id: int,
                     dataset_name: str, task: str | None = None, channel_names: Mapping[int, str] | None = None,
-                    progress: bool = True, **options) -> Path:
+                    progress: bool = True, overwrite: bool = False, **options) -> Path:
     """Write orcal dataset ``name`` in nnU-Net v2's raw layout under ``out`` (your ``nnUNet_raw``).
 
     The ``train`` and ``val`` splits become ``imagesTr``/``labelsTr`` (nnU-Net cross-validates them itself),
@@ -133,11 +168,19 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
     names its file (``image_path``); otherwise the affine is the identity. ``options`` go to
     :func:`orcal.data.load_dataset` (e.g. ``label=2``, ``crop=64``, ``structures="all"``).
 
+    Images keep their original intensities (:func:`orcal.data.original_intensities`; HU for CT), not orcal's
+    window scaling: nnU-Net normalises them itself, and must see a new scan given to ``nnUNetv2_predict`` in
+    the units it was trained on. The channel is named after the loader's ``modality`` ("CT" for CURVAS and
+    LongCIU: nnU-Net's CT normalisation), else ``channel<c>`` (nnU-Net's z-scoring); ``channel_names``
+    overrides it, e.g. ``{0: "CT"}`` for a folder of CT scans in HU. A loader whose original intensities are
+    unknown is refused.
+
     Returns:
-        the dataset folder, ``out/Dataset<id>_<dataset_name>``.
+        the dataset folder, ``out/Dataset<id>_<dataset_name>``. An existing one is an error unless
+        ``overwrite``.
     """
     from orcal._progress import progress_bar
-    from orcal.data import load_dataset
+    from orcal.data import SyntheticMultiRater, load_dataset, original_intensities
     from orcal.io import file_format, write_array
     from orcal.ops import orc_targets
 
@@ -145,50 +188,66 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
         raise ValueError(f"dataset_id must lie in 1..999 (nnU-Net's dataset ids), got {dataset_id}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", dataset_name or ""):
         raise ValueError(f"dataset_name must hold letters, digits, '-' or '_', got {dataset_name!r}")
+    if "transform" in options:
+        raise ValueError("convert writes the loader's own images; a transform would change what nnU-Net learns "
+                         "from what it is given at prediction: leave transform out (nnU-Net augments itself)")
+    stored_options = {k: _json_value(v, k) for k, v in options.items()}
     folder = Path(out) / f"Dataset{int(dataset_id):03d}_{dataset_name}"
-    if (folder / "dataset.json").exists():
-        raise FileExistsError(f"{folder} already holds a dataset.json; remove it or choose another id or name")
+    _clear(folder, overwrite)
     R = channels = C = None
+    modality = ""
     cases: dict[str, dict[str, Any]] = {}
     for split, images, labels in (("train", "imagesTr", "labelsTr"), ("val", "imagesTr", "labelsTr"),
                                   ("test", "imagesTs", None)):
-        try:
-            ds = load_dataset(name, root, split=split, task=task, **options)
-        except ValueError as err:
-            if "is empty" in str(err):  # a layout without a validation (or test) split
-                continue
-            raise
-        for i in progress_bar(range(len(ds)), desc=f"{name} {split} -> nnU-Net", unit="case", enabled=progress):
-            item = ds[i]
-            case = _case_name(item["id"])
-            if case in cases:
-                raise ValueError(f"cases {cases[case]['id']!r} and {item['id']!r} both become {case!r}")
-            masks, image = item["masks"].numpy(), item["image"].numpy()
-            if R is not None and (masks.shape[0] != R or image.shape[0] != channels
-                                  or item.get("num_structures") != C):
-                raise ValueError(f"case {item['id']}: {masks.shape[0]} raters and {image.shape[0]} channels, the "
-                                 f"others have {R} and {channels}; nnU-Net needs one label set")
-            R, channels, C = masks.shape[0], image.shape[0], item.get("num_structures")
-            source = ds.image_path(i) if hasattr(ds, "image_path") else None
-            like = source if source is not None and file_format(source) == "nifti" else None
-            for c in range(channels):
-                write_array(folder / images / f"{case}_{c:04d}.nii.gz", _volume(image[c]).astype(np.float32), like)
-            if labels is not None:
-                if C is None:
-                    label = masks.sum(0).astype(np.uint8)
-                else:  # several structures: the joint vote count's class
-                    label = joint_index(orc_targets(item["masks"][None], num_classes=C)[0].numpy(), R)
-                write_array(folder / labels / f"{case}.nii.gz", _volume(label), like)
-            else:
-                for r in range(R):
-                    write_array(folder / "ratersTs" / case / f"rater{r + 1}.nii.gz", _volume(masks[r]), like)
-            cases[case] = {"id": item["id"], "split": split}
+        with original_intensities() as reads:  # nnU-Net normalises: it must see the files' own units
+            try:
+                ds = load_dataset(name, root, split=split, task=task, **options)
+            except ValueError as err:
+                if "is empty" in str(err):  # a layout without a validation (or test) split
+                    continue
+                raise
+            modality = getattr(ds, "modality", "")
+            for i in progress_bar(range(len(ds)), desc=f"{name} {split} -> nnU-Net", unit="case",
+                                  enabled=progress):
+                read = reads.images
+                item = ds[i]
+                if reads.images == read and not isinstance(ds, SyntheticMultiRater):
+                    raise ValueError(f"dataset {name!r} does not deliver its images through orcal's intensity rule, "
+                                     "so their original intensities are unknown; nnU-Net needs them (it normalises "
+                                     "itself): write the images in nnU-Net's layout yourself")
+                case = _case_name(item["id"])
+                if case in cases:
+                    raise ValueError(f"cases {cases[case]['id']!r} and {item['id']!r} both become {case!r}")
+                masks, image = item["masks"].numpy(), item["image"].numpy()
+                if R is not None and (masks.shape[0] != R or image.shape[0] != channels
+                                      or item.get("num_structures") != C):
+                    raise ValueError(f"case {item['id']}: {masks.shape[0]} raters and {image.shape[0]} channels, "
+                                     f"the others have {R} and {channels}; nnU-Net needs one label set")
+                R, channels, C = masks.shape[0], image.shape[0], item.get("num_structures")
+                source = ds.image_path(i) if hasattr(ds, "image_path") else None
+                like = source if source is not None and file_format(source) == "nifti" else None
+                for c in range(channels):
+                    write_array(folder / images / f"{case}_{c:04d}.nii.gz", _volume(image[c]).astype(np.float32),
+                                like)
+                if labels is not None:
+                    if C is None:
+                        label = masks.sum(0).astype(np.uint8)
+                    else:  # several structures: the joint vote count's class
+                        label = joint_index(orc_targets(item["masks"][None], num_classes=C)[0].numpy(), R)
+                    write_array(folder / labels / f"{case}.nii.gz", _volume(label), like)
+                else:
+                    for r in range(R):
+                        write_array(folder / "ratersTs" / case / f"rater{r + 1}.nii.gz", _volume(masks[r]), like)
+                cases[case] = {"id": item["id"], "split": split}
     n_train = sum(c["split"] != "test" for c in cases.values())
     if not n_train:
         raise ValueError(f"dataset {name!r} has no training case to convert")
     names = dict(channel_names or {})
+    bad = sorted(set(names) - set(range(channels)))
+    if bad:
+        raise ValueError(f"channel_names names channels {bad}, but the images have {channels} (0..{channels - 1})")
     meta = {
-        "channel_names": {str(c): names.get(c, "CT" if channels == 1 else f"channel{c}") for c in range(channels)},
+        "channel_names": {str(c): names.get(c, modality or f"channel{c}") for c in range(channels)},
         "labels": ({"background": 0, **{f"k={k}": k for k in range(1, R + 1)}} if C is None else
                    {"background": 0, **{"k=" + "/".join(str(int(v)) for v in row): i
                                         for i, row in enumerate(joint_levels(C, R)) if i}}),
@@ -196,9 +255,10 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
         "file_ending": ".nii.gz",
         "name": dataset_name,
         "description": f"orcal dataset {name!r}: the label is the number of raters (of {R}) who marked the voxel"
-                       + ("" if C is None else f", per structure (of {C}), as one joint class"),
-        "orcal": {"num_raters": R, "num_structures": C, "source": name, "task": task,
-                  "options": {k: str(v) for k, v in options.items()}},
+                       + ("" if C is None else f", per structure (of {C}), as one joint class")
+                       + "; images in their original intensities",
+        "orcal": {"num_raters": R, "num_structures": C, "source": name, "task": task, "intensities": "original",
+                  "options": stored_options},
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dataset.json").write_text(json.dumps(meta, indent=1))
@@ -206,23 +266,62 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
     return folder
 
 
+def read_orcal_meta(dataset_json: Mapping[str, Any] | str | os.PathLike, source: str | None = None
+                    ) -> tuple[int | None, int | None]:
+    """``(R, C)`` recorded by :func:`convert_dataset` in a ``dataset.json`` (a path, or its contents with
+    ``source`` naming the file): ``C`` is None for one structure, both are None for a dataset orcal did not
+    write. Numbers stored as strings by older versions are read too; anything else names the file."""
+    if not isinstance(dataset_json, Mapping):
+        path = Path(dataset_json)
+        source = str(path)
+        try:
+            dataset_json = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable dataset.json ({type(err).__name__}: {err}); "
+                             "rewrite it with orcal nnunet convert") from err
+    source = source or "dataset.json"
+    meta = dataset_json.get("orcal") if isinstance(dataset_json, Mapping) else None
+    if meta is None:
+        return None, None
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{source}: 'orcal' must be an object, got {type(meta).__name__}")
+
+    def count(key: str, low: int, high: int) -> int | None:
+        value = meta.get(key)
+        if value is None:
+            return None
+        try:
+            number = int(str(value).strip()) if isinstance(value, str) else value
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{source}: orcal.{key} must be an integer in {low}..{high}, got {value!r}; "
+                             "rewrite it with orcal nnunet convert") from None
+        return number
+
+    from orcal.ops import MAX_RATERS
+
+    return count("num_raters", 1, MAX_RATERS), count("num_structures", 1, 255)
+
+
 def write_trainer_module(folder: str | os.PathLike) -> Path:
     """Write the module that lets nnU-Net find :class:`nnUNetTrainerORC` by name: point
     ``nnUNet_extTrainer`` at ``folder`` (for ``nnUNetv2_train`` and ``nnUNetv2_predict`` alike)."""
     path = Path(folder) / TRAINER_MODULE
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = "".join(f"    {n},\n" for n in ["nnUNetTrainerORC", *_variants()])
     path.write_text('"""nnU-Net trainers of orcal: found by class name through nnUNet_extTrainer."""\n\n'
-                    "from orcal.nnunet import nnUNetTrainerORC  # noqa: F401\n")
+                    f"from orcal.nnunet import (  # noqa: F401\n{names})\n")
     return path
 
 
 def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) -> dict[str, torch.Tensor]:
     """Both readouts and ``E[k]`` of level probabilities ``q (R+1, *S)``. The readouts of SPEC §2 take logits:
     ``log q`` are logits whose softmax is ``q``."""
-    from orcal import reference
+    from orcal import ops, reference
 
     logits = torch.log(q.double().clamp_min(1e-12))[None]
-    m = reference.majority_threshold(num_raters, majority)
+    m = ops._majority(num_raters, majority)  # 1..R, or the strict majority
     expected = reference.foreground_probability(logits, "expected", m)[0]
     return {"majority": reference.foreground_probability(logits, "majority", m)[0].float(),
             "expected": expected.float(), "expected_k": (expected * num_raters).float()}
@@ -237,12 +336,11 @@ def _structures_of_prediction(pred: Path) -> tuple[int, int] | None:
         warnings.warn(f"{path} is missing (nnUNetv2_predict writes it): reading the probabilities as the levels of "
                       "one structure", stacklevel=3)
         return None
-    try:
-        meta = json.loads(path.read_text()).get("orcal") or {}
-        C = meta.get("num_structures")
-        return None if C is None else (int(C), int(meta["num_raters"]))
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # damaged: name the file
-        raise ValueError(f"{path}: a damaged dataset.json ({type(err).__name__}: {err})") from err
+    R, C = read_orcal_meta(path)
+    if C is not None and R is None:
+        raise ValueError(f"{path}: orcal.num_structures is set but orcal.num_raters is missing; rewrite it with "
+                         "orcal nnunet convert")
+    return None if C is None else (C, R)
 
 
 def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, majority: int | None = None
@@ -262,6 +360,10 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
     if not files:
         raise FileNotFoundError(f"{pred}: no <case>.npz; run nnUNetv2_predict with --save_probabilities")
     joint = _structures_of_prediction(pred)
+    if majority is not None and joint is not None:
+        from orcal.checks import check_int
+
+        check_int(f"majority (with R = {joint[1]} raters)", majority, 1, joint[1])
     names = ("majority", "expected", "expected_k")
     if joint is None:
         folders = {r: Path(out_dir) / r for r in names}
@@ -317,17 +419,24 @@ def _trainer_class():
         optional ignore label last. Class attributes to subclass: ``rps_weight`` (λ, default 1) and
         ``majority`` (the majority threshold, default ``R // 2 + 1``). Deep supervision weights the scales
         as nnU-Net does (halving, the lowest scale left out). Validation reports the Dice of the majority
-        readout ``P(k >= m) >= 0.5`` against ``k >= m``, which nnU-Net's checkpoint selection then tracks.
+        readout ``P(k >= m) >= 0.5`` against ``k >= m``, which nnU-Net's checkpoint selection then tracks;
+        the final validation (summary.json) scores the region ``k >= m`` of each structure. Shorter
+        schedules: ``nnUNetTrainerORC_1epoch``, ``_5epochs`` ... (:data:`EPOCH_VARIANTS`), and
+        ``nnUNetTrainerORC_smoke`` (:data:`SMOKE_ITERATIONS` iterations) to check the path.
         """
 
         rps_weight: float = 1.0
         majority: int | None = None
 
+        def _orcal_meta(self) -> tuple[int | None, int | None]:
+            """``(R, C)`` from the dataset.json nnU-Net was given (its copy in nnUNet_preprocessed named)."""
+            source = os.path.join(self.preprocessed_dataset_folder_base, "dataset.json")
+            return read_orcal_meta(self.dataset_json, source)
+
         @property
         def num_structures(self) -> int | None:
             """``C`` of a dataset of several structures (joint classes), from its dataset.json."""
-            C = (self.dataset_json.get("orcal") or {}).get("num_structures")
-            return None if C is None else int(C)
+            return self._orcal_meta()[1]
 
         @property
         def num_raters(self) -> int:
@@ -335,13 +444,38 @@ def _trainer_class():
             if self.label_manager.has_regions or labels != list(range(len(labels))) or len(labels) < 2:
                 raise ValueError(f"nnUNetTrainerORC needs the labels 0..R (vote counts), got {labels}; convert the "
                                  "data with orcal nnunet convert")
-            if self.num_structures is None:
+            R, C = self._orcal_meta()
+            if C is None:
                 return len(labels) - 1
-            R = int(self.dataset_json["orcal"]["num_raters"])
-            if len(labels) != len(joint_levels(self.num_structures, R)):
-                raise ValueError(f"{len(labels)} labels are not the joint vote counts of {self.num_structures} "
-                                 f"structures and {R} raters; convert the data with orcal nnunet convert")
+            if R is None or len(labels) != len(joint_levels(C, R)):
+                raise ValueError(f"{len(labels)} labels are not the joint vote counts of {C} structures and {R} "
+                                 "raters; convert the data with orcal nnunet convert")
             return R
+
+        @property
+        def majority_threshold(self) -> int:
+            """``m``: the class attribute ``majority`` checked against ``R``, or the strict majority."""
+            return ops._majority(self.num_raters, self.majority)
+
+        def majority_regions(self) -> list[tuple[int, ...]]:
+            """Per structure, the nnU-Net classes whose vote count reaches the majority (``k_c >= m``)."""
+            R, m = self.num_raters, self.majority_threshold
+            if self.num_structures is None:
+                return [tuple(range(m, R + 1))]
+            levels = joint_levels(self.num_structures, R)
+            return [tuple(int(i) for i in torch.nonzero(levels[:, c] >= m)[:, 0]) for c in range(levels.shape[1])]
+
+        def perform_actual_validation(self, *args, **kwargs):  # its arguments differ between nnU-Net versions
+            """nnU-Net's final validation, scored per structure on the majority region ``k_c >= m`` of its
+            exported segmentation (summary.json: one Dice per structure, ``foreground_mean`` their mean).
+            Scored per class, the vote counts (joint ones above all) that neither the reference nor the
+            prediction holds make nnU-Net's mean Dice NaN."""
+            labels, regions = self.label_manager, self.majority_regions()
+            self.label_manager = _MajorityRegions(labels, regions)  # read only by the scoring of the exports
+            try:
+                super().perform_actual_validation(*args, **kwargs)
+            finally:
+                self.label_manager = labels
 
         def _ordinal_loss(self) -> torch.nn.Module:
             ignore = self.label_manager.ignore_label
@@ -369,8 +503,7 @@ def _trainer_class():
                 loss = self.loss(output, target)
                 if self.enable_deep_supervision:
                     output, target = output[0], target[0]
-                R, C = self.num_raters, self.num_structures
-                m = R // 2 + 1 if self.majority is None else int(self.majority)
+                C, m = self.num_structures, self.majority_threshold
                 if C is None:
                     k = target[:, 0].long()
                     valid = torch.ones_like(k, dtype=torch.bool)
@@ -394,9 +527,56 @@ def _trainer_class():
     return nnUNetTrainerORC
 
 
+class _MajorityRegions:
+    """nnU-Net's label manager, with the majority region of each structure as the regions its validation
+    scores (nnU-Net evaluates a region as the union of its classes)."""
+
+    has_regions = True
+
+    def __init__(self, labels: Any, regions: list[tuple[int, ...]]) -> None:
+        self._labels, self.foreground_regions = labels, regions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._labels, name)
+
+
+#: nnUNetTrainerORC_<n>epochs (and _1epoch): shorter schedules, named the way nnU-Net's own variants are.
+EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250)
+#: The smoke-test variant: one epoch of this many training (and 2 validation) iterations, which checks the
+#: whole path in minutes on a CPU and trains nothing useful.
+SMOKE_ITERATIONS = 10
+
+
+def _variants() -> dict[str, tuple[int, int | None]]:
+    """``{class name: (epochs, iterations per epoch or None for nnU-Net's)}`` of the variants."""
+    names = {f"nnUNetTrainerORC_{e}epoch" + ("" if e == 1 else "s"): (e, None) for e in EPOCH_VARIANTS}
+    return {**names, "nnUNetTrainerORC_smoke": (1, SMOKE_ITERATIONS)}
+
+
+def _variant(base: type, name: str, epochs: int, iterations: int | None) -> type:
+    """``nnUNetTrainerORC`` with a shorter schedule, with nnU-Net's ``__init__`` signature (nnU-Net stores a
+    trainer's arguments by name)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008  (nnU-Net's signature)
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = iterations, 2
+
+    doc = f"nnUNetTrainerORC for {epochs} epoch(s)" + ("" if iterations is None else f" of {iterations} iterations")
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__doc__": doc + "."})
+
+
 def __getattr__(name: str):
-    if name == "nnUNetTrainerORC":  # nnU-Net is imported only when the trainer is asked for
-        cls = _trainer_class()
-        globals()[name] = cls
+    # nnU-Net is imported only when a trainer is asked for
+    if name == "nnUNetTrainerORC":
+        cls = globals()[name] = _trainer_class()
+        return cls
+    variants = _variants()
+    if name in variants:
+        from orcal.nnunet import nnUNetTrainerORC as base
+
+        cls = globals()[name] = _variant(base, name, *variants[name])
         return cls
     raise AttributeError(f"module 'orcal.nnunet' has no attribute {name!r}")

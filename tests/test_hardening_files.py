@@ -217,7 +217,7 @@ def test_a_damaged_nnunet_dataset_json_is_named(tmp_path):
     np.savez(pred / "case1.npz", probabilities=np.full((4, 2, 2, 2), 0.25, dtype=np.float32))
     (pred / "dataset.json").write_text('{"orcal": {"num_structures": 2')  # cut short
     rc, err = _cli("nnunet", "export", pred, "--out", tmp_path / "out")
-    assert rc == 2 and "dataset.json: a damaged dataset.json" in err
+    assert rc == 2 and "dataset.json: not a readable dataset.json" in err
 
 
 def test_an_error_on_an_existing_folder_keeps_its_message(monkeypatch, tmp_path):

@@ -10,11 +10,14 @@ The whole path, in order (see docs/integrations.md):
       -tr nnUNetTrainerORC --save_probabilities
   orcal nnunet export pred --out maps
   orcal evaluate --pred maps/expected --raters $nnUNet_raw/Dataset501_CurvasPancreas/ratersTs --out eval
+Without a GPU add -device cpu to nnUNetv2_train and nnUNetv2_predict; nnUNetTrainerORC_5epochs (_1epoch, ...)
+is a short schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orcal.commands._args import add_quiet, key_value
 
@@ -30,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--id", type=int, required=True, help="nnU-Net dataset id (1..999)")
     conv.add_argument("--name", required=True, help="nnU-Net dataset name, e.g. CurvasPancreas")
     conv.add_argument("--out", required=True, help="nnU-Net's raw folder (nnUNet_raw)")
+    conv.add_argument("--channel-name", action="append", default=[], metavar="NAME",
+                      help="nnU-Net's name of each image channel, in order (repeatable), e.g. CT for scans in HU "
+                           "(nnU-Net's CT normalisation); default: the loader's modality, else channel<c>")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this id and name")
     add_quiet(conv)
     tr = sub.add_parser("trainer", help="write the module nnUNet_extTrainer needs to find nnUNetTrainerORC")
     tr.add_argument("folder", help="folder to write it into; then export nnUNet_extTrainer=FOLDER")
@@ -43,8 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from orcal import nnunet
 
     if args.action == "convert":
-        folder = nnunet.convert_dataset(args.dataset, args.root, args.out, args.id, args.name, task=args.task,
-                                        progress=not args.quiet, **dict(args.option))
+        try:
+            folder = nnunet.convert_dataset(args.dataset, args.root, args.out, args.id, args.name, task=args.task,
+                                            channel_names=dict(enumerate(args.channel_name)),
+                                            progress=not args.quiet, overwrite=args.overwrite, **dict(args.option))
+        except FileExistsError as err:
+            print(f"orcal nnunet: error: {err}", file=sys.stderr)
+            return 2
         print(f"wrote {folder} (dataset.json, imagesTr, labelsTr, imagesTs, ratersTs)")
     elif args.action == "trainer":
         path = nnunet.write_trainer_module(args.folder)

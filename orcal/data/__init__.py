@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch.utils.data import Dataset
 
 from .agreement import AgreementAccumulator, agreement_stats
-from .base import SPLITS, Case, MultiRaterDataset, collate
+from .base import SPLITS, Case, MultiRaterDataset, collate, original_intensities
 from .cocahis import CoCaHis
 from .ct import Curvas, LongCIU
 from .folder import FolderDataset
@@ -81,5 +81,5 @@ __all__ = [
     "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler",
     "SlidingWindow", "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError",
     "agreement_stats", "augment_2d", "collate", "dataset_class", "load_dataset", "make_synthetic",
-    "safe_load", "sliding_window_inference",
+    "original_intensities", "safe_load", "sliding_window_inference",
 ]

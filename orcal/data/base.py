@@ -6,7 +6,9 @@ An item is a dict with ``"image"`` (float32, ``(C, *S)``), ``"masks"`` (uint8 in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,8 +134,35 @@ def check_same_shape(mask: np.ndarray, shape: tuple[int, ...], source: str, imag
                          f"{tuple(shape)} of {image_source}")
 
 
+class OriginalReads:
+    """What :func:`original_intensities` counts: ``images``, the images a loader read in their own units."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+
+_ORIGINAL: ContextVar[OriginalReads | None] = ContextVar("orcal_original_intensities", default=None)
+
+
+@contextmanager
+def original_intensities() -> Iterator[OriginalReads]:
+    """Within this block the loaders deliver images in their files' own units (Hounsfield units for CT) as
+    float32: :func:`scale_intensity` keeps its checks but not its rule. For tools that normalise images
+    themselves and must see a new scan as they saw the training data (nnU-Net). Loaders must be opened
+    inside the block (some read their images when opened). Yields the count of images read so: an item that
+    leaves it unchanged came from a loader that does not scale through :func:`scale_intensity`.
+    """
+    reads = OriginalReads()
+    token = _ORIGINAL.set(reads)
+    try:
+        yield reads
+    finally:
+        _ORIGINAL.reset(token)
+
+
 def scale_intensity(arr: np.ndarray, mode: str | tuple[float, float] = "auto", source: str = "image") -> np.ndarray:
-    """Image intensities to float32: uint8 / 255, a (low, high) window to [0, 1], or 0.5-99.5 percentiles.
+    """Image intensities to float32: uint8 / 255, a (low, high) window to [0, 1], or 0.5-99.5 percentiles
+    (within :func:`original_intensities`: unchanged).
 
     NaN or infinite intensities are an error naming ``source`` (one NaN would make every percentile, and so
     the whole image, NaN).
@@ -142,6 +171,10 @@ def scale_intensity(arr: np.ndarray, mode: str | tuple[float, float] = "auto", s
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         raise ValueError(f"{source}: the image holds {bad} NaN or infinite values; fill or mask them first")
+    reads = _ORIGINAL.get()
+    if reads is not None:
+        reads.images += 1
+        return arr.astype(np.float32)
     if isinstance(mode, tuple | list):
         lo, hi = float(mode[0]), float(mode[1])
         if not hi > lo:
@@ -184,6 +217,9 @@ class MultiRaterDataset(Dataset):
 
     name = ""
     published = ""
+    #: What the images' original intensities are (:func:`original_intensities`), for tools that normalise
+    #: by modality: "CT" for Hounsfield units; "" where a loader does not know.
+    modality = ""
 
     def __init__(self, cases: Sequence[Case], split: str | None, transform: Callable | None = None):
         if split is not None and not cases:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .base import Case, MultiRaterDataset, binary_mask, check_root, make_item, official_split
+from .base import Case, MultiRaterDataset, binary_mask, check_root, make_item, official_split, scale_intensity
 
 
 def _strings(values) -> list[str]:
@@ -86,4 +86,5 @@ class CoCaHis(MultiRaterDataset):
         with h5py.File(self.path, "r") as f:
             image = np.asarray(f[f"HE/{self.stain}"][i])
             masks = [binary_mask(np.asarray(f["GT"][k][i]), f"{self.path} GT/{k}[{i}]") for k in self.raters]
-        return make_item(np.moveaxis(image, -1, 0).astype(np.float32) / 255.0, masks, case.id)
+        return make_item(np.moveaxis(scale_intensity(image, (0.0, 255.0), f"{self.path} HE/{self.stain}[{i}]"),
+                                     -1, 0), masks, case.id)

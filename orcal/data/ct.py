@@ -62,6 +62,7 @@ class LongCIU(MultiRaterDataset):
     """
 
     name = "longciu"
+    modality = "CT"
     published = "Zenodo (LongCIU: lung CT with inter-observer uncertainty; MedSeg COVID-19 CT slices)"
     layout = "longciu_img.nii.gz, longciu_{1,2,3}_tgt.nii.gz and longciu_splits.json"
     tasks = {"ggo": (1,), "consolidation": (2,), "any": (1, 2)}
@@ -129,6 +130,7 @@ class Curvas(MultiRaterDataset):
     """
 
     name = "curvas"
+    modality = "CT"
     published = "https://curvas.grand-challenge.org (CURVAS challenge, MICCAI 2024; data on Zenodo)"
     layout = "<case>/image.nii.gz with <case>/annotation_{1,2,3}.nii.gz (the published cases: UKCHLL###)"
     tasks = {"pancreas": 1, "kidney": 2, "liver": 3}
