@@ -108,7 +108,7 @@ def test_temperature_scaling_vote_errors_name_the_target():
 # --- torchmetrics forms ---------------------------------------------------------------------------------------
 
 def test_torchmetrics_state_of_other_bins_or_structures_is_refused(be):
-    tm = pytest.importorskip("orcal.metrics_torchmetrics", exc_type=ImportError)
+    tm = pytest.importorskip("orcal.integrations.torchmetrics", exc_type=ImportError)
     backend, dev = be
     p, t = torch.rand(1, 4, 4, device=dev), _masks().to(dev)
     a, b = tm.MultiRaterECE(backend=backend), tm.MultiRaterECE(n_bins=10, auc_bins=4101, backend=backend)
@@ -145,7 +145,7 @@ def test_torchmetrics_state_of_other_bins_or_structures_is_refused(be):
 
 
 def test_torchmetrics_plot_uses_the_metrics_own_dist_sync_fn(be):
-    tm = pytest.importorskip("orcal.metrics_torchmetrics", exc_type=ImportError)
+    tm = pytest.importorskip("orcal.integrations.torchmetrics", exc_type=ImportError)
     pytest.importorskip("matplotlib").use("Agg")
     backend, dev = be
     calls = []
@@ -164,7 +164,7 @@ def test_torchmetrics_plot_uses_the_metrics_own_dist_sync_fn(be):
 
 def test_monai_metric_refuses_lists_of_different_lengths(be):
     pytest.importorskip("monai")
-    from orcal.monai import MultiRaterCalibrationMetric
+    from orcal.integrations.monai import MultiRaterCalibrationMetric
 
     backend, dev = be
     metric = MultiRaterCalibrationMetric(kind="prob", backend=backend)
@@ -178,7 +178,7 @@ def test_monai_metric_refuses_lists_of_different_lengths(be):
 @pytest.mark.parametrize("bad", [NAN, 1.5])
 def test_monai_rater_stack_refuses_nan_and_non_integer_labels(bad):
     pytest.importorskip("monai")
-    from orcal.monai import StackRatersd
+    from orcal.integrations.monai import StackRatersd
 
     maps = [torch.zeros(1, 4, 4) for _ in range(3)]
     maps[0][0, 0, 0] = 1.0
