@@ -33,6 +33,7 @@ from orcal.fusion.simple import simple
 from orcal.fusion.smoothing import PADDINGS, gaussian_kernel1d, soft_gaussian, svls, svls_kernel
 from orcal.fusion.staple import staple
 from orcal.fusion.voting import median, ordinal, random_rater, soft
+from orcal.heads import KINDS
 from orcal.masks import as_bool_masks
 
 check_masks = as_bool_masks  # the strategies' mask rule (orcal.masks), under its public name
@@ -78,8 +79,8 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = 
         raise ValueError(f"a strategy name must be an identifier (it is a --method value), got {name!r}")
     if not callable(fn):
         raise TypeError(f"fn of strategy {name!r} must be callable, got {type(fn).__name__}")
-    if head not in ("binary", "ordinal"):
-        raise ValueError(f"head of strategy {name!r} must be 'binary' or 'ordinal', got {head!r}")
+    if head not in KINDS:
+        raise ValueError(f"head of strategy {name!r} must be one of {KINDS}, got {head!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"strategy {name!r} is already registered; pass replace=True to replace it")
     entry = Strategy(name, fn, label or name, tuple(options), head, needs_generator, uses_majority)

@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orcal.heads import EXPECTED_K, Head
 from orcal.integrations.nnunet.convert import read_orcal_meta
 from orcal.integrations.nnunet.levels import joint_levels, marginal_matrix
+
+#: What nnU-Net's levels give: an ordinal head's readouts and E[k].
+ORDINAL = Head("ordinal")
 
 
 def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) -> dict[str, torch.Tensor]:
@@ -20,9 +24,8 @@ def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) 
 
     logits = torch.log(q.double().clamp_min(1e-12))[None]
     m = ops._majority(num_raters, majority)  # 1..R, or the strict majority
-    expected = reference.foreground_probability(logits, "expected", m)[0]
-    return {"majority": reference.foreground_probability(logits, "majority", m)[0].float(),
-            "expected": expected.float(), "expected_k": (expected * num_raters).float()}
+    maps = {r: reference.foreground_probability(logits, r, m)[0] for r in ORDINAL.readouts}  # float64
+    return {**{r: p.float() for r, p in maps.items()}, EXPECTED_K: (maps["expected"] * num_raters).float()}
 
 
 def _structures_of_prediction(pred: Path) -> tuple[int, int] | None:
@@ -62,7 +65,7 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
         from orcal.checks import check_int
 
         check_int(f"majority (with R = {joint[1]} raters)", majority, 1, joint[1])
-    names = ("majority", "expected", "expected_k")
+    names = ORDINAL.maps
     if joint is None:
         folders = {r: Path(out_dir) / r for r in names}
     else:
