@@ -24,8 +24,9 @@ from then on it works in :func:`make_target`, ``orcal train --method``, ``orcal 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -38,9 +39,9 @@ from orcal.masks import as_bool_masks
 
 check_masks = as_bool_masks  # the strategies' mask rule (orcal.masks), under its public name
 
-__all__ = ["METHODS", "PADDINGS", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target", "median",
-           "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple", "svls",
-           "svls_kernel", "unregister"]
+__all__ = ["METHODS", "PADDINGS", "STRATEGIES", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target",
+           "median", "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple",
+           "svls", "svls_kernel", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class Strategy:
 
 
 _REGISTRY: dict[str, Strategy] = {}
+
+#: The registered strategies, ``{name: Strategy}`` in registration order: a read-only, live view; change it
+#: with :func:`register`.
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType(_REGISTRY)
 
 
 def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = None, options=(),
