@@ -1,7 +1,7 @@
 """Hostile inputs to the metrics added on top of the ops (SPEC §8): volume metrics, temperature scaling, the
 torchmetrics and MONAI forms. Values outside their domain are an error naming the argument, states that do not
 fit are refused, and valid inputs (empty batches, every integer vote dtype) are accepted. The metric forms run
-on every backend available here (the Triton kernels in the interpreter, as tests/test_hardening.py does)."""
+on every backend available here (the Triton kernels in the interpreter, tests/backend_cases.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_hardening import BACKENDS, run_triton_cases
+from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
 from orcal.metrics import TemperatureScaler, fit_temperature
@@ -189,3 +189,15 @@ def test_monai_rater_stack_refuses_nan_and_non_integer_labels(bad):
             transform(data)
     maps[1][0, 1, 1] = 1.0
     assert int(StackRatersd(keys=list(data))(data)["masks"].sum()) == 2
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
+def test_metric_checks_an_empty_batch():
+    from orcal.metrics import MultiRaterCalibration
+
+    metric = MultiRaterCalibration()
+    with pytest.raises(ValueError, match="pred"):
+        metric.update(torch.rand(0, 7), torch.zeros(0, 3, 4, 4, dtype=torch.uint8))
+    metric.update(torch.rand(0, 4, 4), torch.zeros(0, 3, 4, 4, dtype=torch.uint8))  # consistent: adds nothing
+    metric.update(torch.rand(1, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.uint8))
+    assert metric.compute()["n_images"] == 1
