@@ -166,9 +166,9 @@ EOF
 
 # --- the build (background) and the Triton tests (GPU) at the same time --------------------------------------
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --maxfail=10)
-TRITON_TESTS=(tests/test_gpu_smoke.py tests/test_triton.py tests/test_hardening.py -m cuda
+TRITON_TESTS=(tests/test_gpu_smoke.py tests/test_triton.py tests/test_hardening_ops.py -m cuda
   -k "(test_every_op and triton) or (capture_in_a_cuda_graph and triton) or poison or synchronise or 2_to_the_31")
-CUDA_TESTS=(tests/test_gpu_smoke.py tests/test_hardening.py -m cuda
+CUDA_TESTS=(tests/test_gpu_smoke.py tests/test_hardening_ops.py -m cuda
   -k "(test_every_op and cpp) or (capture_in_a_cuda_graph and cpp)")
 BUILD_CAP=180
 BUILD_PID=""

@@ -27,7 +27,7 @@ from monai.transforms import Compose, DeleteItemsd, LoadImaged, RandCropByPosNeg
 
 from orcal import OrdinalLoss
 from orcal.data.synthetic import make_synthetic
-from orcal.monai import MultiRaterCalibrationMetric, ORCReadoutd, ORCTargetd, StackRatersd, metric_cmp_fn
+from orcal.integrations.monai import MultiRaterCalibrationMetric, ORCReadoutd, ORCTargetd, StackRatersd, metric_cmp_fn
 
 
 def write_cases(root: str, n: int, raters: int, shape: tuple[int, ...], seed: int) -> list[dict[str, str]]:

@@ -24,23 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("ordinal", "binary")
+from orcal.heads import KINDS, Head
+
+HEADS = KINDS  # the head kinds, as orcal.heads names them
 BUILTIN_2D = ("unet-small",)
 BUILTIN_3D = ("unet3d",)
 
 
 def head_channels(head: str, num_raters: int | None = None, num_structures: int = 1) -> int:
     """Output channels of a head: ``R + 1`` for ``"ordinal"``, 1 for ``"binary"``; times ``num_structures``
-    for several structures (SPEC §11: structure-major)."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if isinstance(num_structures, bool) or not isinstance(num_structures, int) or num_structures < 1:
-        raise ValueError(f"num_structures must be a positive int, got {num_structures!r}")
-    if head == "binary":
-        return num_structures
-    if num_raters is None or not 1 <= int(num_raters) <= 255:
-        raise ValueError(f"head='ordinal' needs num_raters in 1..255, got {num_raters!r}")
-    return num_structures * (int(num_raters) + 1)
+    for several structures (SPEC §11: structure-major). :attr:`orcal.heads.Head.channels`."""
+    return Head(head, num_raters=num_raters if num_raters is None else int(num_raters),
+                num_structures=num_structures).channels
 
 
 # --- padding wrapper ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["orcal.fusion", "orcal.metrics.registry", "orcal.data", "orcal.train", "orcal.experiment",
+MODULES = ["orcal.heads", "orcal.fusion", "orcal.metrics.registry", "orcal.data", "orcal.train", "orcal.experiment",
            "orcal.metrics.calibrate", "orcal.metrics.comparison"]
 
 

@@ -282,7 +282,7 @@ def test_paired_difference_cancels_the_images_and_judges_the_noise():
         comparison.paired_difference(a, b[:1], n_boot=10)
 
 
-def _record(val: dict[str, float], readouts=("majority",)) -> dict:
+def _record(val: dict[str, float], readouts=("sigmoid",)) -> dict:
     return {"readouts": {r: {"val": {"mr_ece": val[r]}} for r in readouts} |
             {f"{r}+ts": {"val": {"mr_ece": val[r] / 2}} for r in readouts}}
 
@@ -297,8 +297,8 @@ def test_selection_takes_the_argmin_of_validation_mr_ece():
     assert [r.rps_weight for r in cands["ordinal"]] == [0.5, 1.0, 2.0] and len(cands["median"]) == 1
     svls_val = {0.5: 0.03, 1.0: 0.02, 2.0: 0.01}
     ordinal_val = {0.5: (0.05, 0.02), 1.0: (0.04, 0.03), 2.0: (0.06, 0.01)}  # (majority, expected)
-    records = {"median": _record({"majority": 0.1})}
-    records |= {r.key: _record({"majority": svls_val[r.sigma]}) for r in cands["svls"]}
+    records = {"median": _record({"sigmoid": 0.1})}
+    records |= {r.key: _record({"sigmoid": svls_val[r.sigma]}) for r in cands["svls"]}
     records |= {r.key: _record(dict(zip(("majority", "expected"), ordinal_val[r.rps_weight])), ("majority", "expected"))
                 for r in cands["ordinal"]}
     chosen = select_rows(cfg, cands, records)
@@ -397,4 +397,4 @@ def test_3d_experiment_trains_on_patches_and_evaluates_whole_volumes(tmp_path):
     assert results["datasets"][key]["image_size_range"] == [[16, 16], [16, 16], [12, 12]]
     assert all(0 <= s["mr_ece"]["value"] <= 1 for s in results["runs"][key].values())
     run = json.loads((tmp_path / "e3" / "runs" / safe(key) / "seed0" / "soft.json").read_text())
-    assert run["steps"] == 1 and run["readouts"]["majority"]["n_images"] == 3  # whole test volumes, one row each
+    assert run["steps"] == 1 and run["readouts"]["sigmoid"]["n_images"] == 3  # whole test volumes, one row each

@@ -467,3 +467,10 @@ def test_strategies_per_structure_of_label_maps():
     assert torch.equal(make_target("ordinal", labels, num_structures=3), k)
     with pytest.raises(ValueError, match="labels 0..C"):
         make_target("soft", labels, num_structures=2)
+
+
+def test_staple_refuses_an_infinite_confidence_weight():
+    from orcal.fusion.staple import staple
+
+    with pytest.raises(ValueError, match="confidence_weight"):
+        staple(torch.ones(1, 3, 4, 4, dtype=torch.uint8), confidence_weight=float("inf"))

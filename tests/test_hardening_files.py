@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from orcal.cli import main
+from orcal.data.safe_pickle import UnsafePickleError, safe_loads
 from orcal.masks import binary_mask, select_labels, structure_map
 
 nib = pytest.importorskip("nibabel")
@@ -230,3 +232,107 @@ def test_an_error_on_an_existing_folder_keeps_its_message(monkeypatch, tmp_path)
     monkeypatch.setattr(fuse, "run", refuse)
     rc, err = _cli("fuse", "--method", "soft", "a.nii.gz", "b.nii.gz", "--out", tmp_path)
     assert rc == 2 and "already holds a dataset.json" in err and "None" not in err
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_colour_masks_are_an_error_unless_a_channel_is_chosen(tmp_path):
+    from orcal.data import load_dataset
+    from orcal.io import read_mask
+
+    fg = np.zeros((6, 6), np.uint8)
+    fg[1:4, 2:5] = 255
+    green = np.zeros((6, 6, 3), np.uint8)
+    green[..., 1] = fg
+    alpha = np.zeros((6, 6, 4), np.uint8)
+    alpha[..., 3] = fg
+    grey = np.repeat(fg[..., None], 3, axis=2)
+    opaque = np.concatenate([grey, np.full((6, 6, 1), 255, np.uint8)], axis=2)
+    for name, arr in (("green", green), ("alpha", alpha)):
+        path = _png(tmp_path / f"{name}.png", arr)
+        with pytest.raises(ValueError, match=f"{name}.png: a colour mask"):
+            read_mask(path)
+        assert (read_mask(path, channel=1 if name == "green" else 3) == (fg > 0)).all()
+    for name, arr in (("grey", grey), ("opaque", opaque)):
+        assert (read_mask(_png(tmp_path / f"{name}.png", arr)) == (fg > 0)).all()
+    # the folder loader and orcal fuse read by the same rule
+    case = tmp_path / "data" / "case1"
+    case.mkdir(parents=True)
+    np.save(case / "image.npy", np.random.rand(6, 6).astype(np.float32))
+    for r in (1, 2):
+        _png(case / f"rater{r}.png", green)
+    with pytest.raises(ValueError, match="rater1.png: a colour mask"):
+        load_dataset("folder", root=tmp_path / "data")[0]
+    item = load_dataset("folder", root=tmp_path / "data", mask_channel=1)[0]
+    assert (item["masks"][0].numpy() == (fg > 0)).all()
+    from orcal.cli import main
+
+    files = [str(case / "rater1.png"), str(case / "rater2.png")]
+    assert main(["fuse", "--method", "soft", "--out", str(tmp_path / "o"), *files]) == 2
+    assert main(["fuse", "--method", "soft", "--out", str(tmp_path / "o"), "--mask-channel", "1", *files]) == 0
+
+
+def test_nan_pixel_names_the_file_at_load_time(tmp_path):
+    from orcal.data import load_dataset
+
+    case = tmp_path / "case1"
+    case.mkdir()
+    image = np.random.rand(6, 6).astype(np.float32)
+    image[2, 3] = np.nan
+    np.save(case / "image.npy", image)
+    for r in (1, 2):
+        np.save(case / f"rater{r}.npy", np.eye(6, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"image\.npy: the image holds 1 NaN or infinite values"):
+        load_dataset("folder", root=tmp_path)[0]
+
+
+def test_hostile_pickles_are_bounded():
+    legit = {"image": np.random.rand(8, 8), "masks": [np.zeros((8, 8), np.uint8)] * 4, "uid": "1.2"}
+    for protocol in (2, 4, 5):
+        out = safe_loads(pickle.dumps(legit, protocol=protocol))
+        assert np.array_equal(out["image"], legit["image"]) and len(out["masks"]) == 4
+    # 38 bytes that ask for 100 GB
+    bomb = b"\x80\x04\x8c\x08builtins\x8c\tbytearray\x93\x8a\x05\x00\xe8vH\x17\x85R."
+    with pytest.raises(UnsafePickleError, match="bytearray"):
+        safe_loads(bomb)
+    with pytest.raises(UnsafePickleError, match="list"):
+        safe_loads(pickle.dumps(_RangeListBomb()))
+    nested = [np.zeros((64, 64), np.uint8)]
+    for _ in range(40):  # 2^40 references to one mask in a 4 kB file
+        nested = [nested, nested]
+    with pytest.raises(UnsafePickleError, match="unfolds"):
+        safe_loads(pickle.dumps({"masks": nested}))
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(UnsafePickleError, match="deep"):
+        safe_loads(pickle.dumps(deep))
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(UnsafePickleError, match="contains itself"):
+        safe_loads(pickle.dumps(loop))
+
+
+class _RangeListBomb:
+    """Pickles as ``list(range(10**12))``: builtins.list called on a builtins.range."""
+
+    def __reduce__(self):
+        return list, (range(10**12),)
+
+
+def test_fuse_cases_in_a_folder_with_glob_characters(tmp_path):
+    from orcal.cli import main
+
+    case = tmp_path / "d" / "case[1]"
+    case.mkdir(parents=True)
+    for r in (1, 2, 3):
+        np.save(case / f"rater{r}.npy", np.eye(4, dtype=np.uint8))
+    out = tmp_path / "o"
+    assert main(["fuse", "--method", "soft", "--out", str(out), "--cases", str(tmp_path / "d" / "*"),
+                 "--raters", "rater*.npy"]) == 0
+    assert (out / "case[1].npy").is_file()

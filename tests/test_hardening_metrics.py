@@ -1,7 +1,7 @@
 """Hostile inputs to the metrics added on top of the ops (SPEC §8): volume metrics, temperature scaling, the
 torchmetrics and MONAI forms. Values outside their domain are an error naming the argument, states that do not
 fit are refused, and valid inputs (empty batches, every integer vote dtype) are accepted. The metric forms run
-on every backend available here (the Triton kernels in the interpreter, as tests/test_hardening.py does)."""
+on every backend available here (the Triton kernels in the interpreter, tests/backend_cases.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_hardening import BACKENDS, run_triton_cases
+from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
 from orcal.metrics import TemperatureScaler, fit_temperature
@@ -108,7 +108,7 @@ def test_temperature_scaling_vote_errors_name_the_target():
 # --- torchmetrics forms ---------------------------------------------------------------------------------------
 
 def test_torchmetrics_state_of_other_bins_or_structures_is_refused(be):
-    tm = pytest.importorskip("orcal.metrics_torchmetrics", exc_type=ImportError)
+    tm = pytest.importorskip("orcal.integrations.torchmetrics", exc_type=ImportError)
     backend, dev = be
     p, t = torch.rand(1, 4, 4, device=dev), _masks().to(dev)
     a, b = tm.MultiRaterECE(backend=backend), tm.MultiRaterECE(n_bins=10, auc_bins=4101, backend=backend)
@@ -145,7 +145,7 @@ def test_torchmetrics_state_of_other_bins_or_structures_is_refused(be):
 
 
 def test_torchmetrics_plot_uses_the_metrics_own_dist_sync_fn(be):
-    tm = pytest.importorskip("orcal.metrics_torchmetrics", exc_type=ImportError)
+    tm = pytest.importorskip("orcal.integrations.torchmetrics", exc_type=ImportError)
     pytest.importorskip("matplotlib").use("Agg")
     backend, dev = be
     calls = []
@@ -164,7 +164,7 @@ def test_torchmetrics_plot_uses_the_metrics_own_dist_sync_fn(be):
 
 def test_monai_metric_refuses_lists_of_different_lengths(be):
     pytest.importorskip("monai")
-    from orcal.monai import MultiRaterCalibrationMetric
+    from orcal.integrations.monai import MultiRaterCalibrationMetric
 
     backend, dev = be
     metric = MultiRaterCalibrationMetric(kind="prob", backend=backend)
@@ -178,7 +178,7 @@ def test_monai_metric_refuses_lists_of_different_lengths(be):
 @pytest.mark.parametrize("bad", [NAN, 1.5])
 def test_monai_rater_stack_refuses_nan_and_non_integer_labels(bad):
     pytest.importorskip("monai")
-    from orcal.monai import StackRatersd
+    from orcal.integrations.monai import StackRatersd
 
     maps = [torch.zeros(1, 4, 4) for _ in range(3)]
     maps[0][0, 0, 0] = 1.0
@@ -189,3 +189,15 @@ def test_monai_rater_stack_refuses_nan_and_non_integer_labels(bad):
             transform(data)
     maps[1][0, 1, 1] = 1.0
     assert int(StackRatersd(keys=list(data))(data)["masks"].sum()) == 2
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs in the main process")
+def test_metric_checks_an_empty_batch():
+    from orcal.metrics import MultiRaterCalibration
+
+    metric = MultiRaterCalibration()
+    with pytest.raises(ValueError, match="pred"):
+        metric.update(torch.rand(0, 7), torch.zeros(0, 3, 4, 4, dtype=torch.uint8))
+    metric.update(torch.rand(0, 4, 4), torch.zeros(0, 3, 4, 4, dtype=torch.uint8))  # consistent: adds nothing
+    metric.update(torch.rand(1, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.uint8))
+    assert metric.compute()["n_images"] == 1

@@ -1,4 +1,4 @@
-"""orcal.monai with the real MONAI: the rater transforms, the metric protocol, MetaTensors and compile."""
+"""orcal.integrations.monai with the real MONAI: the rater transforms, the metric protocol, MetaTensors and compile."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from orcal.metrics import MultiRaterCalibration
 nib = pytest.importorskip("nibabel")
 monai_data = pytest.importorskip("monai.data")
 monai_transforms = pytest.importorskip("monai.transforms")
-orcal_monai = pytest.importorskip("orcal.monai")
+orcal_monai = pytest.importorskip("orcal.integrations.monai")
 
 DataLoader, Dataset, MetaTensor = monai_data.DataLoader, monai_data.Dataset, monai_data.MetaTensor
 decollate_batch, list_data_collate = monai_data.decollate_batch, monai_data.list_data_collate
@@ -382,7 +382,7 @@ def test_post_processed_logits_warn():
              lambda p: MultiRaterCalibrationMetric(kind="ordinal", num_raters=3)(decollate_batch(p),
                                                                                  decollate_batch(k)),
              lambda p: MultiRaterCalibration(kind="ordinal", num_raters=3).update(p, k)]
-    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    tm = pytest.importorskip("orcal.integrations.torchmetrics")
     forms.append(lambda p: tm.MultiRaterECE(kind="ordinal", num_raters=3).update(p, k))
     for form in forms:
         with pytest.warns(UserWarning, match=r"only 0 and 1.*AsDiscrete"):
@@ -459,7 +459,7 @@ def test_early_stopping_and_best_model_keep_the_lowest_mr_ece():
 
 
 def test_torchmetrics_direction_attributes():
-    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    tm = pytest.importorskip("orcal.integrations.torchmetrics")
     assert tm.MultiRaterECE.higher_is_better is False and tm.MultiRaterBrier.higher_is_better is False
     assert tm.MultiRaterAUROC.higher_is_better is True and tm.MultiRaterDice.higher_is_better is True
 
@@ -490,7 +490,7 @@ def test_crop_on_the_union_of_structures(tmp_path):
 def test_resampled_float_counts_one_rule(tmp_path):
     """Spacingd/Orientationd after ORCTargetd make k float32: the loss and all three metric forms read exact
     integers as counts; an interpolating resampling is refused, naming the fix."""
-    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    tm = pytest.importorskip("orcal.integrations.torchmetrics")
     cases = _write_cases(str(tmp_path), n=1)
     head = [StackRatersd(RATERS, label=2), ORCTargetd(num_raters=3)]
     nearest = _load(cases, *head, monai_transforms.Orientationd(["image", "k"], axcodes="RAS"),
@@ -526,7 +526,7 @@ def test_resampled_float_counts_one_rule(tmp_path):
 
 
 def test_num_raters_in_the_constructor_of_every_metric_form():
-    tm = pytest.importorskip("orcal.metrics_torchmetrics")
+    tm = pytest.importorskip("orcal.integrations.torchmetrics")
     g = torch.Generator().manual_seed(8)
     logits, k = torch.randn(2, 4, 6, 6, 5, generator=g), torch.randint(0, 4, (2, 1, 6, 6, 5), generator=g)
     values = []

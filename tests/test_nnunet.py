@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from orcal.cli import main
 TINY_TRAINER = '''
 import torch
 
-from orcal.nnunet import nnUNetTrainerORC
+from orcal.integrations.nnunet import nnUNetTrainerORC
 
 
 class nnUNetTrainerORC_tiny(nnUNetTrainerORC):
@@ -198,7 +199,7 @@ def test_several_structures_convert_train_predict_export_evaluate(tmp_path):
     on each structure's marginal levels, and maps per structure exported from the joint softmax."""
     pytest.importorskip("nnunetv2")
     sitk = pytest.importorskip("SimpleITK")
-    from orcal.nnunet import joint_levels, marginal_matrix
+    from orcal.integrations.nnunet import joint_levels, marginal_matrix
 
     raw = tmp_path / "raw"
     options = ["--option", "n=10", "--option", "shape=(24,32,32)", "--option", "R=3", "--option", "structures=3"]
@@ -238,7 +239,8 @@ def test_the_joint_loss_is_the_ordinal_loss_of_each_structures_marginals():
     import torch
 
     import orcal
-    from orcal.nnunet import JointOrdinalLoss, joint_index, joint_levels
+    from orcal.integrations.nnunet import JointOrdinalLoss, joint_levels
+    from orcal.integrations.nnunet.levels import joint_index
 
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 3, (2, 4, 5, 6, 3), generator=g)  # 4 raters, 2 structures
@@ -304,7 +306,7 @@ def test_convert_keeps_the_original_intensities_and_names_the_channel_honestly(t
 
 
 def test_dataset_json_is_read_typed_and_damage_names_the_file(tmp_path):
-    from orcal.nnunet import read_orcal_meta
+    from orcal.integrations.nnunet import read_orcal_meta
 
     assert read_orcal_meta({"orcal": {"num_raters": 3, "num_structures": None}}) == (3, None)
     assert read_orcal_meta({"orcal": {"num_raters": "3", "num_structures": "2"}}) == (3, 2)  # older files
@@ -348,7 +350,7 @@ def test_trainer_module_offers_the_short_schedules():
     pytest.importorskip("nnunetv2")
     import inspect
 
-    from orcal import nnunet
+    from orcal.integrations import nnunet
 
     assert nnunet.nnUNetTrainerORC_1epoch.__name__ == "nnUNetTrainerORC_1epoch"
     names = ["nnUNetTrainerORC_smoke", *(f"nnUNetTrainerORC_{e}epochs" for e in nnunet.EPOCH_VARIANTS[1:])]
@@ -358,3 +360,29 @@ def test_trainer_module_offers_the_short_schedules():
         # nnU-Net stores a trainer's __init__ arguments by name and rebuilds it from them
         assert list(inspect.signature(cls.__init__).parameters)[1:] == ["plans", "configuration", "fold",
                                                                         "dataset_json", "device"]
+
+
+def test_trainer_modules_old_and_new_find_the_same_classes(tmp_path):
+    """A trainer module written now imports orcal.integrations.nnunet; one written by an earlier release
+    (``from orcal.nnunet import ...``) still finds the same classes, with a DeprecationWarning."""
+    pytest.importorskip("nnunetv2")
+    import importlib.util
+
+    from orcal.integrations import nnunet
+
+    path = nnunet.write_trainer_module(tmp_path / "new")
+    assert "from orcal.integrations.nnunet import (" in path.read_text()
+    old = tmp_path / "old" / nnunet.TRAINER_MODULE
+    old.parent.mkdir()
+    old.write_text(path.read_text().replace("orcal.integrations.nnunet", "orcal.nnunet"))
+    sys.modules.pop("orcal.nnunet", None)
+    for file, warns in ((path, False), (old, True)):
+        spec = importlib.util.spec_from_file_location(f"trainers_{file.parent.name}", file)
+        module = importlib.util.module_from_spec(spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            spec.loader.exec_module(module)
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught) == warns
+        assert module.nnUNetTrainerORC is nnunet.nnUNetTrainerORC
+        assert module.nnUNetTrainerORC_smoke is nnunet.nnUNetTrainerORC_smoke
+    assert nnunet.nnUNetTrainerORC.__module__ == "orcal.integrations.nnunet"

@@ -96,3 +96,17 @@ def test_predict_errors_name_the_problem(tmp_path, capsys):
     assert "no best.pt or last.pt" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "either image files" in capsys.readouterr().err
+
+
+def test_a_binary_head_writes_its_sigmoid(tmp_path, capsys):
+    """A binary head's one map is its sigmoid, named so (not "majority", which is an ordinal readout); the old
+    name is still accepted by --readout, and an ordinal readout is refused naming the head's."""
+    _train(tmp_path / "run", *SYNTH, "--method", "soft", "--arch", "unet-small")
+    assert main(["predict", str(tmp_path / "run"), *SYNTH, "--split", "test", "--out", str(tmp_path / "pred"),
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["sigmoid"]
+    assert main(["predict", str(tmp_path / "run"), *SYNTH, "--split", "test", "--out", str(tmp_path / "old"),
+                 "--quiet", "--readout", "majority"]) == 0
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["sigmoid"]
+    assert main(["predict", str(tmp_path / "run"), *SYNTH, "--out", str(tmp_path / "o"), "--readout", "expected"]) == 2
+    assert "('sigmoid',)" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
-pytest.importorskip("orcal.monai")
+pytest.importorskip("orcal.integrations.monai")
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 R = 3

@@ -1,4 +1,5 @@
-"""Extension points: a strategy or a metric registered from outside the package works everywhere."""
+"""Extension points: a strategy, a metric or a dataset registered from outside the package works everywhere,
+and every registry is one ``register`` function beside a read-only, live mapping (docs/design.md, Registries)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from orcal import fusion
+from orcal import data, fusion
 from orcal.metrics import registry
 
 
@@ -91,3 +92,61 @@ def test_a_registered_metric_reaches_every_consumer(toy_metric, tmp_path):
     runs = {"d": {"soft": {"pairs": {"mean": 96.0, "std": 0.0}}}}
     t = table_of(runs, "pairs", title="Table 4")
     assert t.higher_is_better and "Voxel-rater pairs" in t.to_markdown()
+
+
+class TinyRaters(data.SyntheticMultiRater):
+    """A toy loader: the synthetic generator's layout under another name, 12 cases of 16 x 16 by default."""
+
+    def __init__(self, root=None, split=None, task=None, transform=None, **options):
+        super().__init__(root, split=split, task=task, transform=transform, **{"n": 12, "shape": (16, 16), **options})
+
+
+@pytest.fixture
+def toy_dataset():
+    data.register_dataset("tiny_raters", TinyRaters)
+    yield "tiny_raters"
+    data.unregister_dataset("tiny_raters")
+
+
+def test_a_registered_dataset_loads_trains_and_plans(toy_dataset, tmp_path):
+    from orcal.cli import main
+    from orcal.experiment import DatasetSpec
+
+    assert data.DATASETS[toy_dataset] is TinyRaters and data.dataset_class(toy_dataset) is TinyRaters
+    assert len(data.load_dataset(toy_dataset)) == 12
+    assert DatasetSpec.parse(toy_dataset).name == toy_dataset  # orcal experiment --datasets
+    assert main(["train", "--dataset", toy_dataset, "--arch", "unet-small", "--epochs", "1", "--max-steps", "1",
+                 "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="already registered"):
+        data.register_dataset(toy_dataset, TinyRaters)
+    with pytest.raises(TypeError, match="Dataset class"):
+        data.register_dataset("not_a_class", lambda root: None)
+
+
+def test_registered_dataset_is_gone_after_unregister():
+    data.register_dataset("tiny_raters", TinyRaters)
+    data.unregister_dataset("tiny_raters")
+    assert "tiny_raters" not in data.DATASETS
+    with pytest.raises(ValueError, match="unknown dataset 'tiny_raters'"):
+        data.load_dataset("tiny_raters")
+
+
+@pytest.mark.parametrize("mapping", [lambda: fusion.STRATEGIES, lambda: registry.METRICS, lambda: data.DATASETS])
+def test_every_registry_is_a_read_only_live_mapping(mapping):
+    """One style: change a registry through its register function, read it through its mapping."""
+    view = mapping()
+    first = next(iter(view))
+    with pytest.raises(TypeError):
+        view[first] = view[first]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del view[first]  # type: ignore[attr-defined]
+    fusion.register("toy_live", unanimous)
+    registry.register_metric("toy_live", "Toy", lambda st: st.n.sum(1).double())
+    data.register_dataset("toy_live", TinyRaters)
+    try:
+        assert "toy_live" in view
+    finally:
+        fusion.unregister("toy_live")
+        registry.unregister_metric("toy_live")
+        data.unregister_dataset("toy_live")
+    assert "toy_live" not in view

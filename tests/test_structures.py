@@ -1,7 +1,7 @@
 """Several structures at once (SPEC §11): every backend against the binary reference, structure by structure.
 
 The backend cases run on the torch and cpp backends here, on CUDA tensors on a GPU machine, and on the Triton
-kernels in Triton's interpreter (a child process, as in tests/test_hardening.py).
+kernels in Triton's interpreter (a child process, tests/backend_cases.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from test_hardening import BACKENDS, INTERPRETED, run_triton_cases
+from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
 from orcal import _ext, reference, structures

@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orcal import nnunet
+    from orcal.integrations import nnunet
 
     if args.action == "convert":
         try:

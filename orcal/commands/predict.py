@@ -6,7 +6,7 @@ Examples:
   orcal evaluate --pred pred/expected --dataset synthetic --split test --out eval
 
 Writes OUT/<readout>/<case><ext> per readout (an ordinal head: majority and expected, SPEC §2; a binary head:
-its sigmoid as "majority") and, for an ordinal head, OUT/expected_k/<case><ext>, the predicted number of raters
+OUT/sigmoid/) and, for an ordinal head, OUT/expected_k/<case><ext>, the predicted number of raters
 E[k]. Volumes go through blended sliding windows of the training patch; NIfTI outputs keep the input's
 affine and spacing. Images come from files or folders (<case>.<ext>, or <case>/image.<ext>) or from a dataset
 layout (--dataset); give files the intensity scaling the model was trained with (--intensity).
@@ -48,7 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="intensity scaling of image files: auto (uint8 / 255, else 0.5-99.5 percentiles), "
                              "percentile, none, or a window LOW,HIGH such as -200,300 for CT in HU")
     parser.add_argument("--readout", default=None,
-                        help="comma-separated readouts of an ordinal head (default: majority,expected)")
+                        help="comma-separated readouts (default: the head's: majority,expected for an ordinal head, "
+                             "sigmoid for a binary one)")
     parser.add_argument("--format", choices=tuple(WRITE_FORMATS), default=None,
                         help="output format (default: NIfTI for NIfTI inputs, else .npy)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
@@ -72,6 +73,7 @@ def checkpoint_file(path: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orcal.heads import Head
     from orcal.training.checkpoint import load_model
     from orcal.training.predict import write_predictions
 
@@ -88,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
 
         dataset = ImageFiles(args.images, spec["spatial_dims"], spec["in_channels"], args.intensity)
     readouts = None if args.readout is None else tuple(r.strip() for r in args.readout.split(",") if r.strip())
-    if readouts and spec["head"] != "ordinal" and readouts != ("majority",):
-        raise ValueError(f"--readout: a binary head has one probability (its sigmoid), got {args.readout!r}")
+    if readouts:
+        head = Head(spec["head"])
+        try:
+            readouts = tuple(head.readout(r) for r in readouts)
+        except ValueError as err:
+            raise ValueError(f"--readout: {err}") from None
     patch = config.patch_size if spec["spatial_dims"] == 3 else None
     folders = write_predictions(model, dataset, args.out, readouts=readouts, fmt=args.format, device=args.device,
                                 patch_size=patch, batch_size=args.batch_size, overlap=args.overlap, amp=args.amp,

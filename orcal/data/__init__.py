@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from torch.utils.data import Dataset
 
@@ -33,21 +34,31 @@ from .transforms import (
     sliding_window_inference,
 )
 
-_REGISTRY: dict[str, type[MultiRaterDataset]] = {
-    "synthetic": SyntheticMultiRater,
-    "lidc_slices": LIDCSlices,
-    "lidc_volumes": LIDCVolumes,
-    "lidc": LIDCPickle,
-    "cocahis": CoCaHis,
-    "refuge": Refuge,
-    "longciu": LongCIU,
-    "qubiq": QUBIQ,
-    "curvas": Curvas,
-    "folder": FolderDataset,
-}
+_REGISTRY: dict[str, type[MultiRaterDataset]] = {}
 
-#: Names accepted by :func:`load_dataset`.
-DATASETS: tuple[str, ...] = tuple(_REGISTRY)
+#: The registered loaders, ``{name: class}`` in registration order: a read-only, live view (names accepted by
+#: :func:`load_dataset` and ``--dataset``); change it with :func:`register_dataset`.
+DATASETS: Mapping[str, type[MultiRaterDataset]] = MappingProxyType(_REGISTRY)
+
+
+def register_dataset(name: str, cls: type[MultiRaterDataset], *, replace: bool = False) -> type[MultiRaterDataset]:
+    """Add a loader: ``load_dataset(name, root, split=..., task=..., transform=..., **options)`` then builds
+    ``cls(root, split=split, task=task, transform=transform, **options)``, as do ``orcal train/experiment
+    --dataset name``. Returns ``cls``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a dataset name must be an identifier (it is a --dataset value), got {name!r}")
+    if not isinstance(cls, type) or not issubclass(cls, Dataset):
+        raise TypeError(f"cls of dataset {name!r} must be a Dataset class (a MultiRaterDataset subclass), got {cls!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"dataset {name!r} is already registered; pass replace=True to replace it")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a loader added with :func:`register_dataset`."""
+    dataset_class(name)
+    del _REGISTRY[name]
 
 
 def dataset_class(name: str) -> type[MultiRaterDataset]:
@@ -55,6 +66,13 @@ def dataset_class(name: str) -> type[MultiRaterDataset]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     return _REGISTRY[name]
+
+
+for _name, _cls in (("synthetic", SyntheticMultiRater), ("lidc_slices", LIDCSlices), ("lidc_volumes", LIDCVolumes),
+                    ("lidc", LIDCPickle), ("cocahis", CoCaHis), ("refuge", Refuge), ("longciu", LongCIU),
+                    ("qubiq", QUBIQ), ("curvas", Curvas), ("folder", FolderDataset)):
+    register_dataset(_name, _cls)
+del _name, _cls
 
 
 def load_dataset(name: str, root=None, split: str | None = None, task: str | None = None,
@@ -81,5 +99,5 @@ __all__ = [
     "RandomCrop", "RandomFlip", "RandomPatch", "RandomRot90", "Refuge", "RestrictedUnpickler",
     "SlidingWindow", "SyntheticBatch", "SyntheticConfig", "SyntheticMultiRater", "UnsafePickleError",
     "agreement_stats", "augment_2d", "collate", "dataset_class", "load_dataset", "make_synthetic",
-    "original_intensities", "safe_load", "sliding_window_inference",
+    "original_intensities", "register_dataset", "safe_load", "sliding_window_inference", "unregister_dataset",
 ]

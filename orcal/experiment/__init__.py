@@ -28,11 +28,9 @@ finally it writes the tables, the figures, the findings and ``report.md`` / ``re
 """
 
 from orcal.experiment.config import (
-    ORDINAL_READOUTS,
     PRESETS,
     RESULTS_VERSION,
     SELECTION_GRIDS,
-    TS_SUFFIX,
     DatasetSpec,
     ExperimentConfig,
     Run,
@@ -47,6 +45,7 @@ from orcal.experiment.driver import resolve_device, run_experiment, seed_dir
 from orcal.experiment.execute import evaluate_run, execute_run, report_bootstrap
 from orcal.experiment.runs import jsonable, load_case_maps, load_run, load_run_stats, run_files, safe_name
 from orcal.experiment.selection import compare_rows, select_rows
+from orcal.heads import ORDINAL_READOUTS, TS_SUFFIX
 
 __all__ = [
     "ORDINAL_READOUTS",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orcal import fusion
+from orcal.heads import Head
 
 #: Version of the per-run results files; a different version is recomputed.
 RESULTS_VERSION = 2
@@ -21,11 +22,6 @@ RESULTS_VERSION = 2
 #: that take one, and the RPS weight λ of the ordinal method (the paper chose both on the validation set).
 SELECTION_GRIDS = {"sigma": (0.5, 1.0, 2.0), "rps_weight": (0.25, 0.5, 1.0, 2.0)}
 
-#: Suffix of the table rows of a temperature-scaled readout (``"soft+ts"``, ``"ordinal/expected+ts"``).
-TS_SUFFIX = "+ts"
-
-#: Readouts reported for the ordinal method (SPEC §2), the paper's first.
-ORDINAL_READOUTS = ("majority", "expected")
 
 
 @dataclass
@@ -220,16 +216,19 @@ class Run:
     sigma: float | None = None
 
     @property
+    def head(self) -> Head:
+        """The head the method trains (its strategy's, :mod:`orcal.fusion`)."""
+        return Head(fusion.get(self.method).head)
+
+    @property
     def readouts(self) -> tuple[str, ...]:
-        """The readouts evaluated: both for an ordinal head (SPEC §2), the probability itself otherwise."""
-        return ORDINAL_READOUTS if fusion.get(self.method).head == "ordinal" else ("majority",)
+        """The readouts evaluated: both for an ordinal head (SPEC §2), the sigmoid of a binary one."""
+        return self.head.readouts
 
     def row(self, readout: str) -> str:
-        """The table row of one readout: the method, or ``method/readout`` for an ordinal head; a
-        temperature-scaled readout (``"expected+ts"``) keeps its suffix (``"ordinal/expected+ts"``)."""
-        base = readout.removesuffix(TS_SUFFIX)
-        row = f"{self.method}/{base}" if len(self.readouts) > 1 else self.method
-        return row + readout[len(base):]
+        """The table row of one readout (:meth:`orcal.heads.Head.row`): ``"soft"``, ``"ordinal/expected"``,
+        ``"ordinal/expected+ts"``."""
+        return self.head.row(self.method, readout)
 
     @property
     def rows(self) -> list[str]:

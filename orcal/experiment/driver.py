@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from orcal.experiment.config import (
-    TS_SUFFIX,
     DatasetSpec,
     ExperimentConfig,
     Run,
@@ -31,6 +30,7 @@ from orcal.experiment.report import write_outputs
 from orcal.experiment.runs import load_case_maps, load_run, load_run_stats, run_files, safe_name
 from orcal.experiment.selection import compare_rows, select_rows
 from orcal.experiment.tables import row_label, sort_rows
+from orcal.heads import unscaled
 from orcal.training import runtime
 from orcal.training.runtime import hardware_info
 
@@ -153,10 +153,10 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
                                  for row, c in choice.items()}
     results.setdefault("temperatures", {})[key] = {
         row: [records[s][c["run"]]["readouts"][c["readout"]].get("temperature") for s in seeds]
-        for row, c in choice.items() if c["readout"].endswith(TS_SUFFIX)}
+        for row, c in choice.items() if unscaled(c["readout"])[1]}
     if sweep_runs:
         results["sweeps"][key] = {f"{w:g}": {r: e["summary"] for r, e in first[run.key]["readouts"].items()
-                                             if not r.endswith(TS_SUFFIX)}
+                                             if not unscaled(r)[1]}
                                   for w, run in sorted(sweep_runs.items())}
     volume = {row: [records[s][c["run"]]["readouts"][c["readout"]].get("volume") for s in seeds]
               for row, c in choice.items()}
@@ -169,7 +169,7 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
                                for s in seeds for run_key, rec in records[s].items()}
     # the figures: the first seed's rows without temperature scaling (the tables have every row)
     panels: dict[str, dict] = {"stats": {}, "agreement": {}, "maps": {}}
-    for row in sort_rows([r for r in choice if not r.endswith(TS_SUFFIX)]):
+    for row in sort_rows([r for r in choice if not unscaled(r)[1]]):
         c, label = choice[row], row_label(row)
         panels["stats"][label] = loaded[(seeds[0], c["run"])][c["readout"]]
         agreement = first[c["run"]]["readouts"][c["readout"]].get("agreement")

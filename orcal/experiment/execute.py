@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal.experiment.config import RESULTS_VERSION, TS_SUFFIX, DatasetSpec, ExperimentConfig, Run, fingerprint
+from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint
 from orcal.experiment.runs import jsonable, run_files, safe_name
+from orcal.heads import Head, scaled, unscaled
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
 from orcal.training.runtime import hardware_info
 
@@ -74,22 +75,22 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     from orcal.models import probability
     from orcal.training.predict import predict_logits
 
-    head, majority = result.head, result.config.majority
-    kind = "ordinal" if head == "ordinal" else "logit"
+    majority = result.config.majority
     C = getattr(result, "num_structures", None)
+    head = Head(result.head, num_structures=C or 1)
 
     def passes(split: str):
         return predict_logits(result, splits[split], device=device, batch_size=int(cfg.batch_size), amp=cfg.amp)
 
     def readouts_of(logits: torch.Tensor, temperatures: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        out = {r: probability(logits, head, readout=r, majority=majority, num_structures=C) for r in run.readouts}
-        out.update({r + TS_SUFFIX: probability(apply_temperature(logits, t), head, readout=r, majority=majority)
+        out = {r: probability(logits, head.kind, head.op_readout(r), majority, num_structures=C) for r in head.readouts}
+        out.update({scaled(r): probability(apply_temperature(logits, t), head.kind, head.op_readout(r), majority)
                     for r, t in temperatures.items()})
         return {r: p.float().cpu() for r, p in out.items()}
 
-    scalers = {r: TemperatureScaler(kind, readout=r, majority=majority, seed=seed) for r in run.readouts} \
+    scalers = {r: TemperatureScaler(head.metric_kind, head.op_readout(r), majority, seed=seed) for r in head.readouts} \
         if cfg.temperature_scaling and len(splits["val"]) and C is None else {}
-    val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in run.readouts}
+    val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in head.readouts}
     for _, logits, masks, valid in passes("val"):
         for r, p in readouts_of(logits, {}).items():
             val[r].update(p, masks, valid=valid)
@@ -97,12 +98,11 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
             scaler.update(logits, masks, valid=valid)
     temperatures = {r: s.fit() for r, s in scalers.items()}
     if temperatures:  # the scaled readouts on the split they were fitted on: a second pass, never stored logits
-        val.update({r + TS_SUFFIX: _metrics(cfg, per_image=False) for r in temperatures})
+        val.update({scaled(r): _metrics(cfg, per_image=False) for r in temperatures})
         for _, logits, masks, valid in passes("val"):
             for r in temperatures:
-                val[r + TS_SUFFIX].update(readouts_of(logits, {r: temperatures[r]})[r + TS_SUFFIX], masks,
-                                          valid=valid)
-    names = list(run.readouts) + [r + TS_SUFFIX for r in temperatures]
+                val[scaled(r)].update(readouts_of(logits, {r: temperatures[r]})[scaled(r)], masks, valid=valid)
+    names = list(head.readouts) + [scaled(r) for r in temperatures]
     test = {r: _metrics(cfg, num_structures=C) for r in names}
     volumes: dict[str, list] = {r: [] for r in names}
     spacing: dict | None = None
@@ -130,8 +130,8 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         if volumes[r]:
             out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
             out[r]["volume"]["spacing_known"] = bool(spacing)
-        base = r.removesuffix(TS_SUFFIX)
-        if base != r:
+        base, is_scaled = unscaled(r)
+        if is_scaled:
             out[r]["temperature"] = temperatures[base]
     return out
 

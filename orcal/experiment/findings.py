@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from orcal.experiment.config import TS_SUFFIX
 from orcal.experiment.tables import row_label
+from orcal.heads import parse_row, unscaled
 from orcal.metrics.comparison import exceeds_noise
 from orcal.metrics.registry import higher_is_better
 from orcal.metrics.registry import label as metric_label
@@ -81,8 +81,7 @@ def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
 
 
 def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
-    pairs = [(r.removesuffix(TS_SUFFIX), r) for r in rows
-             if r.endswith(TS_SUFFIX) and r.removesuffix(TS_SUFFIX) in rows]
+    pairs = [(unscaled(r)[0], r) for r in rows if unscaled(r)[1] and unscaled(r)[0] in rows]
     if not pairs:
         return []
 
@@ -113,7 +112,7 @@ def _caveats(results: Mapping[str, Any]) -> str:
     parts = [f"the budget is small ({budget}, `{s.get('arch', '?')}`, on {s.get('device', '?')})",
              f"{len(seeds)} training seed{'s' if len(seeds) != 1 else ''}"
              + ("" if len(seeds) > 1 else ", so the seed noise is not measured (use --seeds)")]
-    if any(r.endswith("/majority") for by in results.get("runs", {}).values() for r in by):
+    if any(parse_row(r).readout == "majority" for by in results.get("runs", {}).values() for r in by):
         parts.append("ORC's majority readout predicts P(k ≥ m), the probability that a majority marks the voxel, "
                      "not the fraction of raters MR-ECE scores against, so its MR-ECE answers another question")
     parts.append("the bootstrap intervals come from resamples of "

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orcal.experiment.config import TS_SUFFIX
 from orcal.experiment.figures import plot_dataset, plot_sweep
 from orcal.experiment.runs import jsonable, slug
 from orcal.experiment.tables import (
@@ -29,6 +28,7 @@ from orcal.experiment.tables import (
     volume_table,
     write_tables,
 )
+from orcal.heads import parse_row
 from orcal.metrics.registry import label as metric_label
 
 #: How the report explains its numbers (after the tables).
@@ -83,7 +83,7 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
               "foreground, the quantity MR-ECE scores against)."
               + (" Rows marked *+ TS* divide the same network's logits by one temperature fitted on the validation "
                  "split against the voxel–rater pairs (`orcal.metrics.calibrate`; one temperature per row and seed)."
-                 if any(row.endswith(TS_SUFFIX) for by_row in results.get("runs", {}).values() for row in by_row)
+                 if any(parse_row(row).scaled for by_row in results.get("runs", {}).values() for row in by_row)
                  else ""), ""]
     lines += ["## Datasets", "", "| dataset | raters | train | val | test | image size (test split) | channels |",
               "|---|---|---|---|---|---|---|"]

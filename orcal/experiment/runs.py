@@ -62,7 +62,14 @@ def load_run(run_dir: Path, run, fingerprint: str) -> dict[str, Any] | None:
         return None
     if record.get("fingerprint") != fingerprint:
         return None
+    record["readouts"] = _by_readout(run, record.get("readouts", {}))
     return record
+
+
+def _by_readout(run, by_name: dict[str, Any]) -> dict[str, Any]:
+    """``by_name`` keyed by the run head's readout names (records written before a binary head's readout had
+    its own name call it "majority")."""
+    return {run.head.readout(name): value for name, value in by_name.items()}
 
 
 def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
     path = run_files(run_dir, run)["stats"]
     try:
         saved = torch.load(path, weights_only=True)
-        return {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()}
+        return _by_readout(run, {readout: CalibrationStats.from_dict(d) for readout, d in saved.items()})
     except Exception as err:  # truncated or damaged: name the file rather than show a traceback
         raise ValueError(f"{path}: the run's statistics could not be read ({type(err).__name__}: {err}); delete "
                          f"it and its {path.name.replace('.stats.pt', '.json')} to rerun that run") from err
@@ -84,4 +91,4 @@ def load_case_maps(run_dir: Path, run) -> dict[str, np.ndarray]:
     if not path.is_file():
         return {}
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return _by_readout(run, {k: z[k] for k in z.files})

@@ -7,8 +7,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from orcal.experiment.config import TS_SUFFIX, ExperimentConfig, Run
+from orcal.experiment.config import ExperimentConfig, Run
 from orcal.experiment.tables import TABLES
+from orcal.heads import scaled, unscaled
 
 
 def select_rows(cfg: ExperimentConfig, candidates: Mapping[str, Sequence[Run]], records: Mapping[str, dict]
@@ -36,7 +37,7 @@ def select_rows(cfg: ExperimentConfig, candidates: Mapping[str, Sequence[Run]], 
             parameter = pick.parameter if len(runs) > 1 else None
             entry = {"run": pick.key, "readout": readout, "parameter": parameter and parameter[0],
                      "value": parameter and parameter[1], "candidates": scores}
-            for r in (readout, readout + TS_SUFFIX):
+            for r in (readout, scaled(readout)):
                 if r in records[pick.key]["readouts"]:
                     chosen[pick.row(r)] = {**entry, "readout": r}
     return chosen
@@ -63,7 +64,7 @@ def compare_rows(stats: Mapping[str, Sequence], cfg: ExperimentConfig, reference
         ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
                         key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
         # the runner-up is another model: a row's own temperature-scaled twin ranks the same voxels alike
-        others = [r for r in ranked[1:] if r.removesuffix(TS_SUFFIX) != ranked[0].removesuffix(TS_SUFFIX)]
+        others = [r for r in ranked[1:] if unscaled(r)[0] != unscaled(ranked[0])[0]]
         if others:
             d = comparison.paired_difference(samples[ranked[0]], samples[others[0]])[metric]
             leads[metric] = {"best": ranked[0], "runner_up": others[0], **d,

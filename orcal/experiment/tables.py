@@ -8,7 +8,7 @@ datasets as columns, the best value marked) in Markdown and CSV, and as the repo
 
 Rows are keyed ``"<method>"`` for the baselines and ``"ordinal/<readout>"`` for the ordinal method, whose
 two readouts (SPEC §2) are reported as two rows; a temperature-scaled row adds
-:data:`~orcal.experiment.config.TS_SUFFIX`.
+:data:`~orcal.heads.TS_SUFFIX` (:mod:`orcal.heads` writes and reads the keys).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orcal.experiment.config import TS_SUFFIX
+from orcal.heads import parse_row
 from orcal.metrics.comparison import exceeds_noise
 from orcal.metrics.registry import higher_is_better as metric_higher_is_better
 from orcal.metrics.registry import label as metric_label
@@ -38,13 +38,12 @@ def row_label(row: str) -> str:
     ordinal head (``"ordinal/expected"`` -> ``"ORC (expected)"``) and `` + TS`` for temperature scaling."""
     from orcal import fusion
 
-    base = row.removesuffix(TS_SUFFIX)
-    method, _, readout = base.partition("/")
+    method, readout, scaled = parse_row(row)
     if method not in fusion.names():
         return row
     label = fusion.get(method).label
     label = f"{label} ({readout})" if readout else label
-    return label + (TS_LABEL if base != row else "")
+    return label + (TS_LABEL if scaled else "")
 
 
 def sort_rows(rows: Sequence[str]) -> list[str]:
@@ -54,8 +53,7 @@ def sort_rows(rows: Sequence[str]) -> list[str]:
     from orcal import fusion
 
     order = {name: i for i, name in enumerate(fusion.names())}
-    return sorted(rows, key=lambda r: (r.endswith(TS_SUFFIX),
-                                       order.get(r.removesuffix(TS_SUFFIX).partition("/")[0], len(order))))
+    return sorted(rows, key=lambda r: (parse_row(r).scaled, order.get(parse_row(r).method, len(order))))
 
 
 def is_finite(x) -> bool:
@@ -279,7 +277,7 @@ def selection_table(selection: Mapping[str, Mapping[str, Any]], runs: Mapping[st
     """Markdown table of the settings chosen on the validation split: per row, each candidate's validation
     MR-ECE, the chosen one in bold, and the chosen run's test MR-ECE."""
     lines = ["| Method | setting | validation MR-ECE per candidate | chosen | test MR-ECE |", "|---|---|---|---|---|"]
-    for row in sort_rows([r for r in selection if not r.endswith(TS_SUFFIX)]):
+    for row in sort_rows([r for r in selection if not parse_row(r).scaled]):
         c = selection[row]
         if not c.get("candidates"):
             continue

@@ -24,8 +24,9 @@ from then on it works in :func:`make_target`, ``orcal train --method``, ``orcal 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -33,13 +34,14 @@ from orcal.fusion.simple import simple
 from orcal.fusion.smoothing import PADDINGS, gaussian_kernel1d, soft_gaussian, svls, svls_kernel
 from orcal.fusion.staple import staple
 from orcal.fusion.voting import median, ordinal, random_rater, soft
+from orcal.heads import KINDS
 from orcal.masks import as_bool_masks
 
 check_masks = as_bool_masks  # the strategies' mask rule (orcal.masks), under its public name
 
-__all__ = ["METHODS", "PADDINGS", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target", "median",
-           "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple", "svls",
-           "svls_kernel", "unregister"]
+__all__ = ["METHODS", "PADDINGS", "STRATEGIES", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target",
+           "median", "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple",
+           "svls", "svls_kernel", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class Strategy:
 
 _REGISTRY: dict[str, Strategy] = {}
 
+#: The registered strategies, ``{name: Strategy}`` in registration order: a read-only, live view; change it
+#: with :func:`register`.
+STRATEGIES: Mapping[str, Strategy] = MappingProxyType(_REGISTRY)
+
 
 def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = None, options=(),
              head: str = "binary", needs_generator: bool = False, uses_majority: bool = False,
@@ -78,8 +84,8 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = 
         raise ValueError(f"a strategy name must be an identifier (it is a --method value), got {name!r}")
     if not callable(fn):
         raise TypeError(f"fn of strategy {name!r} must be callable, got {type(fn).__name__}")
-    if head not in ("binary", "ordinal"):
-        raise ValueError(f"head of strategy {name!r} must be 'binary' or 'ordinal', got {head!r}")
+    if head not in KINDS:
+        raise ValueError(f"head of strategy {name!r} must be one of {KINDS}, got {head!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"strategy {name!r} is already registered; pass replace=True to replace it")
     entry = Strategy(name, fn, label or name, tuple(options), head, needs_generator, uses_majority)

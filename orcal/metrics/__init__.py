@@ -18,7 +18,7 @@ When torchmetrics is installed, the same statistics are also ``torchmetrics.Metr
 so the value is pooled over batches and ranks): the scalar :class:`MultiRaterECE`, :class:`MultiRaterAUROC`,
 :class:`MultiRaterBrier` and :class:`MultiRaterDice` for Lightning's ``self.log``, and
 :class:`MultiRaterCalibrationMetric` (every metric as a dict) for ``self.log_dict``; see
-:mod:`orcal.metrics_torchmetrics`. They load on first access, so torchmetrics stays optional.
+:mod:`orcal.integrations.torchmetrics`. They load on first access, so torchmetrics stays optional.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from orcal.metrics.streaming import MultiRaterCalibration, agreement_table, summ
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
 from orcal.stats import CalibrationStats
 
-#: The ``torchmetrics.Metric`` classes of :mod:`orcal.metrics_torchmetrics`, reachable from here.
+#: The ``torchmetrics.Metric`` classes of :mod:`orcal.integrations.torchmetrics`, reachable from here.
 TORCHMETRICS_CLASSES = ("MultiRaterCalibrationMetric", "MultiRaterECE", "MultiRaterAUROC", "MultiRaterBrier",
                         "MultiRaterDice")
 
@@ -47,9 +47,9 @@ TORCHMETRICS_CLASSES = ("MultiRaterCalibrationMetric", "MultiRaterECE", "MultiRa
 def __getattr__(name: str):
     # torchmetrics is optional: its forms are imported on first access only.
     if name in TORCHMETRICS_CLASSES:
-        from orcal import metrics_torchmetrics
+        import importlib
 
-        return getattr(metrics_torchmetrics, name)
+        return getattr(importlib.import_module("orcal.integrations.torchmetrics"), name)
     raise AttributeError(f"module 'orcal.metrics' has no attribute {name!r}")
 
 

@@ -1,4 +1,4 @@
-"""The statistics of one batch, as the streaming metrics (orcal.metrics, its torchmetrics forms, orcal.monai)
+"""The statistics of one batch, as the streaming metrics (orcal.metrics, its torchmetrics and MONAI forms)
 take them.
 
 :func:`batch_stats` is :func:`orcal.calibration_stats`, with the large batches of the
@@ -61,7 +61,7 @@ def warn_if_post_processed(pred: torch.Tensor, kind: str, name: str = "pred") ->
     held = ("only 0 and 1, a thresholded map (MONAI: AsDiscrete(threshold=0.5))" if binary else
             "only values in [0, 1], probabilities (MONAI: Activations(sigmoid=True) or softmax)")
     fix = ("give the metric the network's raw ordinal outputs (R + 1 channels, no Activations/AsDiscrete "
-           "post-processing; view them with orcal.monai.ORCReadoutd)" if kind == "ordinal" else
+           "post-processing; view them with orcal.integrations.monai.ORCReadoutd)" if kind == "ordinal" else
            "give the raw logits, or pass kind='prob' if these are probabilities")
     warnings.warn(f"{name} is read as {'ordinal' if kind == 'ordinal' else 'binary'} logits (kind={kind!r}) but "
                   f"holds {held}: the metrics computed from it are wrong; {fix}", UserWarning, stacklevel=3)

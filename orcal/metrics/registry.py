@@ -17,8 +17,9 @@ call with a function of the statistics::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -37,7 +38,11 @@ class Metric:
     table: bool = True
 
 
-METRICS: dict[str, Metric] = {}
+_METRICS: dict[str, Metric] = {}
+
+#: The registered metrics, ``{key: Metric}`` in registration order: a read-only, live view; change it with
+#: :func:`register_metric`.
+METRICS: Mapping[str, Metric] = MappingProxyType(_METRICS)
 
 
 def register_metric(key: str, label: str, from_totals: Callable[[CalibrationStats], torch.Tensor], *,
@@ -49,7 +54,7 @@ def register_metric(key: str, label: str, from_totals: Callable[[CalibrationStat
         raise TypeError(f"from_totals of metric {key!r} must be callable")
     if key in METRICS and not replace:
         raise ValueError(f"metric {key!r} is already registered; pass replace=True to replace it")
-    METRICS[key] = entry = Metric(key, label, from_totals, bool(higher_is_better), bool(table))
+    _METRICS[key] = entry = Metric(key, label, from_totals, bool(higher_is_better), bool(table))
     return entry
 
 
@@ -57,7 +62,7 @@ def unregister_metric(key: str) -> None:
     """Remove a metric added with :func:`register_metric`."""
     if key not in METRICS:
         raise ValueError(f"unknown metric {key!r}; registered: {', '.join(METRICS)}")
-    del METRICS[key]
+    del _METRICS[key]
 
 
 def keys() -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from orcal.heads import EXPECTED_K, Head
 from orcal.models import as_tuple, probability
 from orcal.training.config import AMP_MODES, TrainResult
 from orcal.training.runtime import autocast, resolve_device
@@ -179,8 +180,8 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
     ``orcal evaluate`` and that label's ``--label`` or ``--task``).
 
     Args:
-        readouts: default both readouts for an ordinal head (SPEC §2), ``("majority",)`` for a binary one (the
-            sigmoid).
+        readouts: default every readout of the head (:attr:`orcal.heads.Head.readouts`: ``majority`` and
+            ``expected`` for an ordinal head, SPEC §2; ``sigmoid`` for a binary one).
         fmt: ``"nii.gz"``, ``"nii"``, ``"npy"`` or ``"png"``; default NIfTI where the dataset says an item came
             from a NIfTI file (``dataset.image_path(i)``; its affine and spacing are kept), else ``.npy``.
         other arguments: as :func:`predict`.
@@ -190,26 +191,26 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
     """
     from orcal.io import file_format, write_array
 
-    _, head, majority, _ = _resolve(model_or_result, None, None, patch_size)
-    if readouts is None:
-        readouts = ("majority", "expected") if head == "ordinal" else ("majority",)
+    _, kind, majority, _ = _resolve(model_or_result, None, None, patch_size)
+    C = structures_of(model_or_result)
+    head = Head(kind, num_structures=C or 1)
+    readouts = head.readouts if readouts is None else tuple(head.readout(r) for r in readouts)
     if fmt is not None and fmt not in WRITE_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(WRITE_FORMATS)}, got {fmt!r}")
     out = Path(out_dir)
     ids = getattr(dataset, "ids", None) or [str(dataset[i].get("id", i)) for i in range(len(dataset))]
     sources = {str(c): getattr(dataset, "image_path", lambda i: None)(i) for i, c in enumerate(ids)}
-    C = structures_of(model_or_result)
-    names = (*readouts, "expected_k") if head == "ordinal" else tuple(readouts)
+    names = (*readouts, EXPECTED_K) if EXPECTED_K in head.maps else readouts
     folders = {name: out / name for name in names}
     if C is not None:
         folders = {f"{name}/structure{c}": out / name / f"structure{c}" for name in names for c in range(1, C + 1)}
     for batch_ids, logits, _, _ in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
                                                       overlap, amp, progress):
-        maps = {r: probability(logits, head, readout=r, majority=majority, num_structures=C).float().cpu()
+        maps = {r: probability(logits, kind, head.op_readout(r), majority, num_structures=C).float().cpu()
                 for r in readouts}
-        if head == "ordinal":
+        if EXPECTED_K in names:
             R = logits.shape[1] // (C or 1) - 1
-            maps["expected_k"] = probability(logits, head, "expected", num_structures=C).float().cpu() * R
+            maps[EXPECTED_K] = probability(logits, kind, "expected", num_structures=C).float().cpu() * R
         if C is not None:  # (B, C, *S): one map per structure
             maps = {f"{name}/structure{c + 1}": m[:, c] for name, m in maps.items() for c in range(C)}
         for name, m in maps.items():  # NaN would be written as 0 in 8-bit files, and scored as a confident 0
@@ -227,7 +228,7 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
                 if ext == ".png":
                     if arr.ndim != 2:
                         raise ValueError(f"PNG output needs 2D images, case {case} is {arr.ndim}D; use nii.gz or npy")
-                    if name.startswith("expected_k"):  # not a probability: kept exact
+                    if name.startswith(EXPECTED_K):  # not a probability: kept exact
                         write_array(folders[name] / f"{case}.npy", arr)
                         continue
                     arr = np.rint(arr * 255.0).astype(np.uint8)
