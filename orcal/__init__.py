@@ -17,8 +17,8 @@ Several structures (SPEC §11)::
     vol  = orcal.volume_metrics(orcal.volume_stats(p, labels, spacing, num_structures=C))
 """
 
-from orcal import _ext, _schema
 from orcal.ops import (
+    _ext,
     bootstrap,
     calibration_metrics,
     calibration_stats,
@@ -31,8 +31,6 @@ from orcal.volume import VolumeStats, volume_metrics, volume_stats
 
 __version__ = "0.1.0"
 
-if _ext.compiled():
-    _schema.register("orcal", "cpp")
 build_info = _ext.build_info
 
 

@@ -28,7 +28,7 @@ import torch
 
 from orcal import ops, reference
 from orcal.batch_stats import prepare
-from orcal.masks import check_masks
+from orcal.ops.masks import check_masks
 
 __all__ = ["TemperatureScaler", "apply_temperature", "fit_temperature"]
 
@@ -76,7 +76,7 @@ def _check(logits: torch.Tensor, target: torch.Tensor, num_raters: int | None, v
     if got != spatial:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not describe the same "
                          "images")
-    ops._check_valid(valid, spatial, "the images")
+    ops.check_valid(valid, spatial, "the images")
     return R
 
 

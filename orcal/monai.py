@@ -37,12 +37,12 @@ except ImportError as err:  # an optional extra: say how to get it
 
 from orcal import distributed, metric_table, ops
 from orcal.batch_stats import batch_stats, check_options, check_raters, prepare, warn_if_post_processed
-from orcal.checks import integer_range
-from orcal.masks import check_structures
 from orcal.metrics import summarize
 from orcal.ops import bootstrap
+from orcal.ops.checks import integer_range
+from orcal.ops.masks import check_structures
+from orcal.ops.structures import check_labels
 from orcal.stats import CalibrationStats
-from orcal.structures import check_labels
 
 __all__ = ["MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric", "ORCReadoutd", "ORCTargetd", "StackRatersd",
            "metric_cmp_fn", "score_function"]

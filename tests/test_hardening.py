@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import orcal
-from orcal import _ext, reference
 from orcal.data.safe_pickle import UnsafePickleError, safe_loads
+from orcal.ops import _ext, reference
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

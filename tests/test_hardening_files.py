@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from orcal.cli import main
-from orcal.masks import binary_mask, select_labels, structure_map
+from orcal.ops.masks import binary_mask, select_labels, structure_map
 
 nib = pytest.importorskip("nibabel")
 

@@ -14,7 +14,7 @@ import torch
 from test_hardening import BACKENDS, run_triton_cases
 
 import orcal
-from orcal import reference
+from orcal.ops import reference
 
 INF, NAN = math.inf, math.nan
 

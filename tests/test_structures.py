@@ -16,7 +16,8 @@ import torch
 from test_hardening import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
-from orcal import _ext, reference, structures
+from orcal import reference
+from orcal.ops import _ext, structures
 from orcal.stats import TENSOR_FIELDS, CalibrationStats
 
 SHAPES = [pytest.param((5, 6), id="2d"), pytest.param((3, 4, 5), id="3d")]
