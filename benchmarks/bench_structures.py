@@ -16,10 +16,10 @@ import statistics
 
 import torch
 
+from benchmarks.measure import time_fn
+
 
 def _median_ms(fn, device: str, repeats: int) -> float:
-    from benchmarks.suite import time_fn
-
     return 1000 * statistics.median(time_fn(fn, device, repeats, budget_s=3.0))
 
 

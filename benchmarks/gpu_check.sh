@@ -198,7 +198,7 @@ if [[ -n $BUILD_PID ]]; then
       "the CUDA tests and the cpp rows cannot run"
     FAILED+=("build the CUDA extension" "CUDA tests (no build)")
   else
-    run_stage "extension report" 15 "$PY" -c "import orcal._ext as e, json; i = e.build_info(); \
+    run_stage "extension report" 15 "$PY" -c "import orcal.ops._ext as e, json; i = e.build_info(); \
 print(json.dumps(i, indent=1, default=str)); assert i['cuda'], 'no CUDA kernels in orcal._C'"
     run_stage "CUDA tests (every op per dtype, graphs)" 60 "${PYTEST[@]}" "${CUDA_TESTS[@]}"
   fi
@@ -216,7 +216,8 @@ from pathlib import Path
 
 import torch
 
-from orcal import _ext, ops, reference
+from orcal import ops
+from orcal.ops import _ext, _triton, reference
 
 out_dir, dry, stage_s = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
 dev = "cpu" if dry else "cuda"
@@ -345,7 +346,7 @@ for provider in providers:  # providers before dtypes: every provider gets its f
                # the floor: read logits and k, write the gradient / read logits and k
                "loss_bw_fraction": (2 * L + V) / t_loss / copy_bw, "stats_bw_fraction": (L + V) / t_stats / copy_bw}
         if provider in ("triton", "cpp"):  # the fused kernel alone (forward with its gradient, no autograd)
-            op = ops._triton().ordinal_loss_op() if provider == "triton" else torch.ops.orcal.ordinal_loss
+            op = _triton.ordinal_loss_op() if provider == "triton" else torch.ops.orcal.ordinal_loss
             t_fused = timed(lambda: op(logits, k, None, 1.0, m, 1, True))
             row["loss_kernel_ms"] = t_fused * 1e3
             row["loss_kernel_bw_fraction"] = (2 * L + V) / t_fused / copy_bw

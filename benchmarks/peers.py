@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import orcal
-from orcal import reference as ref
+from orcal.ops import reference as ref
 
 LOSS_PEERS = ("cross_entropy", "bce")
 STATS_PEERS = ("monai_ece", "auroc")

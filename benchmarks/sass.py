@@ -124,7 +124,7 @@ def hot_loop(lines: list[str]) -> list[str]:
 
 def triton_cases() -> list[dict]:
     """The Triton kernels and settings of the table, with the block sizes their launchers pick."""
-    from orcal._triton import _ops
+    from orcal.ops._triton import _ops
 
     cases = []
     for dtype in ("float32", "bfloat16"):
@@ -173,7 +173,7 @@ def compile_triton(case: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from orcal._triton import _ops
+    from orcal.ops._triton import _ops
 
     fn = getattr(_ops.kernels(), case["kernel"])
     sig = dict(case["signature"])
@@ -187,7 +187,7 @@ def compile_triton(case: dict):
 
 def triton_rows(cases: list[dict] | None = None, workdir: Path | None = None) -> list[SassRow]:
     """One row per case of :func:`triton_cases` (all of them by default)."""
-    from orcal._triton import _ops
+    from orcal.ops._triton import _ops
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")

@@ -22,11 +22,8 @@ gradient kept in ``.grad``), caches of the allocator excluded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import math
-import re
 import statistics
 import subprocess
 import sys
@@ -39,8 +36,17 @@ import torch
 
 import orcal
 from benchmarks import peers
-from orcal import _ext
-from orcal import reference as ref
+from benchmarks.measure import (
+    copy_bandwidth,
+    cpu_isa,
+    device_description,
+    device_name,
+    malloc_returns_memory,
+    peak_extra_mb,
+    time_fn,
+)
+from orcal.ops import _ext
+from orcal.ops import reference as ref
 
 OPS = ("loss", "stats", "readout")
 PROVIDERS = ("cpp", "triton", "torch", "compile", "torchmetrics", *peers.LOSS_PEERS, *peers.STATS_PEERS)
@@ -87,116 +93,6 @@ class Row:
     spread_ms: tuple[float, float] | None = None  # min and max of the medians of separate processes
     error: str = ""
     extra: dict = field(default_factory=dict)
-
-
-# --- machine ---------------------------------------------------------------------------------------------
-
-def _slug(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
-
-
-def cpu_model() -> str:
-    from orcal.training.runtime import cpu_name
-
-    return cpu_name()
-
-
-def device_name(device: str) -> str:
-    """``cpu-<model>-<n>threads`` or the GPU's name, slugified: the results file name."""
-    if device == "cuda":
-        return _slug(torch.cuda.get_device_name(0))
-    return f"cpu-{_slug(cpu_model())}-{torch.get_num_threads()}threads"
-
-
-def device_description(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn: Callable[[], object], device: str, repeats: int, budget_s: float) -> list[float]:
-    """Wall times of ``repeats`` calls after one warm-up; stops early (at least 3 runs) past ``budget_s``."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return times
-
-
-def copy_bandwidth(device: str, quick: bool) -> tuple[float, float]:
-    """(GB/s, MB) of a large tensor copy (bytes read + bytes written): the memory-bandwidth floor of the run."""
-    n = (1 << 22) if quick else (1 << 26)  # 16 MiB or 256 MiB of float32
-    src = torch.ones(n, device=device)
-    dst = torch.empty_like(src)
-    times = time_fn(lambda: dst.copy_(src), device, 5 if quick else 10, 2.0)
-    nbytes = src.numel() * src.element_size()
-    return 2 * nbytes / statistics.median(times) / 1e9, nbytes / 1e6
-
-
-# --- peak memory -----------------------------------------------------------------------------------------
-
-_MALLOC_SET = False
-
-
-def _malloc_returns_memory() -> None:
-    """Make glibc return every block of 64 KiB or more to the system on free (so RSS follows live memory),
-    and give back what it holds now. Only for the memory pass: timings use the default allocator."""
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-
-
-def _status_kb(key: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def peak_extra_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory of one call of ``fn`` above what was in use before it, in MB (see the module doc)."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del out
-        return (peak - before) / 1e6
-    _malloc_returns_memory()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return math.nan
-    before = _status_kb("VmRSS")
-    out = fn()
-    peak = _status_kb("VmHWM")
-    del out
-    if before is None or peak is None:
-        return math.nan
-    return max(peak - before, 0) * 1024 / 1e6
 
 
 # --- the cases -------------------------------------------------------------------------------------------
@@ -483,7 +379,7 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
     meta = {
         "device": device, "device_name": device_name(device), "device_description": device_description(device),
         "torch": torch.__version__, "orcal": orcal.__version__, "threads": torch.get_num_threads(),
-        "cpu_isa": _cpu_isa(), "copy_gbs": copy_gbs, "copy_mb": copy_mb, "processes": processes,
+        "cpu_isa": cpu_isa(), "copy_gbs": copy_gbs, "copy_mb": copy_mb, "processes": processes,
         "date": time.strftime("%Y-%m-%d"), "quick": quick, "skipped": {}, "extras": {},
     }
     # Provider-major, in the order given: a run cut short keeps every op of the first providers.
@@ -506,7 +402,7 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
         _finish_rows(rows)
         _write(rows, meta, out_dir)
     if device == "cpu":
-        _malloc_returns_memory()  # the memory pass, after every timing: freed blocks go back to the system
+        malloc_returns_memory()  # the memory pass, after every timing: freed blocks go back to the system
     for row, fn in calls:
         if math.isnan(row.peak_extra_mb):  # not measured by the fresh processes of process_spread
             with contextlib.suppress(Exception):
@@ -556,20 +452,6 @@ def _write(rows: list[Row], meta: dict, out_dir: Path | str | None) -> None:
     meta["written"] = [str(out / f"{stem}.md"), str(out / f"{stem}.json")]
 
 
-def _cpu_isa() -> str:
-    """Which CPU kernel set the extension runs: the widest of AVX-512, AVX2/FMA and the baseline that the CPU
-    has and ``ORCAL_CPU_ISA`` allows (the choice of csrc/cpu/kernels_base.cpp)."""
-    import os
-
-    if not _ext.compiled():
-        return "no compiled"
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    cap = os.environ.get("ORCAL_CPU_ISA", "")
-    if cap == "baseline" or capability not in ("avx2", "avx512"):
-        return "baseline"
-    return "AVX-512" if capability == "avx512" and cap != "avx2" else "AVX2/FMA"
-
-
 def _worker(spec_json: str) -> None:
     """``python -m benchmarks.suite SPEC``: time one case in this fresh process, then its peak memory; prints
     both as JSON."""
@@ -579,7 +461,7 @@ def _worker(spec_json: str) -> None:
     fn, _ = provider_fn(case, spec["provider"])
     times = time_fn(fn, spec["device"], spec["repeats"], 3.0)
     if spec["device"] == "cpu":
-        _malloc_returns_memory()  # after the timing, as in the suite
+        malloc_returns_memory()  # after the timing, as in the suite
     print(json.dumps({"times": times, "peak_mb": peak_extra_mb(fn, spec["device"])}))
 
 

@@ -17,16 +17,13 @@ Several structures (SPEC §11)::
     vol  = orcal.volume_metrics(orcal.volume_stats(p, labels, spacing, num_structures=C))
 """
 
-from orcal import _ext, _schema
 from orcal.metrics.pooled import bootstrap, calibration_metrics
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
-from orcal.ops import calibration_stats, foreground_probability, orc_targets, ordinal_loss
+from orcal.ops import _ext, calibration_stats, foreground_probability, orc_targets, ordinal_loss
 from orcal.stats import CalibrationStats
 
 __version__ = "0.1.0"
 
-if _ext.compiled():
-    _schema.register("orcal", "cpp")
 build_info = _ext.build_info
 
 

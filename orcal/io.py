@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orcal.masks import binary_mask, mask_plane, select_labels, structure_map
+from orcal.ops.masks import binary_mask, mask_plane, select_labels, structure_map
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

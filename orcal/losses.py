@@ -38,7 +38,7 @@ class OrdinalLoss(nn.Module):
                  backend: str = "auto", from_masks: bool = False, ignore_index: int | None = None,
                  structure_reduction: str = "sum", num_classes: int | None = None, num_raters: int | None = None):
         super().__init__()
-        from orcal.checks import check_choice, check_int, check_real
+        from orcal.ops.checks import check_choice, check_int, check_real
 
         check_choice("structure_reduction", structure_reduction, ("sum", "mean"))
         self.structure_reduction = structure_reduction
@@ -56,7 +56,7 @@ class OrdinalLoss(nn.Module):
         from orcal.ops import orc_targets, ordinal_loss, plain_tensor
 
         if self.from_masks:
-            from orcal.masks import as_bool_masks
+            from orcal.ops.masks import as_bool_masks
 
             k = plain_tensor(k)
             if self.num_raters is not None and k.ndim > 1 and k.shape[1] != self.num_raters:
@@ -105,7 +105,7 @@ class SoftBCELoss(nn.Module):
         if not logit.is_floating_point():
             raise TypeError(f"logit must be a float tensor, got {logit.dtype}")
         if self.from_masks:
-            from orcal.masks import as_bool_masks
+            from orcal.ops.masks import as_bool_masks
 
             target = as_bool_masks(target, "target").float().mean(1)
         spatial_dims = logit.ndim - 1 if logit.shape[1:2] != (1,) else logit.ndim - 2

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from orcal._schema import StatsLayout
+from orcal.ops._schema import StatsLayout
 
 #: Fields that are integer counts (int64, exact under summation).
 COUNT_FIELDS = ("n", "a", "tp", "fp", "fn", "pos", "neg")
@@ -142,7 +142,7 @@ class CalibrationStats:
 
     # Packed form used by the compiled kernels: one int64 and one float64 tensor per call.
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed ``(counts, sums)`` of the kernels, columns as :class:`orcal._schema.StatsLayout` says."""
+        """The packed ``(counts, sums)`` of the kernels, columns as :class:`orcal.ops._schema.StatsLayout` says."""
         lay = StatsLayout(self.n_bins, self.auc_bins)
         rows = self.n.shape[0]
         counts = self.n.new_zeros(rows, lay.count_cols())
@@ -156,7 +156,7 @@ class CalibrationStats:
     @classmethod
     def unpack(cls, counts: torch.Tensor, sums: torch.Tensor, n_bins: int, auc_bins: int,
                num_structures: int = 1) -> CalibrationStats:
-        """Inverse of :meth:`pack` (the columns of :class:`orcal._schema.StatsLayout`)."""
+        """Inverse of :meth:`pack` (the columns of :class:`orcal.ops._schema.StatsLayout`)."""
         lay = StatsLayout(n_bins, auc_bins)
         return cls(num_structures=num_structures,
             n=counts[:, lay.n():lay.a()], a=counts[:, lay.a():lay.tp()],

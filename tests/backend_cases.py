@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orcal import _ext
+from orcal.ops import _ext
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -97,3 +97,69 @@ def test_sass_hot_loop_is_the_longest_backward_branch():
     assert [line.split("*/")[0].strip() + "*/" for line in body] == \
         ["/*0010*/", "/*0020*/", "/*0030*/", "/*0040*/", "/*0060*/"]
     assert len(hot_loop(listing[:4])) == 4  # no loop: the whole kernel
+
+
+# An installed orcal, seen from `cwd`: its folder alone on the path, and no folder that holds the suite (an editable
+# install in compat mode puts the checkout's root on the path through a .pth file).
+_INSTALLED = """import sys
+from pathlib import Path
+sys.path[:] = [sys.argv[1]] + [p for p in sys.path[1:] if not (Path(p or '.') / 'benchmarks' / 'suite.py').exists()]
+from orcal.cli import main
+sys.exit(main(['bench', *sys.argv[2:]]))
+"""
+
+
+def _orcal_bench(cwd, *args: str, checkout: bool = False):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = Path(cwd) / "lib"
+    lib.mkdir(exist_ok=True)
+    (lib / "orcal").symlink_to(Path(__file__).resolve().parents[1] / "orcal")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-m", "orcal", "bench", *args] if checkout else \
+        [sys.executable, "-c", _INSTALLED, str(lib), *args]
+    if checkout:
+        env["PYTHONPATH"] = str(lib)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_orcal_bench_outside_a_checkout_says_how_to_run_the_suite(tmp_path):
+    done = _orcal_bench(tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "python -m benchmarks" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_orcal_bench_finds_the_suite_where_python_does(tmp_path):
+    """From a checkout's root (``python -m`` puts it first on the path) the command has the suite's options,
+    found without editing sys.path."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "benchmarks", tmp_path / "benchmarks",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    done = _orcal_bench(tmp_path, "--help", checkout=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--providers" in done.stdout
+
+def test_no_import_circle_between_benchmark_modules():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    graph = {}
+    for path in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("benchmarks"):
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[path.stem] = {n.split(".")[1] for n in names if n.count(".") >= 1} & {p.stem for p in root.glob("*.py")}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert not circles, {m: sorted(graph[m]) for m in circles}

@@ -13,8 +13,8 @@ import cuda_emulation
 import pytest
 import torch
 
-from orcal import _ext
-from orcal import reference as ref
+from orcal.ops import _ext
+from orcal.ops import reference as ref
 from orcal.stats import CalibrationStats
 
 pytestmark = [

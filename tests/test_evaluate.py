@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from orcal import reference
 from orcal.cli import main
 from orcal.evaluate import evaluate, find_predictions, load_prediction
 from orcal.metrics import pooled, registry
+from orcal.ops import reference
 
 SHAPE = (12, 10)
 

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from orcal import _ext, ops, reference
+from orcal import ops
+from orcal.ops import _ext, reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

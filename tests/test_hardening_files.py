@@ -16,7 +16,7 @@ import torch
 
 from orcal.cli import main
 from orcal.data.safe_pickle import UnsafePickleError, safe_loads
-from orcal.masks import binary_mask, select_labels, structure_map
+from orcal.ops.masks import binary_mask, select_labels, structure_map
 
 nib = pytest.importorskip("nibabel")
 

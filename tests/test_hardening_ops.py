@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import orcal
-from orcal import _ext, reference
+from orcal.ops import _ext, reference
 
 INF, NAN = math.inf, math.nan
 

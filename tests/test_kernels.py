@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import orcal
-from orcal import _ext
-from orcal import reference as ref
+from orcal.ops import _ext
+from orcal.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(not _ext.compiled(), reason="orcal._C is not built")
 

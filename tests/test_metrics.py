@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import orcal
-from orcal import reference
 from orcal.metrics import MultiRaterCalibration, agreement_table, bootstrap, pooled
+from orcal.ops import reference
 
 SCALARS = ("mr_ece", "mr_ece_l2", "mr_mce", "auc", "auc_error_bound", "brier", "nll", "dice")
 

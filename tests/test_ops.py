@@ -6,7 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import orcal
-from orcal import _ext, ops, reference
+from orcal import ops
+from orcal.ops import _ext, reference
 
 needs_cpp = pytest.mark.skipif(not _ext.has_kernel("orc_targets", torch.device("cpu")),
                                reason="compiled CPU kernels not built")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from orcal import reference
 from orcal.metrics import MultiRaterCalibration, plots
+from orcal.ops import reference
 
 
 def _result(seed: int, gamma: float = 1.0):

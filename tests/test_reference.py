@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from orcal import reference
 from orcal.metrics import pooled
+from orcal.ops import reference
 from orcal.stats import CalibrationStats
 
 

@@ -1,4 +1,4 @@
-"""The op contract of orcal._schema against the C++ sources it mirrors."""
+"""The op contract of orcal.ops._schema against the C++ sources it mirrors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orcal._schema import FAKES, MAX_AUC_BINS, MAX_ECE_BINS, MAX_RATERS, StatsLayout
+from orcal.ops._schema import FAKES, MAX_AUC_BINS, MAX_ECE_BINS, MAX_RATERS, StatsLayout
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 

@@ -16,7 +16,7 @@ import torch
 from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
-from orcal import _ext, reference, structures
+from orcal.ops import _ext, reference, structures
 from orcal.stats import TENSOR_FIELDS, CalibrationStats
 
 SHAPES = [pytest.param((5, 6), id="2d"), pytest.param((3, 4, 5), id="3d")]

@@ -1,4 +1,4 @@
-"""Triton kernels (orcal._triton) against orcal.reference.
+"""Triton kernels (orcal.ops._triton) against orcal.ops.reference.
 
 On CPU tensors the kernels run in Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
 before Triton is first imported: a plain run runs this file's CPU cases once in a child process with it set
@@ -19,7 +19,8 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from orcal import ops, reference  # noqa: E402
+from orcal import ops  # noqa: E402
+from orcal.ops import _triton, reference  # noqa: E402
 from orcal.stats import CalibrationStats  # noqa: E402
 
 #: Whether this process imported Triton in interpreter mode (then CPU tensors work, CUDA ones do not).
@@ -227,7 +228,7 @@ def test_ordinal_loss_no_valid_voxel(device):
 def test_ordinal_loss_forward_only(device):
     logits = _logits(2, 3, (4, 5), device=device)
     k = _votes(2, 3, (4, 5), device=device)
-    loss, grad = ops._triton().ordinal_loss_op()(logits, k, None, 1.0, 2, 1, False)
+    loss, grad = _triton.ordinal_loss_op()(logits, k, None, 1.0, 2, 1, False)
     assert grad.numel() == 0
     torch.testing.assert_close(loss.cpu(), reference.ordinal_loss(logits.cpu(), k.cpu(), 1.0, 2))
 
@@ -333,8 +334,6 @@ def test_calibration_stats_errors(device):
 # --- the custom ops pass torch.library.opcheck ------------------------------------------------------------
 
 def test_opcheck(device):
-    from orcal import _triton
-
     masks = _masks(2, 3, (3, 4), device=device)
     logits = _logits(2, 3, (3, 4), device=device)
     k = reference.orc_targets(masks.cpu()).to(device)
@@ -365,7 +364,7 @@ def test_sizes_above_2_to_the_31_elements():
     logits = torch.randn(1, R + 1, H, W, device="cuda", dtype=torch.float16, generator=gen)
     assert logits.numel() > 2**31
     k = torch.randint(0, R + 1, (1, H, W), device="cuda", dtype=torch.uint8, generator=gen)
-    loss_map, _ = ops._triton().ordinal_loss_op()(logits, k, None, 1.0, R // 2 + 1, ops.REDUCTIONS["none"], False)
+    loss_map, _ = _triton.ordinal_loss_op()(logits, k, None, 1.0, R // 2 + 1, ops.REDUCTIONS["none"], False)
     tail = slice(V - 1000, V)
     flat = logits.reshape(1, R + 1, V)
     want = reference.ordinal_loss(flat[:, :, tail].float().cpu(), k.reshape(1, V)[:, tail].cpu(), reduction="none")
@@ -383,9 +382,9 @@ def test_big_image_shapes_pass_validation():
     logits = torch.empty(1, R + 1, H, W, dtype=torch.float16, device="meta")
     k = torch.empty(1, H, W, dtype=torch.uint8, device="meta")
     assert logits.numel() > 2**31
-    counts, sums = ops._triton().calibration_stats_op()(logits, k, None, R, False, "ordinal", "majority", 4, 15, 4096)
+    counts, sums = _triton.calibration_stats_op()(logits, k, None, R, False, "ordinal", "majority", 4, 15, 4096)
     assert counts.shape[0] == 1 and sums.shape[0] == 1
-    loss, _ = ops._triton().ordinal_loss_op()(logits, k, None, 1.0, 4, ops.REDUCTIONS["none"], False)
+    loss, _ = _triton.ordinal_loss_op()(logits, k, None, 1.0, 4, ops.REDUCTIONS["none"], False)
     assert loss.shape == (1, H, W)
 
 
@@ -394,7 +393,7 @@ def test_big_image_shapes_pass_validation():
 def test_packed_auc_counts_unpack_as_unsigned():
     """Positives and negatives share an int64 (low and high 32 bits): a negative count of 2^31 or more sets the
     sign bit, which an arithmetic shift alone would carry into a negative count."""
-    from orcal._triton._ops import unpack_auc
+    from orcal.ops._triton._ops import unpack_auc
 
     pos = torch.tensor([0, 5, 2**32 - 1, 7, 2**31])
     neg = torch.tensor([2**31, 2**32 - 1, 0, 2**31 + 3, 2**31 - 1])
@@ -407,7 +406,7 @@ def test_packed_auc_counts_unpack_as_unsigned():
 def test_stats_grid_depends_on_the_problem_size_only(monkeypatch):
     """The programs per image (and so the order in which float partials are summed) never come from the
     device: the same on every GPU model, so the statistics are bitwise reproducible across them."""
-    from orcal._triton import _ops
+    from orcal.ops._triton import _ops
 
     def no_device_query(*args, **kwargs):
         raise AssertionError("the statistics grid must not depend on the device")
@@ -428,7 +427,7 @@ def test_backward_reads_no_device_value():
     stands in for a CUDA one. A CPU upstream of 1 still skips the scaling pass."""
     from types import SimpleNamespace
 
-    from orcal._schema import _loss_backward
+    from orcal.ops._schema import _loss_backward
 
     backward = _loss_backward("triton")
     saved = torch.full((2, 3, 4, 4), 0.5)
@@ -499,7 +498,7 @@ def test_calibration_stats_bin_windows(device, n_bins):
 def test_calibration_stats_several_programs_per_image(device):
     """Images of many blocks: several programs per image, each over several blocks (the flush, the
     per-program partials and their fixed-order sum)."""
-    from orcal._triton import _ops
+    from orcal.ops._triton import _ops
 
     block = _ops.stats_tile(1, 15, 4)["BLOCK_V"]
     S = (2 * block + 1, 11)  # 22 blocks and a tail: 6 programs of 4 blocks

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from orcal import reference
+from orcal.ops import reference
 
 SOURCE = r"""
 #include <torch/extension.h>

@@ -1,5 +1,5 @@
 // Column layout of the packed per-image statistics returned by orcal::calibration_stats (SPEC §4).
-// orcal/_schema.py (StatsLayout) mirrors it; tests/test_schema.py checks that the two agree.
+// orcal/ops/_schema.py (StatsLayout) mirrors it; tests/test_schema.py checks that the two agree.
 //
 //   counts (B, 2*n_bins + 3 + 2*auc_bins) int64:
 //     [0, n_bins)                      n[b]   voxel-rater pairs per ECE bin

@@ -1,22 +1,29 @@
-"""Benchmark orcal's kernels against the eager reference, torch.compile and torchmetrics (one table)."""
+"""Benchmark orcal's kernels against the eager reference, torch.compile and torchmetrics (one table).
+
+The suite is the ``benchmarks`` package of a source checkout, not part of the installed library (as PyTorch's
+own benchmarks): ``python -m benchmarks`` runs it from the checkout's root, and so does ``python -m orcal bench``
+there. This command only imports it when Python can already find it; it never edits ``sys.path``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-from pathlib import Path
+
+HOW = ("orcal bench runs the benchmark suite of a source checkout (benchmarks/, not installed with the package): "
+       "from the checkout's root run `python -m benchmarks --help` (or `python -m orcal bench`)")
 
 
 def _suite_cli():
-    """The suite lives in the source tree's benchmarks/ package (not installed with the wheel)."""
+    """The suite's command line, or None where no ``benchmarks`` package with the suite can be imported."""
     try:
-        from benchmarks import cli
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "benchmarks" / "suite.py").exists():
+        if importlib.util.find_spec("benchmarks.suite") is None:
             return None
-        sys.path.insert(0, str(root))
-        from benchmarks import cli
+    except ImportError:  # a `benchmarks` module that is not the suite's package
+        return None
+    from benchmarks import cli
+
     return cli
 
 
@@ -29,6 +36,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cli = _suite_cli()
     if cli is None:
-        print("orcal bench needs the benchmarks/ directory of a source checkout of orcal", file=sys.stderr)
+        print(HOW, file=sys.stderr)
         return 2
     return cli.run(args)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from orcal.io import read_spacing
-from orcal.masks import check_structures, select_labels, structure_map
+from orcal.ops.masks import check_structures, select_labels, structure_map
 
 from ._io import read_array
 from .base import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from orcal.io import EXTENSIONS, rater_files
-from orcal.masks import check_structures
+from orcal.ops.masks import check_structures
 
 from ._io import read_array
 from .base import (

@@ -35,9 +35,9 @@ from orcal.fusion.smoothing import PADDINGS, gaussian_kernel1d, soft_gaussian, s
 from orcal.fusion.staple import staple
 from orcal.fusion.voting import median, ordinal, random_rater, soft
 from orcal.heads import KINDS
-from orcal.masks import as_bool_masks
+from orcal.ops.masks import as_bool_masks
 
-check_masks = as_bool_masks  # the strategies' mask rule (orcal.masks), under its public name
+check_masks = as_bool_masks  # the strategies' mask rule (orcal.ops.masks), under its public name
 
 __all__ = ["METHODS", "PADDINGS", "STRATEGIES", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target",
            "median", "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple",
@@ -124,7 +124,7 @@ def make_target(method: str, masks: torch.Tensor, num_structures: int | None = N
     is then run per label, which is not SimpleITK's ``MultiLabelSTAPLE`` (a single multi-class estimate).
     """
     if num_structures is not None:
-        from orcal.structures import check_labels
+        from orcal.ops.structures import check_labels
 
         C = check_labels(masks, num_structures, "masks")
         return torch.stack([make_target(method, masks == c, **options) for c in range(1, C + 1)], 1)

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from orcal.checks import check_int, check_real
 from orcal.fusion.voting import median
-from orcal.masks import as_bool_masks as check_masks
+from orcal.ops.checks import check_int, check_real
+from orcal.ops.masks import as_bool_masks as check_masks
 
 
 def simple(masks: torch.Tensor, *, alpha: float = 1.0, max_rounds: int = 10, hard: bool = False,

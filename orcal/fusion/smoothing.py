@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orcal.checks import check_real
 from orcal.fusion.voting import mean_vote
-from orcal.masks import as_bool_masks as check_masks
+from orcal.ops.checks import check_real
+from orcal.ops.masks import as_bool_masks as check_masks
 
 PADDINGS = ("reflect", "replicate")
 

@@ -15,8 +15,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from orcal.checks import check_int, check_real
-from orcal.masks import as_bool_masks
+from orcal.ops.checks import check_int, check_real
+from orcal.ops.masks import as_bool_masks
 
 # Vote patterns are looked up in a dense table when it has at most this many entries (B x 2^R).
 _DENSE_TABLE_MAX = 1 << 22

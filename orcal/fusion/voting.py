@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from orcal.checks import check_int
-from orcal.masks import as_bool_masks as check_masks
-from orcal.reference import majority_threshold
+from orcal.ops.checks import check_int
+from orcal.ops.masks import as_bool_masks as check_masks
+from orcal.ops.reference import majority_threshold
 
 
 def mean_vote(m: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,10 @@ import math
 
 import torch
 
-from orcal import ops, reference
-from orcal.masks import check_masks
+from orcal import ops
 from orcal.metrics.batch_stats import prepare
+from orcal.ops import reference
+from orcal.ops.masks import check_masks
 
 __all__ = ["TemperatureScaler", "apply_temperature", "fit_temperature"]
 
@@ -76,7 +77,7 @@ def _check(logits: torch.Tensor, target: torch.Tensor, num_raters: int | None, v
     if got != spatial:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not describe the same "
                          "images")
-    ops._check_valid(valid, spatial, "the images")
+    ops.check_valid(valid, spatial, "the images")
     return R
 
 

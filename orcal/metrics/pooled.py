@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from orcal.checks import check_int, check_real
 from orcal.metrics.registry import auc_counts, metrics_from_totals, safe_div
+from orcal.ops.checks import check_int, check_real
 from orcal.stats import CalibrationStats
 
 

@@ -6,7 +6,7 @@ and the experiment's report (labels, which way is better). Adding a metric is on
 call with a function of the statistics::
 
     >>> import torch
-    >>> from orcal import reference
+    >>> from orcal.ops import reference
     >>> from orcal.metrics import registry
     >>> st = reference.calibration_stats(torch.tensor([[0.9, 0.2]]), torch.tensor([[2, 0]]), num_raters=2)
     >>> _ = registry.register_metric("pairs", "Pairs", lambda t: t.n.sum(1).double(), higher_is_better=True)

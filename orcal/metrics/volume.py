@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from orcal.checks import check_int, check_real, check_tensor, data_check
-from orcal.masks import check_masks
 from orcal.metrics.pooled import per_structure
+from orcal.ops.checks import check_int, check_real, check_tensor, data_check
+from orcal.ops.masks import check_masks
 
 _FIELDS = ("mean", "var", "raters", "voxel_volume")
 
@@ -91,7 +91,7 @@ def volume_stats(prob: torch.Tensor, raters: torch.Tensor, spacing=None, valid: 
         check_masks(raters, "raters")
         prob = prob.unsqueeze(1)
     else:
-        from orcal.structures import check_labels
+        from orcal.ops.structures import check_labels
 
         check_labels(raters, C, "raters")
     B, S = raters.shape[0], tuple(raters.shape[2:])

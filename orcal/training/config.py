@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from orcal.checks import check_int, check_real
+from orcal.ops.checks import check_int, check_real
 
 AMP_MODES = ("auto", "bf16", "off")
 

@@ -27,10 +27,10 @@ except ImportError as err:  # an optional extra: say how to get it
     raise ImportError('orcal.integrations.monai needs MONAI: pip install "orcal[monai]"') from err
 
 from orcal import ops
-from orcal.checks import integer_range
-from orcal.masks import check_structures
 from orcal.metrics.batch_stats import check_raters, warn_if_post_processed
-from orcal.structures import check_labels
+from orcal.ops.checks import integer_range
+from orcal.ops.masks import check_structures
+from orcal.ops.structures import check_labels
 
 __all__ = ["ORCReadoutd", "ORCTargetd", "StackRatersd"]
 

@@ -20,7 +20,8 @@ ORDINAL = Head("ordinal")
 def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) -> dict[str, torch.Tensor]:
     """Both readouts and ``E[k]`` of level probabilities ``q (R+1, *S)``. The readouts of SPEC §2 take logits:
     ``log q`` are logits whose softmax is ``q``."""
-    from orcal import ops, reference
+    from orcal import ops
+    from orcal.ops import reference
 
     logits = torch.log(q.double().clamp_min(1e-12))[None]
     m = ops._majority(num_raters, majority)  # 1..R, or the strict majority
@@ -62,7 +63,7 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise FileNotFoundError(f"{pred}: no <case>.npz; run nnUNetv2_predict with --save_probabilities")
     joint = _structures_of_prediction(pred)
     if majority is not None and joint is not None:
-        from orcal.checks import check_int
+        from orcal.ops.checks import check_int
 
         check_int(f"majority (with R = {joint[1]} raters)", majority, 1, joint[1])
     names = ORDINAL.maps

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from orcal._schema import async_checks
+from orcal.ops._schema import async_checks
 
 
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:

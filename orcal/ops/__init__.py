@@ -1,19 +1,26 @@
-"""Public functional ops (SPEC §7): input validation, backend choice, autograd.
+"""The public ops (SPEC §7): the ORC target, the readouts, the loss and the calibration statistics, for one
+structure or several (SPEC §11). The metrics and the bootstrap of the statistics live in :mod:`orcal.metrics`.
 
-Every op takes ``backend="auto" | "torch" | "cpp" | "triton"``; ``ORCAL_BACKEND`` forces one when
-``backend="auto"``. ``auto`` picks, per op and device: compiled kernels if built for that device, else
-Triton on CUDA tensors, else the pure-PyTorch reference. All backends compute the same function.
+Every op takes ``backend="auto" | "torch" | "cpp" | "triton"`` (or a backend added to the table of
+:mod:`orcal.ops.backends`); ``ORCAL_BACKEND`` forces one when ``backend="auto"``. ``auto`` picks, per op and
+device: compiled kernels if built for that device, else Triton on CUDA tensors, else the pure-PyTorch
+reference. All backends compute the same function.
+
+The package: :mod:`~orcal.ops._schema` (the op contract), :mod:`~orcal.ops._ext` (the compiled extension),
+:mod:`~orcal.ops.backends` (the backend table), :mod:`~orcal.ops.checks` and :mod:`~orcal.ops.validation` (argument
+checks), :mod:`~orcal.ops.masks` (the rater-mask rule), :mod:`~orcal.ops.subclasses` (``MetaTensor`` inputs),
+:mod:`~orcal.ops.structures` (the several-structure views), :mod:`~orcal.ops.reference` (the spec in plain PyTorch)
+and :mod:`~orcal.ops._triton` (the Triton kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
-from orcal import _ext, _schema, reference, structures
-from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
+from orcal.ops import _ext, _schema, backends, reference, structures  # noqa: F401  (_ext, _schema: the package)
+from orcal.ops._schema import (  # noqa: F401  (the op contract, re-exported)
     FLOAT_DTYPES,
     KINDS,
     MAX_AUC_BINS,
@@ -23,7 +30,8 @@ from orcal._schema import (  # noqa: F401  (the op contract, re-exported)
     REDUCTIONS,
     under_func_transform,
 )
-from orcal.checks import (  # noqa: F401  (check_* re-exported)
+from orcal.ops.backends import BACKENDS, register_backend, resolve_backend, unregister_backend  # noqa: F401
+from orcal.ops.checks import (  # noqa: F401  (check_* re-exported)
     check_choice,
     check_int,
     check_real,
@@ -32,194 +40,22 @@ from orcal.checks import (  # noqa: F401  (check_* re-exported)
     integer_range,
     integer_valued,
 )
-from orcal.masks import check_masks
+from orcal.ops.masks import check_masks
+from orcal.ops.subclasses import plain_tensor, subclass_backend
+from orcal.ops.validation import (  # noqa: F401  (channel_first_votes, drop_ignored, check_valid re-exported)
+    as_votes,
+    channel_first_votes,
+    check_float,
+    check_majority,
+    check_ordinal_logits,
+    check_probabilities,
+    check_same_device,
+    check_spatial,
+    check_valid,
+    drop_ignored,
+    loss_targets,
+)
 from orcal.stats import CalibrationStats
-
-BACKENDS = ("auto", "torch", "cpp", "triton")
-
-
-# --- validation (SPEC §8) --------------------------------------------------------------------------------
-
-def _check_spatial(name: str, x: torch.Tensor, extra_dims: int) -> None:
-    """``x`` must be (B, [C,] H, W) or (B, [C,] D, H, W): ``extra_dims`` is 1 with a channel axis."""
-    if x.ndim not in (2 + extra_dims + 1, 3 + extra_dims + 1):
-        layout = "(B, C, *S)" if extra_dims else "(B, *S)"
-        raise ValueError(f"{name} must be {layout} with S 2D or 3D, i.e. {3 + extra_dims} or "
-                         f"{4 + extra_dims} dims; got shape {tuple(x.shape)}")
-
-
-def _check_same_device(**tensors: torch.Tensor | None) -> None:
-    present = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(present.values())) > 1:
-        raise ValueError(f"all tensors must be on the same device, got {present}")
-
-
-def _check_float(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
-def _check_valid(valid: torch.Tensor | None, shape: torch.Size, what: str) -> None:
-    if valid is None:
-        return
-    check_tensor("valid", valid)
-    if valid.dtype != torch.bool:
-        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
-    if valid.shape != shape:
-        raise ValueError(f"valid must have the shape of {what} {tuple(shape)}, got {tuple(valid.shape)}")
-
-
-def _as_votes(k: torch.Tensor, shape: torch.Size, num_raters: int, name: str = "k",
-              device: torch.device | None = None) -> torch.Tensor:
-    """Check vote counts ``k`` (B, *S) and return them as uint8 (a copy only if the dtype differs)."""
-    check_tensor(name, k)
-    if k.dtype.is_complex or k.dtype == torch.bool:
-        raise TypeError(f"{name} (vote counts) must be an integer tensor (uint8), got {k.dtype}")
-    if k.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)} (the prediction without its channel axis), "
-                         f"got {tuple(k.shape)}")
-    if device is not None and k.device != device:
-        raise ValueError(f"{name} must be on the prediction's device {device}, got {k.device}")
-    k = integer_valued(k, name, "vote counts", 0, num_raters)  # MONAI's resampled float32 counts
-    if k.dtype != torch.uint8:
-        if k.numel() and k.device.type != "meta":
-            lo, hi = integer_range(k)
-            data_check((lo >= 0) & (hi <= num_raters),
-                        lambda: f"{name} must lie in 0..R = 0..{num_raters}; found {int(lo)}..{int(hi)}")
-        k = k.to(torch.uint8)
-    return k
-
-
-def plain_tensor(x):
-    """A ``torch.Tensor`` subclass (MONAI's ``MetaTensor``) as a plain tensor over the same data; autograd stays
-    attached. Anything else is returned as it is. Every public op reads its tensors through this, so a
-    subclass's ``__torch_function__`` never sees orcal's custom ops (which subclasses cannot dispatch)."""
-    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
-        return x
-    # A view taken with the subclass's __torch_function__ off is a plain tensor, in eager mode and in a
-    # torch.compile graph alike (as_subclass, or any op the subclass sees, cannot be traced on a MetaTensor).
-    with torch._C.DisableTorchFunctionSubclass():
-        return x.view_as(x)
-
-
-def _is_subclass(x) -> bool:
-    return isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)
-
-
-def _subclass_backend(op: str, which: str, backend: str, *inputs) -> str:
-    """The backend for an op given a tensor subclass inside ``torch.compile``. There a MetaTensor graph input
-    reaches a custom op as the subclass at run time (the unwrapping view is re-wrapped by the subclass), and
-    torch's check of custom ops refuses it; the reference, made of aten ops, compiles (fullgraph) instead."""
-    if which == "torch" or not torch.compiler.is_compiling() or not any(_is_subclass(x) for x in inputs):
-        return which
-    if backend != "auto":
-        raise TypeError(f"orcal::{op} with backend={backend!r} cannot take a tensor subclass "
-                        f"({', '.join(sorted({type(x).__name__ for x in inputs if _is_subclass(x)}))}) inside "
-                        "torch.compile; pass plain tensors (MetaTensor.as_tensor()) or backend='auto'")
-    return "torch"
-
-
-def _loss_targets(k: torch.Tensor, valid: torch.Tensor | None, spatial: torch.Size, ignore_index: int | None,
-                  name: str = "k") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The targets of a loss as the ecosystem hands them over: ``(B, *S)`` or channel-first ``(B, 1, *S)``,
-    any integer dtype or a float holding integers, and ``ignore_index`` voxels (nnU-Net's -1 padding) turned
-    into invalid ones. Returns ``(k, valid)`` with ``k`` ``(B, *S)`` (its own dtype) and the combined mask."""
-    check_tensor(name, k)
-    if k.ndim == len(spatial) + 1 and k.shape[1] == 1:
-        k = k[:, 0]
-    k = integer_valued(k, name, "vote counts", -32768, 32767)  # 0..255 and a negative ignore_index fit
-    if ignore_index is not None and k.shape == spatial:
-        k, valid = drop_ignored(k, valid, check_int("ignore_index", ignore_index))
-    return k, valid
-
-
-def channel_first_votes(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, kind: str
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Vote counts ``k`` of a metric given channel-first, ``(B, 1, *S)`` as MONAI and nnU-Net hold them, as
-    ``(B, *S)`` (and ``valid`` likewise). ``k`` has a channel axis when it has as many dimensions as a
-    prediction that has one: ordinal logits, or a ``(B, 1, *S)`` probability map; a 3D volume of depth 1 in
-    the plain layout reads the same either way, since the statistics are sums over voxels."""
-    has_channel = target.ndim == 5 or (target.ndim == 4 and pred.ndim == 4 and (kind == "ordinal"
-                                                                                 or pred.shape[1] == 1))
-    if not has_channel or target.shape[1] != 1:
-        return target, valid
-    if valid is not None and valid.ndim == target.ndim and valid.shape[1] == 1:
-        valid = valid[:, 0]
-    return target[:, 0], valid
-
-
-def drop_ignored(target: torch.Tensor, valid: torch.Tensor | None, ignore_index: float
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``target`` with its ``ignore_index`` voxels set to 0, and ``valid`` without them."""
-    ignored = target == ignore_index
-    target = torch.where(ignored, torch.zeros((), dtype=target.dtype, device=target.device), target)
-    return target, ~ignored if valid is None else valid & ~ignored
-
-
-def _majority(num_raters: int, majority: int | None) -> int:
-    if majority is None:
-        return reference.majority_threshold(num_raters)
-    return check_int(f"majority (with R = {num_raters})", majority, 1, num_raters)
-
-
-def _check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
-    check_tensor(name, logits)
-    _check_spatial(name, logits, 1)
-    _check_float(name, logits)
-    R = logits.shape[1] - 1
-    if not 1 <= R <= MAX_RATERS:
-        raise ValueError(f"{name} must have R + 1 channels for R in 1..{MAX_RATERS} raters, "
-                         f"got {logits.shape[1]} channels")
-    return R
-
-
-# --- backend choice --------------------------------------------------------------------------------------
-
-def _constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without importing torch._dynamo when orcal is imported: that
-    function only sets this mark (torch 2.9 to 2.14); tests/test_hardening.py compiles with fullgraph=True."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_result  # the choice is made once, outside a traced graph
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device``: 'torch', 'cpp' or 'triton'."""
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        forced = os.environ.get("ORCAL_BACKEND", "auto")
-        check_choice("ORCAL_BACKEND", forced, BACKENDS)
-        backend = forced
-    if backend == "auto":
-        if _ext.has_kernel(op, device):
-            return "cpp"
-        if device.type == "cuda" and _ext.triton_available():
-            return "triton"
-        return "torch"
-    if backend == "cpp" and not _ext.has_kernel(op, device):
-        raise RuntimeError(f"backend='cpp' asked for orcal::{op} on {device.type}, but {_ext.why_no_kernel(device)}")
-    if backend == "triton":
-        reason = _ext.why_no_triton(device)
-        if reason:
-            raise RuntimeError(f"backend='triton' asked for orcal::{op}, but {reason}")
-    return backend
-
-
-def _triton():
-    from orcal import _triton
-
-    return _triton
-
-
-def _call(op, device: torch.device, *args):
-    """Run a compiled op; running out of CPU memory there is Python's ``MemoryError`` (SPEC §8)."""
-    try:
-        return op(*args)
-    except torch.OutOfMemoryError as err:
-        if device.type != "cpu":
-            raise
-        raise MemoryError(f"orcal ran out of CPU memory: {err}") from err
-
 
 # --- §1 ORC target ---------------------------------------------------------------------------------------
 
@@ -247,13 +83,11 @@ def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | N
         masks = integer_valued(masks, "masks", "rater masks", 0, 1)
     which = resolve_backend("orc_targets", backend, masks.device if isinstance(masks, torch.Tensor) else
                             torch.device("cpu"))
-    which = _subclass_backend("orc_targets", which, backend, raw)
+    which = subclass_backend("orc_targets", which, backend, raw)
     check_masks(masks, check_values=which == "torch")  # compiled kernels check values in their pass
-    if which == "cpp":
-        return torch.ops.orcal.orc_targets(masks)
-    if which == "triton":
-        return _triton().orc_targets(masks)
-    return reference.orc_targets(masks)
+    if which == "torch":
+        return reference.orc_targets(masks)
+    return backends.call(which, "orc_targets", masks.device, masks)
 
 
 # --- §2 readouts -----------------------------------------------------------------------------------------
@@ -272,23 +106,21 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
     raw, logits = logits, plain_tensor(logits)
     if num_structures is not None:
         check_tensor("logits", logits)
-        _check_spatial("logits", logits, 1)
+        check_spatial("logits", logits, 1)
         C = num_structures
         structures.raters_per_structure(logits.shape[1], C)
         p = foreground_probability(structures.fold(logits, C), readout, majority, backend)
         return structures.unfold(p, C)
-    R = _check_ordinal_logits(logits)
+    R = check_ordinal_logits(logits)
     check_choice("readout", readout, READOUTS)
-    m = _majority(R, majority)
+    m = check_majority(R, majority)
     which = resolve_backend("foreground_probability", backend, logits.device)
-    which = _subclass_backend("foreground_probability", which, backend, raw)
+    which = subclass_backend("foreground_probability", which, backend, raw)
     if logits.requires_grad and torch.is_grad_enabled():
         which = "torch"
-    if which == "cpp":
-        return _call(torch.ops.orcal.foreground_probability, logits.device, logits, readout, m)
-    if which == "triton":
-        return _triton().foreground_probability(logits, readout, m)
-    return reference.foreground_probability(logits, readout, m).to(logits.dtype)
+    if which == "torch":
+        return reference.foreground_probability(logits, readout, m).to(logits.dtype)
+    return backends.call(which, "foreground_probability", logits.device, logits, readout, m)
 
 
 # --- §3 loss ---------------------------------------------------------------------------------------------
@@ -328,7 +160,7 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     check_tensor("logits", logits)
     C = structures.structures_of(logits, k)
     if num_raters is not None or num_structures is not None:
-        _check_spatial("logits", logits, 1)
+        check_spatial("logits", logits, 1)
         structures.check_head(logits.shape[1], num_raters, num_structures)
         if num_structures is not None and (C or 1) != num_structures:
             raise ValueError(f"k {tuple(k.shape)} holds the vote counts of {C or 1} structure(s) (channels), but "
@@ -336,16 +168,16 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
     if C is not None:
         return _structure_loss(logits, k, C, rps_weight, majority, valid, reduction, backend, ignore_index,
                                structure_reduction)
-    R = _check_ordinal_logits(logits)
+    R = check_ordinal_logits(logits)
     spatial = logits.shape[:1] + logits.shape[2:]
-    k, valid = _loss_targets(k, valid, spatial, ignore_index)
-    k = _as_votes(k, spatial, R, device=logits.device)
-    _check_valid(valid, spatial, "k")
-    _check_same_device(logits=logits, k=k, valid=valid)
+    k, valid = loss_targets(k, valid, spatial, ignore_index)
+    k = as_votes(k, spatial, R, device=logits.device)
+    check_valid(valid, spatial, "k")
+    check_same_device(logits=logits, k=k, valid=valid)
     check_choice("reduction", reduction, tuple(REDUCTIONS))
     w = check_real("rps_weight", rps_weight)
-    m = _majority(R, majority)
-    which = _subclass_backend("ordinal_loss", resolve_backend("ordinal_loss", backend, logits.device), backend, *raw)
+    m = check_majority(R, majority)
+    which = subclass_backend("ordinal_loss", resolve_backend("ordinal_loss", backend, logits.device), backend, *raw)
     if which != "torch" and under_func_transform():
         # torch.func (grad, vjp, hessian, ...) differentiates through the op; the fused backward is a saved
         # constant, so only the reference gives the right answer there.
@@ -357,9 +189,9 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, rps_weight: float = 1.0,
         if k.numel() and k.device.type != "meta":
             data_check(k.max() <= R, lambda: f"k must lie in 0..R = 0..{R}; found {int(k.max())}")
         return reference.ordinal_loss(logits, k, w, m, valid, reduction)
-    fused = torch.ops.orcal.ordinal_loss if which == "cpp" else _triton().ordinal_loss_op()
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = _call(fused, logits.device, logits, k, valid, w, m, REDUCTIONS[reduction], need_grad)
+    loss, _ = backends.call(which, "ordinal_loss", logits.device, logits, k, valid, w, m, REDUCTIONS[reduction],
+                            need_grad)
     return loss
 
 
@@ -368,14 +200,14 @@ def _structure_loss(logits, k, C, rps_weight, majority, valid, reduction, backen
     """The loss of SPEC §11: the binary loss on the ``(B * C, R + 1, *S)`` view, reduced per structure."""
     check_choice("structure_reduction", structure_reduction, ("sum", "mean"))
     check_choice("reduction", reduction, tuple(REDUCTIONS))
-    _check_spatial("logits", logits, 1)
+    check_spatial("logits", logits, 1)
     structures.raters_per_structure(logits.shape[1], C)
     spatial = logits.shape[:1] + logits.shape[2:]
     if k.shape[:1] + k.shape[2:] != spatial:
         raise ValueError(f"k {tuple(k.shape)} must be (B, C, *S) with the logits' B and S {tuple(spatial)}")
     flat_k, flat_valid = structures.fold(k, C), structures.fold_valid(valid, spatial, C)
     if ignore_index is not None:
-        flat_k, flat_valid = _loss_targets(flat_k, flat_valid, flat_k.shape, ignore_index)
+        flat_k, flat_valid = loss_targets(flat_k, flat_valid, flat_k.shape, ignore_index)
     # A per-structure mean needs the voxel count of each structure unless they all count the same voxels.
     shared = ignore_index is None and (valid is None or valid.shape == spatial)
     if reduction == "none" or (reduction == "mean" and not shared):
@@ -431,7 +263,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
                                 backend, num_structures)
     check_choice("kind", kind, KINDS)
     check_choice("readout", readout, READOUTS)
-    _check_float("pred", pred)
+    check_float("pred", pred)
     n_bins = check_int("n_bins", n_bins, 1, MAX_ECE_BINS)
     auc_bins = check_int("auc_bins", auc_bins, 2, MAX_AUC_BINS)
     if num_raters is None:  # target are masks
@@ -444,7 +276,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
         target, valid = channel_first_votes(pred, target, valid, kind)
         spatial = target.shape
     if kind == "ordinal":
-        if _check_ordinal_logits(pred, "pred") != R:
+        if check_ordinal_logits(pred, "pred") != R:
             raise ValueError(f"ordinal pred has {pred.shape[1]} channels, so R + 1 channels means R = "
                              f"{pred.shape[1] - 1}, but the target has R = {R} raters")
         pred_spatial = pred.shape[:1] + pred.shape[2:]
@@ -457,18 +289,17 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
                          f"images: spatial shapes {tuple(pred_spatial)} vs {tuple(spatial)}")
     if len(spatial) not in (3, 4):
         raise ValueError(f"images must be 2D or 3D: target has shape {tuple(target.shape)}")
-    _check_valid(valid, spatial, "the images")
-    _check_same_device(pred=pred, target=target, valid=valid)
-    m = _majority(R, majority)
+    check_valid(valid, spatial, "the images")
+    check_same_device(pred=pred, target=target, valid=valid)
+    m = check_majority(R, majority)
     which = resolve_backend("calibration_stats", backend, pred.device)
-    which = _subclass_backend("calibration_stats", which, backend, *raw)
+    which = subclass_backend("calibration_stats", which, backend, *raw)
     if which == "torch":
         return _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid)
     if num_raters is not None:
-        target = _as_votes(target, spatial, R, "target")
-    fused = torch.ops.orcal.calibration_stats if which == "cpp" else _triton().calibration_stats_op()
-    counts, sums = _call(fused, pred.device, pred, target, valid, R, num_raters is None, kind, readout, m, n_bins,
-                         auc_bins)
+        target = as_votes(target, spatial, R, "target")
+    counts, sums = backends.call(which, "calibration_stats", pred.device, pred, target, valid, R, num_raters is None,
+                                 kind, readout, m, n_bins, auc_bins)
     return CalibrationStats.unpack(counts, sums, n_bins, auc_bins)
 
 
@@ -477,7 +308,7 @@ def fold_structures(pred, target, num_raters, kind, valid, backend, C):
     ``(B * C, ...)``, vote counts ``(B * C, *S)`` (rater label maps counted first), valid likewise."""
     C = check_int("num_structures", C, 1)
     check_choice("kind", kind, KINDS)
-    _check_spatial("pred", pred, 1)
+    check_spatial("pred", pred, 1)
     if num_raters is None:  # rater label maps (B, R, *S)
         structures.check_labels(target, C, "target")
         num_raters = target.shape[1]
@@ -506,37 +337,10 @@ def _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_
         check_masks(target, "target")
         k = reference.orc_targets(target)
     else:
-        k = _as_votes(target, target.shape, R, "target")
+        k = as_votes(target, target.shape, R, "target")
         if k.numel():
             data_check(k.max() <= R, lambda: f"target vote counts must lie in 0..R = 0..{R}; found {int(k.max())}")
     p = reference.binary_probability(pred, kind, readout, m)
     check_probabilities(p, valid, "pred", kind)
     return reference.calibration_stats(p, k, R, n_bins, auc_bins, m, valid)
 
-
-def probability_error(kind: str, first: float, count: int, name: str = "pred") -> str:
-    """The message for ``count`` probabilities that are NaN or outside [0, 1] (the first one ``first``)."""
-    if kind == "prob":
-        return (f"{name} must hold probabilities in [0, 1]; found {first} ({count} bad values). "
-                "Pass kind='logit' for logits.")
-    return (f"{name} (kind={kind!r}) gives {count} probabilities that are NaN or outside [0, 1], the first "
-            f"{first}: the logits hold NaN or infinite values")
-
-
-def check_probabilities(p: torch.Tensor, valid: torch.Tensor | None = None, name: str = "pred",
-                        kind: str = "prob") -> None:
-    """Raise if a probability that counts is NaN or outside [0, 1] (what was found, and how many)."""
-    if p.device.type == "meta":
-        return
-    considered = p if valid is None else p[valid]
-    if considered.numel() == 0:
-        return
-    bad = torch.isnan(considered) | (considered < 0) | (considered > 1)
-    data_check(~bad.any(), lambda: probability_error(kind, considered[bad][0].item(), int(bad.sum()), name))
-
-
-def register_autograd(op, backend: str = "cpp") -> None:
-    """Make a fused ``ordinal_loss`` op (a qualified name or a custom op) differentiable: backward scales the
-    gradient it saved (:mod:`orcal._schema`)."""
-    name = op if isinstance(op, str) else op._qualname
-    torch.library.register_autograd(name, _schema._loss_backward(backend), setup_context=_schema._setup)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from orcal._schema import MAX_RATERS
-from orcal.checks import check_int, data_check
+from orcal.ops._schema import MAX_RATERS
+from orcal.ops.checks import check_int, data_check
 
 
 def _check_layout(masks: object, name: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from orcal._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, async_checks, opmath_dtype, register
+from orcal.ops._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, async_checks, opmath_dtype, register
 
 _KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
 _MODULES: dict[bool, ModuleType] = {}
@@ -35,7 +35,7 @@ def kernels() -> ModuleType:
     mode = interpreting()
     module = _MODULES.get(mode)
     if module is None:
-        name = f"orcal._triton._kernels_{'interpreted' if mode else 'compiled'}"
+        name = f"orcal.ops._triton._kernels_{'interpreted' if mode else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

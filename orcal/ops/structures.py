@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from orcal.checks import check_int, check_tensor, data_check, integer_range, integer_valued
+from orcal.ops.checks import check_int, check_tensor, data_check, integer_range, integer_valued
 
 
 def structures_of(logits: torch.Tensor, k: torch.Tensor) -> int | None:

@@ -1,7 +1,7 @@
 """The op contract shared by every backend: argument codes, the statistics layout, fake shapes, autograd.
 
 The compiled ``orcal::`` ops (``csrc/orcal.cpp``) and the Triton ``orcal_triton::`` ops
-(:mod:`orcal._triton`) take the same arguments and return the same tensors; this module is the one Python
+(:mod:`orcal.ops._triton`) take the same arguments and return the same tensors; this module is the one Python
 statement of that contract, and the lowest layer of the package: it imports torch only.
 :func:`register` gives a namespace's ops their shape functions (``torch.compile``, meta tensors,
 ``opcheck``) and the fused loss its autograd formula.

@@ -15,7 +15,7 @@ import torch
 
 def _launchers() -> ModuleType:
     # Imports triton and registers the orcal_triton:: ops on first use.
-    return importlib.import_module("orcal._triton._ops")
+    return importlib.import_module("orcal.ops._triton._ops")
 
 
 def orc_targets(masks: torch.Tensor) -> torch.Tensor:

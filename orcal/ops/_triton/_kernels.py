@@ -8,7 +8,7 @@ registers, so channel reductions and scans need no shuffles. Offsets are 64-bit.
 Errors are reported through ``flag_ptr``, a small int32 device tensor the launcher reads after the launch:
 slot 0 non-binary masks, slot 1 a vote count above R, slot 2 a probability that is NaN or outside [0, 1].
 
-This module is loaded by :mod:`orcal._triton._ops` once per ``TRITON_INTERPRET`` mode, because Triton
+This module is loaded by :mod:`orcal.ops._triton._ops` once per ``TRITON_INTERPRET`` mode, because Triton
 decides at decoration time whether a kernel is compiled or interpreted.
 """
 
@@ -201,7 +201,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     ``V * R < 2^32``) positives and negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits),
     unpacked by the launcher. Histogram atomics are relaxed: they only count, nothing is ordered by them.
     Float sums go to ``partial_ptr`` (one row of ``sum_cols`` per program). Column offsets come from
-    :class:`orcal._schema.StatsLayout` (``count_cols``, ``a_col``, ``tp_col``, ``pos_col``, ``sum_cols``,
+    :class:`orcal.ops._schema.StatsLayout` (``count_cols``, ``a_col``, ``tp_col``, ``pos_col``, ``sum_cols``,
     ``brier_col``; ``n`` and ``s`` start at column 0).
     KIND: 0 probabilities, 1 binary logits, 2 ordinal logits (``EXPECTED`` picks the readout).
     ``FULL``: everything; else only the ECE bins of this window (the launcher's further passes over the
