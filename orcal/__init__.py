@@ -20,7 +20,7 @@ Several structures (SPEC §11)::
 from orcal.metrics.pooled import bootstrap, calibration_metrics
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
 from orcal.ops import _ext, calibration_stats, foreground_probability, orc_targets, ordinal_loss
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __version__ = "0.1.0"
 

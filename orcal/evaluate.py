@@ -23,7 +23,7 @@ import torch
 
 from orcal.io import EXTENSIONS, check_same_grid, extension, read_array
 from orcal.metrics import MultiRaterCalibration, bootstrap, registry
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["MIN_BOOTSTRAP_IMAGES", "bootstrap_warning", "evaluate", "find_predictions", "load_prediction",
            "rater_folder_cases"]

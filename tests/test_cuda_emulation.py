@@ -15,7 +15,7 @@ import torch
 
 from orcal.ops import _ext
 from orcal.ops import reference as ref
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 pytestmark = [
     pytest.mark.emulated,

@@ -55,7 +55,7 @@ def test_run_records_from_before_the_rename_are_reused(tmp_path):
 
     from orcal.experiment.config import Run
     from orcal.experiment.runs import load_case_maps, load_run, load_run_stats, run_files
-    from orcal.stats import CalibrationStats
+    from orcal.ops.stats import CalibrationStats
 
     run = Run("soft", 1.0, "soft")
     files = run_files(tmp_path, run)

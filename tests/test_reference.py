@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from orcal.metrics import pooled
 from orcal.ops import reference
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 
 def random_case(B=3, R=4, S=(6, 7), seed=0, ties=False):

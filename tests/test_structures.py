@@ -17,7 +17,7 @@ from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
 
 import orcal
 from orcal.ops import _ext, reference, structures
-from orcal.stats import TENSOR_FIELDS, CalibrationStats
+from orcal.ops.stats import TENSOR_FIELDS, CalibrationStats
 
 SHAPES = [pytest.param((5, 6), id="2d"), pytest.param((3, 4, 5), id="3d")]
 

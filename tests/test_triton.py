@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="Triton is not installed")
 
 from orcal import ops  # noqa: E402
 from orcal.ops import _triton, reference  # noqa: E402
-from orcal.stats import CalibrationStats  # noqa: E402
+from orcal.ops.stats import CalibrationStats  # noqa: E402
 
 #: Whether this process imported Triton in interpreter mode (then CPU tensors work, CUDA ones do not).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

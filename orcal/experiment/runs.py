@@ -73,8 +73,8 @@ def _by_readout(run, by_name: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
-    """Per-readout :class:`~orcal.stats.CalibrationStats` of a finished run."""
-    from orcal.stats import CalibrationStats
+    """Per-readout :class:`~orcal.ops.stats.CalibrationStats` of a finished run."""
+    from orcal.ops.stats import CalibrationStats
 
     path = run_files(run_dir, run)["stats"]
     try:

@@ -29,7 +29,7 @@ import orcal.metrics.registry as registry
 from orcal import ops
 from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare
 from orcal.metrics.pooled import calibration_metrics
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["MultiRaterAUROC", "MultiRaterBrier", "MultiRaterCalibrationMetric", "MultiRaterDice", "MultiRaterECE",
            "MultiRaterStatistics"]

@@ -1,6 +1,6 @@
 """Multi-rater calibration metrics (SPEC §4–5, §10–11): functional pieces beside the streaming classes.
 
-Everything is computed from per-image :class:`~orcal.stats.CalibrationStats` rows (the output of
+Everything is computed from per-image :class:`~orcal.ops.stats.CalibrationStats` rows (the output of
 :func:`orcal.calibration_stats`), so one pass over the voxels feeds every metric, the bootstrap and the plots.
 
 - :mod:`~orcal.metrics.registry`: the metrics themselves, one :func:`register_metric` entry each (key, label,
@@ -37,7 +37,7 @@ from orcal.metrics.pooled import (
 from orcal.metrics.registry import METRICS, Metric, register_metric, unregister_metric
 from orcal.metrics.streaming import MultiRaterCalibration, agreement_table, summarize
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 #: The ``torchmetrics.Metric`` classes of :mod:`orcal.integrations.torchmetrics`, reachable from here.
 TORCHMETRICS_CLASSES = ("MultiRaterCalibrationMetric", "MultiRaterECE", "MultiRaterAUROC", "MultiRaterBrier",

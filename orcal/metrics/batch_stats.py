@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from orcal import ops
+from orcal.ops.stats import CalibrationStats
 from orcal.ops.structures import structures_of
-from orcal.stats import CalibrationStats
 
 #: With the pure-PyTorch backend, a batch larger than this many voxels goes to calibration_stats in slabs.
 SLAB_VOXELS = 1 << 22

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from orcal.metrics.pooled import bootstrap_samples, calibration_metrics, summarize_samples
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["SeedSamples", "exceeds_noise", "paired_difference", "seed_samples", "seed_summary"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from orcal.metrics.pooled import bin_table
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["confidence_vs_agreement", "draw_reliability", "reliability_diagram", "reliability_per_structure"]
 
@@ -94,7 +94,7 @@ def reliability_diagram(methods: Mapping[str, Any], path: str | os.PathLike, tit
 
 def reliability_per_structure(methods: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
     """One reliability panel per structure (SPEC §11), side by side: ``methods`` maps a name to
-    :class:`~orcal.stats.CalibrationStats` of several structures (the same number for every method)."""
+    :class:`~orcal.ops.stats.CalibrationStats` of several structures (the same number for every method)."""
     _check_methods(methods, "reliability_per_structure")
     counts = {getattr(st, "num_structures", 1) for st in methods.values()}
     if len(counts) != 1 or next(iter(counts)) < 2:

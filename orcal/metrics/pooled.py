@@ -1,6 +1,6 @@
 """Metrics of pooled statistics and the bootstrap over images (SPEC §4–5, §11).
 
-Every value here comes from :class:`~orcal.stats.CalibrationStats` rows through the metric registry
+Every value here comes from :class:`~orcal.ops.stats.CalibrationStats` rows through the metric registry
 (:mod:`orcal.metrics.registry`): rows are summed first, then each registered metric is computed once per
 pooled row. No voxel is read again, so the bootstrap costs O(n_boot x n_images x bins).
 """
@@ -14,7 +14,7 @@ import torch
 
 from orcal.metrics.registry import auc_counts, metrics_from_totals, safe_div
 from orcal.ops.checks import check_int, check_real
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 
 def _check_stats(stats) -> None:

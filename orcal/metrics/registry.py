@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 import torch
 
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ METRICS: Mapping[str, Metric] = MappingProxyType(_METRICS)
 
 def register_metric(key: str, label: str, from_totals: Callable[[CalibrationStats], torch.Tensor], *,
                     higher_is_better: bool = False, table: bool = True, replace: bool = False) -> Metric:
-    """Add a metric computed from pooled :class:`~orcal.stats.CalibrationStats` rows; returns its entry."""
+    """Add a metric computed from pooled :class:`~orcal.ops.stats.CalibrationStats` rows; returns its entry."""
     if not isinstance(key, str) or not key.isidentifier():
         raise ValueError(f"a metric key must be an identifier, got {key!r}")
     if not callable(from_totals):

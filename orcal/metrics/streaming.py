@@ -19,7 +19,7 @@ from orcal import distributed, ops
 from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare
 from orcal.metrics.pooled import auc_from_sorted_counts, bin_table, bootstrap, calibration_metrics, merge_scores
 from orcal.ops import reference
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["MultiRaterCalibration", "agreement_table", "summarize"]
 

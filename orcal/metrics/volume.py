@@ -24,7 +24,7 @@ _FIELDS = ("mean", "var", "raters", "voxel_volume")
 
 @dataclass
 class VolumeStats:
-    """Per image (and structure) sums, in voxels, image-major like :class:`~orcal.stats.CalibrationStats`:
+    """Per image (and structure) sums, in voxels, image-major like :class:`~orcal.ops.stats.CalibrationStats`:
 
     - ``mean`` (N,) float64: ``sum p``; ``var`` (N,) float64: ``sum p (1 - p)``;
     - ``raters`` (N, R) float64: each rater's voxel count;

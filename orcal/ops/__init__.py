@@ -41,6 +41,7 @@ from orcal.ops.checks import (  # noqa: F401  (check_* re-exported)
     integer_valued,
 )
 from orcal.ops.masks import check_masks
+from orcal.ops.stats import CalibrationStats
 from orcal.ops.subclasses import plain_tensor, subclass_backend
 from orcal.ops.validation import (  # noqa: F401  (channel_first_votes, drop_ignored, check_valid re-exported)
     as_votes,
@@ -55,7 +56,6 @@ from orcal.ops.validation import (  # noqa: F401  (channel_first_votes, drop_ign
     drop_ignored,
     loss_targets,
 )
-from orcal.stats import CalibrationStats
 
 # --- §1 ORC target ---------------------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
             ``(B, C, *S)``. Ordinal logits with ``(B, C, *S)`` vote counts, ``C > 1``, need not say it.
 
     Returns:
-        :class:`~orcal.stats.CalibrationStats` with one row per image (per image and structure for several
+        :class:`~orcal.ops.stats.CalibrationStats` with one row per image (per image and structure for several
         structures, ``num_structures`` set).
     """
     raw = (pred, target, valid)

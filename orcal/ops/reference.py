@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from orcal.ops._schema import opmath_dtype  # noqa: F401  (the accumulation dtype of every backend)
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 NLL_EPS = 1e-7  # SPEC §4: log p and log(1 - p) are bounded below by log(NLL_EPS) for the NLL
 DICE_THRESHOLD = 0.5  # SPEC §4: a voxel is predicted foreground when p >= 0.5

@@ -22,7 +22,7 @@ from orcal import distributed, ops
 from orcal.metrics.batch_stats import batch_stats, check_options, check_raters, prepare
 from orcal.metrics.pooled import bootstrap
 from orcal.metrics.streaming import summarize
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric", "metric_cmp_fn", "score_function"]
 
