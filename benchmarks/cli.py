@@ -46,7 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks.suite import markdown, run_suite
+    from benchmarks.report import markdown
+    from benchmarks.suite import run_suite
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     providers = tuple(p for p in args.providers if not (args.no_compile and p == "compile"))
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     rows, meta = run_suite(device=device, quick=args.quick, ops=args.ops, providers=providers, raters=args.raters,
                            repeats=args.repeats, out_dir=args.out, staple=not args.no_staple, processes=processes,
                            size_names=args.sizes, training_step=not args.no_training_step, sass=args.sass)
-    print(markdown(rows, meta))
+    print(markdown(rows, meta, OPS, PROVIDERS))
     for key, why in meta["skipped"].items():
         print(f"skipped {key}: {why}")
     for path in meta.get("written", []):

@@ -22,7 +22,6 @@
 The code lives in :mod:`orcal.training`, one module per concern; this module is its public face.
 """
 
-from orcal.models import as_tuple, build_model, init_output_bias, probability  # noqa: F401  (used to live here)
 from orcal.training.checkpoint import (
     BEST,
     CHECKPOINT_VERSION,

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from benchmarks.suite import Size, markdown, run_suite
+from benchmarks.report import markdown
+from benchmarks.suite import OPS, PROVIDERS, Size, run_suite
 
 
 def test_suite_runs_and_writes(tmp_path):
@@ -29,7 +30,7 @@ def test_suite_runs_and_writes(tmp_path):
     structures = meta["extras"]["Several structures (benchmarks.bench_structures)"]
     assert "error" not in structures and structures["loss fwd+bwd"]["max_abs_diff"] < 1e-5
     assert all(structures[op]["one call ms"] > 0 for op in ("loss fwd+bwd", "calibration_stats"))
-    text = markdown(rows, meta)
+    text = markdown(rows, meta, OPS, PROVIDERS)
     assert "| loss |" in text and "fresh logits leaf" in text and "spread ms" in text
     assert "| loss fwd+bwd |" in text
     assert (tmp_path / f"{meta['device_name']}-quick.md").exists()

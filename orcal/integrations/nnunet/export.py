@@ -24,7 +24,7 @@ def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) 
     from orcal.ops import reference
 
     logits = torch.log(q.double().clamp_min(1e-12))[None]
-    m = ops._majority(num_raters, majority)  # 1..R, or the strict majority
+    m = ops.check_majority(num_raters, majority)  # 1..R, or the strict majority
     maps = {r: reference.foreground_probability(logits, r, m)[0] for r in ORDINAL.readouts}  # float64
     return {**{r: p.float() for r, p in maps.items()}, EXPECTED_K: (maps["expected"] * num_raters).float()}
 

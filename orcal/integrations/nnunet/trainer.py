@@ -90,7 +90,7 @@ def _trainer_class():
         @property
         def majority_threshold(self) -> int:
             """``m``: the class attribute ``majority`` checked against ``R``, or the strict majority."""
-            return ops._majority(self.num_raters, self.majority)
+            return ops.check_majority(self.num_raters, self.majority)
 
         def majority_regions(self) -> list[tuple[int, ...]]:
             """Per structure, the nnU-Net classes whose vote count reaches the majority (``k_c >= m``)."""
