@@ -114,7 +114,7 @@ def fnr_curves(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | N
     B, R = masks.shape[:2]
     grid = torch.linspace(0, 1, G, dtype=torch.float64, device=p.device)
     # bin j of a voxel: the last threshold it reaches, so p >= grid[j] exactly when its bin is >= j
-    bins = torch.bucketize(p.double(), grid, right=True) - 1
+    bins = torch.bucketize(p.double().contiguous(), grid, right=True) - 1
     offset = (torch.arange(B, device=p.device) * G).view(B, *([1] * (p.ndim - 2)))
     out = torch.zeros(B, C, G, dtype=torch.float64)
     for c in range(C):
