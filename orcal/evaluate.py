@@ -123,10 +123,10 @@ def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndar
 
 def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
                 allow_missing: bool, dataset_options: dict[str, Any] | None = None,
-                label: int | Sequence[int] | None = None
+                label: int | Sequence[int] | None = None, elsewhere: frozenset[str] = frozenset()
                 ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path | None]]]:
     """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None, a file on the case's
-    voxel grid or None)``."""
+    voxel grid or None)``; cases in ``elsewhere`` (the calibration cases) are not missing."""
     if (dataset is None) == (raters is None):
         raise ValueError("give the rater masks with exactly one of --dataset/--root or --raters")
     if raters is not None:
@@ -154,7 +154,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
         raise ValueError(f"{len(unmatched)} prediction(s) match no case: "
                          + ", ".join(preds[c].name for c in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
                          + f" (known cases: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})")
-    missing = [c for c in ids if c not in preds]
+    missing = [c for c in ids if c not in preds and c not in elsewhere]
     if missing and not allow_missing:
         raise ValueError(f"{len(missing)} case(s) have no prediction: {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''} (use --allow-missing to evaluate the others)")
@@ -216,13 +216,45 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
     return "\n".join(lines) + "\n"
 
 
+def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, Any], label, evaluated: list[str],
+                           progress: bool):
+    """Fit :class:`~orcal.metrics.ConformalRiskControl` and :class:`~orcal.metrics.ConformalVolume` (random
+    rater) on the calibration cases (SPEC §12); voxels outside a case's valid mask count for nothing."""
+    from orcal._progress import progress_bar
+    from orcal.metrics import ConformalRiskControl, ConformalVolume
+
+    preds = find_predictions(cal_dir)
+    shared = sorted(set(preds) & set(evaluated))
+    if shared:
+        raise ValueError(f"--calibration: {len(shared)} case(s) are also evaluated ({', '.join(shared[:5])}); the "
+                         "calibration and evaluated cases must be disjoint for the guarantee to hold")
+    ids, cases = _iter_cases(preds, allow_missing=True, label=label, **source)
+    crc, vol = ConformalRiskControl(), ConformalVolume()
+    for case, masks, valid, _ in progress_bar(cases, total=len(ids), desc="calibrate", unit="case",
+                                              enabled=progress):
+        p, m = _conformal_case(preds[case], masks, valid, kind)
+        crc.update(p, m)
+        vol.update(p, m)
+    return crc.fit(alpha), vol.fit(alpha), crc, vol, len(ids)
+
+
+def _conformal_case(path: Path, masks: torch.Tensor, valid, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case as ``(p (1, *S), masks (1, R, *S) bool)``, restricted to its valid voxels."""
+    p = torch.from_numpy(_match_shape(load_prediction(path, kind), tuple(masks.shape[1:]), path))[None]
+    m = masks[None].bool()
+    if valid is not None:
+        p, m = p * valid[None].bool(), m & valid[None, None].bool()
+    return p, m
+
+
 def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset: str | None = None,
              root: str | os.PathLike | None = None, split: str | None = None, task: str | None = None,
              raters: str | os.PathLike | None = None, rater_glob: str = "*", n_bins: int = 15,
              auc_bins: int = 4096, n_boot: int = 1000, seed: int = 0, kind: str = "prob",
              exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
              progress: bool = True, dataset_options: dict[str, Any] | None = None,
-             label: int | Sequence[int] | None = None) -> dict[str, Any]:
+             label: int | Sequence[int] | None = None, conformal: float | None = None,
+             calibration: str | os.PathLike | None = None, calibration_split: str | None = None) -> dict[str, Any]:
     """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
 
     Args:
@@ -239,6 +271,10 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         dataset_options: further keyword arguments of :func:`orcal.data.load_dataset`.
         label: the structure to read from multi-label rater maps (an integer, or a list read as one).
         progress: show a progress bar.
+        conformal, calibration, calibration_split: with ``conformal = alpha``, fit on the probability maps of the
+            calibration folder (raters from the same source; ``calibration_split`` of ``dataset``, default
+            ``split``) the FNR threshold and the volume intervals of SPEC §12 against a random rater, and report
+            on the evaluated cases their test FNR, mask size, volume coverage and interval width.
 
     Returns:
         The content of ``metrics.json``; its ``warnings`` list says when the bootstrap intervals rest on fewer
@@ -251,10 +287,18 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         raise ValueError(f"kind must be 'prob' or 'logit', got {kind!r}")
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+    if (conformal is None) != (calibration is None):
+        raise ValueError("--conformal ALPHA and --calibration DIR go together")
     preds = find_predictions(pred_dir)
     name = name or Path(pred_dir).resolve().name
+    elsewhere = frozenset(find_predictions(calibration)) if calibration is not None else frozenset()
     ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
-                             dataset_options, label)
+                             dataset_options, label, elsewhere)
+    tests: dict[str, list[float]] = {"fnr": [], "mask": [], "covered": [], "width": []}
+    if conformal is not None:
+        source = dict(dataset=dataset, root=root, split=split if calibration_split is None else calibration_split,
+                      task=task, raters=raters, rater_glob=rater_glob, dataset_options=dataset_options)
+        lam, q, crc, vol, n_cal = _conformal_calibration(calibration, conformal, kind, source, label, ids, progress)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
     for case, masks, valid, grid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case",
@@ -269,6 +313,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         except ValueError as err:
             raise ValueError(f"{preds[case]}: {err}") from err
         raters_per_case.append(int(masks.shape[0]))
+        if conformal is not None:
+            _conformal_test(tests, crc, vol, *_conformal_case(preds[case], masks, valid, kind))
     result = metric.compute()
     stats = metric.stats()
     ci = bootstrap(stats, n_boot=n_boot, seed=seed) if n_boot > 0 else None
@@ -289,6 +335,12 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
                    "dataset": dataset, "split": split, "task": task,
                    "raters": None if raters is None else str(raters)},
     }
+    if conformal is not None:
+        report["conformal"] = {
+            "alpha": conformal, "n_calibration": n_cal, "calibration": str(calibration),
+            "threshold": float(lam[0]), "fnr": float(np.mean(tests["fnr"])), "mask_fraction":
+            float(np.mean(tests["mask"])), "volume_quantile": float(q[0]),
+            "volume_coverage": float(np.mean(tests["covered"])), "volume_width_voxels": float(np.mean(tests["width"]))}
     report = _clean(report)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot))
@@ -296,6 +348,19 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     plots.confidence_vs_agreement({name: result}, out / "agreement.png",
                                   title=f"Confidence vs rater agreement: {name}")
     return report
+
+
+def _conformal_test(tests: dict[str, list[float]], crc, vol, p: torch.Tensor, m: torch.Tensor) -> None:
+    """One evaluated case's FNR against a random rater, mask fraction, volume coverage and width (voxels)."""
+    from orcal.metrics import fnr_curves, volume_stats
+
+    j = round(float(crc.thresholds[0]) * (crc.grid.numel() - 1))
+    tests["fnr"].append(float(fnr_curves(p, m, grid_points=crc.grid.numel())[0, 0, j]))
+    tests["mask"].append(float(crc.predict(p).double().mean()))
+    low, high = (1000 * t for t in vol.predict(p))  # mL at unit spacing -> voxels
+    y = volume_stats(p, m).raters
+    tests["covered"].append(float(((y >= low) & (y <= high)).double().mean()))
+    tests["width"].append(float(high - low))
 
 
 def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: CalibrationStats) -> None:

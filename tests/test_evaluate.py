@@ -155,3 +155,37 @@ def test_errors_name_the_file(tmp_path, capsys):
     np.save(pred / "case0.npy", np.zeros(SHAPE, np.float32))  # beside case0_prob.png
     with pytest.raises(ValueError, match="two predictions"):
         find_predictions(pred)
+
+
+def test_conformal_calibration_on_separate_cases(tmp_path, capsys):
+    from orcal.metrics import ConformalRiskControl, ConformalVolume
+
+    pred, raters, data = make_folder(tmp_path, n=10)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for f in sorted(pred.iterdir()):
+        if f.name[len("case")] in "012345":  # cases 0-5 calibrate, 6-9 are evaluated
+            f.rename(cal / f.name)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", str(pred), "--raters", str(raters), "--out", str(out), "--bootstrap", "0",
+                 "--no-progress", "--conformal", "0.2", "--calibration", str(cal)]) == 0
+    c = json.loads((out / "metrics.json").read_text())["conformal"]
+    assert "test FNR" in capsys.readouterr().out
+    crc, vol = ConformalRiskControl(), ConformalVolume()
+    for case in sorted(data)[:6]:
+        p, m = (torch.from_numpy(a)[None] for a in data[case])
+        crc.update(p, m.bool())
+        vol.update(p, m.bool())
+    assert c["n_calibration"] == 6 and c["threshold"] == float(crc.fit(0.2)[0])
+    assert c["volume_quantile"] == pytest.approx(float(vol.fit(0.2)[0]), rel=1e-12)
+    test = [data[case] for case in sorted(data)[6:]]
+    fnr = [np.mean([1 - (m & (p >= c["threshold"])).sum() / m.sum() for m in ms.astype(bool)]) for p, ms in test]
+    assert c["fnr"] == pytest.approx(float(np.mean(fnr)), rel=1e-9)
+    assert 0 <= c["volume_coverage"] <= 1 and c["volume_width_voxels"] > 0
+    with pytest.raises(ValueError, match="disjoint"):
+        evaluate(pred, tmp_path / "o2", raters=raters, n_boot=0, progress=False, conformal=0.2, calibration=pred,
+                 allow_missing=True)
+    with pytest.raises(ValueError, match="go together"):
+        evaluate(pred, tmp_path / "o3", raters=raters, n_boot=0, progress=False, conformal=0.2)
+    with pytest.raises(ValueError, match="at least 9 calibration images"):
+        evaluate(pred, tmp_path / "o4", raters=raters, n_boot=0, progress=False, conformal=0.1, calibration=cal)

@@ -4,6 +4,8 @@ Predictions (--pred DIR) are matched to cases by file name, <case>.<ext> or <cas
 NIfTI, PNG/JPEG (8-bit, divided by 255) or .npy: what `orcal predict` and `orcal fuse --cases` write.
 Rater masks come from a dataset layout (--dataset NAME --root ROOT [--split --task]) or from a folder
 --raters DIR holding DIR/<case>/<rater files>; --label N picks one structure of multi-label rater maps.
+--conformal ALPHA --calibration DIR adds the conformal threshold and volume intervals of SPEC §12, fitted on the
+calibration cases' maps in DIR, and their test risk and coverage on --pred.
 Writes metrics.json, per_image.csv, metrics.md, reliability.png and agreement.png to --out.
 """
 
@@ -39,6 +41,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="method name in the report (default: name of --pred)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="evaluate the cases that have a prediction instead of failing on missing ones")
+    conformal = parser.add_argument_group("conformal guarantees against a random rater (SPEC §12)")
+    conformal.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                           help="fit on --calibration the threshold bounding the expected false-negative rate by "
+                                "ALPHA and the volume intervals of coverage 1 - ALPHA; report them on --pred")
+    conformal.add_argument("--calibration", metavar="DIR", help="probability maps of the calibration cases (raters "
+                                                                "from the same source, cases disjoint from --pred)")
+    conformal.add_argument("--calibration-split", default=None, metavar="SPLIT",
+                           help="split of --dataset holding the calibration cases (default: --split)")
     add_quiet(parser, "--no-progress")
 
 
@@ -53,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                       raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
                       n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
                       allow_missing=args.allow_missing, name=args.name, progress=not args.quiet,
-                      label=args.label, dataset_options=dict(args.option))
+                      label=args.label, dataset_options=dict(args.option), conformal=args.conformal,
+                      calibration=args.calibration, calibration_split=args.calibration_split)
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
         value = m[key]
@@ -61,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         if ci and ci[key]["low"] is not None:
             text += f"  [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]"
         print(f"{key:>8}: {text}")
+    if "conformal" in report:
+        c = report["conformal"]
+        print(f"conformal (alpha {c['alpha']}, {c['n_calibration']} calibration cases): threshold "
+              f"{c['threshold']:.3f}, test FNR {c['fnr']:.4f}, mask {100 * c['mask_fraction']:.1f} % of voxels; "
+              f"volume coverage {c['volume_coverage']:.3f}, mean width {c['volume_width_voxels']:.1f} voxels")
     for warning in report.get("warnings", []):
         print(f"warning: {warning}")
     print(f"{report['n_images']} images; report in {args.out}/ (metrics.json, per_image.csv, metrics.md, "

@@ -12,6 +12,7 @@ Everything is computed from per-image :class:`~orcal.ops.stats.CalibrationStats`
 - :mod:`~orcal.metrics.comparison`: seeds and paired differences on the same bootstrap draws (SPEC §5.1).
 - :mod:`~orcal.metrics.volume`: volume uncertainty of several structures (SPEC §11.4).
 - :mod:`~orcal.metrics.calibrate`: post-hoc temperature scaling (SPEC §10).
+- :mod:`~orcal.metrics.conformal`: conformal thresholds and volume intervals against a random rater (SPEC §12).
 - :mod:`~orcal.metrics.plots`: reliability diagrams and confidence-vs-agreement plots.
 
 When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from orcal.metrics.calibrate import TemperatureScaler, apply_temperature, fit_temperature
 from orcal.metrics.comparison import exceeds_noise, paired_difference, seed_summary
+from orcal.metrics.conformal import ConformalRiskControl, ConformalVolume, fnr_curves, min_calibration_images
 from orcal.metrics.pooled import (
     auc_exact,
     bin_table,
@@ -56,6 +58,8 @@ def __getattr__(name: str):
 __all__ = [
     "METRICS",
     "CalibrationStats",
+    "ConformalRiskControl",
+    "ConformalVolume",
     "Metric",
     "MultiRaterCalibration",
     "TemperatureScaler",
@@ -69,7 +73,9 @@ __all__ = [
     "calibration_metrics",
     "exceeds_noise",
     "fit_temperature",
+    "fnr_curves",
     "paired_difference",
+    "min_calibration_images",
     "per_structure",
     "register_metric",
     "seed_summary",
