@@ -156,7 +156,8 @@ def _binary_inputs(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
                          "the same shape")
     if valid is not None and (valid.dtype != torch.bool or valid.shape != target.shape):
         raise ValueError(f"valid must be a bool tensor of shape {tuple(target.shape)}")
-    return logit.float(), target.float(), valid
+    dtype = torch.promote_types(logit.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
+    return logit.to(dtype), target.to(dtype), valid
 
 
 def _valid_mean(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
