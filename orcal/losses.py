@@ -137,3 +137,170 @@ class SoftBCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration losses of other work, on a binary head (one logit) and a hard target (the majority label). Each is
+# ``loss(logit (B, *S) or (B, 1, *S), target (B, *S) in {0, 1}, valid=None (B, *S) bool) -> mean over valid
+# voxels``; the experiment runs them as the methods nacl, hl1_ace and focal (orcal.fusion registers them).
+
+
+def _binary_inputs(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None):
+    from orcal.ops import plain_tensor
+
+    logit, target, valid = plain_tensor(logit), plain_tensor(target), plain_tensor(valid)
+    if logit.ndim == target.ndim + 1 and logit.shape[1] == 1:
+        logit = logit[:, 0]
+    if logit.shape != target.shape:
+        raise ValueError(f"logit {tuple(logit.shape)} (or (B, 1, *S)) and target {tuple(target.shape)} must have "
+                         "the same shape")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != target.shape):
+        raise ValueError(f"valid must be a bool tensor of shape {tuple(target.shape)}")
+    dtype = torch.promote_types(logit.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
+    return logit.to(dtype), target.to(dtype), valid
+
+
+def _valid_mean(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return loss.mean()
+    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum() / valid.sum().clamp(
+        min=1)
+
+
+def hard_l1_ace(confidence: torch.Tensor, target: torch.Tensor, n_bins: int = 20,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+    """hL1-ACE, the L1 average calibration error with hard binning (Barfoot et al., "Average Calibration
+    Error: A Differentiable Loss for Improved Reliability in Image Segmentation", MICCAI 2024).
+
+    The voxels' foreground probabilities ``confidence`` are put into ``n_bins`` equal-width bins of [0, 1]
+    (the last bin holds 1); per non-empty bin, ``|mean confidence - mean target|``; the loss is the mean over
+    the non-empty bins. Bin membership is a step function, so the gradient flows through the confidences'
+    means only. With a binary target, the background's ACE is the mirror of the foreground's, so the
+    foreground's is the binary case of their per-class mean. 0 when no voxel is valid.
+    """
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p, y = confidence.reshape(-1), target.reshape(-1).to(confidence.dtype)
+    if valid is not None:
+        keep = valid.reshape(-1)
+        p, y = p[keep], y[keep]
+    index = (p.detach() * n_bins).long().clamp_(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=p.dtype, device=p.device).index_add_(0, index, torch.ones_like(p))
+    gap = (torch.zeros_like(count).index_add(0, index, p) - torch.zeros_like(count).index_add(0, index, y))
+    filled = count > 0
+    if not bool(filled.any()):
+        return p.sum() * 0
+    return (gap[filled].abs() / count[filled]).mean()
+
+
+class HardL1ACELoss(nn.Module):
+    """``BCE(logit, target) + ace_weight * hL1-ACE(sigmoid(logit), target)`` (:func:`hard_l1_ace`): the
+    auxiliary average-calibration loss of Barfoot et al. added to the segmentation loss (BCE here, as for the
+    other binary-head methods). Defaults: weight 1, 20 bins."""
+
+    def __init__(self, ace_weight: float = 1.0, ace_bins: int = 20):
+        super().__init__()
+        from orcal.checks import check_int, check_real
+
+        self.ace_weight, self.ace_bins = check_real("ace_weight", ace_weight), check_int("ace_bins", ace_bins, 1)
+
+    def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        logit, target, valid = _binary_inputs(logit, target, valid)
+        bce = _valid_mean(F.binary_cross_entropy_with_logits(logit, target, reduction="none"), valid)
+        return bce + self.ace_weight * hard_l1_ace(torch.sigmoid(logit), target, self.ace_bins, valid)
+
+    def extra_repr(self) -> str:
+        return f"ace_weight={self.ace_weight}, ace_bins={self.ace_bins}"
+
+
+class BinaryFocalLoss(nn.Module):
+    """Binary focal loss ``-(1 - p_t)^gamma log p_t`` (Lin et al., 2017), computed by
+    ``torchvision.ops.sigmoid_focal_loss`` (extra ``orcal[models]``), else by MONAI's ``FocalLoss``.
+
+    ``focal_alpha`` (None: no class weighting, as in the calibration work of Mukhoti et al., 2020) weighs the
+    foreground by ``alpha`` and the background by ``1 - alpha`` (Lin et al. used 0.25 for detection).
+    """
+
+    def __init__(self, focal_gamma: float = 2.0, focal_alpha: float | None = None):
+        super().__init__()
+        from orcal.checks import check_real
+
+        self.focal_gamma = check_real("focal_gamma", focal_gamma)
+        self.focal_alpha = None if focal_alpha is None else check_real("focal_alpha", focal_alpha)
+        if self.focal_alpha is not None and self.focal_alpha > 1:
+            raise ValueError(f"focal_alpha must lie in [0, 1] (or be None), got {focal_alpha}")
+        try:
+            from torchvision.ops import sigmoid_focal_loss
+        except ImportError:
+            try:
+                from monai.losses import FocalLoss
+            except ImportError:
+                raise ImportError("the focal loss needs torchvision or MONAI: pip install orcal[models] "
+                                  "(or orcal[monai])") from None
+            monai_loss = FocalLoss(gamma=self.focal_gamma, alpha=self.focal_alpha, reduction="none")
+            self._fn = lambda z, y: monai_loss(z[:, None], y[:, None])[:, 0]
+        else:
+            alpha = -1.0 if self.focal_alpha is None else self.focal_alpha  # torchvision: alpha < 0 is no weighting
+            self._fn = lambda z, y: sigmoid_focal_loss(z, y, alpha=alpha, gamma=self.focal_gamma, reduction="none")
+
+    def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        logit, target, valid = _binary_inputs(logit, target, valid)
+        return _valid_mean(self._fn(logit, target), valid)
+
+    def extra_repr(self) -> str:
+        return f"focal_gamma={self.focal_gamma}, focal_alpha={self.focal_alpha}"
+
+
+class NACLBinaryLoss(nn.Module):
+    """MONAI's ``NACLLoss`` (Murugesan et al., MICCAI 2023: cross-entropy plus ``alpha`` times the L1 distance
+    between the logits and the mean-filtered one-hot target) on a binary head, called from MONAI (extra
+    ``orcal[monai]``).
+
+    The one logit ``z`` becomes the two class logits ``[0, z]``: their softmax is ``[1 - sigmoid(z),
+    sigmoid(z)]``, so the cross-entropy is the head's BCE, and the penalty pulls ``z`` toward the foreground's
+    neighbourhood proportion (the background channel's term is a constant). Defaults are MONAI's: alpha 0.1, a
+    3-wide mean kernel, L1. NACLLoss takes no mask of valid voxels, so with one each image is cropped to the box
+    of its valid voxels (the zero padding of a batch of unequal images) and the images' losses are averaged,
+    weighted by their voxels.
+    """
+
+    def __init__(self, nacl_alpha: float = 0.1, nacl_kernel_size: int = 3, nacl_kernel_ops: str = "mean",
+                 nacl_distance: str = "l1", nacl_sigma: float = 1.0):
+        super().__init__()
+        try:
+            from monai.losses import NACLLoss
+        except ImportError:
+            raise ImportError("method nacl calls MONAI's NACLLoss: pip install orcal[monai]") from None
+        self._cls = NACLLoss
+        self.options = {"alpha": float(nacl_alpha), "kernel_size": int(nacl_kernel_size),
+                        "kernel_ops": nacl_kernel_ops, "distance_type": nacl_distance, "sigma": float(nacl_sigma)}
+        self._losses: dict[int, nn.Module] = {}
+
+    def _loss(self, dim: int) -> nn.Module:
+        if dim not in self._losses:
+            self._losses[dim] = self._cls(classes=2, dim=dim, **self.options)
+        return self._losses[dim]
+
+    def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        logit, target, valid = _binary_inputs(logit, target, valid)
+        loss = self._loss(logit.ndim - 1)
+        two = torch.stack([torch.zeros_like(logit), logit], 1)
+        label = target.round().long()
+        if valid is None or bool(valid.all()):
+            return loss(two, label)
+        total, count = logit.new_zeros(()), 0
+        for i in range(logit.shape[0]):
+            where = valid[i].nonzero()
+            if not len(where):
+                continue
+            lo, hi = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            n = int(valid[i].sum())
+            if n != int(torch.tensor([b - a for a, b in zip(lo, hi)]).prod()):
+                raise ValueError("NACLLoss takes no mask of valid voxels; the valid voxels of an image must form a box")
+            total = total + n * loss(two[i][(slice(None), *box)][None], label[i][box][None])
+            count += n
+        return total / max(count, 1)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -398,3 +398,18 @@ def test_3d_experiment_trains_on_patches_and_evaluates_whole_volumes(tmp_path):
     assert all(0 <= s["mr_ece"]["value"] <= 1 for s in results["runs"][key].values())
     run = json.loads((tmp_path / "e3" / "runs" / safe(key) / "seed0" / "soft.json").read_text())
     assert run["steps"] == 1 and run["readouts"]["sigmoid"]["n_images"] == 3  # whole test volumes, one row each
+
+
+def test_calibration_losses_run_in_an_experiment(tmp_path):
+    pytest.importorskip("monai")  # NACL calls MONAI
+    out = tmp_path / "losses"
+    cfg = _tiny(out, methods=("calibration-losses",), rps_weights=(), temperature_scaling=False, n_boot=5)
+    run_experiment(cfg, log=lambda *a: None)
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["runs"]["tiny"]) == {"nacl", "hl1_ace", "label_smoothing", "focal"}
+    for name, value in (("nacl", 0.1), ("hl1_ace", 1.0), ("label_smoothing", 0.1), ("focal", 2.0)):
+        record = json.loads((out / "runs" / "tiny" / "seed0" / f"{name}.json").read_text())
+        assert record["value"] == value and 0 <= saved["runs"]["tiny"][name]["mr_ece"]["mean"] <= 1
+    table1 = (out / "table1_mr_ece.md").read_text()
+    for label in ("NACL", "hL1-ACE", "Label Smoothing", "Focal"):
+        assert f"| {label} |" in table1, label

@@ -46,7 +46,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--methods", type=_methods, default=None,
                    help="comma-separated subset of: random, median, soft, soft_gaussian, staple, simple, svls, "
-                        "ordinal (default: all)")
+                        "ordinal (the default), and nacl, hl1_ace, label_smoothing, focal (the group "
+                        "calibration-losses); a group name stands for its methods")
     g.add_argument("--epochs", type=int, default=None, help="training epochs per method")
     g.add_argument("--arch", default=None, help="network: fpn, unet, unet-small, ... (see orcal train --help)")
     g.add_argument("--encoder", default=None, help="encoder of the network, e.g. resnet18")
@@ -76,7 +77,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also sweep the smoothing width σ of soft_gaussian and svls over these values")
     g.add_argument("--select-on-val", action="store_true", default=None,
                    help="choose σ and λ per method by validation MR-ECE (grids --sigmas, --rps-weights; default "
-                        "σ 0.5,1,2 and λ 0.25,0.5,1,2) and report the chosen setting's test metrics")
+                        "σ 0.5,1,2 and λ 0.25,0.5,1,2), and each calibration loss's weight or parameter on its grid, "
+                        "and report the chosen setting's test metrics")
     g.add_argument("--temperature-scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="also report every row after post-hoc temperature scaling fitted on the validation "
                         "split (+ TS rows; default on)")

@@ -19,8 +19,46 @@ from orcal.heads import Head
 RESULTS_VERSION = 2
 
 #: The grids ``select_on_val`` searches when none is given: the smoothing width σ (voxels) of the strategies
-#: that take one, and the RPS weight λ of the ordinal method (the paper chose both on the validation set).
-SELECTION_GRIDS = {"sigma": (0.5, 1.0, 2.0), "rps_weight": (0.25, 0.5, 1.0, 2.0)}
+#: that take one, and the RPS weight λ of the ordinal method (the paper chose both on the validation set); and,
+#: for the calibration losses (``--methods calibration-losses``), the one setting of each that is chosen there:
+#: NACL's penalty weight, hL1-ACE's weight, the label-smoothing ε and the focal γ (each grid holds its default).
+SELECTION_GRIDS = {"sigma": (0.5, 1.0, 2.0), "rps_weight": (0.25, 0.5, 1.0, 2.0),
+                   "nacl_alpha": (0.01, 0.1, 1.0), "ace_weight": (0.5, 1.0, 2.0), "smoothing": (0.05, 0.1, 0.2),
+                   "focal_gamma": (1.0, 2.0, 3.0)}
+
+#: The settings chosen on validation by :data:`SELECTION_GRIDS` other than σ and λ (one per method at most).
+_TUNED = ("nacl_alpha", "ace_weight", "smoothing", "focal_gamma")
+
+
+def tuned_option(method: str) -> str | None:
+    """The option of ``method`` other than σ and λ that ``select_on_val`` chooses (e.g. ``"focal_gamma"``)."""
+    entry = fusion.get(method)
+    return next((o for o in (*entry.options, *entry.loss_options) if o in _TUNED), None)
+
+
+def option_default(method: str, option: str) -> float:
+    """The default of ``option`` of ``method``: the default of its parameter in the loss or the strategy."""
+    import inspect
+
+    entry = fusion.get(method)
+    for fn in (entry.loss, entry.fn):
+        if fn is not None:
+            param = inspect.signature(fn).parameters.get(option)
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return float(param.default)
+    raise ValueError(f"option {option!r} of method {method!r} has no default")
+
+
+def expand_methods(methods) -> tuple[str, ...]:
+    """``methods`` with each group name (:func:`orcal.fusion.groups`, e.g. ``calibration-losses``) replaced by
+    its methods, without repeats."""
+    groups = fusion.groups()
+    out: list[str] = []
+    for m in methods:
+        for name in groups.get(m, (m,)):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
 
 
 
@@ -58,7 +96,7 @@ class ExperimentConfig:
 
     datasets: list[DatasetSpec]
     out: str = "orcal-experiment"
-    methods: tuple[str, ...] = field(default_factory=fusion.names)  # every registered strategy
+    methods: tuple[str, ...] = field(default_factory=fusion.default_names)  # every strategy outside a group
     rps_weight: float = 1.0
     rps_weights: tuple[float, ...] = ()
     arch: str = "FPN"
@@ -92,11 +130,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("datasets must name at least one dataset (argument --dataset or --preset)")
-        self.methods = tuple(self.methods)
+        self.methods = expand_methods(self.methods)
         bad = [m for m in self.methods if m not in fusion.names()]
         if bad:
             raise ValueError(f"unknown method(s) {', '.join(bad)} (argument --methods); valid: "
-                             f"{', '.join(fusion.names())}")
+                             f"{', '.join((*fusion.names(), *fusion.groups()))}")
         if not self.methods:
             raise ValueError("methods must name at least one method (argument --methods)")
         if int(self.epochs) < 1:
@@ -207,13 +245,14 @@ def preset_config(name: str, root: str | None = None, **overrides) -> Experiment
 
 @dataclass(frozen=True)
 class Run:
-    """One model to train: a method, its RPS weight (ordinal method) and, for a run of the smoothing-width
-    sweep, its own ``sigma``."""
+    """One model to train: a method, its RPS weight (ordinal method), its ``sigma`` (the strategies that smooth)
+    and ``value``, the setting :func:`tuned_option` of a calibration loss."""
 
     method: str
     rps_weight: float
     key: str
     sigma: float | None = None
+    value: float | None = None
 
     @property
     def head(self) -> Head:
@@ -242,12 +281,14 @@ class Run:
             return "rps_weight", self.rps_weight
         if "sigma" in fusion.get(self.method).options:
             return "sigma", self.sigma
-        return None
+        option = tuned_option(self.method)
+        return None if option is None else (option, self.value)
 
 
 def plan_runs(cfg: ExperimentConfig) -> tuple[list[Run], dict[float, Run]]:
     """The main runs (one per method) and the RPS-weight sweep runs (reusing the main ordinal run)."""
-    main = [Run(m, float(cfg.rps_weight), m, cfg.sigma if _has_sigma(m) else None) for m in cfg.methods]
+    main = [Run(m, float(cfg.rps_weight), m, cfg.sigma if _has_sigma(m) else None, _value(cfg, m))
+            for m in cfg.methods]
     sweep: dict[float, Run] = {}
     for w in cfg.rps_weights:
         w = float(w)
@@ -262,9 +303,16 @@ def _has_sigma(method: str) -> bool:
     return "sigma" in fusion.get(method).options
 
 
+def _value(cfg: ExperimentConfig, method: str) -> float | None:
+    """The main run's :func:`tuned_option` of ``method``: ``fusion_options``' value, else the default."""
+    option = tuned_option(method)
+    return None if option is None else float(cfg.fusion_options.get(option, option_default(method, option)))
+
+
 def candidate_runs(cfg: ExperimentConfig) -> dict[str, list[Run]]:
     """Per method, the runs its rows may come from: with ``select_on_val``, the RPS-weight sweep for the ordinal
-    method and the ``sigmas`` for the strategies that smooth; otherwise (and for the other methods) the main
+    method, the ``sigmas`` for the strategies that smooth and :data:`SELECTION_GRIDS` for the calibration
+    losses' :func:`tuned_option`; otherwise (and for the other methods) the main
     run alone."""
     main, sweep = plan_runs(cfg)
     out: dict[str, list[Run]] = {}
@@ -275,6 +323,10 @@ def candidate_runs(cfg: ExperimentConfig) -> dict[str, list[Run]]:
         elif cfg.select_on_val and _has_sigma(run.method) and cfg.sigmas:
             runs = [run if s == run.sigma else Run(run.method, run.rps_weight, f"{run.method}@sigma={s:g}", s)
                     for s in sorted(cfg.sigmas)]
+        elif cfg.select_on_val and run.value is not None:
+            option = tuned_option(run.method)
+            runs = [run if v == run.value else Run(run.method, run.rps_weight, f"{run.method}@{option}={v:g}", None, v)
+                    for v in sorted(SELECTION_GRIDS[option])]
         out[run.method] = runs
     return out
 
@@ -284,7 +336,7 @@ def fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, seed: int | 
     training seed of the run (default ``cfg.seed``)."""
     data = {
         "dataset": [spec.name, spec.task, spec.root, sorted((k, str(v)) for k, v in spec.options.items())],
-        "run": [run.method, run.rps_weight, run.sigma],
+        "run": [run.method, run.rps_weight, run.sigma] + ([] if run.value is None else [run.value]),
         "train": [cfg.arch, cfg.encoder, cfg.encoder_weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.max_steps,
                   cfg.patch_size, cfg.seed if seed is None else int(seed), cfg.amp]
         + [sorted((k, str(v)) for k, v in d.items()) for d in (cfg.model_options, cfg.fusion_options,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint
+from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint, tuned_option
 from orcal.experiment.runs import jsonable, run_files, safe_name
 from orcal.heads import Head, scaled, unscaled
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
@@ -31,6 +31,8 @@ def _train_config(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, out_dir: P
     fusion_options = dict(cfg.fusion_options)
     if run.sigma is not None:
         fusion_options["sigma"] = run.sigma
+    if run.value is not None:
+        fusion_options[tuned_option(run.method)] = run.value
     fields = {
         "dataset": spec.name, "root": spec.root, "task": spec.task, "dataset_options": dict(spec.options),
         "method": run.method, "rps_weight": run.rps_weight, "arch": cfg.arch, "encoder": cfg.encoder,
@@ -184,6 +186,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         "method": run.method,
         "rps_weight": run.rps_weight,
         "sigma": run.sigma,
+        **({} if run.value is None else {"value": run.value}),
         "seed": seed,
         "key": run.key,
         "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume")

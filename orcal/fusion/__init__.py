@@ -30,18 +30,19 @@ from types import MappingProxyType
 
 import torch
 
+from orcal import losses as _losses
 from orcal.fusion.simple import simple
 from orcal.fusion.smoothing import PADDINGS, gaussian_kernel1d, soft_gaussian, svls, svls_kernel
 from orcal.fusion.staple import staple
-from orcal.fusion.voting import median, ordinal, random_rater, soft
+from orcal.fusion.voting import label_smoothing, median, ordinal, random_rater, soft
 from orcal.heads import KINDS
 from orcal.ops.masks import as_bool_masks
 
 check_masks = as_bool_masks  # the strategies' mask rule (orcal.ops.masks), under its public name
 
-__all__ = ["METHODS", "PADDINGS", "STRATEGIES", "Strategy", "check_masks", "gaussian_kernel1d", "get", "make_target",
-           "median", "names", "ordinal", "random_rater", "register", "simple", "soft", "soft_gaussian", "staple",
-           "svls", "svls_kernel", "unregister"]
+__all__ = ["METHODS", "PADDINGS", "STRATEGIES", "Strategy", "check_masks", "default_names", "gaussian_kernel1d", "get",
+           "groups", "label_smoothing", "make_target", "median", "names", "ordinal", "random_rater", "register",
+           "simple", "soft", "soft_gaussian", "staple", "svls", "svls_kernel", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Strategy:
             levels trained with the ordinal loss to the vote count).
         needs_generator: the function takes ``generator=``; training passes one seeded per epoch and rank.
         uses_majority: the function takes ``majority=``; training passes the run's majority threshold.
+        loss: for a binary head, the class of the loss trained to the target instead of BCE: ``loss(**options)``
+            is a module ``(logit, target, valid=None) -> mean over valid voxels`` (``orcal.losses``).
+        loss_options: keyword options of ``loss`` a user may set (``fusion_options`` in training).
+        group: a name under which ``orcal experiment --methods`` selects the method with others; a method in a
+            group runs only when asked for (the default methods are those without one).
     """
 
     name: str
@@ -67,6 +73,9 @@ class Strategy:
     head: str = "binary"
     needs_generator: bool = False
     uses_majority: bool = False
+    loss: Callable[..., Callable[..., torch.Tensor]] | None = None
+    loss_options: tuple[str, ...] = ()
+    group: str | None = None
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -78,7 +87,8 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(_REGISTRY)
 
 def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = None, options=(),
              head: str = "binary", needs_generator: bool = False, uses_majority: bool = False,
-             replace: bool = False) -> Strategy:
+             loss: Callable[..., Callable[..., torch.Tensor]] | None = None, loss_options=(),
+             group: str | None = None, replace: bool = False) -> Strategy:
     """Add a strategy to the registry (see :class:`Strategy`) and return its entry."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a strategy name must be an identifier (it is a --method value), got {name!r}")
@@ -86,9 +96,12 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = 
         raise TypeError(f"fn of strategy {name!r} must be callable, got {type(fn).__name__}")
     if head not in KINDS:
         raise ValueError(f"head of strategy {name!r} must be one of {KINDS}, got {head!r}")
+    if loss is not None and (head != "binary" or not callable(loss)):
+        raise ValueError(f"loss of strategy {name!r} must be callable and needs head='binary'")
     if name in _REGISTRY and not replace:
         raise ValueError(f"strategy {name!r} is already registered; pass replace=True to replace it")
-    entry = Strategy(name, fn, label or name, tuple(options), head, needs_generator, uses_majority)
+    entry = Strategy(name, fn, label or name, tuple(options), head, needs_generator, uses_majority, loss,
+                     tuple(loss_options), group)
     _REGISTRY[name] = entry
     return entry
 
@@ -102,6 +115,20 @@ def unregister(name: str) -> None:
 def names() -> tuple[str, ...]:
     """The registered strategies, in registration order (the built-ins in the paper's order first)."""
     return tuple(_REGISTRY)
+
+
+def groups() -> dict[str, tuple[str, ...]]:
+    """The method groups (:attr:`Strategy.group`): ``{group: names}`` in registration order."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in _REGISTRY.values():
+        if entry.group is not None:
+            out[entry.group] = (*out.get(entry.group, ()), entry.name)
+    return out
+
+
+def default_names() -> tuple[str, ...]:
+    """The methods an experiment runs when none are named: the registered ones outside any group."""
+    return tuple(name for name, entry in _REGISTRY.items() if entry.group is None)
 
 
 def get(name: str) -> Strategy:
@@ -152,3 +179,14 @@ register("simple", simple, label="SIMPLE", options=("alpha", "max_rounds", "hard
 register("staple", staple, label="STAPLE", options=("confidence_weight", "max_iter", "tol", "hard"))
 register("svls", svls, label="SVLS", options=("sigma",))
 register("ordinal", ordinal, label="ORC", head="ordinal")
+# Calibration losses of other work, each trained on the majority label its authors use (orcal.losses); run with
+# `orcal experiment --methods calibration-losses`.
+register("nacl", median, label="NACL", options=("majority",), uses_majority=True, loss=_losses.NACLBinaryLoss,
+         loss_options=("nacl_alpha", "nacl_kernel_size", "nacl_kernel_ops", "nacl_distance", "nacl_sigma"),
+         group="calibration-losses")
+register("hl1_ace", median, label="hL1-ACE", options=("majority",), uses_majority=True,
+         loss=_losses.HardL1ACELoss, loss_options=("ace_weight", "ace_bins"), group="calibration-losses")
+register("label_smoothing", label_smoothing, label="Label Smoothing", options=("smoothing", "majority"),
+         uses_majority=True, group="calibration-losses")
+register("focal", median, label="Focal", options=("majority",), uses_majority=True, loss=_losses.BinaryFocalLoss,
+         loss_options=("focal_gamma", "focal_alpha"), group="calibration-losses")

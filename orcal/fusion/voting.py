@@ -43,6 +43,17 @@ def median(masks: torch.Tensor, *, majority: int | None = None) -> torch.Tensor:
     return (m.sum(1) >= thr).to(torch.float32)
 
 
+def label_smoothing(masks: torch.Tensor, *, smoothing: float = 0.1, majority: int | None = None) -> torch.Tensor:
+    """Label smoothing (Szegedy et al., 2016) of the majority label, for two classes:
+    ``(1 - smoothing) * [k >= m] + smoothing / 2``."""
+    from orcal.checks import check_real
+
+    eps = check_real("smoothing", smoothing)
+    if eps > 1:
+        raise ValueError(f"smoothing must lie in [0, 1], got {smoothing}")
+    return median(masks, majority=majority) * (1 - eps) + eps / 2
+
+
 def soft(masks: torch.Tensor) -> torch.Tensor:
     """SC: the fraction of raters voting foreground, ``k / R``."""
     return mean_vote(check_masks(masks))

@@ -34,8 +34,8 @@ import math
 import torch
 
 from orcal import distributed
-from orcal.checks import check_choice, check_int, check_real, check_tensor, data_check
-from orcal.masks import check_masks
+from orcal.ops.checks import check_choice, check_int, check_real, check_tensor, data_check
+from orcal.ops.masks import check_masks
 from orcal.metrics.volume import VolumeStats, _voxel_volume, volume_stats
 
 __all__ = ["ConformalRiskControl", "ConformalVolume", "fnr_curves", "min_calibration_images"]
@@ -78,7 +78,7 @@ def _inputs(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | None
         check_masks(masks, "masks")
         C, probs = 1, probs.unsqueeze(1)
     else:
-        from orcal.structures import check_labels
+        from orcal.ops.structures import check_labels
 
         C = check_labels(masks, num_structures, "masks")
     want = (masks.shape[0], C, *masks.shape[2:])

@@ -1,4 +1,5 @@
-"""The training objective of a method: the ordinal loss to ``k``, or BCE to the strategy's target."""
+"""The training objective of a method: the ordinal loss to ``k``, BCE to the strategy's target, or the loss the
+strategy registers (:attr:`orcal.fusion.Strategy.loss`) to its target."""
 
 from __future__ import annotations
 
@@ -11,13 +12,31 @@ from orcal.training.config import TrainConfig
 def fusion_options(method: str, options: dict) -> dict:
     """The options of ``method``'s strategy; options meant for other strategies are dropped, unknown ones
     refused (so one options dict can drive every method of an experiment). A seed is training's to give."""
-    known = {o for name in fusion.names() for o in fusion.get(name).options}
+    known = {o for name in fusion.names() for o in (*fusion.get(name).options, *fusion.get(name).loss_options)}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"fusion_options {sorted(unknown)} are not options of any strategy; known: {sorted(known)}")
     strategy = fusion.get(method)
     return {k: v for k, v in options.items() if k in strategy.options and not (strategy.needs_generator
                                                                                  and k == "seed")}
+
+
+def loss_options(method: str, options: dict) -> dict:
+    """The options of ``method``'s registered loss (:attr:`orcal.fusion.Strategy.loss_options`) in ``options``."""
+    return {k: v for k, v in options.items() if k in fusion.get(method).loss_options}
+
+
+class _MeanAndSum:
+    """A loss that averages over valid voxels, and its sum over them (mean times their number)."""
+
+    def __init__(self, loss, reduction: str):
+        self.loss, self.reduction = loss, reduction
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        mean = self.loss(logits, target, valid)
+        if self.reduction == "mean":
+            return mean
+        return mean * (target.numel() if valid is None else valid.sum())
 
 
 class Objective:
@@ -31,7 +50,10 @@ class Objective:
         self.options = fusion_options(cfg.method, cfg.fusion_options)
         if cfg.majority is not None and self.strategy.uses_majority:
             self.options.setdefault("majority", cfg.majority)  # one majority threshold for the whole run
-        if self.strategy.head == "ordinal":
+        if self.strategy.loss is not None:
+            loss = self.strategy.loss(**loss_options(cfg.method, cfg.fusion_options))
+            self.mean, self.sum = _MeanAndSum(loss, "mean"), _MeanAndSum(loss, "sum")
+        elif self.strategy.head == "ordinal":
             self.mean = OrdinalLoss(cfg.rps_weight, cfg.majority, "mean")
             self.sum = OrdinalLoss(cfg.rps_weight, cfg.majority, "sum")
         else:
@@ -47,6 +69,9 @@ class Objective:
         fn = self.mean if reduction == "mean" else self.sum
         if num_structures == 1:  # one structure of a label map: the binary case
             target, num_structures = target[:, 0], None
+        if num_structures is not None and self.strategy.loss is not None:
+            raise ValueError(f"method {self.method!r} trains one structure; several (num_structures = "
+                             f"{num_structures}) are not supported")
         if num_structures is None or self.strategy.head == "ordinal":
             return fn(logits.float(), target, valid)
         if valid is not None:
