@@ -105,3 +105,22 @@ def test_experiment_groups_follow_the_statistics_rows():
     assert test_groups(data, SimpleNamespace(bootstrap_by="group"), order=["c", "a", "b"]) == ["p2", "p1", "p1"]
     assert test_groups(data, SimpleNamespace(bootstrap_by="image")) is None
     assert test_groups([0, 1], SimpleNamespace(bootstrap_by="group")) is None  # no groups known
+
+
+def test_evaluate_resamples_the_groups_it_is_given(tmp_path):
+    pytest.importorskip("nibabel")
+    from test_evaluate import make_folder
+
+    from orcal.evaluate import evaluate
+
+    pred, raters, _ = make_folder(tmp_path, n=6)
+    image = evaluate(pred, tmp_path / "a", raters=raters, n_boot=50, progress=False)
+    group = evaluate(pred, tmp_path / "b", raters=raters, n_boot=50, progress=False, group_by=r"^case")
+    assert image["bootstrap_units"] == {"by": "image", "n": 6}  # a rater folder names no groups
+    assert group["bootstrap_units"] == {"by": "group", "n": 1}  # every case id matches "case": one group
+    assert group["metrics"] == image["metrics"]
+    # one group drawn whole: every resample is the whole test set, so the interval has no width
+    ece = group["bootstrap"]["mr_ece"]
+    assert ece["low"] == pytest.approx(ece["high"]) == pytest.approx(image["metrics"]["mr_ece"])
+    assert image["bootstrap"]["mr_ece"]["high"] > image["bootstrap"]["mr_ece"]["low"]
+    assert "the 1 groups" in (tmp_path / "b" / "metrics.md").read_text()
