@@ -25,8 +25,8 @@ from orcal.io import EXTENSIONS, check_same_grid, extension, read_array
 from orcal.metrics import MultiRaterCalibration, bootstrap, registry
 from orcal.ops.stats import CalibrationStats
 
-__all__ = ["MIN_BOOTSTRAP_IMAGES", "bootstrap_warning", "evaluate", "find_predictions", "load_prediction",
-           "rater_folder_cases"]
+__all__ = ["MIN_BOOTSTRAP_IMAGES", "bootstrap_warning", "case_groups", "evaluate", "find_predictions",
+           "load_prediction", "rater_folder_cases"]
 
 #: Below this many images the bootstrap intervals are reported with a warning. Each resample draws 60 % of the
 #: images, so with n images there are at most C(n, 0.6 n) different resamples (10 for 5 images, 1 for 2): the
@@ -124,14 +124,17 @@ def _match_shape(p: np.ndarray, spatial: tuple[int, ...], path: Path) -> np.ndar
 def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, raters, rater_glob,
                 allow_missing: bool, dataset_options: dict[str, Any] | None = None,
                 label: int | Sequence[int] | None = None, elsewhere: frozenset[str] = frozenset()
-                ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path | None]]]:
-    """Case ids in order and an iterator of ``(id, masks (R, *S) uint8, valid or None, a file on the case's
-    voxel grid or None)``; cases in ``elsewhere`` (the calibration cases) are not missing."""
+                ) -> tuple[list[str], Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path | None]],
+                           dict[str, str] | None]:
+    """Case ids in order, an iterator of ``(id, masks (R, *S) uint8, valid or None, a file on the case's
+    voxel grid or None)`` and the dataset's ``{id: group}`` (patients; None for a rater folder); cases in
+    ``elsewhere`` (the calibration cases) are not missing."""
     if (dataset is None) == (raters is None):
         raise ValueError("give the rater masks with exactly one of --dataset/--root or --raters")
     if raters is not None:
         folders = rater_folder_cases(raters, rater_glob)
         ids = list(folders)
+        groups = None
 
         def load(case: str):
             return _read_rater_masks(folders[case], label), None, folders[case][0]
@@ -144,6 +147,7 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
         ds = load_dataset(dataset, root, split=split, task=task, **options)
         ids = list(ds.ids)
         index = {case: i for i, case in enumerate(ids)}
+        groups = dict(zip(ids, ds.groups)) if getattr(ds, "groups", None) is not None else None
 
         def load(case: str):
             item = ds[index[case]]
@@ -164,7 +168,32 @@ def _iter_cases(preds: dict[str, Path], dataset: str | None, root, split, task, 
         for case in todo:
             yield case, *load(case)
 
-    return todo, generate()
+    return todo, generate(), groups
+
+
+def case_groups(ids: Sequence[str], group_by: str = "auto", known: dict[str, str] | None = None) -> list[str] | None:
+    """The bootstrap's unit of each case (SPEC §5), or None to resample single images.
+
+    ``group_by``: ``"auto"`` (the groups the dataset ``known``s, e.g. patients; images where it knows none),
+    ``"image"``, or a regular expression searched in each case id whose first group (else whole match) names
+    the case's group (a case it does not match is an error).
+    """
+    if group_by == "image" or (group_by == "auto" and known is None):
+        return None
+    if group_by == "auto":
+        return [known[i] for i in ids]
+    try:
+        pattern = re.compile(group_by)
+    except re.error as err:
+        raise ValueError(f"--group-by: {group_by!r} is not 'auto', 'image' or a regular expression ({err})") from err
+    out = []
+    for case in ids:
+        m = pattern.search(case)
+        if m is None:
+            raise ValueError(f"--group-by: {group_by!r} does not match case {case!r}; give a pattern every case id "
+                             "matches, or --group-by image")
+        out.append(m.group(1) if pattern.groups else m.group(0))
+    return out
 
 
 def _clean(value: Any) -> Any:
@@ -195,11 +224,14 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]] | None, n_boot: int) -> str:
+def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]] | None, n_boot: int,
+              units: dict[str, Any] | None = None) -> str:
     lines = [f"# Evaluation of {name}", "",
              f"{result['n_images']} images, {result['n_pairs']:,} voxel–rater pairs.", ""]
     if ci:
-        lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of the images (2.5 / 97.5 percentiles)."]
+        what = "the images" if not units or units["by"] == "image" else \
+            f"the {units['n']} groups (patients, cases or volumes), each with all its images"
+        lines += [f"95% intervals: {n_boot} bootstrap resamples of 60% of {what} (2.5 / 97.5 percentiles)."]
         warning = bootstrap_warning(result["n_images"], n_boot)
         if warning:
             lines += ["", f"**Warning:** {warning}."]
@@ -228,7 +260,7 @@ def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, A
     if shared:
         raise ValueError(f"--calibration: {len(shared)} case(s) are also evaluated ({', '.join(shared[:5])}); the "
                          "calibration and evaluated cases must be disjoint for the guarantee to hold")
-    ids, cases = _iter_cases(preds, allow_missing=True, label=label, **source)
+    ids, cases, _ = _iter_cases(preds, allow_missing=True, label=label, **source)
     crc, vol = ConformalRiskControl(), ConformalVolume()
     for case, masks, valid, _ in progress_bar(cases, total=len(ids), desc="calibrate", unit="case",
                                               enabled=progress):
@@ -253,7 +285,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
              auc_bins: int = 4096, n_boot: int = 1000, seed: int = 0, kind: str = "prob",
              exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
              progress: bool = True, dataset_options: dict[str, Any] | None = None,
-             label: int | Sequence[int] | None = None, conformal: float | None = None,
+             label: int | Sequence[int] | None = None, group_by: str = "auto", conformal: float | None = None,
              calibration: str | os.PathLike | None = None, calibration_split: str | None = None) -> dict[str, Any]:
     """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
 
@@ -264,6 +296,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         raters, rater_glob: ... or from ``raters/<case>/<files matching rater_glob>``.
         n_bins, auc_bins: ECE bins and streaming-AUC score bins.
         n_boot: bootstrap resamples (0 skips the bootstrap); seed: its seed.
+        group_by: the bootstrap's units (:func:`case_groups`): ``"auto"`` (the dataset's patients, cases or
+            volumes; single images for a rater folder), ``"image"``, or a regular expression on case ids.
         kind: ``"prob"`` or ``"logit"`` (float maps are passed through a sigmoid).
         exact_auc: report the exact AUC (memory grows with the number of distinct scores).
         allow_missing: evaluate only the cases that have a prediction instead of failing.
@@ -292,8 +326,9 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     preds = find_predictions(pred_dir)
     name = name or Path(pred_dir).resolve().name
     elsewhere = frozenset(find_predictions(calibration)) if calibration is not None else frozenset()
-    ids, cases = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
-                             dataset_options, label, elsewhere)
+    ids, cases, known = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
+                                    dataset_options, label, elsewhere)
+    groups = case_groups(ids, group_by, known)
     tests: dict[str, list[float]] = {"fnr": [], "mask": [], "covered": [], "width": []}
     if conformal is not None:
         source = dict(dataset=dataset, root=root, split=split if calibration_split is None else calibration_split,
@@ -317,7 +352,9 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
             _conformal_test(tests, crc, vol, *_conformal_case(preds[case], masks, valid, kind))
     result = metric.compute()
     stats = metric.stats()
-    ci = bootstrap(stats, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+    ci = bootstrap(stats, n_boot=n_boot, seed=seed, groups=groups) if n_boot > 0 else None
+    units = {"by": "group", "n": len(set(groups))} if groups is not None and len(set(groups)) < len(ids) else \
+        {"by": "image", "n": len(ids)}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +367,9 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         "n_images": result["n_images"], "n_pairs": result["n_pairs"],
         "bins": {key: result["bins"][key] for key in ("lower", "upper", "count", "confidence", "accuracy")},
         "agreement": result["agreement"],
+        "bootstrap_units": units,
         "config": {"n_bins": n_bins, "auc_bins": auc_bins, "n_boot": n_boot, "bootstrap_fraction": 0.6,
+                   "group_by": group_by,
                    "seed": seed, "kind": kind, "exact_auc": exact_auc, "pred": str(pred_dir),
                    "dataset": dataset, "split": split, "task": task,
                    "raters": None if raters is None else str(raters)},
@@ -343,7 +382,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
             "volume_coverage": float(np.mean(tests["covered"])), "volume_width_voxels": float(np.mean(tests["width"]))}
     report = _clean(report)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot))
+    (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot, units))
     plots.reliability_diagram({name: result}, out / "reliability.png", title=f"Reliability of {name}")
     plots.confidence_vs_agreement({name: result}, out / "agreement.png",
                                   title=f"Confidence vs rater agreement: {name}")

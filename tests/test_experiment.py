@@ -177,7 +177,7 @@ def test_command_line_builds_the_config(tmp_path):
                                             "--name", "QUBIQ prostate", "--seeds", "0,1,2", "--select-on-val",
                                             "--no-temperature-scaling"]))
     assert seeded.seed_list == (0, 1, 2) and seeded.select_on_val and not seeded.temperature_scaling
-    assert seeded.sigmas == (0.5, 1.0, 2.0) and seeded.rps_weights == (0.25, 0.5, 1.0, 2.0)  # the default grids
+    assert seeded.sigmas == (0.5, 1.0, 2.0) and seeded.rps_weights == (0.25, 0.5, 1, 2, 4, 8, 16)  # default grids
     assert [d.key for d in seeded.datasets] == ["A", "QUBIQ prostate"]
     with pytest.raises(ValueError, match="--name once per --dataset"):
         build_config(_experiment_args(["--dataset", "synthetic", "--dataset", "lidc", "--name", "A"]))
@@ -330,7 +330,11 @@ def test_seeds_and_selection_end_to_end(tmp_path):
     assert second == {f"{safe(selection[r]['run'])}.json" for r in selection}  # only the chosen settings
     row = saved["runs"]["tiny"]["svls"]["mr_ece"]
     assert len(row["seeds"]) == 2 and row["value"] == pytest.approx(sum(row["seeds"]) / 2)
-    assert saved["comparisons"]["tiny"]["reference"] == "ordinal/expected"
+    assert saved["comparisons"]["tiny"]["reference"] == "ordinal/majority"  # the paper's readout heads ORC
+    assert saved["oracles"]["tiny"]["oracle/expected"]["mr_ece"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert saved["oracles"]["tiny"]["oracle/majority"]["mr_ece"]["value"] > 0  # the majority readout's floor
+    assert saved["datasets"]["tiny"]["bootstrap_units"]["by"] == "image"  # synthetic images share no patient
+    assert "The metrics' floor" in (out / "report.md").read_text()
     assert set(saved["comparisons"]["tiny"]["leads"]) == {"mr_ece", "auc", "dice"}
     assert all(len(t) == 2 and all(x > 0 for x in t) for t in saved["temperatures"]["tiny"].values())
     text = (out / "report.md").read_text()

@@ -36,6 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for the 95%% intervals; 0 skips (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--group-by", default="auto", metavar="UNIT",
+                        help="what the bootstrap resamples: auto (the patients, cases or volumes --dataset names, "
+                             "else images), image, or a regular expression whose first group (or whole match) "
+                             "in a case id names its group, e.g. '^(LIDC-IDRI-[0-9]+)' (default: auto)")
     parser.add_argument("--kind", choices=("prob", "logit"), default="prob",
                         help="the maps hold probabilities or logits (default: prob)")
     parser.add_argument("--name", default=None, help="method name in the report (default: name of --pred)")
@@ -63,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
                       raters=args.raters, rater_glob=args.rater_glob, n_bins=args.bins, auc_bins=args.auc_bins,
                       n_boot=args.bootstrap, seed=args.seed, kind=args.kind, exact_auc=args.exact_auc,
                       allow_missing=args.allow_missing, name=args.name, progress=not args.quiet,
-                      label=args.label, dataset_options=dict(args.option), conformal=args.conformal,
-                      calibration=args.calibration, calibration_split=args.calibration_split)
+                      label=args.label, dataset_options=dict(args.option), group_by=args.group_by,
+                      conformal=args.conformal, calibration=args.calibration,
+                      calibration_split=args.calibration_split)
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
         value = m[key]

@@ -68,6 +68,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=int, default=None, help="centre crop of the dataset's images (e.g. LIDC: 64)")
     g.add_argument("--rps-weight", type=float, default=None, help="RPS weight of the ordinal method (1.0)")
     g.add_argument("--sigma", type=float, default=None, help="Gaussian width (voxels) of soft_gaussian and svls")
+    g.add_argument("--hard-targets", action="store_true", default=None,
+                   help="train STAPLE and SIMPLE on hard (thresholded) targets, as Langerak's SIMPLE is defined, "
+                        "instead of their soft posterior / weighted vote (default: soft)")
     g.add_argument("--rps-weights", type=_floats, default=None,
                    help="also sweep the ordinal method's RPS weight over these values, e.g. 0,0.5,1,2")
     g.add_argument("--seed", type=int, default=None, help="training seed, and the seed of the bootstrap (0)")
@@ -76,9 +79,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sigmas", type=_floats, default=None,
                    help="also sweep the smoothing width σ of soft_gaussian and svls over these values")
     g.add_argument("--select-on-val", action="store_true", default=None,
-                   help="choose σ and λ per method by validation MR-ECE (grids --sigmas, --rps-weights; default "
-                        "σ 0.5,1,2 and λ 0.25,0.5,1,2), and each calibration loss's weight or parameter on its grid, "
-                        "and report the chosen setting's test metrics")
+                   help="choose σ and λ per method by validation MR-ECE alone (grids --sigmas, --rps-weights; "
+                        "default σ 0.5,1,2 and λ 0.25,0.5,1,2,4,8,16), and each calibration loss's weight or "
+                        "parameter on its grid, and report the chosen setting's test metrics")
     g.add_argument("--temperature-scaling", action=argparse.BooleanOptionalAction, default=None,
                    help="also report every row after post-hoc temperature scaling fitted on the validation "
                         "split (+ TS rows; default on)")
@@ -89,6 +92,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("evaluation and output")
     e.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (1000)")
     e.add_argument("--fraction", type=float, default=None, help="bootstrap resample size, fraction of the test set")
+    e.add_argument("--bootstrap-by", choices=("group", "image"), default=None,
+                   help="resample the test set's groups (patients, cases, volumes) where the dataset names them, "
+                        "or single images (default: group)")
     e.add_argument("--force", action="store_true", help="recompute runs that finished earlier")
     add_quiet(e)
 
@@ -124,7 +130,8 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         "seed": args.seed, "seeds": args.seeds, "sigmas": args.sigmas, "select_on_val": args.select_on_val,
         "temperature_scaling": args.temperature_scaling, "device": args.device, "threads": args.threads,
         "amp": args.amp, "n_boot": args.n_boot,
-        "fraction": args.fraction, "out": getattr(args, "out", None) or default_out,
+        "fraction": args.fraction, "bootstrap_by": getattr(args, "bootstrap_by", None),
+        "out": getattr(args, "out", None) or default_out,
         "force": args.force, "progress": not args.quiet,
     }
     if preset and names:
@@ -151,6 +158,8 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         cfg = ExperimentConfig(datasets=specs, **kwargs)
     if args.encoder_weights is not None:
         cfg.encoder_weights = None if args.encoder_weights.lower() == "none" else args.encoder_weights
+    if getattr(args, "hard_targets", None):
+        cfg.fusion_options["hard"] = True  # the "hard" option of every strategy that has one (STAPLE, SIMPLE)
     if args.sigma is not None:
         if not args.sigma > 0:
             raise ValueError(f"--sigma must be > 0, got {args.sigma}")

@@ -3,6 +3,7 @@ qualitative figure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
         self.items = [dataset[i] for i in progress_bar(range(len(dataset)), desc=desc or "loading", unit="item",
                                                        leave=False, enabled=progress)]
-        for attr in ("num_raters", "R", "name"):
+        for attr in ("num_raters", "R", "name", "ids", "groups"):  # groups: the bootstrap's units (SPEC §5)
             if hasattr(dataset, attr):
                 setattr(self, attr, getattr(dataset, attr))
 
@@ -35,6 +36,23 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return dict(self.items[index])
+
+
+def test_groups(dataset, cfg, order: Sequence[str] | None = None) -> list | None:
+    """The bootstrap's units of the test images (SPEC §5): the dataset's ``groups`` (one patient, case or
+    volume id per image) with ``cfg.bootstrap_by == "group"``, else None (each image its own unit). ``order``
+    lists the image ids in the order of the statistics rows (default: the dataset's order)."""
+    groups = getattr(dataset, "groups", None)
+    if cfg.bootstrap_by != "group" or groups is None or len(groups) != len(dataset):
+        return None
+    groups = list(groups)
+    if order is None:
+        return groups
+    ids = [str(i) for i in getattr(dataset, "ids", [])]
+    if len(ids) != len(groups):
+        raise ValueError(f"dataset {getattr(dataset, 'name', '')!r} gives groups but no case ids to match them")
+    by_id = dict(zip(ids, groups))
+    return [by_id[str(i)] for i in order]
 
 
 def pick_case(dataset, limit: int = 256) -> dict[str, Any]:

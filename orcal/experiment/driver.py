@@ -23,9 +23,10 @@ from orcal.experiment.config import (
     fingerprint,
     plan_runs,
 )
-from orcal.experiment.data import CachedDataset, load_split, pick_case
+from orcal.experiment.data import CachedDataset, load_split, pick_case, test_groups
 from orcal.experiment.execute import execute_run
 from orcal.experiment.findings import findings
+from orcal.experiment.oracle import oracle_summaries
 from orcal.experiment.report import write_outputs
 from orcal.experiment.runs import load_case_maps, load_run, load_run_stats, run_files, safe_name
 from orcal.experiment.selection import compare_rows, select_rows
@@ -86,6 +87,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     }
     records: dict[str, dict[int, dict[str, dict]]] = {}
     cases: dict[str, dict] = {}
+    groups: dict[str, list | None] = {}  # the bootstrap's units of each test set (SPEC §5)
     choices: dict[str, dict[str, dict]] = {}
     bar = progress_bar(total=len(cfg.datasets) * (len(first_runs) + (len(seeds) - 1) * len(main_runs)),
                        desc="experiment", unit="run", enabled=cfg.progress)
@@ -96,6 +98,10 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
         if cfg.cache:
             splits = {s: CachedDataset(ds, f"{spec.key} {s}", cfg.progress) for s, ds in splits.items()}
         test_ds = splits["test"]
+        groups[spec.key] = test_groups(test_ds, cfg)
+        oracles = oracle_summaries(test_ds, cfg, groups[spec.key])  # the metrics' floor on this test set
+        if oracles:
+            results.setdefault("oracles", {})[spec.key] = oracles
         case = pick_case(test_ds)
         cases[spec.key] = case
         first = test_ds[0]
@@ -105,6 +111,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
             "num_raters": int(first["masks"].shape[0]), "image_shape": list(first["image"].shape[1:]),
             "channels": int(first["image"].shape[0]), "qualitative_case": case["id"],
             "num_structures": first.get("num_structures"),
+            "bootstrap_units": _units(groups[spec.key], len(test_ds)),
         }
         if cfg.cache:  # every item is in memory: the sizes of all of them (volumes of LIDC nodules differ in depth)
             sizes = np.array([test_ds[i]["image"].shape[1:] for i in range(len(test_ds))])
@@ -125,7 +132,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     bar.close()
     runs_by_key = {run.key: run for run in first_runs}
     panels = {spec.key: _tabulate(results, cfg, spec, seeds, records[spec.key], choices[spec.key], runs_by_key,
-                                  sweep_runs, out) for spec in cfg.datasets}
+                                  sweep_runs, out, groups[spec.key]) for spec in cfg.datasets}
     trained_on = [rec["hardware"] for by in records.values() for s in by.values() for rec in s.values()
                   if rec.get("hardware")]
     if trained_on:  # what the runs were measured on, rather than what rendered the report
@@ -140,15 +147,15 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
 
 def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec, seeds: Sequence[int],
               records: Mapping[int, Mapping[str, dict]], choice: Mapping[str, dict], runs: Mapping[str, Run],
-              sweep_runs: Mapping, out: Path) -> dict[str, dict]:
+              sweep_runs: Mapping, out: Path, groups: Sequence | None = None) -> dict[str, dict]:
     """One dataset's rows (over seeds), comparisons, selection, temperatures, sweep and timings into
     ``results``; returns the figures' data of the first seed (:func:`orcal.experiment.report.write_outputs`)."""
     key, first = spec.key, records[seeds[0]]
     loaded = {(s, k): load_run_stats(seed_dir(out, spec, s), runs[k]) for s in seeds for k in records[s]}
     stats = {row: [loaded[(s, c["run"])][c["readout"]] for s in seeds] for row, c in choice.items()}
-    compared = compare_rows(stats, cfg)
+    compared = compare_rows(stats, cfg, groups=groups)
     results["runs"][key] = compared["rows"]
-    results["comparisons"][key] = {k: compared[k] for k in ("reference", "paired", "leads")}
+    results["comparisons"][key] = {k: compared[k] for k in ("reference", "paired", "leads", "leads_ts")}
     results["selection"][key] = {row: {k: c[k] for k in ("run", "parameter", "value", "candidates")}
                                  for row, c in choice.items()}
     results.setdefault("temperatures", {})[key] = {
@@ -179,6 +186,12 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
         if c["readout"] in maps:
             panels["maps"][label] = maps[c["readout"]]
     return panels
+
+
+def _units(groups: Sequence | None, n_images: int) -> dict[str, Any]:
+    """What the bootstrap resampled on one test set: ``{"by": "group" | "image", "n": units, "images"}``."""
+    n = n_images if groups is None else len(set(groups))
+    return {"by": "group" if n < n_images else "image", "n": n, "images": n_images}
 
 
 def _settings(cfg: ExperimentConfig, device: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 import math
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint, tuned_option
+from orcal.experiment.data import test_groups
 from orcal.experiment.runs import jsonable, run_files, safe_name
 from orcal.heads import Head, scaled, unscaled
 from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
@@ -109,7 +110,9 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     volumes: dict[str, list] = {r: [] for r in names}
     spacing: dict | None = None
     case_maps: dict[str, np.ndarray] = {}
+    order: list[str] = []  # the test images' ids in the order of their statistics rows
     for ids, logits, masks, valid in passes("test"):
+        order.extend(str(i) for i in ids)
         masks = masks.cpu()
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
@@ -123,10 +126,11 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
                 q = p[ids.index(case["id"])]
                 case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
     out: dict[str, Any] = {}
+    groups = test_groups(splits["test"], cfg, order)
     for r in names:
         values = test[r].compute()
         stats = test[r].stats()
-        out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg), "agreement": values.get("agreement"),
+        out[r] = {"stats": stats, "summary": report_bootstrap(stats, cfg, groups), "agreement": values.get("agreement"),
                   "case_map": case_maps.get(r), "n_images": values["n_images"],
                   "val": _scalar_metrics(val[r])}
         if volumes[r]:
@@ -157,11 +161,13 @@ def _spacings(dataset) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def report_bootstrap(stats, cfg: ExperimentConfig) -> dict[str, dict[str, float]]:
-    """Bootstrap summary of the per-image ``stats`` (SPEC §5) with the experiment's settings."""
+def report_bootstrap(stats, cfg: ExperimentConfig, groups: Sequence | None = None) -> dict[str, dict[str, float]]:
+    """Bootstrap summary of the per-image ``stats`` (SPEC §5) with the experiment's settings; ``groups`` (one
+    id per image row) resamples whole groups."""
     from orcal.metrics.pooled import bootstrap
 
-    return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed))
+    return bootstrap(stats, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed),
+                     groups=groups)
 
 
 def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],

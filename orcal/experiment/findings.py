@@ -69,8 +69,9 @@ def _lead(ds: str, metric: str, rows: Mapping, comp: Mapping) -> list[str]:
     if ref and ref not in (best, second) and paired and ref in rows:  # (the runner-up was just compared)
         ahead = _better_by(paired, metric)
         value = _f(rows[ref][metric]["value"])
-        if exceeds_noise(ahead):
-            ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
+        if exceeds_noise(ahead):  # ranked among the rows of its family (trained, or + TS), as the leads are
+            ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])
+                             and unscaled(r)[1] == unscaled(ref)[1]),
                             key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
             out.append(f"{row_label(ref)} ranks {ranked.index(ref) + 1} of {len(ranked)} "
                        f"({value}; the best row is ahead of it by {_f(ahead['diff'])}, {_noise(ahead)}).")
@@ -113,10 +114,19 @@ def _caveats(results: Mapping[str, Any]) -> str:
              f"{len(seeds)} training seed{'s' if len(seeds) != 1 else ''}"
              + ("" if len(seeds) > 1 else ", so the seed noise is not measured (use --seeds)")]
     if any(parse_row(r).readout == "majority" for by in results.get("runs", {}).values() for r in by):
+        floors = [f"{ds} {_f(o['oracle/majority']['mr_ece']['value'])}" for ds, o in results.get("oracles", {}).items()
+                  if "oracle/majority" in o]
         parts.append("ORC's majority readout predicts P(k ≥ m), the probability that a majority marks the voxel, "
-                     "not the fraction of raters MR-ECE scores against, so its MR-ECE answers another question")
+                     "not the fraction of raters MR-ECE scores against, so its MR-ECE answers another question"
+                     + (f"; an oracle that knows each voxel's rate of raters scores with it "
+                        f"{', '.join(floors)}" if floors else ""))
+    grouped = [ds for ds, d in results.get("datasets", {}).items()
+               if (d.get("bootstrap_units") or {}).get("by") == "group"]
     parts.append("the bootstrap intervals come from resamples of "
-                 f"{100 * float(s.get('fraction', 0.6)):.0f} % of the test images, on which ECE is biased upward, "
+                 f"{100 * float(s.get('fraction', 0.6)):.0f} % of the test "
+                 + (f"patients (cases, volumes: {', '.join(grouped)}), each with all its images, " if grouped
+                    else "images, ")
+                 + "on which ECE is biased upward, "
                  "so they sit above the test-set value: they compare rows (paired, on the same resamples) rather "
                  "than bound the value")
     if s.get("select_on_val"):

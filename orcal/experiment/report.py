@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orcal.experiment.figures import plot_dataset, plot_sweep
+from orcal.experiment.oracle import oracle_table
 from orcal.experiment.runs import jsonable, slug
 from orcal.experiment.tables import (
     TABLES,
@@ -59,6 +60,15 @@ def _setting_text(value: Any) -> str:
     return f"`{value}`"
 
 
+def _targets_text(settings: Mapping) -> str:
+    """Which targets STAPLE and SIMPLE were trained on (their ``hard`` option, ``--hard-targets``)."""
+    hard = bool((settings.get("fusion_options") or {}).get("hard"))
+    if hard:
+        return " STAPLE and SIMPLE are trained on hard targets (their estimate thresholded at 0.5, `--hard-targets`)."
+    return (" STAPLE and SIMPLE are trained on soft targets (STAPLE's posterior, SIMPLE's Dice-weighted vote; "
+            "`--hard-targets` thresholds them).")
+
+
 def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mapping[str, str],
                   sweeps: Mapping[str, str] | None = None) -> str:
     """The Markdown report: the findings (``results["findings"]``), datasets, the tables, paired comparisons,
@@ -79,8 +89,10 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
               f"images with replacement, seed {s.get('seed', '?')}). MR-ECE uses {s.get('n_bins', 15)} "
               "equal-width bins over voxel–rater pairs; AUC counts every voxel's k positive and R − k negative "
               "pairs. ORC is reported with both readouts: *majority* (the paper's, the probability that a "
-              "majority of raters vote foreground) and *expected* (the expected fraction of raters voting "
+              "majority of raters vote foreground: k ≥ m with m = ⌊R/2⌋ + 1, so for an even R a tie of R/2 votes "
+              "counts as background) and *expected* (the expected fraction of raters voting "
               "foreground, the quantity MR-ECE scores against)."
+              + _targets_text(s)
               + (" Rows marked *+ TS* divide the same network's logits by one temperature fitted on the validation "
                  "split against the voxel–rater pairs (`orcal.metrics.calibrate`; one temperature per row and seed)."
                  if any(parse_row(row).scaled for by_row in results.get("runs", {}).values() for row in by_row)
@@ -95,10 +107,25 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
         lines.append(f"| {key} | {raters} | {d.get('n_train', '?')} | {d.get('n_val', '?')} | "
                      f"{d.get('n_test', '?')} | {size} | {d.get('channels', '?')} |")
     lines.append("")
+    units = {key: d["bootstrap_units"] for key, d in results.get("datasets", {}).items() if d.get("bootstrap_units")}
+    if units:
+        lines += ["Bootstrap units: " + "; ".join(
+            f"{key}: {u['n']} groups (patients, cases or volumes) of {u['images']} test images, each group drawn "
+            "with all its images" if u["by"] == "group" else f"{key}: {u['n']} test images (no groups known)"
+            for key, u in units.items()) + " (SPEC §5).", ""]
     for name in ("table1_mr_ece", "table2_auc", "table3_dice"):
         if name in tables:
             lines += [tables[name].to_markdown(), ""]
     lines += [READING.format(pct=f"{100 * float(s.get('fraction', 0.6)):.0f}"), ""]
+    if results.get("oracles"):
+        lines += ["**The metrics' floor** on each test set, from the raters themselves (no model): predicting each "
+                  "voxel's fraction of raters k/R is MR-ECE's perfect predictor (0 by construction), and predicting "
+                  "P(k ≥ m) for raters voting at that rate is an oracle majority readout: its MR-ECE is what answering "
+                  "P(k ≥ m) instead of the fraction of raters costs by construction, however well a model is trained. "
+                  "These rows are not ranked.",
+                  ""]
+        for key, oracles in results["oracles"].items():
+            lines += [f"**{key}**", "", oracle_table(oracles), ""]
     per_structure = [(key, metric, structure_columns(by_row, metric)) for key, by_row in results.get("runs", {}).items()
                      for metric in ("mr_ece", "auc", "dice")]
     if any(columns for _, _, columns in per_structure):
@@ -124,8 +151,9 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
                  for k, v in results.get("selection", {}).items()}
     if any(selection.values()):
         lines += ["## Settings chosen on the validation split", "",
-                  f"Each row reports the candidate with the lowest validation MR-ECE (seed {seeds[0]}); the other "
-                  "seeds train the chosen setting.", ""]
+                  f"Each row reports the candidate with the lowest validation MR-ECE (seed {seeds[0]}; the "
+                  "criterion is the validation MR-ECE alone); the other seeds train the chosen setting. λ weighs the "
+                  "RPS normalised by R (SPEC §3).", ""]
         for key, text in selection.items():
             if text:
                 lines += [f"**{key}**", "", text, ""]

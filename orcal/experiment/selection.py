@@ -43,30 +43,32 @@ def select_rows(cfg: ExperimentConfig, candidates: Mapping[str, Sequence[Run]], 
     return chosen
 
 
-def compare_rows(stats: Mapping[str, Sequence], cfg: ExperimentConfig, reference_row: str | None = None
-                 ) -> dict[str, Any]:
-    """Seed summaries, paired differences against ``reference_row`` (default ORC's expected readout, else
-    the first row) and, per table metric, the lead of the best row over the runner-up (the best row of
-    another model: not the best row's own temperature-scaled twin, or the reverse).
+def compare_rows(stats: Mapping[str, Sequence], cfg: ExperimentConfig, reference_row: str | None = None,
+                 groups: Sequence | None = None) -> dict[str, Any]:
+    """Seed summaries, paired differences against ``reference_row`` (default ORC's majority readout, the
+    paper's, else the first row) and, per table metric, the lead of the best row over the runner-up (the best
+    row of another model). The trained rows and the ``+ TS`` rows are ranked apart: ``leads`` ranks the
+    trained rows (the paper's), ``leads_ts`` the temperature-scaled ones.
 
-    ``stats`` maps a row to its per-image test statistics, one per seed in the same seed order.
+    ``stats`` maps a row to its per-image test statistics, one per seed in the same seed order; ``groups``
+    (one id per test image, e.g. its patient) makes the bootstrap resample whole groups (SPEC §5).
     """
     from orcal.metrics import comparison
     from orcal.metrics.registry import higher_is_better
 
-    boot = {"n_boot": int(cfg.n_boot), "fraction": float(cfg.fraction), "seed": int(cfg.seed)}
+    boot = {"n_boot": int(cfg.n_boot), "fraction": float(cfg.fraction), "seed": int(cfg.seed), "groups": groups}
     samples = {row: comparison.seed_samples(st, **boot) for row, st in stats.items()}  # one bootstrap per row
     rows = {row: comparison.seed_summary(s) for row, s in samples.items()}
-    ref = reference_row or next((r for r in rows if r == "ordinal/expected"), next(iter(rows)))
+    ref = reference_row or next((r for r in rows if r == "ordinal/majority"), next(iter(rows)))
     paired = {row: comparison.paired_difference(s, samples[ref]) for row, s in samples.items() if row != ref}
-    leads = {}
-    for _, metric, _ in TABLES:
-        ranked = sorted((r for r in rows if math.isfinite(rows[r][metric]["value"])),
-                        key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
-        # the runner-up is another model: a row's own temperature-scaled twin ranks the same voxels alike
-        others = [r for r in ranked[1:] if unscaled(r)[0] != unscaled(ranked[0])[0]]
-        if others:
-            d = comparison.paired_difference(samples[ranked[0]], samples[others[0]])[metric]
-            leads[metric] = {"best": ranked[0], "runner_up": others[0], **d,
-                             "exceeds_noise": comparison.exceeds_noise(d)}
-    return {"rows": rows, "reference": ref, "paired": paired, "leads": leads}
+    leads: dict[bool, dict] = {False: {}, True: {}}
+    for is_scaled, family in leads.items():
+        for _, metric, _ in TABLES:
+            ranked = sorted((r for r in rows
+                             if unscaled(r)[1] == is_scaled and math.isfinite(rows[r][metric]["value"])),
+                            key=lambda r: rows[r][metric]["value"], reverse=higher_is_better(metric))
+            if len(ranked) > 1:
+                d = comparison.paired_difference(samples[ranked[0]], samples[ranked[1]])[metric]
+                family[metric] = {"best": ranked[0], "runner_up": ranked[1], **d,
+                                  "exceeds_noise": comparison.exceeds_noise(d)}
+    return {"rows": rows, "reference": ref, "paired": paired, "leads": leads[False], "leads_ts": leads[True]}

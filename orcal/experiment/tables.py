@@ -32,6 +32,9 @@ Runs = Mapping[str, Mapping[str, Summary]]        # {dataset: {row: Summary}}
 #: Added to the label of a temperature-scaled row.
 TS_LABEL = " + TS"
 
+#: How the tables mark the best rows: the trained rows and the temperature-scaled rows are ranked apart.
+BEST = "best in bold, the trained rows and the + TS rows ranked apart)"
+
 
 def row_label(row: str) -> str:
     """Display label of a table row key: the strategy's label (:mod:`orcal.fusion`), with the readout of an
@@ -80,21 +83,25 @@ class Table:
     title: str = ""
     best: dict[str, set[str]] = field(default_factory=dict)
     n_seeds: int = 1
+    #: ``{(row, col): bound}``: the binned AUC's error bound (SPEC §9), printed beside the AUC
+    bounds: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.best:
             self.best = self._find_best()
 
     def _find_best(self) -> dict[str, set[str]]:
+        """The best rows of each column, the trained rows and the ``+ TS`` rows ranked apart."""
         best: dict[str, set[str]] = {}
         for col in self.columns:
-            values = {r: round(self.cells[(r, col)][0], self.digits) for r in self.rows
-                      if (r, col) in self.cells and is_finite(self.cells[(r, col)][0])}
-            if not values:
-                best[col] = set()
-                continue
-            target = max(values.values()) if self.higher_is_better else min(values.values())
-            best[col] = {r for r, v in values.items() if v == target}
+            best[col] = set()
+            for is_scaled in (False, True):
+                values = {r: round(self.cells[(r, col)][0], self.digits) for r in self.rows
+                          if (r, col) in self.cells and is_finite(self.cells[(r, col)][0])
+                          and parse_row(r).scaled == is_scaled}
+                if values:
+                    target = max(values.values()) if self.higher_is_better else min(values.values())
+                    best[col] |= {r for r, v in values.items() if v == target}
         return best
 
     def cell_text(self, row: str, col: str, interval: bool = True) -> str:
@@ -109,14 +116,19 @@ class Table:
             text += f" ± {spread:.{d}f}"
         if interval and len(bounds) == 2 and all(is_finite(b) for b in bounds):
             text += f" [{bounds[0]:.{d}f}, {bounds[1]:.{d}f}]"
+        if is_finite(self.bounds.get((row, col))):
+            text += f" (bound {self.bounds[(row, col)]:.{d}f})"
         return text
 
     def legend(self, interval: bool = True) -> str:
         """What a cell shows."""
+        bound = "" if not self.bounds else ("; (bound b): the binned AUC is within b of the exact AUC — b is half "
+                                            "the fraction of positive–negative pairs whose scores share one of the "
+                                            "AUC's score bins (SPEC §9)")
         if self.n_seeds > 1:
             text = f"mean over {self.n_seeds} seeds of the test-set value ± std over seeds"
-            return text + (" [bootstrap 2.5–97.5 % of the seed mean]" if interval else "")
-        return "test-set value ± bootstrap std" + (" [bootstrap 2.5–97.5 %]" if interval else "")
+            return text + (" [bootstrap 2.5–97.5 % of the seed mean]" if interval else "") + bound
+        return "test-set value ± bootstrap std" + (" [bootstrap 2.5–97.5 %]" if interval else "") + bound
 
     def to_markdown(self) -> str:
         """A Markdown table; the best value of each column is bold."""
@@ -124,7 +136,7 @@ class Table:
         head = f"| Method | {' | '.join(self.columns)} |"
         lines = []
         if self.title:
-            lines += [f"**{self.title}** ({metric_label(self.metric)} {arrow}, {self.legend()}; best in bold)", ""]
+            lines += [f"**{self.title}** ({metric_label(self.metric)} {arrow}, {self.legend()}; {BEST}", ""]
         lines += [head, "|---|" + "---|" * len(self.columns)]
         for row in self.rows:
             cells = []
@@ -182,6 +194,7 @@ def metric_results_table(runs: Runs, metric: str, digits: int = 4, title: str = 
     rows: list[str] = []
     cells: dict[tuple[str, str], tuple[float, ...]] = {}
     n_seeds = 1
+    bounds: dict[tuple[str, str], float] = {}
     for col, by_row in runs.items():
         for row, summary in by_row.items():
             if row not in rows:
@@ -189,8 +202,11 @@ def metric_results_table(runs: Runs, metric: str, digits: int = 4, title: str = 
             if metric in summary:
                 cells[(row, col)] = _cell(summary[metric], stat)
                 n_seeds = max(n_seeds, len(summary[metric].get("seeds") or ()))
+            if metric == "auc" and is_finite((summary.get("auc_error_bound") or {}).get("value")):
+                bounds[(row, col)] = float(summary["auc_error_bound"]["value"])
     return Table(metric=metric, rows=sort_rows(rows), columns=columns, cells=cells,
-                 higher_is_better=bool(higher_is_better), digits=int(digits), title=title, n_seeds=n_seeds)
+                 higher_is_better=bool(higher_is_better), digits=int(digits), title=title, n_seeds=n_seeds,
+                 bounds=bounds)
 
 
 def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", "auc", "dice"),
@@ -208,7 +224,7 @@ def dataset_table(runs: Runs, dataset: str, metrics: Sequence[str] = ("mr_ece", 
             text = t.cell_text(row, dataset, interval=False)
             cells.append(f"**{text}**" if row in t.best.get(dataset, ()) else text)
         lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
-    lines += ["", f"({tables[0].legend(interval=False)}; best in bold)"]
+    lines += ["", f"({tables[0].legend(interval=False)}; {BEST}"]
     return "\n".join(lines) + "\n"
 
 

@@ -49,9 +49,10 @@ class SeedSamples:
 Seeds = Sequence[CalibrationStats] | SeedSamples
 
 
-def seed_samples(stats: Sequence[CalibrationStats], n_boot: int = 1000, fraction: float = 0.6, seed: int = 0
-                 ) -> SeedSamples:
-    """The :class:`SeedSamples` of one method's per-seed statistics (every seed resampled with the same draws)."""
+def seed_samples(stats: Sequence[CalibrationStats], n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
+                 groups: Sequence | None = None) -> SeedSamples:
+    """The :class:`SeedSamples` of one method's per-seed statistics (every seed resampled with the same draws;
+    with ``groups``, one id per image such as its patient, whole groups are resampled: SPEC §5)."""
     stats = list(stats)
     if not stats or not all(isinstance(s, CalibrationStats) for s in stats):
         raise TypeError("stats must be a non-empty sequence of CalibrationStats (one per seed)")
@@ -60,13 +61,13 @@ def seed_samples(stats: Sequence[CalibrationStats], n_boot: int = 1000, fraction
         raise ValueError(f"every seed must be evaluated on the same test images, got {sorted(n)} images")
     full = [calibration_metrics(s.to("cpu")) for s in stats]
     values = {k: np.array([v[k] for v in full], dtype=np.float64) for k in full[0]}
-    per_seed = [bootstrap_samples(s, n_boot=n_boot, fraction=fraction, seed=seed) for s in stats]
+    per_seed = [bootstrap_samples(s, n_boot=n_boot, fraction=fraction, seed=seed, groups=groups) for s in stats]
     boot = {k: torch.stack([p[k] for p in per_seed]).mean(0) for k in per_seed[0]}
     return SeedSamples(values, boot, n.pop())
 
 
-def _samples(x: Seeds, n_boot: int, fraction: float, seed: int) -> SeedSamples:
-    return x if isinstance(x, SeedSamples) else seed_samples(x, n_boot, fraction, seed)
+def _samples(x: Seeds, n_boot: int, fraction: float, seed: int, groups: Sequence | None) -> SeedSamples:
+    return x if isinstance(x, SeedSamples) else seed_samples(x, n_boot, fraction, seed, groups)
 
 
 def _std(values: np.ndarray) -> float:
@@ -78,29 +79,31 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if np.isfinite(values).all() else math.nan
 
 
-def seed_summary(stats: Seeds, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0) -> dict[str, dict]:
+def seed_summary(stats: Seeds, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
+                 groups: Sequence | None = None) -> dict[str, dict]:
     """Every metric of one method over seeds: ``{metric: {"value", "seed_std", "seeds", "mean", "std", "low",
     "high"}}``.
 
     ``stats`` holds the per-seed statistics (or their :class:`SeedSamples`). ``value`` is the mean over seeds
     of the test-set value, ``seed_std`` their standard deviation (NaN for one seed), ``seeds`` the per-seed
     values; ``mean``/``std``/``low``/``high`` summarise the bootstrap of the seed average (SPEC §5 with one
-    seed).
+    seed). ``groups`` (one id per image) resamples whole groups, as in :func:`orcal.metrics.bootstrap`.
     """
-    s = _samples(stats, n_boot, fraction, seed)
+    s = _samples(stats, n_boot, fraction, seed, groups)
     return {k: {**summarize_samples(b, _mean(s.values[k])), "seed_std": _std(s.values[k]),
                 "seeds": s.values[k].tolist()} for k, b in s.boot.items()}
 
 
-def paired_difference(a: Seeds, b: Seeds, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0
-                      ) -> dict[str, dict]:
+def paired_difference(a: Seeds, b: Seeds, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
+                      groups: Sequence | None = None) -> dict[str, dict]:
     """``metric(a) - metric(b)`` for every metric, seed by seed (``a[i]`` and ``b[i]`` trained with the same
     seed): ``{metric: {"diff", "seed_diffs", "seed_std", "mean", "std", "low", "high"}}``.
 
     ``diff`` is the mean over seeds of the test-set differences; ``low``/``high`` the 2.5 / 97.5 percentiles
-    of the seed-averaged difference over bootstrap resamples drawn identically for both methods.
+    of the seed-averaged difference over bootstrap resamples drawn identically for both methods (of whole
+    groups with ``groups``, one id per image such as its patient; :class:`SeedSamples` carry their own draws).
     """
-    a, b = _samples(a, n_boot, fraction, seed), _samples(b, n_boot, fraction, seed)
+    a, b = _samples(a, n_boot, fraction, seed, groups), _samples(b, n_boot, fraction, seed, groups)
     if len(next(iter(a.values.values()))) != len(next(iter(b.values.values()))):
         raise ValueError("a and b need the same seeds")
     if a.n_images != b.n_images:

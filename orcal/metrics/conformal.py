@@ -34,9 +34,9 @@ import math
 import torch
 
 from orcal import distributed
+from orcal.metrics.volume import VolumeStats, _voxel_volume, volume_stats
 from orcal.ops.checks import check_choice, check_int, check_real, check_tensor, data_check
 from orcal.ops.masks import check_masks
-from orcal.metrics.volume import VolumeStats, _voxel_volume, volume_stats
 
 __all__ = ["ConformalRiskControl", "ConformalVolume", "fnr_curves", "min_calibration_images"]
 

@@ -1,4 +1,4 @@
-"""Metrics of pooled statistics and the bootstrap over images (SPEC §4–5, §11).
+"""Metrics of pooled statistics and the bootstrap over images or groups of images (SPEC §4–5, §11).
 
 Every value here comes from :class:`~orcal.ops.stats.CalibrationStats` rows through the metric registry
 (:mod:`orcal.metrics.registry`): rows are summed first, then each registered metric is computed once per
@@ -8,6 +8,7 @@ pooled row. No voxel is read again, so the bootstrap costs O(n_boot x n_images x
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -94,26 +95,51 @@ def auc_from_sorted_counts(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 # --- §5 bootstrap ----------------------------------------------------------------------------------------
 
+def group_index(groups: Sequence | None, n_images: int) -> torch.Tensor | None:
+    """Each image's group as an index ``0..G-1`` in order of first appearance (None for None).
+
+    ``groups`` holds one id per image row (a patient, a case, a volume: any hashable); images of one group
+    are resampled together by the bootstrap. Numbering by first appearance makes one image per group draw
+    exactly what the image bootstrap draws with the same seed.
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, (torch.Tensor, np.ndarray)):
+        groups = groups.tolist()
+    groups = list(groups)
+    if len(groups) != n_images:
+        raise ValueError(f"groups must hold one id per image row: got {len(groups)} for {n_images} images")
+    first: dict = {}
+    return torch.tensor([first.setdefault(g, len(first)) for g in groups], dtype=torch.long)
+
+
 def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
+                      seed: int = 0, groups: Sequence | None = None) -> dict[str, torch.Tensor]:
     """Every metric on each of ``n_boot`` resamples of the images (SPEC §5): ``{metric: (n_boot,) float64}``.
 
     Each resample draws ``count`` images (default ``ceil(fraction * n_images)``) with replacement and sums
-    their rows. The draws depend only on ``seed``, ``n_boot``, the size and ``n_images``, so statistics of
-    other models on the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
+    their rows. With ``groups`` (one id per image, e.g. its patient) the units drawn are the groups instead:
+    ``count`` (default ``ceil(fraction * n_groups)``) groups with replacement, each with all its images, so
+    images that are correlated within a group are not counted as independent evidence (SPEC §5). The draws
+    depend only on ``seed``, ``n_boot``, the size and the number of units, so statistics of other models on
+    the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
     O(n_boot x n_images x bins): no voxel is visited.
     """
     n_images, C = stats.n_images, stats.num_structures
     if n_images == 0:
         raise ValueError("bootstrap needs statistics of at least one image")
-    size = count if count is not None else math.ceil(fraction * n_images)
+    index = group_index(groups, n_images)
+    n_units = n_images if index is None else int(index.max()) + 1
+    size = count if count is not None else math.ceil(fraction * n_units)
     if size < 1:
         raise ValueError(f"bootstrap resample size must be >= 1, got {size}")
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n_images, (n_boot, size), generator=gen)
-    # Multiplicity of each image in each resample; resampled totals are then one matrix product.
-    weights = torch.zeros(n_boot, n_images, dtype=torch.float64).scatter_add_(
+    draws = torch.randint(n_units, (n_boot, size), generator=gen)
+    # Multiplicity of each unit in each resample; resampled totals are then one matrix product.
+    weights = torch.zeros(n_boot, n_units, dtype=torch.float64).scatter_add_(
         1, draws, torch.ones(n_boot, size, dtype=torch.float64))
+    if index is not None:
+        weights = weights[:, index]  # every image of a group counts as often as its group was drawn
 
     def resample(t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(n_images, -1).double()  # an image's C structure rows resampled together
@@ -139,12 +165,12 @@ def summarize_samples(samples: torch.Tensor, value: float) -> dict[str, float]:
 
 
 def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
-              count: int | None = None) -> dict[str, dict[str, float]]:
-    """Bootstrap confidence intervals over images (SPEC §5).
+              count: int | None = None, groups: Sequence | None = None) -> dict[str, dict[str, float]]:
+    """Bootstrap confidence intervals over images, or over groups of images (SPEC §5).
 
     Returns ``{metric: {"mean", "std", "low", "high", "value"}}`` over the resamples of
     :func:`bootstrap_samples`, with the 2.5 / 97.5 percentiles as ``low`` / ``high`` and the full-sample
-    metric as ``value``.
+    metric as ``value``. ``groups`` (one id per image row, e.g. the patient) resamples whole groups.
     """
     _check_stats(stats)
     n_boot = check_int("n_boot", n_boot, 1)
@@ -153,6 +179,6 @@ def bootstrap(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6
         count = check_int("count", count, 1)
     elif not 0 < check_real("fraction", fraction) <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    boot = bootstrap_samples(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed)
+    boot = bootstrap_samples(stats, n_boot=n_boot, fraction=fraction, count=count, seed=seed, groups=groups)
     full = calibration_metrics(stats.to("cpu"))
     return {key: summarize_samples(values, full[key]) for key, values in boot.items()}

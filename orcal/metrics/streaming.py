@@ -288,10 +288,11 @@ class MultiRaterCalibration:
             return CalibrationStats.empty(self.n_bins, self.auc_bins, num_structures=self.num_structures or 1)
         return CalibrationStats.cat(rows)
 
-    def bootstrap(self, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0,
-                  count: int | None = None) -> dict[str, dict[str, float]]:
-        """Bootstrap confidence intervals over the images seen (SPEC §5); needs ``per_image=True``."""
-        return bootstrap(self.stats(), n_boot=n_boot, fraction=fraction, seed=seed, count=count)
+    def bootstrap(self, n_boot: int = 1000, fraction: float = 0.6, seed: int = 0, count: int | None = None,
+                  groups=None) -> dict[str, dict[str, float]]:
+        """Bootstrap confidence intervals over the images seen (SPEC §5), or over their ``groups`` (one id per
+        image in update order, e.g. the patient: whole groups are resampled); needs ``per_image=True``."""
+        return bootstrap(self.stats(), n_boot=n_boot, fraction=fraction, seed=seed, count=count, groups=groups)
 
     # --- persistence -------------------------------------------------------------------------------------
 
