@@ -22,7 +22,8 @@ RESULTS_VERSION = 2
 #: that take one, and the RPS weight λ of the ordinal method (the paper chose both on the validation set; the λ
 #: grid is log-spaced up to 16: the RPS term is normalised by R (SPEC §3), and weights of 4-16 beat 2 on the
 #: demo and on LIDC; the criterion is the validation MR-ECE alone); and, for the calibration losses
-#: (``--methods calibration-losses``), the one setting of each that is chosen there: NACL's penalty weight, hL1-ACE's weight, the label-smoothing ε and the focal γ (each grid holds its default).
+#: (``--methods calibration-losses``), the one setting of each that is chosen there: NACL's penalty weight,
+#: hL1-ACE's weight, the label-smoothing ε and the focal γ (each grid holds its default).
 SELECTION_GRIDS = {"sigma": (0.5, 1.0, 2.0), "rps_weight": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
                    "nacl_alpha": (0.01, 0.1, 1.0), "ace_weight": (0.5, 1.0, 2.0), "smoothing": (0.05, 0.1, 0.2),
                    "focal_gamma": (1.0, 2.0, 3.0)}
