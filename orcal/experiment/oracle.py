@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from orcal.stats import CalibrationStats
+from orcal.ops.stats import CalibrationStats
 
 __all__ = ["ORACLE_LABELS", "majority_tail", "oracle_stats", "oracle_summaries", "oracle_table"]
 
