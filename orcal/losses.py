@@ -200,7 +200,7 @@ class HardL1ACELoss(nn.Module):
 
     def __init__(self, ace_weight: float = 1.0, ace_bins: int = 20):
         super().__init__()
-        from orcal.checks import check_int, check_real
+        from orcal.ops.checks import check_int, check_real
 
         self.ace_weight, self.ace_bins = check_real("ace_weight", ace_weight), check_int("ace_bins", ace_bins, 1)
 
@@ -223,7 +223,7 @@ class BinaryFocalLoss(nn.Module):
 
     def __init__(self, focal_gamma: float = 2.0, focal_alpha: float | None = None):
         super().__init__()
-        from orcal.checks import check_real
+        from orcal.ops.checks import check_real
 
         self.focal_gamma = check_real("focal_gamma", focal_gamma)
         self.focal_alpha = None if focal_alpha is None else check_real("focal_alpha", focal_alpha)

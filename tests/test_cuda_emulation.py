@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/cuda, run on the host by the emulation of csrc/cuda/emulation.h.
 
 The launchers and kernels that nvcc compiles, built as C++ (tests/cuda_emulation.py), run on CPU tensors through
-``torch.ops.orcal_emu`` and are checked against the CPU kernels (``torch.ops.orcal``) and orcal.reference: several
+``torch.ops.orcal_emu`` and are checked against the CPU kernels (``torch.ops.orcal``) and orcal.ops.reference: several
 blocks per image, tails, ``valid``, every dtype, R up to 255, the multi-pass ECE path, the global-memory AUC
 path, the error flags and more than 65535 images. A missing barrier, a wrong index or a broken flush fails here.
 Shapes stay tiny: each CUDA thread is an OS thread. Run with ``ORCAL_CUDA_EMULATION=1 python -m pytest -m emulated``.

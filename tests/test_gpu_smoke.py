@@ -1,5 +1,5 @@
 """The GPU check's fixed test subset (``benchmarks/gpu_check.sh``): every op on CUDA tensors, through the
-compiled CUDA kernels (``backend="cpp"``) and the Triton kernels, once per dtype, against ``orcal.reference``.
+compiled CUDA kernels (``backend="cpp"``) and the Triton kernels, once per dtype, against ``orcal.ops.reference``.
 
 The breadth (shapes, R, tails, ``valid``, errors) is proven without a GPU by the emulated CUDA kernels and the
 Triton interpreter; what only a GPU shows is compiled device code on real hardware, and that is what this file

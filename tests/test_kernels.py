@@ -1,4 +1,4 @@
-"""The compiled kernels (backend="cpp", CPU and CUDA) against orcal.reference: values, gradients, edge cases."""
+"""The compiled kernels (backend="cpp", CPU and CUDA) against orcal.ops.reference: values, gradients, edge cases."""
 
 from __future__ import annotations
 

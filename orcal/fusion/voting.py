@@ -46,7 +46,7 @@ def median(masks: torch.Tensor, *, majority: int | None = None) -> torch.Tensor:
 def label_smoothing(masks: torch.Tensor, *, smoothing: float = 0.1, majority: int | None = None) -> torch.Tensor:
     """Label smoothing (Szegedy et al., 2016) of the majority label, for two classes:
     ``(1 - smoothing) * [k >= m] + smoothing / 2``."""
-    from orcal.checks import check_real
+    from orcal.ops.checks import check_real
 
     eps = check_real("smoothing", smoothing)
     if eps > 1:
