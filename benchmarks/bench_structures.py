@@ -34,7 +34,7 @@ def bench_structures(device: str = "cpu", shape=(1, 64, 128, 128), num_structure
     g = torch.Generator().manual_seed(0)
     logits = (2 * torch.randn(B, C * (R + 1), *S, generator=g)).to(device)
     labels = torch.randint(0, C + 1, (B, R, *S), generator=g, dtype=torch.uint8).to(device)
-    k = orcal.orc_targets(labels, num_classes=C)
+    k = orcal.orc_targets(labels, num_structures=C)
     per = [slice(c * (R + 1), (c + 1) * (R + 1)) for c in range(C)]
 
     def fused_loss():
@@ -67,11 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", default="1,64,128,128", help="B,D,H,W (or B,H,W)")
-    parser.add_argument("--structures", type=int, default=3)
+    parser.add_argument("--num-structures", type=int, default=3)
     parser.add_argument("--raters", type=int, default=3)
     args = parser.parse_args()
     shape = tuple(int(n) for n in args.shape.split(","))
-    print(json.dumps(bench_structures(args.device, shape, args.structures, args.raters), indent=1))
+    print(json.dumps(bench_structures(args.device, shape, args.num_structures, args.raters), indent=1))
 
 
 if __name__ == "__main__":

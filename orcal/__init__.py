@@ -11,7 +11,7 @@ The public API (SPEC §7)::
 
 Several structures (SPEC §11)::
 
-    k    = orcal.orc_targets(labels, num_classes=C)          # (B, C, *S)
+    k    = orcal.orc_targets(labels, num_structures=C)       # (B, C, *S)
     loss = orcal.ordinal_loss(logits, k)                     # logits (B, C * (R+1), *S)
     st   = orcal.calibration_stats(logits, k, num_raters=R, kind="ordinal")
     vol  = orcal.volume_metrics(orcal.volume_stats(p, labels, spacing, num_structures=C))

@@ -23,10 +23,11 @@ class OrdinalLoss(nn.Module):
         from_masks: the target is the rater stack ``(B, R, *S)``; its vote count is taken here.
         ignore_index: a target value marking voxels to leave out (nnU-Net's -1 padding).
         structure_reduction: with several structures (SPEC §11), ``"sum"`` or ``"mean"`` of their losses.
-        num_classes: the number of structures ``C`` (SPEC §11): the logits must have ``C * (R + 1)`` channels;
-            with ``from_masks=True`` the target is then rater label maps (0..C).
+        num_structures: the number of structures ``C`` (SPEC §11): the logits must have ``C * (R + 1)``
+            channels; with ``from_masks=True`` the target is then rater label maps (0..C).
         num_raters: the number of raters ``R``: the logits must have ``R + 1`` channels (``C * (R + 1)``), the
             rater stack ``R`` channels; an error names both numbers. Without it ``R`` is read from the head.
+        num_classes: deprecated name of ``num_structures`` (warns; removed in the next release).
 
     Forward: ``loss(logits (B, R+1, *S), target, valid=None (B, *S) bool)`` with ``target`` the vote count
     ``k`` — ``(B, *S)`` or ``(B, 1, *S)``, any integer dtype or a float holding integers, a MONAI
@@ -36,13 +37,16 @@ class OrdinalLoss(nn.Module):
 
     def __init__(self, rps_weight: float = 1.0, majority: int | None = None, reduction: str = "mean",
                  backend: str = "auto", from_masks: bool = False, ignore_index: int | None = None,
-                 structure_reduction: str = "sum", num_classes: int | None = None, num_raters: int | None = None):
+                 structure_reduction: str = "sum", num_structures: int | None = None, num_raters: int | None = None,
+                 *, num_classes: int | None = None):
         super().__init__()
-        from orcal.ops.checks import check_choice, check_int, check_real
+        from orcal.ops.checks import check_choice, check_int, check_real, renamed
+
+        num_structures = renamed("num_structures", num_structures, "num_classes", num_classes, "OrdinalLoss")
 
         check_choice("structure_reduction", structure_reduction, ("sum", "mean"))
         self.structure_reduction = structure_reduction
-        self.num_classes = None if num_classes is None else check_int("num_classes", num_classes, 1, 255)
+        self.num_structures = None if num_structures is None else check_int("num_structures", num_structures, 1, 255)
         self.num_raters = None if num_raters is None else check_int("num_raters", num_raters, 1, 255)
 
         if reduction not in REDUCTIONS:
@@ -61,19 +65,19 @@ class OrdinalLoss(nn.Module):
             k = plain_tensor(k)
             if self.num_raters is not None and k.ndim > 1 and k.shape[1] != self.num_raters:
                 raise ValueError(f"target holds {k.shape[1]} raters (channels), but num_raters = {self.num_raters}")
-            k = orc_targets(as_bool_masks(k, "target")) if self.num_classes is None else \
-                orc_targets(k, num_classes=self.num_classes)
+            k = orc_targets(as_bool_masks(k, "target")) if self.num_structures is None else \
+                orc_targets(k, num_structures=self.num_structures)
         return ordinal_loss(logits, k, rps_weight=self.rps_weight, majority=self.majority, valid=valid,
                             reduction=self.reduction, backend=self.backend, ignore_index=self.ignore_index,
                             structure_reduction=self.structure_reduction, num_raters=self.num_raters,
-                            num_structures=self.num_classes)
+                            num_structures=self.num_structures)
 
     def extra_repr(self) -> str:
         return (f"rps_weight={self.rps_weight}, majority={self.majority}, reduction={self.reduction!r}"
                 + (", from_masks=True" if self.from_masks else "")
                 + (f", ignore_index={self.ignore_index}" if self.ignore_index is not None else "")
                 + (f", num_raters={self.num_raters}" if self.num_raters is not None else "")
-                + (f", num_classes={self.num_classes}" if self.num_classes is not None else ""))
+                + (f", num_structures={self.num_structures}" if self.num_structures is not None else ""))
 
 
 class SoftBCELoss(nn.Module):

@@ -111,8 +111,8 @@ def test_several_structures_run_on_the_new_backend(refcopy):
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 3, (2, 3, 5, 6), generator=g)  # C = 2 structures, R = 3 raters
     logits = torch.randn(2, 2 * 4, 5, 6, generator=g)
-    k = orcal.orc_targets(labels, backend=refcopy, num_classes=2)
-    assert torch.equal(k, orcal.orc_targets(labels, backend="torch", num_classes=2))
+    k = orcal.orc_targets(labels, backend=refcopy, num_structures=2)
+    assert torch.equal(k, orcal.orc_targets(labels, backend="torch", num_structures=2))
     torch.testing.assert_close(orcal.ordinal_loss(logits, k, backend=refcopy),
                                orcal.ordinal_loss(logits, k, backend="torch"))
     new = orcal.calibration_stats(logits, k, num_raters=3, kind="ordinal", backend=refcopy)

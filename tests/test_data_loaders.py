@@ -338,7 +338,7 @@ def test_several_structures_from_the_loaders(tmp_path):
     curvas = write_curvas(tmp_path / "c", n=3)
     item = load_dataset("curvas", curvas, structures="all")[0]
     assert item["num_structures"] == 3 and item["masks"].dtype == torch.uint8 and int(item["masks"].max()) == 3
-    k = orcal.orc_targets(item["masks"][None], num_classes=3)[0]
+    k = orcal.orc_targets(item["masks"][None], num_structures=3)[0]
     for c, task in enumerate(("pancreas", "kidney", "liver")):  # structure c is the task's binary vote count
         assert torch.equal(k[c], load_dataset("curvas", curvas, task=task)[0]["masks"].sum(0, dtype=torch.uint8))
     liver_first = load_dataset("curvas", curvas, structures=[3, 1])[0]["masks"]
@@ -371,7 +371,7 @@ def test_several_structures_from_the_loaders(tmp_path):
     refuge = write_refuge(tmp_path / "r")
     item = load_dataset("refuge", refuge, structures="all")[0]  # disc rim 1, cup 2: the disc is labels 1 or 2
     assert item["num_structures"] == 2
-    k = orcal.orc_targets(item["masks"][None], num_classes=2)[0]
+    k = orcal.orc_targets(item["masks"][None], num_structures=2)[0]
     assert torch.equal(k[1], load_dataset("refuge", refuge, task="cup")[0]["masks"].sum(0, dtype=torch.uint8))
     assert torch.equal(k.sum(0), load_dataset("refuge", refuge, task="disc")[0]["masks"].sum(0, dtype=torch.uint8))
     with pytest.raises(ValueError, match="without a task"):

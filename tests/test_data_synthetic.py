@@ -76,14 +76,14 @@ def test_several_structures_with_rater_disagreement():
     import orcal
     from orcal.data.synthetic import SyntheticMultiRater
 
-    ds = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), structures=3, seed=4)
-    again = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), structures=3, seed=4)
+    ds = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), num_structures=3, seed=4)
+    again = SyntheticMultiRater(n=12, R=3, shape=(24, 32, 32), num_structures=3, seed=4)
     items = [ds[i] for i in range(len(ds))]
     assert torch.equal(items[0]["masks"], again[0]["masks"]) and items[0]["num_structures"] == 3
     assert ds.display_name == "Synthetic (R=3, C=3)"
     labels = torch.stack([it["masks"] for it in items])
     assert labels.shape == (12, 3, 24, 32, 32) and labels.dtype == torch.uint8 and int(labels.max()) == 3
-    k = orcal.orc_targets(labels, num_classes=3)
+    k = orcal.orc_targets(labels, num_structures=3)
     for c in range(3):
         marked = k[:, c] > 0
         assert marked.flatten(1).any(1).float().mean() > 0.9  # every structure is in (nearly) every case
@@ -92,5 +92,22 @@ def test_several_structures_with_rater_disagreement():
     image = torch.stack([it["image"][0] for it in items])
     inside = [float(image[(k[:, c] == 3)].mean()) for c in range(3)]
     assert inside[1] < inside[0] < inside[2]  # the structures' contrasts tell them apart
-    with pytest.raises(ValueError, match="structures"):
-        SyntheticMultiRater(n=2, structures=0)
+    with pytest.raises(ValueError, match="num_structures must be an int in 1..8"):
+        SyntheticMultiRater(n=2, num_structures=0)
+
+
+def test_synthetic_structures_is_a_deprecated_name_of_num_structures():
+    """The synthetic loader's count was once ``structures``, the name the other loaders give a label list:
+    still accepted for one release (a warning naming num_structures, the same data), refused beside a
+    different num_structures, and a label list there says to give the count."""
+    from orcal.data import load_dataset
+    from orcal.data.synthetic import SyntheticMultiRater
+
+    new = SyntheticMultiRater(n=2, R=3, shape=(8, 12, 12), num_structures=2, seed=1)
+    with pytest.warns(DeprecationWarning, match="dataset 'synthetic': structures= is deprecated.*use num_structures="):
+        old = load_dataset("synthetic", n=2, R=3, shape=(8, 12, 12), structures=2, seed=1)
+    assert old.num_structures == 2 and torch.equal(old[1]["masks"], new[1]["masks"])
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="num_structures=3 and structures=2"):
+        SyntheticMultiRater(n=2, num_structures=3, structures=2)
+    with pytest.raises(ValueError, match=r"give their number, num_structures=C.*structures=\[1, 2\]"):
+        SyntheticMultiRater(n=2, structures=[1, 2])  # what --structures 1,2 hands the loader

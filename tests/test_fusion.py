@@ -450,7 +450,7 @@ def test_strategies_per_structure_of_label_maps():
     from orcal.data.synthetic import SyntheticMultiRater
     from orcal.fusion import make_target
 
-    ds = SyntheticMultiRater(n=2, R=3, shape=(12, 20, 20), structures=3, seed=1)
+    ds = SyntheticMultiRater(n=2, R=3, shape=(12, 20, 20), num_structures=3, seed=1)
     labels = torch.stack([ds[i]["masks"] for i in range(2)])
     W = make_target("staple", labels, num_structures=3, dtype=torch.float64)
     assert W.shape == (2, 3, 12, 20, 20)
@@ -462,7 +462,7 @@ def test_strategies_per_structure_of_label_maps():
             np.testing.assert_allclose(W[b, c - 1].numpy(), sitk.GetArrayFromImage(f.Execute(images)),
                                        atol=1e-9, rtol=0)
     soft = make_target("soft", labels, num_structures=3)
-    k = orcal.ops.orc_targets(labels, num_classes=3)
+    k = orcal.ops.orc_targets(labels, num_structures=3)
     torch.testing.assert_close(soft, k.float() / 3)
     assert torch.equal(make_target("ordinal", labels, num_structures=3), k)
     with pytest.raises(ValueError, match="labels 0..C"):

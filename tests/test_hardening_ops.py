@@ -102,7 +102,7 @@ def _layout_cases(dev):
             torch.rand(1, 2, 4, 4, device=dev), torch.full((1, 3, 4, 4), 5, dtype=torch.uint8, device=dev),
             num_structures=2, backend=b), "target must hold labels 0..C = 0..2"),
         ("orc-labels-range", lambda b: orcal.orc_targets(torch.full((1, 3, 4, 4), 5, dtype=torch.uint8, device=dev),
-                                                         backend=b, num_classes=2), "masks must hold labels 0..C"),
+                                                         backend=b, num_structures=2), "masks must hold labels 0..C"),
         ("stats-num_structures-float", lambda b: orcal.calibration_stats(
             torch.rand(1, 2, 4, 4, device=dev), torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device=dev),
             num_structures=2.0, backend=b), "num_structures"),
@@ -127,7 +127,7 @@ def test_empty_batches_of_several_structures(be):
     labels = torch.zeros(0, 3, 4, 4, dtype=torch.uint8, device=dev)
     assert orcal.foreground_probability(logits, backend=backend, num_structures=2).shape == (0, 2, 4, 4)
     assert float(orcal.ordinal_loss(logits, k, backend=backend)) == 0
-    assert orcal.orc_targets(labels, backend=backend, num_classes=2).shape == (0, 2, 4, 4)
+    assert orcal.orc_targets(labels, backend=backend, num_structures=2).shape == (0, 2, 4, 4)
     assert orcal.calibration_stats(torch.zeros(0, 2, 4, 4, device=dev), labels, num_structures=2,
                                    backend=backend).n_images == 0
     assert orcal.calibration_stats(logits, k, num_raters=3, kind="ordinal", backend=backend).n_images == 0

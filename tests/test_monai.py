@@ -84,7 +84,7 @@ def test_stack_raters_errors(tmp_path):
     with pytest.raises(KeyError, match="rater0"):
         StackRatersd(RATERS)({"image": d["image"]})
     # label maps of several structures where one is assumed: refused, saying how to choose
-    with pytest.raises(ValueError, match=r"several labels \[1, 2\].*label=1.*label=\[1, 2\].*num_classes=2"):
+    with pytest.raises(ValueError, match=r"several labels \[1, 2\].*label=1.*label=\[1, 2\].*num_structures=2"):
         StackRatersd(RATERS)(d)
     with pytest.raises(TypeError, match="non-integer.*nearest"):  # interpolated label maps
         StackRatersd(RATERS, label=2)(dict(d, rater1=d["rater1"] * 0.5))
@@ -282,10 +282,10 @@ def test_monai_gather_across_ranks(tmp_path):
 
 
 def test_several_structures_through_monai_transforms(tmp_path):
-    """StackRatersd(structures=...) and ORCTargetd(num_classes=...) give (C, *S) vote counts that the loss and
+    """StackRatersd(structures=...) and ORCTargetd(num_structures=...) give (C, *S) vote counts that the loss and
     calibration_stats read as several structures (SPEC §11)."""
     cases = _write_cases(str(tmp_path))
-    pipeline = _load(cases, StackRatersd(RATERS, structures=[2, 1]), ORCTargetd(num_classes=2))
+    pipeline = _load(cases, StackRatersd(RATERS, structures=[2, 1]), ORCTargetd(num_structures=2))
     items = [pipeline(c) for c in cases]
     d = items[0]
     labels, k = d["masks"], d["k"]
@@ -295,7 +295,7 @@ def test_several_structures_through_monai_transforms(tmp_path):
     corner = torch.zeros(16, 14, 12, dtype=torch.uint8)
     corner[:3, :3, :3] = 3  # label 1, the second structure, is the corner every rater marks
     assert torch.equal(torch.as_tensor(k[1]), corner)
-    assert torch.equal(torch.as_tensor(k), orcal.orc_targets(torch.as_tensor(labels)[None], num_classes=2)[0])
+    assert torch.equal(torch.as_tensor(k), orcal.orc_targets(torch.as_tensor(labels)[None], num_structures=2)[0])
     batch_k = torch.stack([it["k"] for it in items])  # (B, C, *S), as a DataLoader would batch it
     logits = torch.randn(2, 2 * 4, 16, 14, 12, requires_grad=True)
     loss = orcal.ordinal_loss(logits, batch_k)
@@ -315,8 +315,8 @@ def test_several_structures_through_monai_transforms(tmp_path):
         StackRatersd(RATERS, label=1, structures=[1])
     with pytest.raises(ValueError, match="distinct positive labels"):
         StackRatersd(RATERS, structures=[0, 1])
-    with pytest.raises(ValueError, match=r"labels up to 2.*num_classes=1 counts labels 1..1 only"):
-        ORCTargetd(num_classes=1)(d)  # the stack holds labels 1 and 2
+    with pytest.raises(ValueError, match=r"labels up to 2.*num_structures=1 counts labels 1..1 only"):
+        ORCTargetd(num_structures=1)(d)  # the stack holds labels 1 and 2
 
 
 # --- the seams where a MONAI pipeline would train or evaluate the wrong thing without a word ---------------
@@ -340,21 +340,21 @@ def test_forgotten_structure_count_is_refused(tmp_path):
     refused, saying which number to give."""
     cases = _structure_cases(str(tmp_path))
     stacked = _load(cases, StackRatersd(RATERS, structures=[1, 2]))(cases[0])
-    with pytest.raises(ValueError, match=r"labels up to 2.*pass num_classes=2.*StackRatersd\(label=\.\.\.\)"):
-        ORCTargetd()(stacked)  # without num_classes: any structure counted into one k before
+    with pytest.raises(ValueError, match=r"labels up to 2.*pass num_structures=2.*StackRatersd\(label=\.\.\.\)"):
+        ORCTargetd()(stacked)  # without num_structures: any structure counted into one k before
     with pytest.raises(ValueError, match="several labels"):
         StackRatersd(RATERS)(_load(cases)(cases[0]))  # label=None on maps of two structures
     assert _load(cases, StackRatersd(RATERS, label=[1, 2]), ORCTargetd())(cases[0])["k"].shape[0] == 1  # asked
-    k = ORCTargetd(num_classes=2, num_raters=3)(stacked)["k"]
+    k = ORCTargetd(num_structures=2, num_raters=3)(stacked)["k"]
     assert k.shape == (2, 20, 16, 12)
     with pytest.raises(ValueError, match="holds 3 raters.*num_raters = 4"):
-        ORCTargetd(num_classes=2, num_raters=4)(stacked)
+        ORCTargetd(num_structures=2, num_raters=4)(stacked)
 
     batch_k = k[None]
     head = torch.randn(1, 12, 20, 16, 12)  # 12 channels: C * (R + 1) for C = 3, or R = 11 for one structure
     said = r"12 channels.*num_raters = 3 and num_structures = 2 need C \* \(R \+ 1\) = 8"
     with pytest.raises(ValueError, match=said):
-        orcal.OrdinalLoss(num_raters=3, num_classes=2)(head, batch_k)
+        orcal.OrdinalLoss(num_raters=3, num_structures=2)(head, batch_k)
     with pytest.raises(ValueError, match=r"has 12 channels.*num_raters = 3 need R \+ 1 = 4"):
         orcal.OrdinalLoss(num_raters=3)(head, batch_k[:, :1])  # read as one structure with R = 11 before
     with pytest.raises(ValueError, match=r"5 channels.*num_raters = 3 need R \+ 1 = 4"):
@@ -362,11 +362,17 @@ def test_forgotten_structure_count_is_refused(tmp_path):
     with pytest.raises(ValueError, match="1 structure.*num_structures = 2"):
         orcal.ordinal_loss(torch.randn(1, 8, 20, 16, 12), batch_k[:, :1], num_raters=3, num_structures=2)
     good = torch.randn(1, 8, 20, 16, 12)
-    torch.testing.assert_close(orcal.OrdinalLoss(num_raters=3, num_classes=2)(good, batch_k),
+    torch.testing.assert_close(orcal.OrdinalLoss(num_raters=3, num_structures=2)(good, batch_k),
                                orcal.ordinal_loss(good, batch_k))
     masks = torch.as_tensor(stacked["masks"])[None]
     with pytest.raises(ValueError, match="holds 3 raters.*num_raters = 2"):
-        orcal.OrdinalLoss(from_masks=True, num_classes=2, num_raters=2)(torch.randn(1, 6, 20, 16, 12), masks)
+        orcal.OrdinalLoss(from_masks=True, num_structures=2, num_raters=2)(torch.randn(1, 6, 20, 16, 12), masks)
+
+    with pytest.warns(DeprecationWarning, match="ORCTargetd: num_classes= is deprecated.*use num_structures="):
+        old = ORCTargetd(num_classes=2, num_raters=3)
+    assert torch.equal(torch.as_tensor(old(stacked)["k"]), torch.as_tensor(k))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="num_structures=1 and num_classes=2"):
+        ORCTargetd(num_structures=1, num_classes=2)
 
 
 def test_post_processed_logits_warn():
@@ -469,7 +475,7 @@ def test_crop_on_the_union_of_structures(tmp_path):
     (C, *S) never centres on structure 1; ORCTargetd's union_key (and StackRatersd's union) does."""
     cases = _structure_cases(str(tmp_path))
     base = [StackRatersd(RATERS, structures=[1, 2], union_key="stack_union"),
-            ORCTargetd(num_classes=2, union_key="union")]
+            ORCTargetd(num_structures=2, union_key="union")]
 
     def structure1_crops(label_key):
         crop = RandCropByPosNegLabeld(["image", "k"], label_key=label_key, spatial_size=(4, 4, 4), pos=1, neg=0,

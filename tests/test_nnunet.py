@@ -202,7 +202,7 @@ def test_several_structures_convert_train_predict_export_evaluate(tmp_path):
     from orcal.integrations.nnunet import joint_levels, marginal_matrix
 
     raw = tmp_path / "raw"
-    options = ["--option", "n=10", "--option", "shape=(24,32,32)", "--option", "R=3", "--option", "structures=3"]
+    options = ["--option", "n=10", "--option", "shape=(24,32,32)", "--option", "R=3", "--option", "num_structures=3"]
     assert main(["nnunet", "convert", "--dataset", "synthetic", *options, "--id", "991", "--name", "ORCStructures",
                  "--out", str(raw), "--quiet"]) == 0
     folder = raw / "Dataset991_ORCStructures"
@@ -244,7 +244,7 @@ def test_the_joint_loss_is_the_ordinal_loss_of_each_structures_marginals():
 
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 3, (2, 4, 5, 6, 3), generator=g)  # 4 raters, 2 structures
-    k = orcal.orc_targets(labels, num_classes=2)
+    k = orcal.orc_targets(labels, num_structures=2)
     target = torch.from_numpy(np.stack([joint_index(k[b].numpy(), 4) for b in range(2)]))[:, None]
     levels = joint_levels(2, 4)
     assert torch.equal(levels[target[:, 0].long()].movedim(-1, 1), k)

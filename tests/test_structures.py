@@ -56,7 +56,7 @@ def _per_structure(x, C):
 def test_orc_targets_of_label_maps(be, S, C):
     backend, dev = be
     labels = _labels(2, 3, S, C).to(dev)
-    k = orcal.orc_targets(labels, backend=backend, num_classes=C)
+    k = orcal.orc_targets(labels, backend=backend, num_structures=C)
     assert k.shape == (2, C, *S) and k.dtype == torch.uint8
     for c in range(C):
         assert torch.equal(k[:, c].cpu(), reference.orc_targets(labels.cpu() == c + 1))
@@ -69,14 +69,35 @@ def test_orc_targets_refuses_labels_beyond_c(be):
     backend, dev = be
     labels = torch.full((1, 2, 3, 3), 4, dtype=torch.int64, device=dev)
     with pytest.raises(ValueError, match=r"labels 0..C = 0..3"):
-        orcal.orc_targets(labels, backend=backend, num_classes=3)
+        orcal.orc_targets(labels, backend=backend, num_structures=3)
     with pytest.raises(ValueError, match=r"0..3"):  # MONAI's float32 label maps: integers are labels
-        orcal.orc_targets(labels.float(), backend=backend, num_classes=3)
+        orcal.orc_targets(labels.float(), backend=backend, num_structures=3)
     with pytest.raises(TypeError, match="non-integer.*nearest"):  # interpolated: refused with the fix
-        orcal.orc_targets(labels.float() - 1.5, backend=backend, num_classes=3)
+        orcal.orc_targets(labels.float() - 1.5, backend=backend, num_structures=3)
     float_labels = (labels - 2).float()
-    assert torch.equal(orcal.orc_targets(float_labels, backend=backend, num_classes=3),
-                       orcal.orc_targets(float_labels.long(), backend=backend, num_classes=3))
+    assert torch.equal(orcal.orc_targets(float_labels, backend=backend, num_structures=3),
+                       orcal.orc_targets(float_labels.long(), backend=backend, num_structures=3))
+
+
+def test_num_classes_is_a_deprecated_name_of_num_structures():
+    """``num_classes=`` (the former keyword of orc_targets and OrdinalLoss) still works for one release: it
+    warns naming ``num_structures``, gives the same result, and is refused beside a different num_structures."""
+    labels, logits = _labels(2, 3, (4, 5), 2), _logits(2, 2, 3, (4, 5))
+    k = orcal.orc_targets(labels, backend="torch", num_structures=2)
+    with pytest.warns(DeprecationWarning, match="num_classes= is deprecated.*use num_structures="):
+        assert torch.equal(orcal.orc_targets(labels, backend="torch", num_classes=2), k)
+    with pytest.warns(DeprecationWarning, match="use num_structures="):
+        assert torch.equal(orcal.orc_targets(labels, backend="torch", num_structures=2, num_classes=2), k)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="num_structures=3 and num_classes=2"):
+        orcal.orc_targets(labels, backend="torch", num_structures=3, num_classes=2)
+
+    new = orcal.OrdinalLoss(from_masks=True, num_structures=2, num_raters=3, backend="torch")
+    with pytest.warns(DeprecationWarning, match="OrdinalLoss: num_classes= is deprecated.*use num_structures="):
+        old = orcal.OrdinalLoss(from_masks=True, num_classes=2, num_raters=3, backend="torch")
+    assert old.num_structures == 2 and "num_structures=2" in repr(old)
+    torch.testing.assert_close(old(logits, labels), new(logits, labels))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="num_structures=1 and num_classes=2"):
+        orcal.OrdinalLoss(num_structures=1, num_classes=2)
 
 
 # --- readout and loss ---------------------------------------------------------------------------------------
@@ -114,7 +135,7 @@ def test_loss_is_the_per_structure_loss(be, S, C, reduction, structure_reduction
     backend, dev = be
     R = 3
     z = _logits(2, C, R, S, dtype=torch.float64)
-    k = orcal.orc_targets(_labels(2, R, S, C), backend="torch", num_classes=C)
+    k = orcal.orc_targets(_labels(2, R, S, C), backend="torch", num_structures=C)
     g = torch.Generator().manual_seed(5)
     valid = {None: None, "shared": torch.rand(2, *S, generator=g) > 0.3,
              "per-structure": torch.rand(2, C, *S, generator=g) > 0.3}[valid_kind]
@@ -132,7 +153,7 @@ def test_loss_is_the_per_structure_loss(be, S, C, reduction, structure_reduction
 
 def test_loss_with_ignore_index_counts_each_structures_voxels(be):
     backend, dev = be
-    z, k = _logits(2, 2, 3, (4, 5)), orcal.orc_targets(_labels(2, 3, (4, 5), 2), backend="torch", num_classes=2)
+    z, k = _logits(2, 2, 3, (4, 5)), orcal.orc_targets(_labels(2, 3, (4, 5), 2), backend="torch", num_structures=2)
     padded = k.to(torch.int16)
     padded[:, :, 0] = -1  # nnU-Net's padding, on every structure
     got = orcal.ordinal_loss(z.to(dev), padded.to(dev), backend=backend, ignore_index=-1)
@@ -168,7 +189,7 @@ def test_the_views_are_not_copies():
 @pytest.mark.skipif(not _ext.compiled() or INTERPRETED, reason="the compiled CPU ops")
 def test_opcheck_on_the_structure_views():
     z = structures.fold(_logits(2, 3, 3, (3, 4)), 3)
-    k = structures.fold(orcal.orc_targets(_labels(2, 3, (3, 4), 3), backend="torch", num_classes=3), 3)
+    k = structures.fold(orcal.orc_targets(_labels(2, 3, (3, 4), 3), backend="torch", num_structures=3), 3)
     torch.library.opcheck(torch.ops.orcal.ordinal_loss.default, (z, k, None, 1.0, 2, 1, True))
     torch.library.opcheck(torch.ops.orcal.foreground_probability.default, (z, "expected", 2))
     torch.library.opcheck(torch.ops.orcal.calibration_stats.default,
@@ -188,7 +209,7 @@ def _assert_same_stats(a: CalibrationStats, b: CalibrationStats) -> None:
 def test_stats_have_a_row_per_image_and_structure(be, S, C, kind):
     backend, dev = be
     R, labels = 3, _labels(3, 3, S, C)
-    k = orcal.orc_targets(labels, backend="torch", num_classes=C)
+    k = orcal.orc_targets(labels, backend="torch", num_structures=C)
     pred = (_logits(3, C, R, S, dtype=torch.float64) if kind == "ordinal"
             else torch.rand(3, C, *S, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
     valid = torch.rand(3, *S, generator=torch.Generator().manual_seed(3)) > 0.2
@@ -255,7 +276,7 @@ def test_the_streaming_metric_keeps_a_row_per_structure():
 
     C, R = 3, 2
     logits, labels = _logits(5, C, R, (6, 5)), _labels(5, R, (6, 5), C)
-    k = orcal.orc_targets(labels, backend="torch", num_classes=C)
+    k = orcal.orc_targets(labels, backend="torch", num_structures=C)
     metric = MultiRaterCalibration(kind="ordinal", readout="expected", per_image=True, num_structures=C)
     metric.update(logits[:2], labels[:2])  # label maps
     metric.update(logits[2:], k[2:], num_raters=R)  # vote counts

@@ -10,7 +10,7 @@ import torch
 
 from orcal.data import load_dataset
 
-OPTIONS = {"structures": 3, "shape": (8, 16, 16), "n": 8, "R": 3}
+OPTIONS = {"num_structures": 3, "shape": (8, 16, 16), "n": 8, "R": 3}
 
 
 def _train(method: str, out_dir=None, epochs: int = 1):
@@ -68,7 +68,7 @@ def test_an_experiment_on_several_structures(tmp_path):
     from orcal.cli import main
 
     out = tmp_path / "exp"
-    assert main(["experiment", "--dataset", "synthetic", "--option", "structures=3", "--option", "shape=(8,16,16)",
+    assert main(["experiment", "--dataset", "synthetic", "--option", "num_structures=3", "--option", "shape=(8,16,16)",
                  "--option", "n=10", "--option", "R=3", "--methods", "soft,ordinal", "--epochs", "1",
                  "--max-steps", "2", "--batch-size", "2", "--patch-size", "8,16,16", "--arch", "unet3d",
                  "--n-boot", "50", "--out", str(out), "--quiet"]) == 0

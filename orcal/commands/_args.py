@@ -45,7 +45,7 @@ def structures(text: str) -> str | list[int]:
 
 
 STRUCTURES_HELP = ("several structures at once (SPEC §11): 'all' (CURVAS, LongCIU, REFUGE) or labels such as 1,3 "
-                   "(CURVAS, LongCIU, folder); for synthetic data use --option structures=C")
+                   "(CURVAS, LongCIU, folder); for synthetic data use --option num_structures=C")
 
 
 QUIET_HELP = "no progress bars (they are drawn only when stderr is a terminal)"

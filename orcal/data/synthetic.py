@@ -191,8 +191,9 @@ class SyntheticMultiRater(MultiRaterDataset):
     Options: ``n`` cases (default 64), ``R`` raters (5), ``shape`` ((64, 64); three sides for 3D), ``seed``,
     ``split`` with ``val_fraction`` / ``test_fraction`` (a seeded split of the cases), any
     :class:`SyntheticConfig` field, ``return_latent`` (add "ambiguity" and "level" to each item), and
-    ``structures`` (C > 1: each item's ``masks`` are rater label maps in 0..C, with ``num_structures``
-    in the item; :func:`generate_structures_case`).
+    ``num_structures`` (C > 1: each item's ``masks`` are rater label maps in 0..C, with ``num_structures``
+    in the item; :func:`generate_structures_case`); ``structures`` is its deprecated name (warns; removed in
+    the next release), not the label list the other loaders' ``structures`` is.
     """
 
     name = "synthetic"
@@ -201,15 +202,22 @@ class SyntheticMultiRater(MultiRaterDataset):
     def __init__(self, root=None, split: str | None = None, task: str | None = None, n: int = 64, R: int = 5,
                  shape: Sequence[int] = (64, 64), seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, transform: Callable | None = None, return_latent: bool = False,
-                 structures: int = 1, **config):
+                 num_structures: int | None = None, structures: int | None = None, **config):
+        from orcal.ops.checks import renamed
+
         if task not in (None, "default"):
             raise ValueError(f"unknown task {task!r} for dataset 'synthetic'; valid tasks: default")
         self.shape = _check(n, R, shape)
-        if isinstance(structures, bool) or not isinstance(structures, int) or not 1 <= structures <= 8:
-            raise ValueError(f"structures must be an int in 1..8, got {structures!r}")
-        if structures > 1 and return_latent:
-            raise ValueError("return_latent describes one object; it cannot be used with structures > 1")
-        self.structures = structures
+        if isinstance(structures, (str, Sequence)):  # the other loaders' label selection (--structures)
+            raise ValueError(f"dataset 'synthetic' generates its structures: give their number, num_structures=C "
+                             f"(--option num_structures=C), not a label selection structures={structures!r}")
+        C = renamed("num_structures", num_structures, "structures", structures, "dataset 'synthetic'")
+        C = 1 if C is None else C
+        if isinstance(C, bool) or not isinstance(C, int) or not 1 <= C <= 8:
+            raise ValueError(f"num_structures must be an int in 1..8, got {C!r}")
+        if C > 1 and return_latent:
+            raise ValueError("return_latent describes one object; it cannot be used with num_structures > 1")
+        self.num_structures = C
         self.R = int(R)
         self.seed = int(seed)
         self.config = SyntheticConfig(**config)
@@ -219,13 +227,14 @@ class SyntheticMultiRater(MultiRaterDataset):
 
     @property
     def display_name(self) -> str:
-        return f"Synthetic (R={self.R})" if self.structures == 1 else f"Synthetic (R={self.R}, C={self.structures})"
+        C = self.num_structures
+        return f"Synthetic (R={self.R})" if C == 1 else f"Synthetic (R={self.R}, C={C})"
 
     def load_case(self, case: Case) -> dict:
-        if self.structures > 1:
-            c = generate_structures_case(_case_rng(self.seed, case.info), self.shape, self.R, self.structures,
+        if self.num_structures > 1:
+            c = generate_structures_case(_case_rng(self.seed, case.info), self.shape, self.R, self.num_structures,
                                          self.config)
-            return {**make_item(c["image"], c["labels"], case.id), "num_structures": self.structures}
+            return {**make_item(c["image"], c["labels"], case.id), "num_structures": self.num_structures}
         c = generate_case(_case_rng(self.seed, case.info), self.shape, self.R, self.config)
         item = make_item(c["image"], c["masks"], case.id)
         if self.return_latent:

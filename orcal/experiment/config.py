@@ -217,7 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every method one-vs-rest per structure, per-structure tables and the volume uncertainty of §11.4;
     # 200 steps a run on 16x32x32 patches, about a minute a run on a 2-core CPU.
     "structures3d": {
-        "datasets": [("synthetic", None, {"n": 120, "R": 3, "structures": 3, "shape": (24, 48, 48),
+        "datasets": [("synthetic", None, {"n": 120, "R": 3, "num_structures": 3, "shape": (24, 48, 48),
                                           "test_fraction": 0.25, "val_fraction": 0.1}, "Synthetic 3D (R=3, C=3)")],
         "arch": "unet3d", "encoder": "none", "model_options": {"base_channels": 8}, "patch_size": (16, 32, 32),
         "epochs": 10, "batch_size": 4, "lr": 1e-2, "max_steps": 20, "n_boot": 1000, "threads": 2,

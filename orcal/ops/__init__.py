@@ -39,6 +39,7 @@ from orcal.ops.checks import (  # noqa: F401  (check_* re-exported)
     data_check,
     integer_range,
     integer_valued,
+    renamed,
 )
 from orcal.ops.masks import check_masks
 from orcal.ops.stats import CalibrationStats
@@ -59,23 +60,26 @@ from orcal.ops.validation import (  # noqa: F401  (channel_first_votes, drop_ign
 
 # --- §1 ORC target ---------------------------------------------------------------------------------------
 
-def orc_targets(masks: torch.Tensor, backend: str = "auto", num_classes: int | None = None) -> torch.Tensor:
+def orc_targets(masks: torch.Tensor, backend: str = "auto", num_structures: int | None = None, *,
+                num_classes: int | None = None) -> torch.Tensor:
     """Ordinal Rater Consensus target: the number of raters voting foreground.
 
     Args:
-        masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater; with ``num_classes``, rater label
+        masks: ``(B, R, *S)`` bool or uint8 masks in {0, 1}, one per rater; with ``num_structures``, rater label
             maps ``(B, R, *S)`` of any integer dtype (0 background, 1..C structures, one label per voxel). A
             float tensor holding integers (MONAI's) is read as those integers (SPEC §8).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
-        num_classes: the number of structures ``C`` of label maps (SPEC §11).
+        num_structures: the number of structures ``C`` of label maps (SPEC §11).
+        num_classes: deprecated name of ``num_structures`` (warns; removed in the next release).
 
     Returns:
-        ``(B, *S)`` uint8 vote counts ``k`` in 0..R; with ``num_classes``, ``(B, C, *S)``: per structure, the
+        ``(B, *S)`` uint8 vote counts ``k`` in 0..R; with ``num_structures``, ``(B, C, *S)``: per structure, the
         raters who gave the voxel that label (so the counts of a voxel sum to at most R).
     """
-    if num_classes is not None:
+    num_structures = renamed("num_structures", num_structures, "num_classes", num_classes, "orc_targets")
+    if num_structures is not None:
         labels = plain_tensor(masks)
-        C = structures.check_labels(labels, num_classes, "masks")
+        C = structures.check_labels(labels, num_structures, "masks")
         # one binary count per structure, on whichever backend counts binary masks
         return torch.stack([orc_targets(labels == c, backend) for c in range(1, C + 1)], 1)
     raw, masks = masks, plain_tensor(masks)
@@ -312,7 +316,7 @@ def fold_structures(pred, target, num_raters, kind, valid, backend, C):
     if num_raters is None:  # rater label maps (B, R, *S)
         structures.check_labels(target, C, "target")
         num_raters = target.shape[1]
-        target = orc_targets(target, backend, num_classes=C)
+        target = orc_targets(target, backend, num_structures=C)
     channels = C * (check_int("num_raters", num_raters, 1, MAX_RATERS) + 1) if kind == "ordinal" else C
     if pred.shape[1] != channels:
         raise ValueError(f"pred {tuple(pred.shape)} must have {channels} channels: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -19,6 +20,20 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must lie in {bounds}, got {value}")
     return value
+
+
+def renamed(new: str, value: object, old: str, old_value: object, where: str) -> object:
+    """The value of keyword ``new`` given as ``new`` or under its deprecated name ``old`` (kept for one release):
+    ``old`` warns (a ``DeprecationWarning`` that names ``new``); both, with different values, is an error.
+    ``None`` means "not given" for both."""
+    if old_value is None:
+        return value
+    warnings.warn(f"{where}: {old}= is deprecated and will be removed in the next release; use {new}=",
+                  DeprecationWarning, stacklevel=3)
+    if value is not None and value != old_value:
+        raise ValueError(f"{where}: {new}={value!r} and {old}={old_value!r} differ; {old} is the deprecated name of "
+                         f"{new}, give {new} only")
+    return old_value
 
 
 def check_real(name: str, value: object, low: float = 0.0) -> float:

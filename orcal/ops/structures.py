@@ -73,11 +73,11 @@ def fold_valid(valid: torch.Tensor | None, spatial: torch.Size, num_structures: 
     return valid.reshape(B * num_structures, *S)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> int:
+def check_labels(labels: torch.Tensor, num_structures: int, name: str = "labels") -> int:
     """Check rater label maps ``(B, R, *S)`` with values in 0..C (an integer dtype, or a float one holding
     integers, as MONAI hands label maps over); returns ``C``."""
     check_tensor(name, labels)
-    C = check_int("num_classes", num_classes, 1, 255)
+    C = check_int("num_structures", num_structures, 1, 255)
     if labels.dtype.is_complex:
         raise TypeError(f"{name} (rater label maps) must be an integer or bool tensor, got {labels.dtype}")
     if labels.ndim not in (4, 5):

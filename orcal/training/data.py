@@ -101,7 +101,7 @@ def _votes(item: dict, num_structures: int | None) -> torch.Tensor:
 
     if num_structures is None:
         return item["masks"].to(torch.int64).sum(0, keepdim=True)
-    return orc_targets(item["masks"][None], backend="torch", num_classes=num_structures)[0].long()
+    return orc_targets(item["masks"][None], backend="torch", num_structures=num_structures)[0].long()
 
 
 def label_prior(ds: Dataset, head: str, num_raters: int, max_items: int = 64,

@@ -52,7 +52,7 @@ class MultiRaterCalibrationMetric(CumulativeIterationMetric):
         readout, majority, n_bins, auc_bins, backend: as :class:`orcal.metrics.MultiRaterCalibration`.
         num_structures: ``C`` structures at once (SPEC §11): ``y_pred`` ``(B, C, *S)`` or ordinal logits
             ``(B, C * (R+1), *S)``, ``y`` rater label maps ``(B, R, *S)`` or, with ``num_raters``, the vote
-            counts ``(B, C, *S)`` of ``ORCTargetd(num_classes=C)``; :meth:`aggregate` adds
+            counts ``(B, C, *S)`` of ``ORCTargetd(num_structures=C)``; :meth:`aggregate` adds
             ``"<metric>/macro"`` and ``"<metric>/<c>"``. Each image's buffer row holds its ``C`` rows.
 
     Keyword arguments of the call: ``valid`` (``(B, *S)`` bool, or one ``(*S)`` mask per image with lists), as

@@ -60,7 +60,7 @@ def _check_one_label(x: torch.Tensor, where: str) -> None:
         labels = [int(v) if float(v).is_integer() else float(v) for v in torch.unique(found)[:8].tolist()]
         raise ValueError(f"{where} holds several labels {labels}, where one structure is assumed: say which: "
                          f"StackRatersd(label={labels[0]}) for one, label={labels} for their union as one "
-                         f"structure, or structures={labels} with ORCTargetd(num_classes={len(labels)}) for one "
+                         f"structure, or structures={labels} with ORCTargetd(num_structures={len(labels)}) for one "
                          "vote count per structure")
 
 
@@ -75,7 +75,7 @@ class StackRatersd(MapTransform):
             any of them: ``label=[1, 2, 3]`` asks for their union explicitly).
         structures: several structures at once (SPEC §11), instead of ``label``: the labels to keep, in
             order; the stack then holds rater label maps, the voxels of ``structures[i]`` labelled ``i + 1``
-            and the rest 0 (so ``ORCTargetd(num_classes=len(structures))`` gives ``k`` ``(C, *S)``).
+            and the rest 0 (so ``ORCTargetd(num_structures=len(structures))`` gives ``k`` ``(C, *S)``).
         union_key: key of the union of the raters ``(1, *S)`` uint8 (1 where any rater marked the voxel), for
             ``RandCropByPosNegLabeld(label_key=union_key)``; None: not written.
         allow_missing_keys: skip absent keys (MONAI's convention); at least one must be present. ``R`` is then
@@ -162,23 +162,26 @@ class ORCTargetd(MapTransform):
             stack holding integers, as MONAI's resampling leaves it, too).
         name: output key, or one per key (default ``"k"``).
         allow_missing_keys: skip absent keys.
-        num_classes: several structures (SPEC §11): the stacks hold rater label maps 0..C and ``k`` is
+        num_structures: several structures (SPEC §11): the stacks hold rater label maps 0..C and ``k`` is
             ``(C, *S)``, one vote count per structure (the loss and metrics then see ``(B, C, *S)``). Without
-            it a stack holding labels above 1 (several structures) is refused: say ``num_classes``, or pick
+            it a stack holding labels above 1 (several structures) is refused: say ``num_structures``, or pick
             one structure with ``StackRatersd(label=...)``.
         num_raters: the number of raters ``R`` the stack must hold (checked; None: any).
         union_key: also write, under this key, the voxels any rater gave any structure ``(1, *S)`` uint8: the
             ``label_key`` for ``RandCropByPosNegLabeld``, which reads a label of several channels as one-hot and
             drops channel 0 as background, so cropping on ``k`` ``(C, *S)`` never centres on structure 1.
+        num_classes: deprecated name of ``num_structures`` (warns; removed in the next release).
     """
 
     backend = [TransformBackends.TORCH]
 
     def __init__(self, keys: KeysCollection = "masks", name: str | Sequence[str] = "k",
-                 allow_missing_keys: bool = False, num_classes: int | None = None, num_raters: int | None = None,
-                 union_key: str | None = None) -> None:
+                 allow_missing_keys: bool = False, num_structures: int | None = None, num_raters: int | None = None,
+                 union_key: str | None = None, *, num_classes: int | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.num_classes = None if num_classes is None else ops.check_int("num_classes", num_classes, 1, 255)
+        num_structures = ops.renamed("num_structures", num_structures, "num_classes", num_classes, "ORCTargetd")
+        self.num_structures = None if num_structures is None else \
+            ops.check_int("num_structures", num_structures, 1, 255)
         self.num_raters = check_raters(None, num_raters)
         names = [name] if isinstance(name, str) else list(name)
         if len(names) != len(self.keys):
@@ -202,7 +205,7 @@ class ORCTargetd(MapTransform):
             if self.num_raters is not None and masks.shape[0] != self.num_raters:
                 raise ValueError(f"{where} holds {masks.shape[0]} raters (channels), but num_raters = "
                                  f"{self.num_raters}")
-            top = self.num_classes or 1
+            top = self.num_structures or 1
             if masks.is_floating_point():  # torch ops on the MetaTensor keep its metadata
                 ops.integer_valued(ops.plain_tensor(masks), where, "rater stack", 0, 255)
                 masks = masks.round().to(torch.uint8)
@@ -210,15 +213,15 @@ class ORCTargetd(MapTransform):
             if lo < 0:
                 raise ValueError(f"{where} must hold 0/1 masks or labels 0..C, found {lo}")
             if hi > top:
-                said = "no num_classes" if self.num_classes is None else f"num_classes={self.num_classes}"
+                said = "no num_structures" if self.num_structures is None else f"num_structures={self.num_structures}"
                 raise ValueError(f"{where} holds labels up to {hi}: rater label maps of several structures, but "
-                                 f"{said} counts labels 1..{top} only; pass num_classes={hi} for one vote count per "
+                                 f"{said} counts labels 1..{top} only; pass num_structures={hi} for one vote count per "
                                  "structure, or select one structure with StackRatersd(label=...)")
-            if self.num_classes is None:
+            if self.num_structures is None:
                 k = (masks != 0).sum(dim=0, keepdim=True, dtype=torch.uint8)
             else:
-                check_labels(ops.plain_tensor(masks)[None], self.num_classes, where)
-                k = torch.stack([(masks == c).sum(dim=0, dtype=torch.uint8) for c in range(1, self.num_classes + 1)])
+                C = check_labels(ops.plain_tensor(masks)[None], self.num_structures, where)
+                k = torch.stack([(masks == c).sum(dim=0, dtype=torch.uint8) for c in range(1, C + 1)])
             d[self.names[key]] = k
             if self.union_key is not None:
                 d[self.union_key] = (k.amax(dim=0, keepdim=True) > 0).to(torch.uint8)

@@ -139,7 +139,7 @@ def convert_dataset(name: str, root: str | os.PathLike | None, out: str | os.Pat
                     if C is None:
                         label = masks.sum(0).astype(np.uint8)
                     else:  # several structures: the joint vote count's class
-                        label = joint_index(orc_targets(item["masks"][None], num_classes=C)[0].numpy(), R)
+                        label = joint_index(orc_targets(item["masks"][None], num_structures=C)[0].numpy(), R)
                     write_array(folder / labels / f"{case}.nii.gz", _volume(label), like)
                 else:
                     for r in range(R):
