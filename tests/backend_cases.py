@@ -1,6 +1,6 @@
 """The backends every hardening test runs on, and the child process that runs their Triton cases.
 
-Each file with backend cases parametrises a ``be`` fixture over :data:`BACKENDS` and has a
+Each file with backend cases takes the ``be`` fixture (tests/conftest.py, one case per :data:`BACKENDS`) and has a
 ``test_triton_cases`` that calls :func:`run_triton_cases` on itself: the reference and the compiled CPU kernels
 run in this process, the Triton kernels in Triton's interpreter in a child process (``TRITON_INTERPRET=1``
 must be set before Triton is imported), and all of them on CUDA tensors on a GPU machine. Inside that child

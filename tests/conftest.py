@@ -1,6 +1,8 @@
 """Session-wide test rules.
 
 * A machine without a CUDA GPU skips every ``cuda``-marked test with one reason, the same for all of them.
+* ``be``: the ``(backend, device)`` of a backend case, one per backend of ``backend_cases.BACKENDS`` (the
+  files that use it run their Triton cases in a child process, ``run_triton_cases``).
 * A test whose cases ran in a child process (the Triton interpreter needs ``TRITON_INTERPRET=1`` set before
   Triton is imported, see ``test_triton.py``) reports the child's verdict for each case instead of running
   its body again: a case passed, failed or was skipped there, and says so here.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_cases import BACKENDS
 
 NO_GPU = "no CUDA GPU on this machine: the -m cuda tests run on a GPU machine (benchmarks/gpu_check.sh)"
 
@@ -21,6 +24,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(no_gpu, append=False)  # first, so that it is the reason shown
+
+
+@pytest.fixture(params=BACKENDS)
+def be(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param
 
 
 @pytest.hookimpl(tryfirst=True)

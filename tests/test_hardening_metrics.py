@@ -9,17 +9,12 @@ import math
 
 import pytest
 import torch
-from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
+from backend_cases import INTERPRETED, run_triton_cases
 
 import orcal
 from orcal.metrics import TemperatureScaler, fit_temperature
 
 NAN, INF = math.nan, math.inf
-
-
-@pytest.fixture(params=BACKENDS)
-def be(request):
-    return request.param
 
 
 def test_triton_cases():

@@ -28,11 +28,6 @@ from orcal.ops import _ext, reference
 INF, NAN = math.inf, math.nan
 
 
-@pytest.fixture(params=BACKENDS)
-def be(request):
-    return request.param
-
-
 def test_triton_cases():
     """The backend cases of this file on the Triton kernels, in Triton's interpreter (a child process)."""
     run_triton_cases(__file__)

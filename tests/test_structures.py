@@ -13,18 +13,13 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from backend_cases import BACKENDS, INTERPRETED, run_triton_cases
+from backend_cases import INTERPRETED, run_triton_cases
 
 import orcal
 from orcal.ops import _ext, reference, structures
 from orcal.ops.stats import TENSOR_FIELDS, CalibrationStats
 
 SHAPES = [pytest.param((5, 6), id="2d"), pytest.param((3, 4, 5), id="3d")]
-
-
-@pytest.fixture(params=BACKENDS)
-def be(request):
-    return request.param
 
 
 def test_triton_cases():
