@@ -196,3 +196,19 @@ def test_metric_checks_an_empty_batch():
     metric.update(torch.rand(0, 4, 4), torch.zeros(0, 3, 4, 4, dtype=torch.uint8))  # consistent: adds nothing
     metric.update(torch.rand(1, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.uint8))
     assert metric.compute()["n_images"] == 1
+
+
+def test_rater_masks_as_float_holding_0_1_follow_the_one_rule():
+    """Volume metrics and the conformal calibrators read MONAI's float32 0/1 rater masks as the uint8 ones, and
+    refuse interpolated values naming the fix (SPEC §8)."""
+    from orcal.metrics import ConformalRiskControl
+
+    p, masks = torch.rand(2, 4, 4), _masks(B=2)
+    assert orcal.volume_stats(p, masks.float()).mean.equal(orcal.volume_stats(p, masks).mean)
+    a, b = ConformalRiskControl(), ConformalRiskControl()
+    a.update(p, masks.float())
+    b.update(p, masks)
+    assert a.fit(0.5) == b.fit(0.5)
+    for call in (lambda m: orcal.volume_stats(p, m), lambda m: ConformalRiskControl().update(p, m)):
+        with pytest.raises(TypeError, match="non-integer values .* nearest"):
+            call(masks.float() * 0.5)

@@ -36,7 +36,7 @@ import torch
 from orcal import distributed
 from orcal.metrics.volume import VolumeStats, _voxel_volume, volume_stats
 from orcal.ops.checks import check_choice, check_int, check_real, check_tensor, data_check
-from orcal.ops.masks import check_masks
+from orcal.ops.masks import rater_masks
 
 __all__ = ["ConformalRiskControl", "ConformalVolume", "fnr_curves", "min_calibration_images"]
 
@@ -68,14 +68,15 @@ def _certify(n: int, alpha: float) -> None:
                          f"use at least {need} calibration images (n >= 1/alpha - 1) or a larger alpha")
 
 
-def _inputs(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | None) -> tuple[torch.Tensor, int]:
-    """Check one batch; returns the probabilities as ``(B, C, *S)`` and ``C``."""
+def _inputs(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check one batch; returns the probabilities as ``(B, C, *S)``, the masks and ``C``."""
     check_tensor("probs", probs)
     check_tensor("masks", masks)
     if not probs.dtype.is_floating_point:
         raise TypeError(f"probs must be a float tensor of probabilities, got {probs.dtype}")
     if num_structures is None:
-        check_masks(masks, "masks")
+        masks = rater_masks(masks, "masks")
         C, probs = 1, probs.unsqueeze(1)
     else:
         from orcal.ops.structures import check_labels
@@ -87,7 +88,7 @@ def _inputs(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | None
         raise ValueError(f"probs {tuple(probs.shape)} must be {shown} for masks {tuple(masks.shape)}")
     bad = torch.isnan(probs) | (probs < 0) | (probs > 1)
     data_check(~bad.any(), lambda: f"probs must hold probabilities in [0, 1]; found {int(bad.sum())} bad values")
-    return probs, C
+    return probs, masks, C
 
 
 def _rater_masks(masks: torch.Tensor, c: int, num_structures: int | None) -> torch.Tensor:
@@ -110,7 +111,7 @@ def fnr_curves(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | N
         grid_points: ``G``, the thresholds ``j / (G - 1)``.
     """
     G = check_int("grid_points", grid_points, 2, 1 << 20)
-    p, C = _inputs(probs, masks, num_structures)
+    p, masks, C = _inputs(probs, masks, num_structures)
     B, R = masks.shape[:2]
     grid = torch.linspace(0, 1, G, dtype=torch.float64, device=p.device)
     # bin j of a voxel: the last threshold it reaches, so p >= grid[j] exactly when its bin is >= j

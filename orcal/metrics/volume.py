@@ -17,7 +17,7 @@ import torch
 
 from orcal.metrics.pooled import per_structure
 from orcal.ops.checks import check_int, check_real, check_tensor, data_check
-from orcal.ops.masks import check_masks
+from orcal.ops.masks import rater_masks
 
 _FIELDS = ("mean", "var", "raters", "voxel_volume")
 
@@ -88,7 +88,7 @@ def volume_stats(prob: torch.Tensor, raters: torch.Tensor, spacing=None, valid: 
         raise TypeError(f"prob must be a float tensor of probabilities, got {prob.dtype}")
     C = 1 if num_structures is None else check_int("num_structures", num_structures, 1, 255)
     if num_structures is None:
-        check_masks(raters, "raters")
+        raters = rater_masks(raters, "raters")
         prob = prob.unsqueeze(1)
     else:
         from orcal.ops.structures import check_labels

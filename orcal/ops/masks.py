@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from orcal.ops._schema import MAX_RATERS
-from orcal.ops.checks import check_int, data_check
+from orcal.ops.checks import check_int, data_check, integer_valued
 
 
 def _check_layout(masks: object, name: str) -> torch.Tensor:
@@ -43,6 +43,14 @@ def check_masks(masks: torch.Tensor, name: str = "masks", check_values: bool = T
     if check_values and masks.dtype == torch.uint8 and masks.numel() and masks.device.type != "meta":
         top = masks.max()
         data_check(top <= 1, lambda: f"{name} must be binary (0/1); found value {int(top)}")
+
+
+def rater_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    """:func:`check_masks` under the one rule for float inputs (SPEC §8): a float tensor holding only 0 and 1
+    (MONAI's loaders and resampling give float32) is read as uint8; any other float value is refused."""
+    masks = integer_valued(masks, name, "rater masks", 0, 1)
+    check_masks(masks, name)
+    return masks
 
 
 def as_bool_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
