@@ -123,8 +123,7 @@ class SoftBCELoss(nn.Module):
             raise ValueError(f"logit {tuple(logit.shape)} (or (B, 1, *S)) and target {tuple(target.shape)} must "
                              "have the same spatial shape")
         t = target.float()
-        if t.numel() and (bool(torch.isnan(t).any()) or float(t.min()) < 0 or float(t.max()) > 1):
-            raise ValueError("target must hold values in [0, 1]")
+        _check_unit_target(t)
         loss = F.binary_cross_entropy_with_logits(logit.float(), t, reduction="none")
         if valid is not None:
             if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
@@ -149,6 +148,12 @@ class SoftBCELoss(nn.Module):
 # voxels``; the experiment runs them as the methods nacl, hl1_ace and focal (orcal.fusion registers them).
 
 
+def _check_unit_target(target: torch.Tensor) -> None:
+    """A binary head's target is a probability: NaN or a value outside [0, 1] would train without a word."""
+    if target.numel() and (bool(torch.isnan(target).any()) or float(target.min()) < 0 or float(target.max()) > 1):
+        raise ValueError("target must hold values in [0, 1]")
+
+
 def _binary_inputs(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None):
     from orcal.ops import plain_tensor
 
@@ -161,7 +166,9 @@ def _binary_inputs(logit: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     if valid is not None and (valid.dtype != torch.bool or valid.shape != target.shape):
         raise ValueError(f"valid must be a bool tensor of shape {tuple(target.shape)}")
     dtype = torch.promote_types(logit.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
-    return logit.to(dtype), target.to(dtype), valid
+    target = target.to(dtype)
+    _check_unit_target(target)
+    return logit.to(dtype), target, valid
 
 
 def _valid_mean(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -198,3 +198,13 @@ def test_experiment_grids_and_the_methods_group():
     assert len({fingerprint(cfg, spec, r) for r in cands["focal"]}) == 3
     with pytest.raises(ValueError, match="calibration-losses"):
         ExperimentConfig(datasets=[spec], methods=("nope",))
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
+def test_calibration_losses_refuse_targets_outside_0_1(bad):
+    """As SoftBCELoss does: a target that is no probability would train without a word."""
+    z, t = torch.randn(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) < 0.5).float()
+    t[0, 0, 0, 0] = bad
+    for loss in (HardL1ACELoss(), BinaryFocalLoss()):
+        with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\]"):
+            loss(z, t)
