@@ -281,7 +281,7 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
     default sizes of those names; ``training_step`` adds the loss's share of an optimiser step; ``sass`` the
     registers, spills and instructions per voxel of every kernel, compiled for sm_90a (:mod:`benchmarks.sass`).
     """
-    from tqdm import tqdm
+    from orcal._progress import progress_bar
 
     for name in ops:
         if name not in OPS:
@@ -310,7 +310,7 @@ def run_suite(device: str = "cpu", quick: bool = False, ops: tuple[str, ...] = O
     rows: list[Row] = []
     calls: list[tuple[Row, Callable[[], object]]] = []
     case_key, case = None, None
-    for op, size, R, provider in tqdm(plan, desc="benchmarks", disable=not progress):
+    for op, size, R, provider in progress_bar(plan, desc="benchmarks", enabled=progress):
         reason = available(provider, op, device)
         if reason is not None:
             meta["skipped"][f"{provider}/{op}"] = reason
