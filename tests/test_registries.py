@@ -9,6 +9,7 @@ import torch
 
 from orcal import data, fusion
 from orcal.metrics import registry
+from orcal.ops import backends
 
 
 def unanimous(masks: torch.Tensor, *, margin: float = 0.0) -> torch.Tensor:
@@ -131,7 +132,8 @@ def test_registered_dataset_is_gone_after_unregister():
         data.load_dataset("tiny_raters")
 
 
-@pytest.mark.parametrize("mapping", [lambda: fusion.STRATEGIES, lambda: registry.METRICS, lambda: data.DATASETS])
+@pytest.mark.parametrize("mapping", [lambda: fusion.STRATEGIES, lambda: registry.METRICS, lambda: data.DATASETS,
+                                     lambda: backends.TABLE])
 def test_every_registry_is_a_read_only_live_mapping(mapping):
     """One style: change a registry through its register function, read it through its mapping."""
     view = mapping()
@@ -143,10 +145,12 @@ def test_every_registry_is_a_read_only_live_mapping(mapping):
     fusion.register("toy_live", unanimous)
     registry.register_metric("toy_live", "Toy", lambda st: st.n.sum(1).double())
     data.register_dataset("toy_live", TinyRaters)
+    backends.register_backend("toy_live", "orcal")
     try:
         assert "toy_live" in view
     finally:
         fusion.unregister("toy_live")
         registry.unregister_metric("toy_live")
         data.unregister_dataset("toy_live")
+        backends.unregister_backend("toy_live")
     assert "toy_live" not in view

@@ -13,6 +13,7 @@ import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -51,6 +52,9 @@ class Backend:
 
 
 _TABLE: dict[str, Backend] = {}
+#: The registered backends, ``{name: Backend}`` in registration order: a read-only, live view of the table (the
+#: registries' one style). ``"torch"``, the reference, is not in it.
+TABLE = MappingProxyType(_TABLE)
 
 
 def _always(op: str, device: torch.device) -> None:
