@@ -3,16 +3,19 @@ an experiment's tables are named after them. One place for each, so that trainin
 and its report agree.
 
 - ``Head("ordinal", R)``: ``R + 1`` logits per structure (one per consensus level 0..R), read out as
-  ``"majority"`` (P(k >= m), the paper's) or ``"expected"`` (E[k] / R), SPEC §2; prediction also writes
-  ``"expected_k"`` (E[k], a count rather than a probability).
+  ``"majority"`` (P(k >= m), the paper's), ``"expected"`` (E[k] / R) or, where ``R`` is even or unknown,
+  ``"half_tie"`` (P(k > R/2) + P(k = R/2) / 2), SPEC §2; prediction also writes ``"expected_k"`` (E[k], a
+  count rather than a probability).
 - ``Head("binary")``: one logit per structure, read out as its ``"sigmoid"``.
 
 Row keys: a head with one readout names its row after the method (``"soft"``); a head with several after the
 method and the readout (``"ordinal/expected"``); a temperature-scaled readout adds ``"+ts"``
 (``"soft+ts"``, ``"ordinal/expected+ts"``). :meth:`Head.row` writes them and :func:`parse_row` reads them.
 
->>> Head("ordinal", num_raters=3).channels, Head("ordinal").readouts, Head("binary").readouts
+>>> Head("ordinal", num_raters=3).channels, Head("ordinal", num_raters=3).readouts, Head("binary").readouts
 (4, ('majority', 'expected'), ('sigmoid',))
+>>> Head("ordinal", num_raters=4).readouts
+('majority', 'expected', 'half_tie')
 >>> Head("ordinal").row("ordinal", scaled("expected")), parse_row("ordinal/expected+ts")
 ('ordinal/expected+ts', Row(method='ordinal', readout='expected', scaled=True))
 """
@@ -24,8 +27,10 @@ from typing import NamedTuple
 
 #: The kinds of head: ``R + 1`` ordinal levels or one binary logit per structure.
 KINDS = ("ordinal", "binary")
-#: The readouts of an ordinal head (SPEC §2), the paper's first.
-ORDINAL_READOUTS = ("majority", "expected")
+#: The readouts of an ordinal head (SPEC §2), the paper's first. The half-tie readout counts a tie of R/2 votes
+#: half; it differs from the majority readout only for even R.
+ORDINAL_READOUTS = ("majority", "expected", "half_tie")
+HALF_TIE = "half_tie"
 #: The one readout of a binary head. Records written before it had its own name called it "majority".
 SIGMOID = "sigmoid"
 #: The expected vote count E[k] of an ordinal head: written by prediction beside the readouts, not a probability.
@@ -81,8 +86,16 @@ class Head:
 
     @property
     def readouts(self) -> tuple[str, ...]:
-        """The foreground probabilities this head gives: both of SPEC §2 for an ordinal head, its sigmoid else."""
-        return ORDINAL_READOUTS if self.kind == "ordinal" else (SIGMOID,)
+        """The foreground probabilities this head gives: those of SPEC §2 for an ordinal head (the half-tie
+        readout only where ``R`` is even or unknown: for odd ``R`` it is the majority readout), its sigmoid else."""
+        if self.kind != "ordinal":
+            return (SIGMOID,)
+        odd = self.num_raters is not None and self.num_raters % 2 == 1
+        return tuple(r for r in ORDINAL_READOUTS if not (odd and r == HALF_TIE))
+
+    def op_majority(self, readout: str, majority: int | None) -> int | None:
+        """The ``majority`` argument of the ops for ``readout``: the half-tie readout has its own thresholds."""
+        return None if unscaled(readout)[0] == HALF_TIE else majority
 
     @property
     def maps(self) -> tuple[str, ...]:

@@ -255,7 +255,8 @@ def probability(model_output: torch.Tensor, head: str, readout: str = "majority"
 
     ``head="binary"``: the sigmoid of the single logit. ``head="ordinal"``: ``orcal.foreground_probability``
     with ``readout="majority"`` (the probability that at least ``majority`` raters vote foreground, the
-    default) or ``"expected"`` (the expected fraction of raters voting foreground), SPEC §2. With
+    default), ``"expected"`` (the expected fraction of raters voting foreground) or ``"half_tie"`` (a tie of
+    ``R/2`` votes counted half), SPEC §2. With
     ``num_structures = C``, ``(B, C, *S)``: one logit or ``R + 1`` levels per structure (SPEC §11).
     """
     if not isinstance(model_output, torch.Tensor):

@@ -80,15 +80,17 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
 
     majority = result.config.majority
     C = getattr(result, "num_structures", None)
-    head = Head(result.head, num_structures=C or 1)
+    head = Head(result.head, num_raters=int(result.num_raters) if result.head == "ordinal" else None,
+                num_structures=C or 1)
 
     def passes(split: str):
         return predict_logits(result, splits[split], device=device, batch_size=int(cfg.batch_size), amp=cfg.amp)
 
     def readouts_of(logits: torch.Tensor, temperatures: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        out = {r: probability(logits, head.kind, head.op_readout(r), majority, num_structures=C) for r in head.readouts}
-        out.update({scaled(r): probability(apply_temperature(logits, t), head.kind, head.op_readout(r), majority)
-                    for r, t in temperatures.items()})
+        out = {r: probability(logits, head.kind, head.op_readout(r), head.op_majority(r, majority), num_structures=C)
+               for r in head.readouts}
+        out.update({scaled(r): probability(apply_temperature(logits, t), head.kind, head.op_readout(r),
+                                           head.op_majority(r, majority)) for r, t in temperatures.items()})
         return {r: p.float().cpu() for r, p in out.items()}
 
     scalers = {r: TemperatureScaler(head.metric_kind, head.op_readout(r), majority, seed=seed) for r in head.readouts} \

@@ -23,7 +23,8 @@ def select_rows(cfg: ExperimentConfig, candidates: Mapping[str, Sequence[Run]], 
     """
     chosen: dict[str, dict[str, Any]] = {}
     for method, runs in candidates.items():
-        for readout in runs[0].readouts:
+        # the readouts the runs have (the half-tie one only where R is even)
+        for readout in (r for r in runs[0].readouts if r in records[runs[0].key]["readouts"]):
             pick, scores = runs[0], {}
             if cfg.select_on_val and len(runs) > 1:
                 for run in runs:

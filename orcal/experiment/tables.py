@@ -45,7 +45,7 @@ def row_label(row: str) -> str:
     if method not in fusion.names():
         return row
     label = fusion.get(method).label
-    label = f"{label} ({readout})" if readout else label
+    label = f"{label} ({readout.replace('_', '-')})" if readout else label
     return label + (TS_LABEL if scaled else "")
 
 

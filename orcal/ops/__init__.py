@@ -28,6 +28,7 @@ from orcal.ops._schema import (  # noqa: F401  (the op contract, re-exported)
     MAX_RATERS,
     READOUTS,
     REDUCTIONS,
+    opmath_dtype,
     under_func_transform,
 )
 from orcal.ops.backends import BACKENDS, register_backend, resolve_backend, unregister_backend  # noqa: F401
@@ -49,6 +50,7 @@ from orcal.ops.validation import (  # noqa: F401  (channel_first_votes, drop_ign
     channel_first_votes,
     check_float,
     check_majority,
+    check_no_majority,
     check_ordinal_logits,
     check_probabilities,
     check_same_device,
@@ -117,6 +119,11 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority", majo
         return structures.unfold(p, C)
     R = check_ordinal_logits(logits)
     check_choice("readout", readout, READOUTS)
+    if readout == "half_tie":
+        check_no_majority(readout, majority)
+        # two majority passes (the kernels do not return q_{R/2} on its own), averaged in the accumulation dtype
+        ps = [foreground_probability(raw, "majority", m, backend) for m in reference.half_tie_thresholds(R)]
+        return (sum(p.to(opmath_dtype(p.dtype)) for p in ps) / len(ps)).to(ps[0].dtype)
     m = check_majority(R, majority)
     which = resolve_backend("foreground_probability", backend, logits.device)
     which = subclass_backend("foreground_probability", which, backend, raw)
@@ -298,6 +305,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, num_raters: int 
     m = check_majority(R, majority)
     which = resolve_backend("calibration_stats", backend, pred.device)
     which = subclass_backend("calibration_stats", which, backend, *raw)
+    if kind == "ordinal" and readout == "half_tie" and which != "torch":  # the kernels read out majority/expected
+        pred, kind, readout = foreground_probability(pred, readout, backend=which), "prob", "majority"
     if which == "torch":
         return _reference_stats(pred, target, num_raters, R, kind, readout, m, n_bins, auc_bins, valid)
     if num_raters is not None:

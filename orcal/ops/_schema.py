@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-READOUTS = ("majority", "expected")
+#: The readouts the kernels compute (SPEC §2).
+KERNEL_READOUTS = ("majority", "expected")
+#: Every readout of the ops: the kernels' and the half-tie readout, the mean of the majority readouts at
+#: m = R/2 and m = R/2 + 1 (two kernel passes; equal to the majority readout for odd R).
+READOUTS = (*KERNEL_READOUTS, "half_tie")
 KINDS = ("prob", "logit", "ordinal")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_RATERS = 255

@@ -27,6 +27,13 @@ def majority_threshold(num_raters: int, majority: int | None = None) -> int:
     return num_raters // 2 + 1 if majority is None else int(majority)
 
 
+def half_tie_thresholds(num_raters: int) -> tuple[int, ...]:
+    """The majority thresholds the half-tie readout averages: ``(R/2, R/2 + 1)`` for even ``R``, where a tie of
+    ``R/2`` votes counts half; ``(R // 2 + 1,)`` for odd ``R``, where no tie exists (SPEC §2)."""
+    m = num_raters // 2 + 1
+    return (m,) if num_raters % 2 else (m - 1, m)
+
+
 # --- §1 ORC target -------------------------------------------------------------------------------------
 
 def orc_targets(masks: torch.Tensor) -> torch.Tensor:
@@ -49,9 +56,14 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority",
 
     ``readout="majority"``: probability that at least ``m`` raters vote foreground (the paper's Eq. 2).
     ``readout="expected"``: expected fraction of raters voting foreground, ``sum_i i q_i / R``.
+    ``readout="half_tie"``: ``P(k > R/2) + P(k = R/2) / 2``, the mean of the majority readouts of
+    :func:`half_tie_thresholds` (``majority`` is not used).
     """
     if readout == "majority":
         return torch.sigmoid(majority_logit(logits, majority))
+    if readout == "half_tie":
+        ps = [torch.sigmoid(majority_logit(logits, m)) for m in half_tie_thresholds(logits.shape[1] - 1)]
+        return sum(ps) / len(ps)
     if readout == "expected":
         z = logits.to(opmath_dtype(logits.dtype))
         R = z.shape[1] - 1
@@ -63,7 +75,7 @@ def foreground_probability(logits: torch.Tensor, readout: str = "majority",
         n_inf = pinf.sum(1) + 2 * z.isnan().sum(1)  # a NaN level: no limit either
         limit = torch.where(n_inf == 1, (pinf * levels).sum(1) / R, torch.full_like(p, math.nan))
         return torch.where(n_inf == 0, p, limit)
-    raise ValueError(f"readout must be 'majority' or 'expected', got {readout!r}")
+    raise ValueError(f"readout must be 'majority', 'expected' or 'half_tie', got {readout!r}")
 
 
 def binary_probability(pred: torch.Tensor, kind: str, readout: str = "majority",

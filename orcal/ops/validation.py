@@ -105,6 +105,15 @@ def check_majority(num_raters: int, majority: int | None) -> int:
     return check_int(f"majority (with R = {num_raters})", majority, 1, num_raters)
 
 
+def check_no_majority(readout: str, majority: int | None) -> None:
+    """The half-tie readout has its own thresholds (R/2 and R/2 + 1): a ``majority`` given with it is refused
+    rather than silently ignored."""
+    if majority is not None:
+        raise ValueError(f"readout={readout!r} averages the majority readouts at m = R/2 and R/2 + 1 and takes no "
+                         f"majority (got majority={majority!r}): pass majority=None, or readout='majority' for "
+                         "one threshold")
+
+
 def check_ordinal_logits(logits: torch.Tensor, name: str = "logits") -> int:
     """Check ordinal logits ``(B, R+1, *S)`` and return ``R``."""
     check_tensor(name, logits)

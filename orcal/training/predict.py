@@ -51,6 +51,13 @@ def _resolve(model_or_result, head, majority, patch_size):
     raise TypeError(f"model_or_result must be an nn.Module or a TrainResult, got {type(model_or_result).__name__}")
 
 
+def raters_of(model_or_result) -> int | None:
+    """``R`` of a model's ordinal head (its ``orcal_spec`` or :class:`TrainResult`), None where unknown."""
+    if isinstance(model_or_result, TrainResult):
+        return model_or_result.num_raters
+    return getattr(model_or_result, "orcal_spec", {}).get("num_raters")
+
+
 def structures_of(model_or_result) -> int | None:
     """``C`` of a model trained on several structures (SPEC §11), None for one."""
     if isinstance(model_or_result, TrainResult):
@@ -129,8 +136,8 @@ def predict_readouts(model_or_result: nn.Module | TrainResult, dataset: Dataset,
     C = structures_of(model_or_result)
     for ids, logits, masks, valid in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
                                                     overlap, amp, progress):
-        probs = {r: probability(logits, head, readout=r, majority=majority, num_structures=C).float().cpu()
-                 for r in readouts}
+        probs = {r: probability(logits, head, readout=r, majority=Head(head).op_majority(r, majority),
+                               num_structures=C).float().cpu() for r in readouts}
         yield ids, probs, masks, valid
 
 
@@ -193,7 +200,7 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
 
     _, kind, majority, _ = _resolve(model_or_result, None, None, patch_size)
     C = structures_of(model_or_result)
-    head = Head(kind, num_structures=C or 1)
+    head = Head(kind, num_raters=raters_of(model_or_result) if kind == "ordinal" else None, num_structures=C or 1)
     readouts = head.readouts if readouts is None else tuple(head.readout(r) for r in readouts)
     if fmt is not None and fmt not in WRITE_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(WRITE_FORMATS)}, got {fmt!r}")
@@ -206,8 +213,8 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
         folders = {f"{name}/structure{c}": out / name / f"structure{c}" for name in names for c in range(1, C + 1)}
     for batch_ids, logits, _, _ in predict_logits(model_or_result, dataset, device, patch_size, batch_size,
                                                       overlap, amp, progress):
-        maps = {r: probability(logits, kind, head.op_readout(r), majority, num_structures=C).float().cpu()
-                for r in readouts}
+        maps = {r: probability(logits, kind, head.op_readout(r), head.op_majority(r, majority),
+                               num_structures=C).float().cpu() for r in readouts}
         if EXPECTED_K in names:
             R = logits.shape[1] // (C or 1) - 1
             maps[EXPECTED_K] = probability(logits, kind, "expected", num_structures=C).float().cpu() * R

@@ -27,6 +27,7 @@ except ImportError as err:  # an optional extra: say how to get it
     raise ImportError('orcal.integrations.monai needs MONAI: pip install "orcal[monai]"') from err
 
 from orcal import ops
+from orcal.heads import EXPECTED_K
 from orcal.metrics.batch_stats import check_raters, warn_if_post_processed
 from orcal.ops.checks import integer_range
 from orcal.ops.masks import check_structures
@@ -238,8 +239,9 @@ class ORCReadoutd(MapTransform):
     Args:
         keys: keys of ordinal logits ``(R+1, *S)`` (``(C * (R+1), *S)`` with ``num_structures``).
         readout: ``"majority"`` (probability that at least ``majority`` raters vote foreground), ``"expected"``
-            (expected fraction of raters voting foreground, in [0, 1]) or ``"expected_k"`` (expected vote count
-            ``E[k]`` in [0, R]), as ``orcal nnunet export`` names its maps.
+            (expected fraction of raters voting foreground, in [0, 1]), ``"half_tie"`` (a tie of ``R/2`` votes
+            counted half, SPEC §2) or ``"expected_k"`` (expected vote count ``E[k]`` in [0, R]), as
+            ``orcal nnunet export`` names its maps.
         name: output key, or one per key; None: replace the logits.
         majority: majority threshold of the ``"majority"`` readout; default ``R // 2 + 1``.
         num_structures: ``C`` structures (SPEC §11): the output is ``(C, *S)``.
@@ -250,7 +252,7 @@ class ORCReadoutd(MapTransform):
     """
 
     backend = [TransformBackends.TORCH]
-    READOUTS = ("majority", "expected", "expected_k")
+    READOUTS = (*ops.READOUTS, EXPECTED_K)
 
     def __init__(self, keys: KeysCollection = "pred", readout: str = "expected",
                  name: str | Sequence[str] | None = None, majority: int | None = None,
@@ -259,6 +261,8 @@ class ORCReadoutd(MapTransform):
         ops.check_choice("readout", readout, self.READOUTS)
         self.readout = readout
         self.majority = None if majority is None else ops.check_int("majority", majority, 1, ops.MAX_RATERS)
+        if readout == "half_tie":
+            ops.check_no_majority(readout, majority)
         self.num_structures = None if num_structures is None else ops.check_int("num_structures", num_structures, 1)
         names = list(self.keys) if name is None else [name] if isinstance(name, str) else list(name)
         if len(names) != len(self.keys):
@@ -269,12 +273,12 @@ class ORCReadoutd(MapTransform):
         """One image's logits ``(C * (R+1), *S)`` → its map ``(C, *S)`` (float, the logits' dtype)."""
         x = ops.plain_tensor(logits)
         warn_if_post_processed(x, "ordinal", "ORCReadoutd's input")
-        readout = "majority" if self.readout == "majority" else "expected"
+        readout = "expected" if self.readout == EXPECTED_K else self.readout
         with torch.no_grad():
             p = ops.foreground_probability(x[None].detach(), readout, self.majority,
                                            num_structures=self.num_structures)
         p = p[0] if self.num_structures else p  # (C, *S), or (1, *S) for one structure
-        if self.readout == "expected_k":
+        if self.readout == EXPECTED_K:
             p = p * (x.shape[0] // (self.num_structures or 1) - 1)
         if isinstance(logits, MetaTensor):
             p = MetaTensor(p, meta=logits.meta, applied_operations=logits.applied_operations)

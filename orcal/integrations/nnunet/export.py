@@ -18,14 +18,15 @@ ORDINAL = Head("ordinal")
 
 
 def _readouts_of_levels(q: torch.Tensor, num_raters: int, majority: int | None) -> dict[str, torch.Tensor]:
-    """Both readouts and ``E[k]`` of level probabilities ``q (R+1, *S)``. The readouts of SPEC §2 take logits:
+    """The readouts and ``E[k]`` of level probabilities ``q (R+1, *S)``. The readouts of SPEC §2 take logits:
     ``log q`` are logits whose softmax is ``q``."""
     from orcal import ops
     from orcal.ops import reference
 
     logits = torch.log(q.double().clamp_min(1e-12))[None]
     m = ops.check_majority(num_raters, majority)  # 1..R, or the strict majority
-    maps = {r: reference.foreground_probability(logits, r, m)[0] for r in ORDINAL.readouts}  # float64
+    readouts = Head("ordinal", num_raters=num_raters).readouts  # the half-tie readout where R is even
+    maps = {r: reference.foreground_probability(logits, r, m)[0] for r in readouts}  # float64
     return {**{r: p.float() for r, p in maps.items()}, EXPECTED_K: (maps["expected"] * num_raters).float()}
 
 
@@ -50,10 +51,11 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
     """Foreground-probability maps from ``nnUNetv2_predict ... --save_probabilities`` output.
 
     For each ``<case>.npz`` (the softmax over the ``R + 1`` levels) in ``pred_dir``, writes
-    ``out_dir/majority/<case>.nii.gz``, ``out_dir/expected/<case>.nii.gz`` and ``out_dir/expected_k/<case>.nii.gz``
-    with the geometry of nnU-Net's ``<case>.nii.gz`` beside it. For several structures (the softmax over the
-    joint classes; ``dataset.json`` says so) each structure's marginal levels give its maps, under
-    ``out_dir/<readout>/structure<c>/``. Returns ``{folder name: folder}``.
+    ``out_dir/majority/<case>.nii.gz``, ``out_dir/expected/<case>.nii.gz``, ``out_dir/expected_k/<case>.nii.gz``
+    and, for even ``R``, ``out_dir/half_tie/<case>.nii.gz``, with the geometry of nnU-Net's ``<case>.nii.gz``
+    beside it. For several structures (the softmax over the joint classes; ``dataset.json`` says so) each
+    structure's marginal levels give its maps, under ``out_dir/<readout>/structure<c>/``. Returns
+    ``{folder name: folder}``.
     """
     import SimpleITK as sitk
 
@@ -72,8 +74,7 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
     else:
         folders = {f"{r}/structure{c}": Path(out_dir) / r / f"structure{c}" for r in names
                    for c in range(1, joint[0] + 1)}
-    for f in folders.values():
-        f.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
     for path in files:
         case = path.stem
         with np.load(path) as z:
@@ -101,5 +102,7 @@ def export_probabilities(pred_dir: str | os.PathLike, out_dir: str | os.PathLike
                 raise ValueError(f"{path}: probabilities of shape {tuple(arr.shape)} do not match {seg_path}")
             img = sitk.GetImageFromArray(arr)
             img.CopyInformation(reference_image)
+            folders[name].mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(img, str(folders[name] / f"{case}.nii.gz"))
-    return folders
+            written.add(name)
+    return {name: f for name, f in folders.items() if name in written}  # the half-tie maps only where R is even

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from orcal.ops._schema import KINDS, READOUTS, REDUCTIONS, StatsLayout, async_checks, opmath_dtype, register
+from orcal.ops._schema import KERNEL_READOUTS, KINDS, REDUCTIONS, StatsLayout, async_checks, opmath_dtype, register
 
 _KERNEL_FILE = pathlib.Path(__file__).with_name("_kernels.py")
 _MODULES: dict[bool, ModuleType] = {}
@@ -188,8 +188,8 @@ def _count_votes(flat: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("orcal_triton::foreground_probability", mutates_args=())
 def foreground_probability(logits: torch.Tensor, readout: str, majority: int) -> torch.Tensor:
     """(B, R+1, *S) ordinal logits -> (B, *S) foreground probability in the logits' dtype."""
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if readout not in KERNEL_READOUTS:
+        raise ValueError(f"readout must be one of {KERNEL_READOUTS}, got {readout!r}")
     B, C = logits.shape[0], logits.shape[1]
     x = _flatten(logits, True)
     V = x.shape[2]
@@ -259,8 +259,8 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     """Fused SPEC §4 statistics: (counts int64, sums float64), one row per image (``stats_layout.h``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if readout not in KERNEL_READOUTS:
+        raise ValueError(f"readout must be one of {KERNEL_READOUTS}, got {readout!r}")
     B, R, dev = pred.shape[0], int(num_raters), pred.device
     ordinal = kind == "ordinal"
     x = _flatten(pred, ordinal)
