@@ -250,10 +250,11 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
 
 def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, Any], label, evaluated: list[str],
                            progress: bool):
-    """Fit :class:`~orcal.metrics.ConformalRiskControl` and :class:`~orcal.metrics.ConformalVolume` (random
-    rater) on the calibration cases (SPEC §12); voxels outside a case's valid mask count for nothing."""
+    """Fit :class:`~orcal.metrics.ConformalRiskControl`, :class:`~orcal.metrics.ConformalVolume` (random
+    rater) and :class:`~orcal.metrics.ConformalVoxelSets` on the calibration cases (SPEC §12); voxels outside a
+    case's valid mask count for nothing. Returns ``({"risk", "volume", "sets"}: fitted calibrator, n)``."""
     from orcal._progress import progress_bar
-    from orcal.metrics import ConformalRiskControl, ConformalVolume
+    from orcal.metrics import ConformalRiskControl, ConformalVolume, ConformalVoxelSets
 
     preds = find_predictions(cal_dir)
     shared = sorted(set(preds) & set(evaluated))
@@ -261,22 +262,28 @@ def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, A
         raise ValueError(f"--calibration: {len(shared)} case(s) are also evaluated ({', '.join(shared[:5])}); the "
                          "calibration and evaluated cases must be disjoint for the guarantee to hold")
     ids, cases, _ = _iter_cases(preds, allow_missing=True, label=label, **source)
-    crc, vol = ConformalRiskControl(), ConformalVolume()
+    fitted = {"risk": ConformalRiskControl(), "volume": ConformalVolume(), "sets": ConformalVoxelSets()}
     for case, masks, valid, _ in progress_bar(cases, total=len(ids), desc="calibrate", unit="case",
                                               enabled=progress):
-        p, m = _conformal_case(preds[case], masks, valid, kind)
-        crc.update(p, m)
-        vol.update(p, m)
-    return crc.fit(alpha), vol.fit(alpha), crc, vol, len(ids)
+        p, m, v = _conformal_case(preds[case], masks, valid, kind)
+        fitted["risk"].update(p, m)
+        fitted["volume"].update(p, m)
+        fitted["sets"].update(p, m, valid=v)
+    for calibrator in fitted.values():
+        calibrator.fit(alpha)
+    return fitted, len(ids)
 
 
-def _conformal_case(path: Path, masks: torch.Tensor, valid, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A case as ``(p (1, *S), masks (1, R, *S) bool)``, restricted to its valid voxels."""
+def _conformal_case(path: Path, masks: torch.Tensor, valid, kind: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A case as ``(p (1, *S), masks (1, R, *S) bool, valid (1, *S) bool or None)``, restricted to its valid
+    voxels."""
     p = torch.from_numpy(_match_shape(load_prediction(path, kind), tuple(masks.shape[1:]), path))[None]
     m = masks[None].bool()
     if valid is not None:
-        p, m = p * valid[None].bool(), m & valid[None, None].bool()
-    return p, m
+        valid = valid[None].bool()
+        p, m = p * valid, m & valid[:, None]
+    return p, m, valid
 
 
 def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset: str | None = None,
@@ -286,7 +293,8 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
              exact_auc: bool = False, allow_missing: bool = False, name: str | None = None,
              progress: bool = True, dataset_options: dict[str, Any] | None = None,
              label: int | Sequence[int] | None = None, group_by: str = "auto", conformal: float | None = None,
-             calibration: str | os.PathLike | None = None, calibration_split: str | None = None) -> dict[str, Any]:
+             calibration: str | os.PathLike | None = None, calibration_split: str | None = None,
+             save_conformal: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate the probability maps in ``pred_dir`` against rater masks and write the report to ``out_dir``.
 
     Args:
@@ -308,7 +316,10 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         conformal, calibration, calibration_split: with ``conformal = alpha``, fit on the probability maps of the
             calibration folder (raters from the same source; ``calibration_split`` of ``dataset``, default
             ``split``) the FNR threshold and the volume intervals of SPEC §12 against a random rater, and report
-            on the evaluated cases their test FNR, mask size, volume coverage and interval width.
+            on the evaluated cases their test FNR, mask size, volume coverage and interval width; also the voxel
+            sets' threshold, test miscoverage against a random rater and uncertain-voxel fraction.
+        save_conformal: write the fitted calibrators there (``.json`` or ``.pt``, :func:`~orcal.metrics.
+            save_conformal`) for ``orcal predict --conformal``.
 
     Returns:
         The content of ``metrics.json``; its ``warnings`` list says when the bootstrap intervals rest on fewer
@@ -323,17 +334,23 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     if (conformal is None) != (calibration is None):
         raise ValueError("--conformal ALPHA and --calibration DIR go together")
+    if save_conformal is not None and conformal is None:
+        raise ValueError("--save-conformal FILE needs --conformal ALPHA --calibration DIR")
     preds = find_predictions(pred_dir)
     name = name or Path(pred_dir).resolve().name
     elsewhere = frozenset(find_predictions(calibration)) if calibration is not None else frozenset()
     ids, cases, known = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
                                     dataset_options, label, elsewhere)
     groups = case_groups(ids, group_by, known)
-    tests: dict[str, list[float]] = {"fnr": [], "mask": [], "covered": [], "width": []}
+    tests: dict[str, list[float]] = {"fnr": [], "mask": [], "covered": [], "width": [], "miss": [], "uncertain": []}
     if conformal is not None:
         source = dict(dataset=dataset, root=root, split=split if calibration_split is None else calibration_split,
                       task=task, raters=raters, rater_glob=rater_glob, dataset_options=dataset_options)
-        lam, q, crc, vol, n_cal = _conformal_calibration(calibration, conformal, kind, source, label, ids, progress)
+        fitted, n_cal = _conformal_calibration(calibration, conformal, kind, source, label, ids, progress)
+        if save_conformal is not None:
+            from orcal.metrics import save_conformal as save
+
+            save(save_conformal, fitted)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
     for case, masks, valid, grid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case",
@@ -349,7 +366,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
             raise ValueError(f"{preds[case]}: {err}") from err
         raters_per_case.append(int(masks.shape[0]))
         if conformal is not None:
-            _conformal_test(tests, crc, vol, *_conformal_case(preds[case], masks, valid, kind))
+            _conformal_test(tests, fitted, *_conformal_case(preds[case], masks, valid, kind))
     result = metric.compute()
     stats = metric.stats()
     ci = bootstrap(stats, n_boot=n_boot, seed=seed, groups=groups) if n_boot > 0 else None
@@ -377,9 +394,12 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     if conformal is not None:
         report["conformal"] = {
             "alpha": conformal, "n_calibration": n_cal, "calibration": str(calibration),
-            "threshold": float(lam[0]), "fnr": float(np.mean(tests["fnr"])), "mask_fraction":
-            float(np.mean(tests["mask"])), "volume_quantile": float(q[0]),
-            "volume_coverage": float(np.mean(tests["covered"])), "volume_width_voxels": float(np.mean(tests["width"]))}
+            "threshold": float(fitted["risk"].thresholds[0]), "fnr": float(np.mean(tests["fnr"])), "mask_fraction":
+            float(np.mean(tests["mask"])), "volume_quantile": float(fitted["volume"].quantiles[0]),
+            "volume_coverage": float(np.mean(tests["covered"])), "volume_width_voxels": float(np.mean(tests["width"])),
+            "set_threshold": float(fitted["sets"].thresholds[0]), "set_miscoverage": float(np.mean(tests["miss"])),
+            "uncertain_fraction": float(np.mean(tests["uncertain"])),
+            "saved": None if save_conformal is None else str(save_conformal)}
     report = _clean(report)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot, units))
@@ -389,10 +409,18 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     return report
 
 
-def _conformal_test(tests: dict[str, list[float]], crc, vol, p: torch.Tensor, m: torch.Tensor) -> None:
-    """One evaluated case's FNR against a random rater, mask fraction, volume coverage and width (voxels)."""
-    from orcal.metrics import fnr_curves, volume_stats
+def _conformal_test(tests: dict[str, list[float]], fitted: dict, p: torch.Tensor, m: torch.Tensor,
+                    valid: torch.Tensor | None) -> None:
+    """One evaluated case's FNR against a random rater, mask fraction, volume coverage and width (voxels), and
+    its voxel sets' miscoverage against a random rater and uncertain fraction (of its valid voxels)."""
+    from orcal.metrics import fnr_curves, volume_stats, voxel_set_curves
 
+    crc, vol, sets = fitted["risk"], fitted["volume"], fitted["sets"]
+    j = round(float(sets.thresholds[0]) * (sets.grid.numel() - 1))
+    tests["miss"].append(float(voxel_set_curves(p, m, valid=valid, grid_points=sets.grid.numel())[0, 0, j]))
+    unsure = sets.predict(p).uncertain
+    tests["uncertain"].append(float(unsure.double().mean() if valid is None else
+                                    unsure[valid].double().sum() / valid.sum().clamp_min(1)))
     j = round(float(crc.thresholds[0]) * (crc.grid.numel() - 1))
     tests["fnr"].append(float(fnr_curves(p, m, grid_points=crc.grid.numel())[0, 0, j]))
     tests["mask"].append(float(crc.predict(p).double().mean()))

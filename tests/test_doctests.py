@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["orcal.heads", "orcal.fusion", "orcal.metrics.registry", "orcal.data", "orcal.train", "orcal.experiment",
-           "orcal.metrics.calibrate", "orcal.metrics.comparison"]
+           "orcal.metrics.calibrate", "orcal.metrics.comparison", "orcal.metrics.conformal",
+           "orcal.metrics.conformal_sets"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,7 +5,9 @@ NIfTI, PNG/JPEG (8-bit, divided by 255) or .npy: what `orcal predict` and `orcal
 Rater masks come from a dataset layout (--dataset NAME --root ROOT [--split --task]) or from a folder
 --raters DIR holding DIR/<case>/<rater files>; --label N picks one structure of multi-label rater maps.
 --conformal ALPHA --calibration DIR adds the conformal threshold and volume intervals of SPEC §12, fitted on the
-calibration cases' maps in DIR, and their test risk and coverage on --pred.
+calibration cases' maps in DIR, and their test risk and coverage on --pred, and the conformal voxel sets
+(threshold, miscoverage against a random rater, fraction of uncertain voxels); --save-conformal FILE keeps
+the fitted calibrators for `orcal predict --conformal FILE`.
 Writes metrics.json, per_image.csv, metrics.md, reliability.png and agreement.png to --out.
 """
 
@@ -51,6 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                 "ALPHA and the volume intervals of coverage 1 - ALPHA; report them on --pred")
     conformal.add_argument("--calibration", metavar="DIR", help="probability maps of the calibration cases (raters "
                                                                 "from the same source, cases disjoint from --pred)")
+    conformal.add_argument("--save-conformal", metavar="FILE", default=None,
+                           help="write the fitted calibrators to FILE (.json, else torch .pt) for orcal predict "
+                                "--conformal FILE")
     conformal.add_argument("--calibration-split", default=None, metavar="SPLIT",
                            help="split of --dataset holding the calibration cases (default: --split)")
     add_quiet(parser, "--no-progress")
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       allow_missing=args.allow_missing, name=args.name, progress=not args.quiet,
                       label=args.label, dataset_options=dict(args.option), group_by=args.group_by,
                       conformal=args.conformal, calibration=args.calibration,
-                      calibration_split=args.calibration_split)
+                      calibration_split=args.calibration_split, save_conformal=args.save_conformal)
     m, ci = report["metrics"], report["bootstrap"]
     for key in ("mr_ece", "auc", "brier", "nll", "dice"):
         value = m[key]
@@ -82,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"conformal (alpha {c['alpha']}, {c['n_calibration']} calibration cases): threshold "
               f"{c['threshold']:.3f}, test FNR {c['fnr']:.4f}, mask {100 * c['mask_fraction']:.1f} % of voxels; "
               f"volume coverage {c['volume_coverage']:.3f}, mean width {c['volume_width_voxels']:.1f} voxels")
+        print(f"conformal voxel sets: threshold {c['set_threshold']:.3f}, test miscoverage {c['set_miscoverage']:.4f}, "
+              f"uncertain {100 * c['uncertain_fraction']:.1f} % of voxels"
+              + (f"; calibrators saved to {c['saved']}" if c["saved"] else ""))
     for warning in report.get("warnings", []):
         print(f"warning: {warning}")
     print(f"{report['n_images']} images; report in {args.out}/ (metrics.json, per_image.csv, metrics.md, "

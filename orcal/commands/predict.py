@@ -7,9 +7,11 @@ Examples:
 
 Writes OUT/<readout>/<case><ext> per readout (an ordinal head: majority and expected, SPEC §2; a binary head:
 OUT/sigmoid/) and, for an ordinal head, OUT/expected_k/<case><ext>, the predicted number of raters
-E[k]. Volumes go through blended sliding windows of the training patch; NIfTI outputs keep the input's
-affine and spacing. Images come from files or folders (<case>.<ext>, or <case>/image.<ext>) or from a dataset
-layout (--dataset); give files the intensity scaling the model was trained with (--intensity).
+E[k]. With --conformal FILE (from `orcal evaluate --save-conformal`) also the conformal mask and the
+uncertainty mask of SPEC §12 (OUT/<readout>_conformal/, OUT/<readout>_uncertain/). Volumes go through blended
+sliding windows of the training patch; NIfTI outputs keep the input's affine and spacing. Images come from
+files or folders (<case>.<ext>, or <case>/image.<ext>) or from a dataset layout (--dataset); give files the
+intensity scaling the model was trained with (--intensity).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     parser.add_argument("--batch-size", type=int, default=2, help="2D images, or 3D windows, per forward pass")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap for volumes")
+    conformal = parser.add_argument_group("conformal masks (SPEC §12)")
+    conformal.add_argument("--conformal", metavar="FILE", default=None,
+                           help="calibrators saved by orcal evaluate --save-conformal: also write OUT/<readout>_"
+                                "conformal/ (the mask p >= lambda) and OUT/<readout>_uncertain/ (voxels whose "
+                                "conformal set holds both labels)")
+    conformal.add_argument("--conformal-readout", metavar="NAME", default=None,
+                           help="the readout the calibrators were fitted on (default: the only one written)")
     add_quiet(parser)
 
 
@@ -97,9 +106,20 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ValueError(f"--readout: {err}") from None
     patch = config.patch_size if spec["spatial_dims"] == 3 else None
+    conformal = None
+    if args.conformal is not None:
+        from orcal.metrics import load_conformal
+
+        try:
+            conformal = load_conformal(args.conformal)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"--conformal: {err}") from None
+    elif args.conformal_readout is not None:
+        raise ValueError("--conformal-readout needs --conformal FILE")
     folders = write_predictions(model, dataset, args.out, readouts=readouts, fmt=args.format, device=args.device,
                                 patch_size=patch, batch_size=args.batch_size, overlap=args.overlap, amp=args.amp,
-                                progress=not args.quiet)
+                                progress=not args.quiet, conformal=conformal,
+                                conformal_readout=args.conformal_readout)
     for name, folder in folders.items():
         print(f"{name:>11}: {folder}/ ({len(dataset)} files)")
     return 0

@@ -13,6 +13,8 @@ Everything is computed from per-image :class:`~orcal.ops.stats.CalibrationStats`
 - :mod:`~orcal.metrics.volume`: volume uncertainty of several structures (SPEC §11.4).
 - :mod:`~orcal.metrics.calibrate`: post-hoc temperature scaling (SPEC §10).
 - :mod:`~orcal.metrics.conformal`: conformal thresholds and volume intervals against a random rater (SPEC §12).
+- :mod:`~orcal.metrics.conformal_sets`: conformal voxel label sets with an uncertainty mask, and consensus-level
+  sets of an ordinal head (SPEC §12.4–12.5); saving and loading fitted calibrators.
 - :mod:`~orcal.metrics.plots`: reliability diagrams and confidence-vs-agreement plots.
 
 When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,
@@ -27,6 +29,15 @@ from __future__ import annotations
 from orcal.metrics.calibrate import TemperatureScaler, apply_temperature, fit_temperature
 from orcal.metrics.comparison import exceeds_noise, paired_difference, seed_summary
 from orcal.metrics.conformal import ConformalRiskControl, ConformalVolume, fnr_curves, min_calibration_images
+from orcal.metrics.conformal_sets import (
+    ConformalLevelSets,
+    ConformalVoxelSets,
+    VoxelSets,
+    level_set_curves,
+    load_conformal,
+    save_conformal,
+    voxel_set_curves,
+)
 from orcal.metrics.pooled import (
     auc_exact,
     bin_table,
@@ -58,12 +69,15 @@ def __getattr__(name: str):
 __all__ = [
     "METRICS",
     "CalibrationStats",
+    "ConformalLevelSets",
     "ConformalRiskControl",
     "ConformalVolume",
+    "ConformalVoxelSets",
     "Metric",
     "MultiRaterCalibration",
     "TemperatureScaler",
     "VolumeStats",
+    "VoxelSets",
     "agreement_table",
     "apply_temperature",
     "auc_exact",
@@ -74,14 +88,18 @@ __all__ = [
     "exceeds_noise",
     "fit_temperature",
     "fnr_curves",
+    "level_set_curves",
+    "load_conformal",
     "paired_difference",
     "min_calibration_images",
     "per_structure",
     "register_metric",
+    "save_conformal",
     "seed_summary",
     "summarize",
     "summarize_samples",
     "unregister_metric",
     "volume_metrics",
     "volume_stats",
+    "voxel_set_curves",
 ]

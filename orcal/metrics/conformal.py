@@ -68,6 +68,43 @@ def _certify(n: int, alpha: float) -> None:
                          f"use at least {need} calibration images (n >= 1/alpha - 1) or a larger alpha")
 
 
+def _largest_certified(total: torch.Tensor, n: int, alpha: float, grid: torch.Tensor) -> torch.Tensor:
+    """Per row of ``total`` (``(C, G)``, the summed per-image loss curves, each nondecreasing on ``grid`` and 0
+    at ``grid[0]``), the largest grid point with ``(n R_n + 1) / (n + 1) <= alpha`` (conformal risk control
+    with a loss bounded by ``B = 1``); ``n >= min_calibration_images(alpha)`` makes ``grid[0]`` certified."""
+    ok = (total + 1) / (n + 1) <= alpha + _TOL  # n R_n + B over n + 1, B = 1
+    ok = ok.cumprod(1).bool()  # the loss is nondecreasing: keep the prefix that certifies
+    return grid[ok.sum(1) - 1]
+
+
+def _pooled_sum(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """``total`` and the image count ``n`` summed over every rank (a collective: each rank must call it)."""
+    if distributed.world_size() == 1:
+        return total, n
+    flat = torch.cat([total.flatten(), torch.tensor([float(n)], dtype=torch.float64)])
+    flat = distributed.all_reduce_sum(flat)
+    return flat[:-1].view_as(total), int(flat[-1])
+
+
+def _tensor(value, name: str) -> torch.Tensor | None:
+    """A state-dict entry (a tensor, or the nested lists of a JSON file) as a float64 tensor."""
+    if value is None:
+        return None
+    try:
+        return torch.as_tensor(value, dtype=torch.float64).cpu()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"state_dict[{name!r}] must be numbers, got {type(value).__name__}") from err
+
+
+def _check_state(state: dict, kind: str, keys: tuple[str, ...]) -> None:
+    if not isinstance(state, dict) or state.get("kind", kind) != kind:
+        got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"state_dict of a {got}, not of a {kind}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{kind} state_dict lacks {', '.join(missing)}")
+
+
 def _inputs(probs: torch.Tensor, masks: torch.Tensor, num_structures: int | None
             ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Check one batch; returns the probabilities as ``(B, C, *S)``, the masks and ``C``."""
@@ -153,27 +190,30 @@ class ConformalRiskControl:
         self._sum = torch.zeros(self.num_structures or 1, self.grid.numel(), dtype=torch.float64)
         self.n = 0
         self.thresholds: torch.Tensor | None = None
+        self.alpha: float | None = None
+
+    def _curves(self, probs: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The per-image loss curves ``(B, C, G)`` of one calibration batch."""
+        return fnr_curves(probs, masks, self.num_structures, self.grid.numel())
 
     def update(self, probs: torch.Tensor, masks: torch.Tensor) -> None:
         """Add calibration images: ``probs`` ``(B, *S)`` / ``(B, C, *S)``, ``masks`` ``(B, R, *S)``."""
-        curves = fnr_curves(probs, masks, self.num_structures, self.grid.numel())
+        self._add(self._curves(probs, masks))
+
+    def _add(self, curves: torch.Tensor) -> None:
         self._sum += curves.sum(0)
         self.n += curves.shape[0]
         self.thresholds = None
 
     def _totals(self) -> tuple[torch.Tensor, int]:
         """The curve sum and the image count over every rank (each rank must call :meth:`fit`)."""
-        if distributed.world_size() == 1:
-            return self._sum, self.n
-        flat = torch.cat([self._sum.flatten(), torch.tensor([float(self.n)], dtype=torch.float64)])
-        flat = distributed.all_reduce_sum(flat)
-        return flat[:-1].view_as(self._sum), int(flat[-1])
+        return _pooled_sum(self._sum, self.n)
 
     def risk_curve(self) -> torch.Tensor:
         """The calibration images' mean loss at every threshold, ``(C, G)`` (all ranks pooled)."""
         total, n = self._totals()
         if n == 0:
-            raise RuntimeError("ConformalRiskControl has no calibration image: call update() first")
+            raise RuntimeError(f"{type(self).__name__} has no calibration image: call update() first")
         return total / n
 
     def fit(self, alpha: float) -> torch.Tensor:
@@ -184,30 +224,60 @@ class ConformalRiskControl:
         a = _check_alpha(alpha)
         total, n = self._totals()
         if n == 0:
-            raise RuntimeError("ConformalRiskControl has no calibration image: call update() first")
+            raise RuntimeError(f"{type(self).__name__} has no calibration image: call update() first")
         _certify(n, a)
-        ok = (total + 1) / (n + 1) <= a + _TOL  # n R_n + B over n + 1, B = 1
-        ok = ok.cumprod(1).bool()  # the loss is nondecreasing: keep the prefix that certifies
-        self.thresholds = self.grid[ok.sum(1) - 1]  # ok[:, 0] holds: the loss at 0 is 0 and n >= 1/alpha - 1
+        self.thresholds, self.alpha = _largest_certified(total, n, a, self.grid), a
         return self.thresholds
 
-    def predict(self, probs: torch.Tensor) -> torch.Tensor:
-        """The thresholded masks ``p >= lambda_c``: bool, the shape of ``probs``."""
+    def _check_predict(self, probs: torch.Tensor) -> torch.Tensor:
+        """The thresholds shaped to broadcast against ``probs``, after checking both."""
         if self.thresholds is None:
-            raise RuntimeError("ConformalRiskControl: call fit(alpha) before predict()")
+            raise RuntimeError(f"{type(self).__name__}: call fit(alpha) before predict() (or load_state_dict)")
         check_tensor("probs", probs)
         C = self.num_structures
         if C is not None and (probs.ndim < 2 or probs.shape[1] != C):
-            raise ValueError(f"probs must be (B, C = {C}, *S), got {tuple(probs.shape)}")
+            raise ValueError(f"probs must be (B, C = {C}, *S) for this calibrator's {C} structure(s), "
+                             f"got {tuple(probs.shape)}")
         lam = self.thresholds.to(probs.device)
-        if C is not None:
-            lam = lam.view(1, C, *([1] * (probs.ndim - 2)))
-        return probs.double() >= lam[0] if C is None else probs.double() >= lam
+        return lam[0] if C is None else lam.view(1, C, *([1] * (probs.ndim - 2)))
+
+    def predict(self, probs: torch.Tensor) -> torch.Tensor:
+        """The thresholded masks ``p >= lambda_c``: bool, the shape of ``probs``."""
+        return probs.double() >= self._check_predict(probs)
 
     apply = predict
 
+    def state_dict(self) -> dict:
+        """What :meth:`load_state_dict` needs to predict (and to refit): the thresholds, this rank's curve sum
+        and image count, the settings. Tensors are float64; :func:`~orcal.metrics.save_conformal` writes it."""
+        return {"kind": type(self).__name__, "num_structures": self.num_structures,
+                "grid_points": self.grid.numel(), "alpha": self.alpha, "n": self.n, "sum": self._sum.clone(),
+                "thresholds": None if self.thresholds is None else self.thresholds.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (tensors or JSON lists); settings must match this calibrator's."""
+        _check_state(state, type(self).__name__, ("num_structures", "grid_points", "n", "sum", "thresholds"))
+        if state["num_structures"] != self.num_structures or state["grid_points"] != self.grid.numel():
+            raise ValueError(f"state_dict is for num_structures={state['num_structures']}, grid_points="
+                             f"{state['grid_points']}; this {type(self).__name__} has {self.num_structures}, "
+                             f"{self.grid.numel()}")
+        total, lam = _tensor(state["sum"], "sum"), _tensor(state["thresholds"], "thresholds")
+        if tuple(total.shape) != tuple(self._sum.shape) or (lam is not None and lam.shape != (total.shape[0],)):
+            raise ValueError(f"state_dict sum {tuple(total.shape)} / thresholds must be {tuple(self._sum.shape)} / "
+                             f"({total.shape[0]},)")
+        self._sum, self.n, self.thresholds, self.alpha = total, int(state["n"]), lam, state.get("alpha")
+
+    @classmethod
+    def from_state_dict(cls, state: dict):
+        """A calibrator built from a :meth:`state_dict`."""
+        _check_state(state, cls.__name__, ("num_structures", "grid_points"))
+        out = cls(num_structures=state["num_structures"], grid_points=state["grid_points"])
+        out.load_state_dict(state)
+        return out
+
     def __repr__(self) -> str:
-        return f"ConformalRiskControl(num_structures={self.num_structures}, n={self.n}, thresholds={self.thresholds})"
+        return f"{type(self).__name__}(num_structures={self.num_structures}, n={self.n}, " \
+               f"thresholds={self.thresholds})"
 
 
 def _moments(stats: VolumeStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +311,7 @@ class ConformalVolume:
         """Forget the calibration scores and the fitted quantiles."""
         self._scores: list[torch.Tensor] = []  # (B, C, R) per update
         self.quantiles: torch.Tensor | None = None
+        self.alpha: float | None = None
 
     def update(self, probs: torch.Tensor, masks: torch.Tensor, spacing=None) -> None:
         """Add calibration images (the arguments of :func:`volume_stats`)."""
@@ -289,7 +360,35 @@ class ConformalVolume:
             risk = above.double() / R  # n R_n(q): each image's fraction of raters outside, summed
             ok = (risk + 1) / (n + 1) <= a + _TOL  # holds at the largest score, where nothing lies outside
             out[c] = cand[ok.nonzero()[0, 0]]  # the smallest certified q (the loss is nonincreasing in q)
-        self.quantiles = out
+        self.quantiles, self.alpha = out, a
+        return out
+
+    def state_dict(self) -> dict:
+        """The fitted quantiles, this rank's calibration scores ``(n, C, R)`` and the settings."""
+        local = torch.cat(self._scores) if self._scores else None
+        return {"kind": type(self).__name__, "num_structures": self.num_structures, "rater": self.rater,
+                "alpha": self.alpha, "scores": local, "quantiles": None if self.quantiles is None
+                else self.quantiles.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (tensors or JSON lists); settings must match this calibrator's."""
+        _check_state(state, type(self).__name__, ("num_structures", "rater", "scores", "quantiles"))
+        if state["num_structures"] != self.num_structures or state["rater"] != self.rater:
+            raise ValueError(f"state_dict is for num_structures={state['num_structures']}, rater="
+                             f"{state['rater']!r}; this ConformalVolume has {self.num_structures}, {self.rater!r}")
+        C = self.num_structures or 1
+        scores, q = _tensor(state["scores"], "scores"), _tensor(state["quantiles"], "quantiles")
+        if (scores is not None and (scores.ndim != 3 or scores.shape[1] != C)) or (q is not None and q.shape != (C,)):
+            raise ValueError(f"state_dict scores must be (n, {C}, R) and quantiles ({C},)")
+        self._scores = [] if scores is None or scores.numel() == 0 else [scores]
+        self.quantiles, self.alpha = q, state.get("alpha")
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ConformalVolume:
+        """A calibrator built from a :meth:`state_dict`."""
+        _check_state(state, cls.__name__, ("num_structures", "rater"))
+        out = cls(num_structures=state["num_structures"], rater=state["rater"])
+        out.load_state_dict(state)
         return out
 
     def intervals(self, stats: VolumeStats) -> tuple[torch.Tensor, torch.Tensor]:

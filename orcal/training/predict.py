@@ -175,22 +175,59 @@ def predict(model_or_result: nn.Module | TrainResult, dataset: Dataset, head: st
 WRITE_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy", "png": ".png"}
 
 
+def _conformal_masks(conformal: dict | None, readout: str | None, readouts: Sequence[str], C: int | None) -> dict:
+    """``{folder name: (readout, probs -> mask)}`` of the conformal masks to write beside the maps."""
+    from orcal.metrics import ConformalLevelSets, ConformalRiskControl, ConformalVoxelSets
+
+    if not conformal:
+        return {}
+    if readout is None:
+        if len(readouts) != 1:
+            raise ValueError(f"--conformal-readout: say which of the readouts {', '.join(readouts)} the conformal "
+                             "calibrators were fitted on")
+        readout = readouts[0]
+    if readout not in readouts:
+        raise ValueError(f"--conformal-readout: {readout!r} is not among the readouts written ({', '.join(readouts)})")
+    out = {}
+    for name, cal in conformal.items():
+        if not isinstance(cal, ConformalRiskControl) or isinstance(cal, ConformalLevelSets) or cal.thresholds is None:
+            continue  # volume intervals, level sets (they read level probabilities) or never fitted: no mask
+        if cal.num_structures != C:
+            raise ValueError(f"--conformal: calibrator {name!r} has num_structures={cal.num_structures}, the model "
+                             f"{C}; fit it on this model's maps of every structure (or a binary model's map)")
+        if isinstance(cal, ConformalVoxelSets):
+            out[f"{readout}_uncertain"] = (readout, lambda p, c=cal: c.predict(p).uncertain)
+        else:
+            out[f"{readout}_conformal"] = (readout, cal.predict)
+    if not out:
+        raise ValueError("--conformal: the file holds no fitted ConformalRiskControl or ConformalVoxelSets")
+    return out
+
+
 def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset, out_dir: str | os.PathLike,
                       readouts: Sequence[str] | None = None, fmt: str | None = None,
                       device: str | torch.device = "auto",
                       patch_size: int | Sequence[int] | None = None, batch_size: int = 2, overlap: float = 0.5,
-                      amp: str = "auto", progress: bool = True) -> dict[str, Path]:
+                      amp: str = "auto", progress: bool = True, conformal: dict | None = None,
+                      conformal_readout: str | None = None) -> dict[str, Path]:
     """Write every item's foreground probability, one file per case and readout, as ``orcal evaluate`` reads
     them: ``OUT/<readout>/<case><ext>``; for an ordinal head also ``OUT/expected_k/<case><ext>``, the predicted
     number of raters ``E[k]`` (float32). A model of several structures writes each structure ``c`` under
     ``OUT/<readout>/structure<c>/`` (structure ``c`` is the ``c``-th label the loader read: score it with
     ``orcal evaluate`` and that label's ``--label`` or ``--task``).
 
+    With ``conformal`` (the fitted calibrators of :func:`orcal.metrics.load_conformal`, SPEC §12), the map of
+    ``conformal_readout`` also gives uint8 masks (0/1; 0/255 in PNG): ``OUT/<readout>_conformal/``, the voxels
+    ``p >= lambda`` of a ``ConformalRiskControl``, and ``OUT/<readout>_uncertain/``, the voxels whose
+    ``ConformalVoxelSets`` set holds both labels.
+
     Args:
         readouts: default every readout of the head (:attr:`orcal.heads.Head.readouts`: ``majority`` and
             ``expected`` for an ordinal head, SPEC §2; ``sigmoid`` for a binary one).
         fmt: ``"nii.gz"``, ``"nii"``, ``"npy"`` or ``"png"``; default NIfTI where the dataset says an item came
             from a NIfTI file (``dataset.image_path(i)``; its affine and spacing are kept), else ``.npy``.
+        conformal, conformal_readout: calibrators ``{name: calibrator}`` and the readout they were fitted on
+            (default: the only readout written).
         other arguments: as :func:`predict`.
 
     Returns:
@@ -208,6 +245,9 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
     ids = getattr(dataset, "ids", None) or [str(dataset[i].get("id", i)) for i in range(len(dataset))]
     sources = {str(c): getattr(dataset, "image_path", lambda i: None)(i) for i, c in enumerate(ids)}
     names = (*readouts, EXPECTED_K) if EXPECTED_K in head.maps else readouts
+    masks = _conformal_masks(conformal, None if conformal_readout is None else head.readout(conformal_readout),
+                             readouts, C)
+    names = (*names, *masks)
     folders = {name: out / name for name in names}
     if C is not None:
         folders = {f"{name}/structure{c}": out / name / f"structure{c}" for name in names for c in range(1, C + 1)}
@@ -218,6 +258,8 @@ def write_predictions(model_or_result: nn.Module | TrainResult, dataset: Dataset
         if EXPECTED_K in names:
             R = logits.shape[1] // (C or 1) - 1
             maps[EXPECTED_K] = probability(logits, kind, "expected", num_structures=C).float().cpu() * R
+        for name, (readout, make) in masks.items():
+            maps[name] = make(maps[readout]).to(torch.uint8)
         if C is not None:  # (B, C, *S): one map per structure
             maps = {f"{name}/structure{c + 1}": m[:, c] for name, m in maps.items() for c in range(C)}
         for name, m in maps.items():  # NaN would be written as 0 in 8-bit files, and scored as a confident 0

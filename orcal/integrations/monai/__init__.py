@@ -6,6 +6,8 @@
 - :class:`ORCTargetd`: the rater stack → the vote count ``k`` ``(1, *S)`` uint8, the target of
   :class:`orcal.OrdinalLoss`.
 - :class:`ORCReadoutd`: ordinal logits → the foreground probability of a readout, per image.
+- :class:`ConformalMaskd`: a fitted conformal calibrator (SPEC §12) applied to one image's probabilities (or
+  logits, or ordinal logits through a readout) → its conformal mask and, for voxel sets, the uncertainty mask.
 - :class:`MultiRaterCalibrationMetric`: a ``monai.metrics.CumulativeIterationMetric`` over orcal's
   statistics (``metric(y_pred, y)`` on batches or decollated lists, ``aggregate()``, ``reset()``, MONAI's
   gather across ranks), equal to :class:`orcal.metrics.MultiRaterCalibration` on the same data.
@@ -17,6 +19,7 @@ MetaTensors keep their metadata through the transforms; the metric and :mod:`orc
 tensors. See docs/integrations.md for a whole 3D loop.
 """
 
+from orcal.integrations.monai.conformal import ConformalMaskd
 from orcal.integrations.monai.metric import (
     MultiRaterCalibrationHandler,
     MultiRaterCalibrationMetric,
@@ -25,5 +28,5 @@ from orcal.integrations.monai.metric import (
 )
 from orcal.integrations.monai.transforms import AFFINE_ATOL, ORCReadoutd, ORCTargetd, StackRatersd
 
-__all__ = ["AFFINE_ATOL", "MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric", "ORCReadoutd",
-           "ORCTargetd", "StackRatersd", "metric_cmp_fn", "score_function"]
+__all__ = ["AFFINE_ATOL", "ConformalMaskd", "MultiRaterCalibrationHandler", "MultiRaterCalibrationMetric",
+           "ORCReadoutd", "ORCTargetd", "StackRatersd", "metric_cmp_fn", "score_function"]
