@@ -419,6 +419,11 @@ def test_stats_grid_depends_on_the_problem_size_only(monkeypatch):
         assert programs * iters * block >= V > (programs - 1) * iters * block  # every block once, no idle program
         assert 1 <= programs <= _ops.STATS_PROGRAMS
     assert _ops.stats_grid(128 * 256 * 256, block, 7)[0] == _ops.STATS_PROGRAMS  # a CT volume fills any GPU
+    # A thread packs its ECE counts n and a (n << 16 | a) into an int32: a < 2^16 and n < 2^15 at any R.
+    vec = block // (32 * _ops.NUM_WARPS)
+    for V, R in ((512**3, 255), (512**3, 1), (1, 255)):
+        programs, iters = _ops.stats_grid(V, block, R)
+        assert programs * iters * block >= V and iters * vec * max(R, 2) < 2**16
 
 
 def test_backward_reads_no_device_value():
