@@ -122,15 +122,16 @@ def hot_loop(lines: list[str]) -> list[str]:
 
 # --- the Triton kernels: the launchers' own block sizes ----------------------------------------------------
 
-def triton_cases() -> list[dict]:
-    """The Triton kernels and settings of the table, with the block sizes their launchers pick."""
+def triton_cases(raters: tuple[int, ...] = (7, 32)) -> list[dict]:
+    """The Triton kernels and settings of the table, with the block sizes their launchers pick (the loss and
+    statistics at each R of ``raters``)."""
     from orcal.ops._triton import _ops
 
     cases = []
     for dtype in ("float32", "bfloat16"):
         size = DTYPE_SIZE[dtype]
         ty = DTYPE_TYPES[dtype]
-        for R in (7, 32):
+        for R in raters:
             C = R + 1
             tile = _ops.voxel_block(C, size)
             cases.append(dict(

@@ -177,7 +177,7 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
             for c in range(C):
                 e = _exp(_channel(row_ptr, c, V, v, vm, IS_F64) - mx)
                 se += e
-                sce += e * c.to(mx.dtype)
+                sce += e * c
         p = sce / (se * (C - 1))
         p = tl.where(p > 1.0, 1.0, p)  # rounding can carry it just past 1 on confident voxels; NaN stays NaN
         # +inf logits: one such level takes all the mass (p = level / R), several have no limit (NaN).
@@ -214,14 +214,7 @@ def _rps_step(cum, sq, dsum, dcum, e, hi, k, c, sc_lo, sc_hi):
     q = e * tl.where(hi, sc_hi, sc_lo)
     cum += q
     diff = tl.where(c >= k, cum - 1.0, cum)
-    return cum, sq + diff * diff, dsum + diff, dcum + diff * cum, q, diff
-
-
-@triton.jit
-def _grad_step(e, q, g, hi, d_l, inv_lo, inv_hi, qg, rps_weight, scale, w):
-    d_rps = q * (g - qg)
-    dl_dz = e * tl.where(hi, inv_hi, -inv_lo)
-    return tl.where(w, (d_l * dl_dz + rps_weight * d_rps) * scale, 0.0)
+    return cum, sq + diff * diff, dsum + diff, dcum + diff * cum, diff
 
 
 @triton.jit
@@ -253,7 +246,7 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
         zero = tl.zeros([BLOCK_V], tl.float32)
     rps_weight = tl.load(params_ptr + 1)
     k = tl.load(k_ptr + b * V64 + v, mask=vm, other=0).to(tl.int32)
-    tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=(k > R) & vm)
+    tl.store(flag_ptr + FLAG_VOTES + v * 0, 1, mask=k > R)  # (k is 0 outside the image)
     w = vm
     if HAS_VALID:
         w = w & (tl.load(valid_ptr + b * V64 + v, mask=vm, other=0) != 0)
@@ -262,8 +255,12 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
     # vanishing probability and logits of +-1e4 stay finite.
     mx_lo, mx_hi, s_lo, s_hi, es = _two_groups(x_row, V64, v, vm, zero, M, C, UNROLL, False, IS_F64)
     lgt = (mx_hi - mx_lo) + (_fast_ln(s_hi) - _fast_ln(s_lo))  # majority logit
-    p_hi = 1.0 / (1.0 + _exp(-lgt))
-    p_lo = 1.0 / (1.0 + _exp(lgt))
+    # sigmoid(+-lgt) from u = exp(-|lgt|) (no overflow): 1 / (1 + u) for the likelier side, u / (1 + u) for the
+    # other; u also gives the BCE's log1p term.
+    u = _exp(-tl.abs(lgt))
+    r = 1.0 / (1.0 + u)
+    p_hi = tl.where(lgt >= 0, r, u * r)
+    p_lo = tl.where(lgt >= 0, u * r, r)
     inv_hi = 1.0 / s_hi
     inv_lo = 1.0 / s_lo
     sc_hi = p_hi * inv_hi  # q = e * sc: the full softmax
@@ -275,21 +272,17 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
     dsum = zero
     dcum = zero
     if UNROLL:
-        qs = ()
         diffs = ()
         for c in tl.static_range(R):
-            cum, sq, dsum, dcum, q, diff = _rps_step(cum, sq, dsum, dcum, es[c], c >= M, k, c, sc_lo, sc_hi)
-            qs = qs + (q,)
+            cum, sq, dsum, dcum, diff = _rps_step(cum, sq, dsum, dcum, es[c], c >= M, k, c, sc_lo, sc_hi)
             diffs = diffs + (diff,)
     else:
         for c in range(R):
             e = _group_exp(_channel(x_row, c, V64, v, vm, IS_F64), c >= M, mx_lo, mx_hi)
-            cum, sq, dsum, dcum, q, diff = _rps_step(cum, sq, dsum, dcum, e, c >= M, k, c, sc_lo, sc_hi)
+            cum, sq, dsum, dcum, diff = _rps_step(cum, sq, dsum, dcum, e, c >= M, k, c, sc_lo, sc_hi)
     rps = sq * (1.0 / R)
 
     y = (k >= M).to(lgt.dtype)
-    a = tl.abs(lgt)
-    u = _exp(-a)
     t = 1.0 + u
     # log1p(u) without a log1p primitive: exact to rounding for small u (Goldberg's trick).
     log1p_u = tl.where(t == 1.0, u, tl.log(t) * u / tl.where(t == 1.0, 1.0, t - 1.0))
@@ -301,34 +294,41 @@ def ordinal_loss_kernel(x_ptr, k_ptr, valid_ptr, params_ptr, loss_ptr, partial_p
         tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
 
     if GRAD:
-        # dRPS/dq_c = (2/R) sum_{j >= c} diff_j: the reverse cumulative sum, the total less the levels
-        # below c; the level R gets 0 (its diff is 0).
+        # d loss / d z_c = scale * e_c * (d_l * (+-1 / s_group) + w_rps * sc_group * (g_c - qg)), with
+        # dRPS/dq_c = g_c = (2/R) sum_{j >= c} diff_j (the total less the levels below c; 0 at level R) and
+        # qg = sum_c q_c g_c = (2/R) dcum; so per level one multiply-add on e_c, the rest per voxel.
         scale = tl.load(params_ptr)
-        qg = dcum * (2.0 / R)
-        d_l = p_hi - y
+        sd = scale * (p_hi - y)
+        a_hi = sd * inv_hi
+        a_lo = -sd * inv_lo
+        bw = scale * rps_weight * (2.0 / R)
+        b_hi = bw * sc_hi
+        b_lo = bw * sc_lo
+        dd = dsum - dcum  # (R/2) (g_c - qg) = dd - (diffs below c)
         g_row = grad_ptr + row
         pre = zero
         if UNROLL:
             for c in tl.static_range(C):
                 if c < R:
-                    g = (dsum - pre) * (2.0 / R)
+                    x = dd - pre
                     pre += diffs[c]
-                    grad = _grad_step(es[c], qs[c], g, c >= M, d_l, inv_lo, inv_hi, qg, rps_weight, scale, w)
                 else:
-                    grad = _grad_step(es[c], es[c] * sc_hi, zero, True, d_l, inv_lo, inv_hi, qg, rps_weight,
-                                      scale, w)
+                    x = -dcum
+                if c >= M:
+                    coef = a_hi + b_hi * x
+                else:
+                    coef = a_lo + b_lo * x
+                grad = tl.where(w, es[c] * coef, 0.0)  # invalid voxels: exactly 0, whatever e holds
                 tl.store(g_row + c * V64 + v, grad.to(grad_ptr.dtype.element_ty), mask=vm)
         else:
             cum = zero
             for c in range(C):
                 hi = c >= M
                 e = _group_exp(_channel(x_row, c, V64, v, vm, IS_F64), hi, mx_lo, mx_hi)
-                q = e * tl.where(hi, sc_hi, sc_lo)
-                cum += q
-                diff = tl.where(c < R, tl.where(c >= k, cum - 1.0, cum), 0.0)
-                g = tl.where(c < R, (dsum - pre) * (2.0 / R), 0.0)
-                pre += diff
-                grad = _grad_step(e, q, g, hi, d_l, inv_lo, inv_hi, qg, rps_weight, scale, w)
+                cum += e * tl.where(hi, sc_hi, sc_lo)
+                x = tl.where(c < R, dd - pre, -dcum)
+                pre += tl.where(c < R, tl.where(c >= k, cum - 1.0, cum), 0.0)
+                grad = tl.where(w, e * tl.where(hi, a_hi + b_hi * x, a_lo + b_lo * x), 0.0)
                 tl.store(g_row + c * V64 + v, grad.to(grad_ptr.dtype.element_ty), mask=vm)
 
 
@@ -349,14 +349,14 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
                              sum_cols, brier_col,
                              KIND: tl.constexpr, EXPECTED: tl.constexpr, HAS_VALID: tl.constexpr,
                              IS_F64: tl.constexpr, PACKED: tl.constexpr, FULL: tl.constexpr, M: tl.constexpr,
-                             C: tl.constexpr, UNROLL: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+                             C: tl.constexpr, UNROLL: tl.constexpr, NB: tl.constexpr, BLOCK_V: tl.constexpr,
                              VEC: tl.constexpr):
     """SPEC §4 statistics of image ``pid // P``; program ``pid % P`` covers ``iters`` blocks of voxels.
 
     A block is a ``[THREADS, VEC]`` tile: each thread owns VEC consecutive voxels (all their channels), so the
     readout and every per-voxel quantity are per-thread math, and each trip adds them to per-thread partials
     (registers) with no cross-thread traffic; the threads are reduced once, after the loop.
-    ECE bins ``bin_lo .. bin_lo + NB_PAD - 1`` (one tuple entry each), Dice counts and the extreme AUC bins
+    ECE bins ``bin_lo .. bin_lo + NB - 1`` (one tuple entry each), Dice counts and the extreme AUC bins
     are flushed once per program (integer atomics, exact). Inner AUC bins take one integer atomic per voxel,
     spread over ``auc_bins`` addresses; with ``PACKED`` (the launcher checks that ``V * R < 2^32``) positives
     and negatives share one 64-bit atomic into ``auc_ptr`` (low and high 32 bits), unpacked by the launcher.
@@ -386,7 +386,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     # and the sum of p is float64.
     na_acc = ()
     s_acc = ()
-    for _i in tl.static_range(NB_PAD):
+    for _i in tl.static_range(NB):
         na_acc = na_acc + (zt,)
         s_acc = s_acc + (zt.to(tl.float64),)
     brier_acc = zt.to(tl.float64)
@@ -398,8 +398,9 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
     neg_first = zt
     pos_last = zt
     neg_last = zt
-    bad_votes = tile < 0
-    bad_prob = tile < 0
+    # Error flags, per thread: the largest vote count, and whether a counted voxel had a bad probability.
+    max_k = tile * 0
+    bad_prob = tile * 0
     row = counts_ptr + b * count_cols
     pos_ptr = row + pos_col
     neg_ptr = pos_ptr + auc_bins
@@ -422,8 +423,8 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
             w = w & (tl.load(valid_ptr + b * V64 + v, mask=vm, other=0) != 0)
         ok = (p >= 0.0) & (p <= 1.0)  # False for NaN
         if FULL:
-            bad_votes = bad_votes | ((k > R) & vm)
-            bad_prob = bad_prob | (w & (ok == 0))
+            max_k = tl.maximum(max_k, k)  # 0 outside the image
+            bad_prob = tl.where(w & (ok == 0), 1, bad_prob)
         w = w & ok
         p = tl.where(w, p, 0.0)
         kw = tl.where(w, k, 0)
@@ -432,7 +433,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
         na = kw + (1 << 16)
         na_new = ()
         s_new = ()
-        for i in tl.static_range(NB_PAD):
+        for i in tl.static_range(NB):
             hot = bi == i
             na_new = na_new + (na_acc[i] + tl.sum(tl.where(hot, na, 0), axis=1),)
             s_new = s_new + (s_acc[i] + tl.sum(tl.where(hot, p, 0.0), axis=1).to(tl.float64),)
@@ -483,7 +484,7 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
                                   mask=(inner_c[i] != 0) & (negw_c[i] > 0), sem="relaxed")
     # --- flush: integer atomics (exact, order-free), float partials by plain stores
     prow = partial_ptr + pid.to(tl.int64) * sum_cols
-    for i in tl.static_range(NB_PAD):
+    for i in tl.static_range(NB):
         if bin_lo + i < n_bins:
             n_i = tl.sum(na_acc[i] >> 16, axis=0).to(tl.int64)
             a_i = tl.sum(na_acc[i] & 0xFFFF, axis=0).to(tl.int64)
@@ -492,8 +493,8 @@ def calibration_stats_kernel(pred_ptr, tgt_ptr, valid_ptr, counts_ptr, partial_p
             tl.store(prow + bin_lo + i, tl.sum(s_acc[i], axis=0) * R)
     if FULL:
         # Every writer stores the same 1, so the race is benign.
-        tl.store(flag_ptr + FLAG_VOTES + tile * 0, 1, mask=bad_votes)
-        tl.store(flag_ptr + FLAG_PROB + tile * 0, 1, mask=bad_prob)
+        tl.store(flag_ptr + FLAG_VOTES + tile * 0, 1, mask=max_k > R)
+        tl.store(flag_ptr + FLAG_PROB + tile * 0, 1, mask=bad_prob != 0)
         tl.atomic_add(row + tp_col, tl.sum(tp, axis=0).to(tl.int64), sem="relaxed")
         tl.atomic_add(row + tp_col + 1, tl.sum(fp, axis=0).to(tl.int64), sem="relaxed")
         tl.atomic_add(row + tp_col + 2, tl.sum(fn, axis=0).to(tl.int64), sem="relaxed")

@@ -72,7 +72,7 @@ VOXEL_TILE_ELEMS = 64
 def voxel_block(channels: int, elem_size: int) -> dict[str, int]:
     """Constexprs ``C``, ``UNROLL``, ``BLOCK_V`` of the loss and readout kernels: BLOCK_V voxels a program,
     each thread holding up to 16 bytes of consecutive voxels of a channel (vectorised, coalesced loads)."""
-    vec = _voxels_per_thread(channels, elem_size, VOXEL_TILE_ELEMS)
+    vec = _voxels_per_thread(channels, max(elem_size, 4), VOXEL_TILE_ELEMS)  # half inputs: float32's count
     return {"C": channels, "UNROLL": channels <= CHANNEL_UNROLL_MAX, "BLOCK_V": 32 * NUM_WARPS * vec}
 
 
@@ -88,14 +88,16 @@ STATS_PROGRAMS = 1024
 
 
 def stats_tile(channels: int, n_bins: int, elem_size: int) -> dict[str, int]:
-    """Constexprs ``C``, ``UNROLL``, ``NB_PAD``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
+    """Constexprs ``C``, ``UNROLL``, ``NB``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
 
     ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits. Every thread owns VEC
     consecutive voxels of a block (its per-thread partials).
     """
-    nb_pad = min(_pow2(n_bins), STATS_BIN_WINDOW)
-    vec = _voxels_per_thread(channels, elem_size, STATS_TILE_ELEMS)
-    return {"C": channels, "UNROLL": channels <= CHANNEL_UNROLL_MAX, "NB_PAD": nb_pad,
+    nb = min(n_bins, STATS_BIN_WINDOW)  # bins of one window (a tuple: any count)
+    # Half inputs take float32's voxels per thread (8 a thread cost more instructions than 8-byte loads save);
+    # the channel loop that runs (wide C) takes one voxel a thread, the most that ptxas keeps in registers.
+    vec = _voxels_per_thread(channels, max(elem_size, 4), STATS_TILE_ELEMS) if channels <= CHANNEL_UNROLL_MAX else 1
+    return {"C": channels, "UNROLL": channels <= CHANNEL_UNROLL_MAX, "NB": nb,
             "BLOCK_V": 32 * NUM_WARPS * vec, "VEC": vec}
 
 
@@ -283,7 +285,7 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         with _on(dev):
             # The first pass computes everything with the first window of ECE bins; each further pass only
             # the next window (n_bins above STATS_BIN_WINDOW, rare: the default is 15).
-            for bin_lo in range(0, n_bins, tile["NB_PAD"]):
+            for bin_lo in range(0, n_bins, tile["NB"]):
                 kernels().calibration_stats_kernel[(B * programs,)](
                     x, tgt, vf, counts, partial, auc, flags, V, R, n_bins, bin_lo, auc_bins,
                     programs, iters, count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(),
