@@ -82,7 +82,8 @@ STATS_BIN_WINDOW = 16
 #: Logit values per thread of the statistics kernel (as VOXEL_TILE_ELEMS).
 STATS_TILE_ELEMS = 64
 #: A program of the statistics kernel covers at least this many blocks of one image (its flush, about
-#: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs.
+#: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs (more only where a
+#: program's counters would overflow: ``stats_grid``).
 STATS_MIN_ITERS = 4
 STATS_PROGRAMS = 1024
 
