@@ -548,8 +548,11 @@ def test_kernels_do_not_spill():
     sass = pytest.importorskip("benchmarks.sass")
     cases = [c for c in sass.triton_cases()
              if c["dtype"] == "float32" and ("R=32" in c["case"] or "100 bins" in c["case"])]
-    # R = 63: the widest unrolled channel loop; R = 255: the loop that runs, in both dtypes
-    cases += [c for c in sass.triton_cases(raters=(63, 255)) if c["kernel"] != "foreground_probability_kernel"]
+    # R = 63: the widest unrolled channel loop (R = 31 in float64); R = 255: the loop that runs; every dtype
+    loops = [c for c in sass.triton_cases(raters=(63, 255)) + sass.triton_cases(raters=(7, 31, 255),
+                                                                                 dtypes=("float64",))
+             if c["kernel"] != "foreground_probability_kernel" or c["dtype"] == "float64"]
+    cases += [c for c in loops if "100 bins" not in c["case"]]
     rows = sass.triton_rows(cases)
     assert rows and not [r.error for r in rows if r.error]
     assert {(r.case, r.dtype): r.spill_bytes for r in rows} == {(r.case, r.dtype): 0 for r in rows}

@@ -50,12 +50,19 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _unrolled(channels: int, elem_size: int) -> bool:
+    """Whether the channel loop is unrolled: up to CHANNEL_UNROLL_MAX channels (half as many in float64, whose
+    values take two registers)."""
+    return channels * max(1, elem_size // 4) <= CHANNEL_UNROLL_MAX
+
+
 def _voxels_per_thread(channels: int, elem_size: int, per_thread: int) -> int:
     """Consecutive voxels per thread (a power of 2): up to 16 bytes of each channel (one vectorised load) and
-    about ``per_thread`` channel values in all, when the channel loop is unrolled (they live in registers)."""
+    about ``per_thread`` 32-bit channel values in all, when the channel loop is unrolled (they live in
+    registers)."""
     vec = 16 // elem_size
-    if channels <= CHANNEL_UNROLL_MAX:
-        fit = max(1, per_thread // channels)
+    if _unrolled(channels, elem_size):
+        fit = max(1, per_thread // (channels * max(1, elem_size // 4)))  # in 32-bit registers
         vec = min(vec, 1 << (fit.bit_length() - 1))
     return vec
 
@@ -73,7 +80,7 @@ def voxel_block(channels: int, elem_size: int) -> dict[str, int]:
     """Constexprs ``C``, ``UNROLL``, ``BLOCK_V`` of the loss and readout kernels: BLOCK_V voxels a program,
     each thread holding up to 16 bytes of consecutive voxels of a channel (vectorised, coalesced loads)."""
     vec = _voxels_per_thread(channels, max(elem_size, 4), VOXEL_TILE_ELEMS)  # half inputs: float32's count
-    return {"C": channels, "UNROLL": channels <= CHANNEL_UNROLL_MAX, "BLOCK_V": 32 * NUM_WARPS * vec}
+    return {"C": channels, "UNROLL": _unrolled(channels, elem_size), "BLOCK_V": 32 * NUM_WARPS * vec}
 
 
 #: ECE bins one pass of the statistics kernel holds in registers (every thread keeps ``n``, ``a`` and ``s`` of
@@ -97,8 +104,10 @@ def stats_tile(channels: int, n_bins: int, elem_size: int) -> dict[str, int]:
     nb = min(n_bins, STATS_BIN_WINDOW)  # bins of one window (a tuple: any count)
     # Half inputs take float32's voxels per thread (8 a thread cost more instructions than 8-byte loads save);
     # the channel loop that runs (wide C) takes one voxel a thread, the most that ptxas keeps in registers.
-    vec = _voxels_per_thread(channels, max(elem_size, 4), STATS_TILE_ELEMS) if channels <= CHANNEL_UNROLL_MAX else 1
-    return {"C": channels, "UNROLL": channels <= CHANNEL_UNROLL_MAX, "NB": nb,
+    # Float64 takes one voxel a thread too (its values take two registers each).
+    unroll = _unrolled(channels, elem_size)
+    vec = _voxels_per_thread(channels, max(elem_size, 4), STATS_TILE_ELEMS) if unroll and elem_size < 8 else 1
+    return {"C": channels, "UNROLL": unroll, "NB": nb,
             "BLOCK_V": 32 * NUM_WARPS * vec, "VEC": vec}
 
 
