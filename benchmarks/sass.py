@@ -122,25 +122,28 @@ def hot_loop(lines: list[str]) -> list[str]:
 
 # --- the Triton kernels: the launchers' own block sizes ----------------------------------------------------
 
-def triton_cases() -> list[dict]:
-    """The Triton kernels and settings of the table, with the block sizes their launchers pick."""
+def triton_cases(raters: tuple[int, ...] = (7, 32), dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> list[dict]:
+    """The Triton kernels and settings of the table, with the block sizes their launchers pick (the loss and
+    statistics at each R of ``raters``, for each of ``dtypes``)."""
     from orcal.ops._triton import _ops
 
     cases = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         size = DTYPE_SIZE[dtype]
         ty = DTYPE_TYPES[dtype]
-        for R in (7, 32):
+        acc = "fp64" if dtype == "float64" else "fp32"  # the loss's math dtype
+        f64 = dtype == "float64"
+        for R in raters:
             C = R + 1
-            c_pad, block = _ops.voxel_block(C, size)
+            tile = _ops.voxel_block(C, size)
             cases.append(dict(
-                kernel="ordinal_loss_kernel", dtype=dtype, case=f"R={R}, grad", voxels=block,
+                kernel="ordinal_loss_kernel", dtype=dtype, case=f"R={R}, grad", voxels=tile["BLOCK_V"],
                 bytes_per_voxel=2 * C * size + 1,
-                signature={"x_ptr": f"*{ty}", "k_ptr": "*u8", "valid_ptr": "*u8", "params_ptr": "*fp32",
-                           "loss_ptr": "*fp32", "partial_ptr": "*fp32", "grad_ptr": f"*{ty}", "flag_ptr": "*i32",
-                           "C": "i32", "V": "i32", "m": "i32", "nblk": "i32"},
-                constexprs={"HAS_VALID": False, "MAP": False, "GRAD": True, "IS_F64": False, "C_PAD": c_pad,
-                            "BLOCK_V": block}))
+                signature={"x_ptr": f"*{ty}", "k_ptr": "*u8", "valid_ptr": "*u8", "params_ptr": f"*{acc}",
+                           "loss_ptr": f"*{acc}", "partial_ptr": f"*{acc}", "grad_ptr": f"*{ty}", "flag_ptr": "*i32",
+                           "V": "i32", "nblk": "i32"},
+                constexprs={"HAS_VALID": False, "MAP": False, "GRAD": True, "IS_F64": f64, "M": R // 2 + 1,
+                            **tile}))
             for n_bins in (15, 100):  # rater masks are summed into votes by orc_targets_kernel first
                 tile = _ops.stats_tile(C, n_bins, size)
                 cases.append(dict(
@@ -149,17 +152,17 @@ def triton_cases() -> list[dict]:
                     bytes_per_voxel=C * size + 1,
                     signature={"pred_ptr": f"*{ty}", "tgt_ptr": "*u8", "valid_ptr": "*u8", "counts_ptr": "*i64",
                                "partial_ptr": "*fp64", "auc_ptr": "*i64", "flag_ptr": "*i32",
-                               **{n: "i32" for n in ("V", "R", "C", "m", "n_bins", "bin_lo", "auc_bins", "P",
+                               **{n: "i32" for n in ("V", "R", "n_bins", "bin_lo", "auc_bins", "P",
                                                      "iters", "count_cols", "a_col", "tp_col", "pos_col",
                                                      "sum_cols", "brier_col")}},
-                    constexprs={"KIND": 2, "EXPECTED": False, "HAS_VALID": False, "IS_F64": False,
-                                "PACKED": True, "FULL": True, **tile}))
-        c_pad, block = _ops.voxel_block(8, size)
+                    constexprs={"KIND": 2, "EXPECTED": False, "HAS_VALID": False, "IS_F64": f64,
+                                "PACKED": True, "FULL": True, "M": R // 2 + 1, **tile}))
+        tile = _ops.voxel_block(8, size)
         cases.append(dict(
-            kernel="foreground_probability_kernel", dtype=dtype, case="R=7, majority", voxels=block,
+            kernel="foreground_probability_kernel", dtype=dtype, case="R=7, majority", voxels=tile["BLOCK_V"],
             bytes_per_voxel=8 * size + size,
-            signature={"x_ptr": f"*{ty}", "p_ptr": f"*{ty}", "C": "i32", "V": "i32", "m": "i32", "nblk": "i32"},
-            constexprs={"EXPECTED": False, "IS_F64": False, "C_PAD": c_pad, "BLOCK_V": block}))
+            signature={"x_ptr": f"*{ty}", "p_ptr": f"*{ty}", "V": "i32", "nblk": "i32"},
+            constexprs={"EXPECTED": False, "IS_F64": f64, "M": 4, **tile}))
     cases.append(dict(
         kernel="orc_targets_kernel", dtype="uint8", case="R=7", voxels=1024, bytes_per_voxel=8,
         signature={"masks_ptr": "*u8", "k_ptr": "*u8", "flag_ptr": "*i32", "R": "i32", "V": "i32", "nblk": "i32"},

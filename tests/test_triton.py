@@ -419,6 +419,11 @@ def test_stats_grid_depends_on_the_problem_size_only(monkeypatch):
         assert programs * iters * block >= V > (programs - 1) * iters * block  # every block once, no idle program
         assert 1 <= programs <= _ops.STATS_PROGRAMS
     assert _ops.stats_grid(128 * 256 * 256, block, 7)[0] == _ops.STATS_PROGRAMS  # a CT volume fills any GPU
+    # A thread packs its ECE counts n and a (n << 16 | a) into an int32: a < 2^16 and n < 2^15 at any R.
+    vec = block // (32 * _ops.NUM_WARPS)
+    for V, R in ((512**3, 255), (512**3, 1), (1, 255)):
+        programs, iters = _ops.stats_grid(V, block, R)
+        assert programs * iters * block >= V and iters * vec * max(R, 2) < 2**16
 
 
 def test_backward_reads_no_device_value():
@@ -489,6 +494,24 @@ def test_loss_and_stats_do_not_synchronise(device, monkeypatch, reduction):
     assert logits.grad is not None
 
 
+def test_channel_loop_that_runs(device, monkeypatch):
+    """Above CHANNEL_UNROLL_MAX channels (R > 63) the kernels run their channel loop and read the channels again
+    in each pass instead of holding them in registers: checked against the reference at R = 7 with the limit
+    lowered, for the loss and its gradient, both readouts and the statistics."""
+    from orcal.ops._triton import _ops
+
+    monkeypatch.setattr(_ops, "CHANNEL_UNROLL_MAX", 4)
+    assert not _ops.voxel_block(8, 4)["UNROLL"] and not _ops.stats_tile(8, 15, 4)["UNROLL"]
+    _check_loss(device, 7, (5, 6), use_valid=True, majority=3)
+    _check_loss(device, 7, (3, 4), reduction="none", scale=1e4)
+    logits = _logits(2, 7, (3, 5), device=device)
+    for readout in ("majority", "expected"):
+        p = ops.foreground_probability(logits, readout, backend="triton")
+        torch.testing.assert_close(p.cpu(), reference.foreground_probability(logits.cpu(), readout, 4),
+                                   atol=2e-6, rtol=1e-5)
+        _stats_case(device, "ordinal", readout, False, use_valid=True, R=7)
+
+
 @pytest.mark.parametrize("n_bins", [17, 40])
 def test_calibration_stats_bin_windows(device, n_bins):
     """More ECE bins than one window holds (STATS_BIN_WINDOW) take further passes over the voxels."""
@@ -525,6 +548,11 @@ def test_kernels_do_not_spill():
     sass = pytest.importorskip("benchmarks.sass")
     cases = [c for c in sass.triton_cases()
              if c["dtype"] == "float32" and ("R=32" in c["case"] or "100 bins" in c["case"])]
+    # R = 63: the widest unrolled channel loop (R = 31 in float64); R = 255: the loop that runs; every dtype
+    loops = [c for c in sass.triton_cases(raters=(63, 255)) + sass.triton_cases(raters=(7, 31, 255),
+                                                                                 dtypes=("float64",))
+             if c["kernel"] != "foreground_probability_kernel" or c["dtype"] == "float64"]
+    cases += [c for c in loops if "100 bins" not in c["case"]]
     rows = sass.triton_rows(cases)
     assert rows and not [r.error for r in rows if r.error]
-    assert {r.case: r.spill_bytes for r in rows} == {r.case: 0 for r in rows}
+    assert {(r.case, r.dtype): r.spill_bytes for r in rows} == {(r.case, r.dtype): 0 for r in rows}

@@ -50,60 +50,65 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _block_v(rows: int, elem_size: int, per_thread: int) -> int:
-    """Voxels of a ``[rows, BLOCK_V]`` tile with at most ``per_thread`` elements per thread (a power of 2).
-
-    Each thread holds up to 16 bytes of consecutive voxels (vectorised loads); a tile of more rows than
-    ``per_thread`` gets fewer voxels than threads, and Triton then spreads a voxel's rows over threads.
-    """
-    threads = 32 * NUM_WARPS
-    vec = min(16 // elem_size, max(1, per_thread // rows))
-    if rows * vec <= per_thread:
-        return threads * vec
-    return max(16, 1 << (threads * per_thread // rows).bit_length() - 1)
+def _unrolled(channels: int, elem_size: int) -> bool:
+    """Whether the channel loop is unrolled: up to CHANNEL_UNROLL_MAX channels (half as many in float64, whose
+    values take two registers)."""
+    return channels * max(1, elem_size // 4) <= CHANNEL_UNROLL_MAX
 
 
-#: Tile elements per thread of the loss and readout kernels: about 32, so their temporaries stay in registers.
-VOXEL_TILE_ELEMS = 32
+def _voxels_per_thread(channels: int, elem_size: int, per_thread: int) -> int:
+    """Consecutive voxels per thread (a power of 2): up to 16 bytes of each channel (one vectorised load) and
+    about ``per_thread`` 32-bit channel values in all, when the channel loop is unrolled (they live in
+    registers)."""
+    vec = 16 // elem_size
+    if _unrolled(channels, elem_size):
+        fit = max(1, per_thread // (channels * max(1, elem_size // 4)))  # in 32-bit registers
+        vec = min(vec, 1 << (fit.bit_length() - 1))
+    return vec
 
 
-def voxel_block(channels: int, elem_size: int) -> tuple[int, int]:
-    """(C_PAD, BLOCK_V) for a ``[C_PAD, BLOCK_V]`` tile of the loss and readout kernels.
+#: Every thread owns whole voxels and loops over their channels; up to this many channels the loop is unrolled
+#: and a voxel's channel values stay in registers, beyond it the loop runs and reads the channels again (cache
+#: hits) in each of its passes, so that nothing spills at any R.
+CHANNEL_UNROLL_MAX = 64
+#: Channel values per thread of the loss and readout kernels (voxels per thread x channels): what their
+#: unrolled channel loops hold in registers without spilling (``python -m benchmarks.sass``).
+VOXEL_TILE_ELEMS = 64
 
-    Up to 32 padded channels, every channel of a voxel sits in one thread (no shuffles for the channel
-    reductions and scans), which holds up to 16 bytes of consecutive voxels and about VOXEL_TILE_ELEMS
-    elements in all; wider tiles spread a voxel over threads rather than spill.
-    """
-    c_pad = _pow2(channels)
-    return c_pad, _block_v(c_pad, elem_size, VOXEL_TILE_ELEMS)
+
+def voxel_block(channels: int, elem_size: int) -> dict[str, int]:
+    """Constexprs ``C``, ``UNROLL``, ``BLOCK_V`` of the loss and readout kernels: BLOCK_V voxels a program,
+    each thread holding up to 16 bytes of consecutive voxels of a channel (vectorised, coalesced loads)."""
+    vec = _voxels_per_thread(channels, max(elem_size, 4), VOXEL_TILE_ELEMS)  # half inputs: float32's count
+    return {"C": channels, "UNROLL": _unrolled(channels, elem_size), "BLOCK_V": 32 * NUM_WARPS * vec}
 
 
 #: ECE bins one pass of the statistics kernel holds in registers (every thread keeps ``n``, ``a`` and ``s`` of
 #: each); more bins take further passes over the voxels, one per window.
 STATS_BIN_WINDOW = 16
-#: Logit elements per thread of the statistics kernel: the largest that compiles without spills at R = 7
-#: and R = 32 (``python -m benchmarks.sass``).
+#: Logit values per thread of the statistics kernel (as VOXEL_TILE_ELEMS).
 STATS_TILE_ELEMS = 64
 #: A program of the statistics kernel covers at least this many blocks of one image (its flush, about
-#: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs.
+#: 40 atomics, is amortised over them) and an image gets at most STATS_PROGRAMS programs (more only where a
+#: program's counters would overflow: ``stats_grid``).
 STATS_MIN_ITERS = 4
 STATS_PROGRAMS = 1024
 
 
 def stats_tile(channels: int, n_bins: int, elem_size: int) -> dict[str, int]:
-    """Constexprs ``C_PAD``, ``NB_PAD``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
+    """Constexprs ``C``, ``UNROLL``, ``NB``, ``BLOCK_V``, ``VEC`` of the statistics kernel.
 
-    ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits. The voxels per thread
-    shrink as the channel tile grows, so nothing spills; the one-hot tile of the ECE window costs few
-    registers (it is reduced as it is made).
+    ``channels``: 1 for probabilities and binary logits, R + 1 for ordinal logits. Every thread owns VEC
+    consecutive voxels of a block (its per-thread partials).
     """
-    c_pad = _pow2(channels)
-    nb_pad = min(_pow2(n_bins), STATS_BIN_WINDOW)
-    # Half inputs get the voxels per thread of float32 ones: the math is float32 either way (8 bf16 voxels
-    # per thread spill).
-    block = _block_v(c_pad, max(elem_size, 4), STATS_TILE_ELEMS)
-    vec = max(1, block // (32 * NUM_WARPS))  # voxels per thread: the kernel's per-thread partials
-    return {"C_PAD": c_pad, "NB_PAD": nb_pad, "BLOCK_V": block, "VEC": vec}
+    nb = min(n_bins, STATS_BIN_WINDOW)  # bins of one window (a tuple: any count)
+    # Half inputs take float32's voxels per thread (8 a thread cost more instructions than 8-byte loads save);
+    # the channel loop that runs (wide C) takes one voxel a thread, the most that ptxas keeps in registers.
+    # Float64 takes one voxel a thread too (its values take two registers each).
+    unroll = _unrolled(channels, elem_size)
+    vec = _voxels_per_thread(channels, max(elem_size, 4), STATS_TILE_ELEMS) if unroll and elem_size < 8 else 1
+    return {"C": channels, "UNROLL": unroll, "NB": nb,
+            "BLOCK_V": 32 * NUM_WARPS * vec, "VEC": vec}
 
 
 def stats_grid(V: int, block: int, R: int) -> tuple[int, int]:
@@ -118,6 +123,8 @@ def stats_grid(V: int, block: int, R: int) -> tuple[int, int]:
     programs = min(STATS_PROGRAMS, triton_cdiv(nblocks, STATS_MIN_ITERS))
     iters = triton_cdiv(nblocks, programs)
     iters = min(iters, (2**31 - 1) // (block * max(R, 1)))  # int32 counters in the kernel cannot overflow
+    # nor can a thread's packed ECE counts (n << 16 | a over its VEC voxels a block): a and n below 2^16, 2^15
+    iters = max(1, min(iters, (2**16 - 1) // (block // (32 * NUM_WARPS) * max(R, 2))))
     return triton_cdiv(nblocks, iters), iters
 
 
@@ -195,12 +202,12 @@ def foreground_probability(logits: torch.Tensor, readout: str, majority: int) ->
     V = x.shape[2]
     p = torch.empty((B, V), dtype=logits.dtype, device=logits.device)
     if p.numel():
-        c_pad, block = voxel_block(C, logits.element_size())
-        nblk = triton_cdiv(V, block)
+        tile = voxel_block(C, logits.element_size())
+        nblk = triton_cdiv(V, tile["BLOCK_V"])
         with _on(logits.device):
             kernels().foreground_probability_kernel[(B * nblk,)](
-                x, p, C, V, int(majority), nblk, EXPECTED=readout == "expected",
-                IS_F64=logits.dtype == torch.float64, C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+                x, p, V, nblk, M=int(majority), EXPECTED=readout == "expected",
+                IS_F64=logits.dtype == torch.float64, **tile, num_warps=NUM_WARPS)
     return p.reshape(logits.shape[:1] + logits.shape[2:])
 
 
@@ -228,8 +235,8 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
     else:
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     is_map = reduction == REDUCTIONS["none"]
-    c_pad, block = voxel_block(C, logits.element_size())
-    nblk = triton_cdiv(V, block) if V else 0
+    tile = voxel_block(C, logits.element_size())
+    nblk = triton_cdiv(V, tile["BLOCK_V"]) if V else 0
     loss_map = torch.empty((B, V) if is_map else (0,), dtype=acc, device=dev)
     partial = torch.empty(0 if is_map else B * nblk, dtype=acc, device=dev)
     grad = torch.empty_like(x) if need_grad else logits.new_empty(0)
@@ -238,9 +245,9 @@ def ordinal_loss(logits: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | No
         flags = _new_flags(dev)
         with _on(dev):
             kernels().ordinal_loss_kernel[(B * nblk,)](
-                x, kf, vf, params, loss_map, partial, grad, flags, C, V, int(majority), nblk,
+                x, kf, vf, params, loss_map, partial, grad, flags, V, nblk, M=int(majority),
                 HAS_VALID=valid is not None, MAP=is_map, GRAD=bool(need_grad), IS_F64=acc == torch.float64,
-                C_PAD=c_pad, BLOCK_V=block, num_warps=NUM_WARPS)
+                **tile, num_warps=NUM_WARPS)
         _raise_flags(flags, C - 1, "masks", "k")
     if need_grad:
         grad = grad.reshape(logits.shape)
@@ -288,11 +295,11 @@ def calibration_stats(pred: torch.Tensor, target: torch.Tensor, valid: torch.Ten
         with _on(dev):
             # The first pass computes everything with the first window of ECE bins; each further pass only
             # the next window (n_bins above STATS_BIN_WINDOW, rare: the default is 15).
-            for bin_lo in range(0, n_bins, tile["NB_PAD"]):
+            for bin_lo in range(0, n_bins, tile["NB"]):
                 kernels().calibration_stats_kernel[(B * programs,)](
-                    x, tgt, vf, counts, partial, auc, flags, V, R, C, int(majority), n_bins, bin_lo, auc_bins,
+                    x, tgt, vf, counts, partial, auc, flags, V, R, n_bins, bin_lo, auc_bins,
                     programs, iters, count_cols, layout.a(), layout.tp(), layout.pos(), layout.sum_cols(),
-                    layout.brier(), KIND=KINDS.index(kind), EXPECTED=readout == "expected",
+                    layout.brier(), M=int(majority), KIND=KINDS.index(kind), EXPECTED=readout == "expected",
                     HAS_VALID=valid is not None, IS_F64=pred.dtype == torch.float64, PACKED=packed,
                     FULL=bin_lo == 0, **tile, num_warps=NUM_WARPS)
         _raise_flags(flags, R, "target", "target vote counts", kind)
