@@ -43,7 +43,6 @@ constexpr int64_t kMaxBlocksPerImage = 1024;
 constexpr int64_t kMaxBlockVoxels = int64_t(1) << 24;
 constexpr int64_t kMaxRaters = 255;  // check_stats_args
 static_assert(kMaxBlockVoxels * kMaxRaters < (int64_t(1) << 32), "a block's uint32 counters could overflow");
-static_assert(kMaxBlockVoxels / cuda::kThreads < (int64_t(1) << 32), "a thread's uint32 counts could overflow");
 
 int64_t stats_blocks_per_image(int64_t V) {
   const int64_t per_block = cuda::test_override(kBlockVoxels, "ORCAL_CUDA_EMULATION_BLOCK_VOXELS");
