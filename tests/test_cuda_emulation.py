@@ -210,11 +210,18 @@ def test_stats_raters(emu, R):
     _check_stats(emu, pred, ref.orc_targets(masks), None, R, False, "ordinal", readout="expected")
 
 
-def test_stats_several_blocks_per_image(emu):
-    V = 2 * 2048 + 100  # three blocks per image (8 voxels per thread), the last one ragged
+def test_stats_several_blocks_per_image(emu, monkeypatch):
+    # The launcher gives a block 2^15 voxels or more; 2048 here, so that a few thousand voxels span several blocks.
+    monkeypatch.setenv("ORCAL_CUDA_EMULATION_BLOCK_VOXELS", "2048")
+    V = 2 * 2048 + 100  # three blocks per image, the last one ragged
     pred = _pred("prob", 2, 4, V, torch.float32, seed=3)
     masks = _masks(2, 4, V, seed=3)
     _check_stats(emu, pred, masks, _valid(2, V, seed=3), 4, True, "prob", n_bins=10, auc_bins=128)
+    # bad probabilities in three blocks of two images: counted over the blocks, the first one (by index) named
+    bad = pred.clone()
+    bad[1, 5], bad[1, V - 1], bad[0, 2500] = -0.5, 2.0, float("nan")
+    with pytest.raises(ValueError, match=r"\[0, 1\]; found nan \(3 bad values\)"):
+        emu.calibration_stats(bad, masks, None, 4, True, "prob", "majority", 3, 10, 128)
 
 
 @pytest.mark.parametrize("n_bins", [1, 16, 17, 33, 100])

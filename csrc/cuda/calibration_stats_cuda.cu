@@ -1,7 +1,10 @@
 // calibration_stats on CUDA (SPEC §4). Grid (x: slices of an image's voxels, y: images). Integer histograms
-// live in shared memory (block-private; uint32 for the AUC bins, which each block keeps below 2^32 by its
-// share of voxels), filled with one atomic per distinct bin per warp (warp aggregation: on a confident image a
-// whole warp hits one bin), and added to the int64 output with one atomic per non-zero bin per block: exact.
+// live in shared memory (block-private uint32 counters: a block's counts stay below 2^32, see kMaxBlockVoxels),
+// filled with one atomic per distinct bin per warp (warp aggregation: on a confident image a whole warp hits one
+// bin), and added to the int64 output with one atomic per non-zero bin per block: exact. TP/FP/FN (and the count
+// of bad probabilities) are per-thread registers, summed over the block by shuffles and shared memory, and
+// added with one atomic each per block. A block sees at least kBlockVoxels voxels where the image has them, so
+// that its flush of up to 2 x (n_bins + auc_bins) bins is amortised.
 // Float sums are deterministic: each thread keeps its confidence mass for up to 16 or 32 ECE bins at a
 // time, blocks reduce them in a fixed tree into a per-block buffer, and at::sum adds the blocks. More ECE
 // bins take more passes over the input (never the case for the usual 10-20 bins).
@@ -28,6 +31,26 @@ namespace {
 constexpr int kFewLocalBins = 16;
 constexpr int kManyLocalBins = 32;
 constexpr size_t kSharedLimit = 48 * 1024;
+
+// Blocks per image (grid x), from the image's voxel count V only (never the device), so that every sum is the
+// same on any GPU: ceil(V / kBlockVoxels) blocks, at most kMaxBlocksPerImage (a 512 x 512 x 300 CT volume:
+// 1024 blocks of 76,800 voxels), and at least ceil(V / kMaxBlockVoxels). With gx >= V / 2^24 a thread of the
+// grid-stride loop sees at most ceil(V / (gx * 256)) <= 2^16 voxels and a block at most 2^24; each voxel adds at
+// most R <= 255 to a counter, so a block's counters stay below 2^24 * 255 < 2^32 and a thread's below 2^16:
+// uint32 in shared memory and registers (64-bit shared atomics are compare-and-swap loops); the output is int64.
+constexpr int64_t kBlockVoxels = int64_t(1) << 15;
+constexpr int64_t kMaxBlocksPerImage = 1024;
+constexpr int64_t kMaxBlockVoxels = int64_t(1) << 24;
+constexpr int64_t kMaxRaters = 255;  // check_stats_args
+static_assert(kMaxBlockVoxels * kMaxRaters < (int64_t(1) << 32), "a block's uint32 counters could overflow");
+
+int64_t stats_blocks_per_image(int64_t V) {
+  const int64_t per_block = cuda::test_override(kBlockVoxels, "ORCAL_CUDA_EMULATION_BLOCK_VOXELS");
+  int64_t gx = (V + per_block - 1) / per_block;
+  if (gx > kMaxBlocksPerImage) gx = kMaxBlocksPerImage;
+  const int64_t min_gx = (V + kMaxBlockVoxels - 1) / kMaxBlockVoxels;
+  return gx > min_gx ? gx : (min_gx > 1 ? min_gx : 1);
+}
 
 struct StatsParams {
   const void* pred;
@@ -60,9 +83,9 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
   ORCAL_DYNAMIC_SHARED(unsigned long long, smem_ull);
   const StatsLayout lay{P.n_bins, P.auc_bins};
   const int64_t nb = P.n_bins, tb = P.auc_bins;
-  double* red = reinterpret_cast<double*>(smem_ull);                          // blockDim doubles
-  unsigned long long* ece = smem_ull + blockDim.x;                            // n[nb], a[nb]
-  unsigned int* auc = reinterpret_cast<unsigned int*>(ece + (P.shared_ece ? 2 * nb : 0));  // pos[tb], neg[tb]
+  double* red = reinterpret_cast<double*>(smem_ull);                         // blockDim doubles
+  unsigned int* ece = reinterpret_cast<unsigned int*>(smem_ull + blockDim.x);  // n[nb], a[nb]
+  unsigned int* auc = ece + (P.shared_ece ? 2 * nb : 0);                     // pos[tb], neg[tb]
   const int64_t b = blockIdx.y + P.image_offset;
   int64_t* row = P.counts + b * P.count_cols;
   if (P.shared_ece)
@@ -71,7 +94,8 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
     for (int64_t j = threadIdx.x; j < 2 * tb; j += blockDim.x) auc[j] = 0;
   __syncthreads();
   const T Rf = static_cast<T>(P.R);
-  int64_t tp = 0, fp = 0, fn = 0;
+  // TP, FP, FN and bad probabilities of this thread's voxels (< 2^16 each: kMaxBlockVoxels)
+  unsigned counts[4] = {0, 0, 0, 0};
   double* out = P.partials + (b * gridDim.x + blockIdx.x) * P.sum_cols;
   for (int64_t lo = 0; lo < nb; lo += kLocalBins) {
     const bool first = lo == 0;
@@ -95,8 +119,8 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
       if (P.valid != nullptr && !P.valid[b * P.V + v]) continue;
       const T p = voxel_probability<scalar_t, T>(P, b, v);
       if (!(p >= T(0) && p <= T(1))) {
-        if (first) {
-          atomicAdd(P.bad_count, 1ULL);
+        if (first) {  // the error path: the op raises
+          ++counts[3];
           atomicMin(P.first_bad, static_cast<unsigned long long>(b * P.V + v));
         }
         continue;
@@ -113,9 +137,9 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
       brier += static_cast<double>(brier_voxel(p, kv, Rf));
       nll += static_cast<double>(nll_voxel(p, kv, Rf));
       const bool fg = p >= T(0.5), y = kk >= P.m;
-      tp += fg && y;
-      fp += fg && !y;
-      fn += !fg && y;
+      counts[0] += fg && y;
+      counts[1] += fg && !y;
+      counts[2] += !fg && y;
       const int64_t ti = bin_index(p, tb);
       if (P.shared_ece) {
         cuda::warp_aggregated_add(ece, ece + nb, static_cast<unsigned>(bi), static_cast<unsigned>(P.R),
@@ -151,10 +175,10 @@ __global__ void __launch_bounds__(cuda::kThreads) stats_kernel(StatsParams P) {
   auto add = [&](int64_t col, unsigned long long x) {
     if (x != 0) atomicAdd(reinterpret_cast<unsigned long long*>(row + col), x);
   };
-  add(lay.tp(), static_cast<unsigned long long>(tp));
-  add(lay.fp(), static_cast<unsigned long long>(fp));
-  add(lay.fn(), static_cast<unsigned long long>(fn));
-  __syncthreads();
+  // `red` is free (block_sum ends with a barrier); block_counts' barrier also ends the histogram atomics.
+  const unsigned total = cuda::block_counts(counts, reinterpret_cast<unsigned*>(red));
+  if (threadIdx.x < 3) add(threadIdx.x == 0 ? lay.tp() : threadIdx.x == 1 ? lay.fp() : lay.fn(), total);
+  else if (threadIdx.x == 3 && total != 0) atomicAdd(P.bad_count, static_cast<unsigned long long>(total));
   if (P.shared_ece)
     for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) {
       add(lay.n() + j, ece[j]);
@@ -190,18 +214,15 @@ std::tuple<at::Tensor, at::Tensor> calibration_stats_cuda(const at::Tensor& pred
   at::Tensor counts = at::zeros({B, lay.count_cols()}, pred.options().dtype(at::kLong));
   if (B == 0 || V == 0) return {counts, at::zeros({B, lay.sum_cols()}, pred.options().dtype(at::kDouble))};
 
-  // Each block sees at most 2^24 voxels, so its uint32 AUC counters (<= 255 per voxel) cannot overflow.
-  int64_t gx = cuda::grid_for(V, 8, 1024);
-  const int64_t min_gx = (V + (int64_t(1) << 24) - 1) >> 24;
-  gx = gx > min_gx ? gx : min_gx;
+  const int64_t gx = stats_blocks_per_image(V);
   at::Tensor partials = at::zeros({B, gx, lay.sum_cols()}, pred.options().dtype(at::kDouble));
   at::Tensor bad = at::full({2}, 0, pred.options().dtype(at::kLong));
   bad[0].fill_(std::numeric_limits<int64_t>::max());
   at::Tensor flags = at::zeros({2}, pred.options().dtype(at::kInt));
 
   size_t shared = cuda::kThreads * sizeof(double);
-  const bool shared_ece = shared + 2 * n_bins * sizeof(unsigned long long) <= kSharedLimit;
-  if (shared_ece) shared += 2 * n_bins * sizeof(unsigned long long);
+  const bool shared_ece = shared + 2 * n_bins * sizeof(unsigned int) <= kSharedLimit;
+  if (shared_ece) shared += 2 * n_bins * sizeof(unsigned int);
   const bool shared_auc = shared + 2 * auc_bins * sizeof(unsigned int) <= kSharedLimit;
   if (shared_auc) shared += 2 * auc_bins * sizeof(unsigned int);
 

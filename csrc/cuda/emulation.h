@@ -11,8 +11,9 @@
 //  - atomics are relaxed std::atomic_ref operations, as on the device;
 //  - a lane in a warp intrinsic waits until every lane of its warp is blocked (in an intrinsic, at
 //    __syncthreads, or returned). __activemask() then gives the lanes waiting in it at the same call site, and
-//    __match_any_sync / __reduce_add_sync serve the lanes named by their mask once all of them wait at the same
-//    call site. Lanes that wait for each other forever, or a mask naming a returned lane, abort with a message;
+//    __match_any_sync / __reduce_add_sync / __shfl_down_sync serve the lanes named by their mask once all of them
+//    wait at the same call site. Lanes that wait for each other forever, a mask naming a returned lane, or a shuffle
+//    reading a lane outside its mask abort with a message;
 //  - launch configurations beyond the device's limits raise, as cudaLaunchKernel would fail;
 //  - host-side CUDA (device guard, stream, launch check, graph-capture query) is a no-op.
 // What this cannot show (device numerics, real scheduling, races between blocks, speed): docs/gpu.md.
@@ -39,7 +40,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__ inline __attribute__((always_inline))  // as nvcc: a warp intrinsic's site is the caller's
 #define __launch_bounds__(...)
 #define __shared__ static
 
@@ -70,7 +71,7 @@ constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute
   std::abort();
 }
 
-enum class Op { activemask, match_any, reduce_add };
+enum class Op { activemask, match_any, reduce_add, shfl_down };
 
 struct Warp {
   std::mutex mu;
@@ -83,7 +84,7 @@ struct Warp {
   struct Call {
     const void* site;
     Op op;
-    unsigned mask, value, result;
+    unsigned mask, value, delta, result;  // delta: __shfl_down_sync's lane offset
   } call[kWarpSize];
 
   // Serves every complete group of waiting lanes (under mu).
@@ -114,6 +115,15 @@ struct Warp {
           unsigned r = 0;
           if (c.op == Op::activemask) {
             r = group;
+          } else if (c.op == Op::shfl_down) {
+            // the value of lane j + delta, or the lane's own where that leaves the warp (as on the device)
+            const unsigned src = j + call[j].delta;
+            if (src >= kWarpSize) {
+              r = call[j].value;
+            } else {
+              if (!(group >> src & 1u)) fail("__shfl_down_sync reads a lane outside its mask", index, group);
+              r = call[src].value;
+            }
           } else {
             for (unsigned i = 0; i < kWarpSize; ++i) {
               if (!(group >> i & 1u)) continue;
@@ -189,12 +199,12 @@ struct ThreadState {
 };
 inline thread_local ThreadState self;
 
-inline unsigned warp_op(Op op, const void* site, unsigned mask, unsigned value) {
+inline unsigned warp_op(Op op, const void* site, unsigned mask, unsigned value, unsigned delta = 0) {
   Warp& w = *self.warp;
   const unsigned bit = 1u << self.lane;
   {
     std::lock_guard<std::mutex> lock(w.mu);
-    w.call[self.lane] = {site, op, mask, value, 0};
+    w.call[self.lane] = {site, op, mask, value, delta, 0};
     w.running &= ~bit;
     w.waiting |= bit;
     w.serve();
@@ -340,6 +350,10 @@ inline void __syncthreads() { orcal::emu::sync_block(); }
 }
 [[gnu::noinline]] inline unsigned __reduce_add_sync(unsigned mask, unsigned value) {
   return orcal::emu::warp_op(orcal::emu::Op::reduce_add, __builtin_return_address(0), mask, value);
+}
+// 32-bit values, width 32 (what the kernels use).
+[[gnu::noinline]] inline unsigned __shfl_down_sync(unsigned mask, unsigned value, unsigned delta) {
+  return orcal::emu::warp_op(orcal::emu::Op::shfl_down, __builtin_return_address(0), mask, value, delta);
 }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
