@@ -50,6 +50,7 @@ def test_image_fnr_is_orcal_loss():
         np.testing.assert_allclose(ours, curves[:, j].numpy(), atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peer", PEER_PARAMS)
 def test_peer_volume_interval_covers_a_random_rater(peer):
     """Split-conformal regression around the expected volume, one random rater per calibration image, covers a
