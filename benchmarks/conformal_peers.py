@@ -443,7 +443,7 @@ def run_study(pool: Pool, alpha: float = 0.1, splits: int = 100, seed: int = 0,
                 pred = pred.view(p_t.shape)
             lam = float(p_t[pred].min()) if pred.any() else 1.0  # the mask is p >= lambda for every tool
             fnr = image_fnr(pred, m_t)
-            has_fg = m_t.flatten(1).any(1).numpy()
+            has_fg = m_t.flatten(1).bool().any(1).numpy()  # bool: a uint8 index would pick images 0 and 1
             _add(study.masks, method, threshold=lam, mean_image=fnr.mean(), pooled=pooled_fnr(pred, m_t),
                  above=(fnr[has_fg] > alpha).mean(),
                  size=float(pred.flatten(1).sum(1).double().mean()))

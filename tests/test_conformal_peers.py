@@ -125,6 +125,16 @@ def test_run_study_tables(peer):
     assert set(study.masks) == {cp.MASK_METHODS[0], PEER_ROWS[peer][2]}
     assert all(len(v["coverage"]) == 20 for v in study.volume.values())
     assert np.mean(study.masks[cp.MASK_METHODS[0]]["mean_image"]) <= ALPHA + 0.03
+    (cal, test), = cp.group_splits(pool.groups, splits=1)
+    with_fg = pool.masks[test].flatten(1).bool().any(1)
+    assert bool(with_fg.all())  # a synthetic image always has a rater who marks its object
+    for method in study.masks:  # the per-image values kept for the percentiles are the test images' own
+        per_image = study.mask_fnr[method][0]
+        assert per_image.shape == (len(test),)
+        assert per_image.mean() == pytest.approx(study.masks[method]["mean_image"][0])
+        assert np.mean(per_image > ALPHA) == pytest.approx(study.masks[method]["above"][0])
+    for method in study.sets:
+        assert study.set_coverage[method][0].mean() == pytest.approx(study.sets[method]["mean_image"][0])
     text = cp.markdown(pool, study, {"command": "x", "versions": versions, "orcal": "0", "torch": "0",
                                      "numpy": "0", "python": "3", "date": "today", "runtime_s": 1.0})
     assert all(m in text for m in want)
