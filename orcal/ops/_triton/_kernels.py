@@ -87,6 +87,9 @@ def _channel(row_ptr, c, V, v, vm, IS_F64: tl.constexpr):
     x = tl.load(row_ptr + c * V + v, mask=vm, other=0.0)
     if IS_F64:
         return x.to(tl.float64)
+    elif x.dtype == tl.bfloat16:
+        # bfloat16 is the high half of a float32: a shift (or a mask, for the upper of two packed halves)
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
 
@@ -117,10 +120,16 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
     s_hi = zero
     if UNROLL:
         zs = ()
+        # (the first level of each group starts its maximum and its sum: no max with -inf, no add to 0)
         for c in tl.static_range(C):
             z = _channel(row_ptr, c, V, v, vm, IS_F64)
             zs = zs + (z,)
-            mx_lo, mx_hi = _group_max(mx_lo, mx_hi, z, c >= M)
+            if c == M:
+                mx_hi = z
+            elif c == 0:
+                mx_lo = z
+            else:
+                mx_lo, mx_hi = _group_max(mx_lo, mx_hi, z, c >= M)
         if FINITE:
             mx_lo = _finite_shift(mx_lo)
             mx_hi = _finite_shift(mx_hi)
@@ -128,8 +137,12 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
         for c in tl.static_range(C):
             e = _group_exp(zs[c], c >= M, mx_lo, mx_hi)
             es = es + (e,)
-            if c >= M:
+            if c == M:
+                s_hi = e
+            elif c > M:
                 s_hi += e
+            elif c == 0:
+                s_lo = e
             else:
                 s_lo += e
         return mx_lo, mx_hi, s_lo, s_hi, es
@@ -174,8 +187,14 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
                 mx, n_inf, lim = _expected_step(mx, n_inf, lim, z, c)
             for c in tl.static_range(C):
                 e = _exp(zs[c] - mx)
-                se += e
-                sce += e * c
+                if c == 0:  # (level 0 adds nothing to sce)
+                    se = e
+                elif c == 1:
+                    se += e
+                    sce = e
+                else:
+                    se += e
+                    sce += e * c
         else:
             for c in range(C):
                 mx, n_inf, lim = _expected_step(mx, n_inf, lim, _channel(row_ptr, c, V, v, vm, IS_F64), c)
