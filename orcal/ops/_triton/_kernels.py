@@ -52,10 +52,15 @@ def orc_targets_kernel(masks_ptr, k_ptr, flag_ptr, R, V, nblk,
 
 
 @triton.jit
-def _finite_or_zero(x):
-    """x where finite, else 0: the shift of a group whose maximum is +-inf, so that exp(z - shift) is inf or 0
-    instead of NaN and the majority readout of +-inf logits is 1 or 0 as in the reference."""
-    return tl.where(x - x == 0, x, 0.0)
+def _finite_shift(x):
+    """x clamped to the finite range: the shift of a group whose maximum is +-inf, so that exp(z - shift) is
+    inf or 0 instead of NaN and the majority readout of +-inf logits is 1 or 0 as in the reference (the
+    largest finite value as a shift gives the same sums and LSEs as 0; two min/max instead of a test)."""
+    if x.dtype == tl.float64:
+        big = 1.7976931348623157e308
+    else:
+        big = 3.4028234663852886e38
+    return tl.minimum(tl.maximum(x, -big), big)
 
 
 @triton.jit
@@ -82,6 +87,9 @@ def _channel(row_ptr, c, V, v, vm, IS_F64: tl.constexpr):
     x = tl.load(row_ptr + c * V + v, mask=vm, other=0.0)
     if IS_F64:
         return x.to(tl.float64)
+    elif x.dtype == tl.bfloat16:
+        # bfloat16 is the high half of a float32: a shift (or a mask, for the upper of two packed halves)
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
 
@@ -104,7 +112,7 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
     (shift_lo, shift_hi, sum_lo, sum_hi, exps). Every voxel sits in one thread, so this is per-thread
     elementwise math. ``UNROLL``: the channel loop is unrolled and the exps come back as a tuple of C tensors
     (registers); else a loop that reads the channels twice (cache hits), for wide C, and the tuple is empty.
-    ``FINITE``: shifts that are +-inf become 0 (:func:`_finite_or_zero`). ``zero``: zeros of the voxels'
+    ``FINITE``: shifts that are +-inf become finite (:func:`_finite_shift`). ``zero``: zeros of the voxels'
     shape in the math dtype."""
     mx_lo = zero - float("inf")
     mx_hi = mx_lo
@@ -112,19 +120,29 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
     s_hi = zero
     if UNROLL:
         zs = ()
+        # (the first level of each group starts its maximum and its sum: no max with -inf, no add to 0)
         for c in tl.static_range(C):
             z = _channel(row_ptr, c, V, v, vm, IS_F64)
             zs = zs + (z,)
-            mx_lo, mx_hi = _group_max(mx_lo, mx_hi, z, c >= M)
+            if c == M:
+                mx_hi = z
+            elif c == 0:
+                mx_lo = z
+            else:
+                mx_lo, mx_hi = _group_max(mx_lo, mx_hi, z, c >= M)
         if FINITE:
-            mx_lo = _finite_or_zero(mx_lo)
-            mx_hi = _finite_or_zero(mx_hi)
+            mx_lo = _finite_shift(mx_lo)
+            mx_hi = _finite_shift(mx_hi)
         es = ()
         for c in tl.static_range(C):
             e = _group_exp(zs[c], c >= M, mx_lo, mx_hi)
             es = es + (e,)
-            if c >= M:
+            if c == M:
+                s_hi = e
+            elif c > M:
                 s_hi += e
+            elif c == 0:
+                s_lo = e
             else:
                 s_lo += e
         return mx_lo, mx_hi, s_lo, s_hi, es
@@ -132,8 +150,8 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
         for c in range(C):
             mx_lo, mx_hi = _group_max(mx_lo, mx_hi, _channel(row_ptr, c, V, v, vm, IS_F64), c >= M)
         if FINITE:
-            mx_lo = _finite_or_zero(mx_lo)
-            mx_hi = _finite_or_zero(mx_hi)
+            mx_lo = _finite_shift(mx_lo)
+            mx_hi = _finite_shift(mx_hi)
         for c in range(C):
             e = _group_exp(_channel(row_ptr, c, V, v, vm, IS_F64), c >= M, mx_lo, mx_hi)
             s_lo += tl.where(c >= M, 0.0, e)
@@ -169,8 +187,14 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
                 mx, n_inf, lim = _expected_step(mx, n_inf, lim, z, c)
             for c in tl.static_range(C):
                 e = _exp(zs[c] - mx)
-                se += e
-                sce += e * c
+                if c == 0:  # (level 0 adds nothing to sce)
+                    se = e
+                elif c == 1:
+                    se += e
+                    sce = e
+                else:
+                    se += e
+                    sce += e * c
         else:
             for c in range(C):
                 mx, n_inf, lim = _expected_step(mx, n_inf, lim, _channel(row_ptr, c, V, v, vm, IS_F64), c)
