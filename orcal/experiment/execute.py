@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint, tuned_option
+from orcal.experiment.conformal import Batch, ConformalEvaluation
 from orcal.experiment.data import test_groups
 from orcal.experiment.runs import jsonable, run_files, safe_name
 from orcal.heads import Head, scaled, unscaled
@@ -94,17 +95,33 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     scalers = {r: TemperatureScaler(head.metric_kind, head.op_readout(r), majority, seed=seed) for r in head.readouts} \
         if cfg.temperature_scaling and len(splits["val"]) and C is None else {}
     val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in head.readouts}
-    for _, logits, masks, valid in passes("val"):
+    # the conformal calibrators of every row (SPEC §12): the validation split is their calibration set
+    conformal = {r: ConformalEvaluation(C) for r in head.readouts} if cfg.conformal is not None else {}
+
+    def batch(split: str, ids, p, masks, valid) -> Batch:
+        spacing = _spacings(splits[split])
+        sp = torch.stack([spacing[str(i)] for i in ids]) if spacing else None
+        return Batch.of(p, masks.cpu(), None if valid is None else valid.cpu(), sp, C)
+
+    for ids, logits, masks, valid in passes("val"):
         for r, p in readouts_of(logits, {}).items():
             val[r].update(p, masks, valid=valid)
+            if r in conformal:
+                conformal[r].calibrate(batch("val", ids, p, masks, valid))
         for scaler in scalers.values():
             scaler.update(logits, masks, valid=valid)
     temperatures = {r: s.fit() for r, s in scalers.items()}
     if temperatures:  # the scaled readouts on the split they were fitted on: a second pass, never stored logits
         val.update({scaled(r): _metrics(cfg, per_image=False) for r in temperatures})
-        for _, logits, masks, valid in passes("val"):
+        conformal.update({scaled(r): ConformalEvaluation(C) for r in temperatures if conformal})
+        for ids, logits, masks, valid in passes("val"):
             for r in temperatures:
-                val[scaled(r)].update(readouts_of(logits, {r: temperatures[r]})[scaled(r)], masks, valid=valid)
+                p = readouts_of(logits, {r: temperatures[r]})[scaled(r)]
+                val[scaled(r)].update(p, masks, valid=valid)
+                if conformal:
+                    conformal[scaled(r)].calibrate(batch("val", ids, p, masks, valid))
+    for evaluation in conformal.values():
+        evaluation.fit(cfg.conformal)
     names = list(head.readouts) + [scaled(r) for r in temperatures]
     test = {r: _metrics(cfg, num_structures=C) for r in names}
     volumes: dict[str, list] = {r: [] for r in names}
@@ -117,6 +134,8 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
             test[r].update(p, masks, valid=valid)
+            if r in conformal:
+                conformal[r].measure(batch("test", ids, p, masks, valid))
             if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
                 if spacing is None:
                     spacing = _spacings(splits["test"]) or {}
@@ -136,6 +155,9 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         if volumes[r]:
             out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
             out[r]["volume"]["spacing_known"] = bool(spacing)
+        if r in conformal:
+            out[r]["conformal"] = {**conformal[r].result(), "spacing_known": bool(_spacings(splits["test"]))}
+            out[r]["conformal_per_image"] = conformal[r].per_image()
         base, is_scaled = unscaled(r)
         if is_scaled:
             out[r]["temperature"] = temperatures[base]
@@ -195,8 +217,8 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         **({} if run.value is None else {"value": run.value}),
         "seed": seed,
         "key": run.key,
-        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume")
-                         if k in e}
+        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume",
+                                           "conformal") if k in e}
                      for r, e in evaluated.items()},
         "train_s": t1 - t0,
         "eval_s": t2 - t1,
@@ -212,6 +234,9 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
     torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
     maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
     np.savez_compressed(files["case"], **maps)
+    if cfg.conformal is not None:  # per image, so that the rows are bootstrapped and compared like the others
+        torch.save({r: e["conformal_per_image"] for r, e in evaluated.items() if "conformal_per_image" in e},
+                   files["conformal"])
     tmp = Path(f"{files['json']}.tmp")
     tmp.write_text(json.dumps(jsonable(record), indent=1))
     tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
