@@ -1,5 +1,6 @@
-"""The files an experiment keeps per run (``runs/<dataset>/<run>.{json,stats.pt,case.npz}``), so that an
-interrupted experiment resumes where it stopped: a run whose json exists with the same fingerprint is done."""
+"""The files an experiment keeps per run (``runs/<dataset>/<run>.{json,stats.pt,case.npz}``, and
+``<run>.conformal.pt`` with conformal columns), so that an interrupted experiment resumes where it stopped: a
+run whose json exists with the same fingerprint is done."""
 
 from __future__ import annotations
 
