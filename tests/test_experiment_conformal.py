@@ -131,8 +131,11 @@ def test_experiment_conformal_table_and_resume(tmp_path, trainings):
 
     logged: list[str] = []
     results = run_experiment(_cfg(out, conformal=0.2), log=logged.append)
-    assert len(trainings) == 4  # recorded without conformal results: recomputed, never reported empty
-    assert sum("recorded without conformal results" in line for line in logged) == 2
+    # recorded without conformal results: evaluated again from the kept weights, never reported empty
+    assert len(trainings) == 2
+    assert sum("recorded without conformal results" in line and "evaluated it again from its checkpoint" in line
+               for line in logged) == 2
+    assert results["runs"] == plain["runs"]  # the same model: the other tables are unchanged
     entry = results["conformal"]["tiny"]
     assert entry["alpha"] == 0.2 and entry["n_calibration"] == 8
     rows = {"median", "ordinal/majority", "ordinal/expected"}
@@ -153,13 +156,26 @@ def test_experiment_conformal_table_and_resume(tmp_path, trainings):
     saved = json.loads((out / "results.json").read_text())
     assert "conformal.csv" in saved["files"] and saved["settings"]["conformal"] == 0.2
 
-    again = run_experiment(_cfg(out, conformal=0.2), log=lambda *a: None)  # reused: nothing trained
-    assert len(trainings) == 4 and again["conformal"]["tiny"]["rows"] == results["conformal"]["tiny"]["rows"]
-    run_experiment(_cfg(out), log=lambda *a: None)  # a record with conformal results serves a run without
-    assert len(trainings) == 4
     logged.clear()
-    run_experiment(_cfg(out, conformal=0.25), log=logged.append)  # another alpha: recomputed
-    assert len(trainings) == 6 and any("recorded at alpha 0.2, not 0.25" in line for line in logged)
+    again = run_experiment(_cfg(out, conformal=0.2), log=logged.append)  # reused: nothing evaluated again
+    assert len(trainings) == 2 and again["conformal"]["tiny"]["rows"] == entry["rows"]
+    assert not any("again" in line for line in logged)
+    run_experiment(_cfg(out), log=lambda *a: None)  # a record with conformal results serves a run without
+    assert len(trainings) == 2
+    logged.clear()
+    run_experiment(_cfg(out, conformal=0.25), log=logged.append)  # another alpha: evaluated again
+    assert len(trainings) == 2 and any("recorded at alpha 0.2, not 0.25" in line for line in logged)
+
+    # weights that are not the recorded model's (or none): trained again
+    record = out / "runs" / "tiny" / "seed0" / "median.json"
+    changed = json.loads(record.read_text())
+    changed["readouts"]["sigmoid"]["summary"]["mr_ece"]["value"] += 0.01
+    record.write_text(json.dumps(changed))
+    for path in (out / "runs" / "tiny" / "seed0" / "checkpoints" / "ordinal").glob("*.pt"):
+        path.unlink()
+    logged.clear()
+    run_experiment(_cfg(out, conformal=0.3), log=logged.append)
+    assert len(trainings) == 4 and sum("training it again" in line for line in logged) == 2
 
 
 def test_conformal_refuses_a_validation_split_too_small_before_training(tmp_path, trainings):

@@ -25,7 +25,7 @@ from orcal.experiment.config import (
 )
 from orcal.experiment.conformal import check_calibration_size, leads, summarize
 from orcal.experiment.data import CachedDataset, load_split, pick_case, test_groups
-from orcal.experiment.execute import execute_run
+from orcal.experiment.execute import execute_run, reevaluate_run
 from orcal.experiment.findings import findings
 from orcal.experiment.oracle import oracle_summaries
 from orcal.experiment.report import write_outputs
@@ -50,10 +50,13 @@ def _load_or_run(cfg, spec, run, run_dir, splits, case, device, seed, log) -> di
     record = None if cfg.force else load_run(run_dir, run, fp)
     if record is not None and cfg.conformal is not None:
         reason = conformal_missing(run_dir, run, record, cfg.conformal)
-        if reason:  # never an empty column: the run is recomputed with them
+        if reason:  # never an empty column: evaluated again from the kept weights, else trained again
+            again = reevaluate_run(cfg, spec, run, run_dir, splits, case, device, record)
+            how = "evaluated it again from its checkpoint" if again is not None else \
+                "its checkpoint is missing or not the recorded model: training it again"
             log(f"[{spec.key}] {run.key} (seed {seed}): finished earlier but {reason} (--conformal "
-                f"{cfg.conformal}); recomputing it")
-            record = None
+                f"{cfg.conformal}); {how}")
+            record = again
     if record is not None:
         log(f"[{spec.key}] {run.key} (seed {seed}): finished earlier, reusing {run_files(run_dir, run)['json']}")
         return record
