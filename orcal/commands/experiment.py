@@ -8,7 +8,8 @@ Examples:
 
 Each finished run is kept under OUT/runs/, so an interrupted experiment resumes where it stopped
 (--force recomputes everything). --conformal ALPHA adds each row's conformal guarantees (SPEC §12), calibrated
-on the validation split; finished runs recorded without them at that ALPHA are recomputed.
+on the validation split; finished runs recorded without them at that ALPHA are evaluated again from their kept
+weights (trained again where those are gone).
 """
 
 from __future__ import annotations
@@ -201,10 +202,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(results) -> None:
-    """Tables 1 and 2, then the findings paragraph."""
-    from orcal.experiment.tables import metric_results_table
+    """Tables 1 and 2 (and the conformal tables), then the findings paragraph."""
+    from orcal.experiment.tables import conformal_table, metric_results_table
 
     print()
     for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
         print(metric_results_table(results["runs"], metric, title=title).to_markdown())
+    for key, entry in results.get("conformal", {}).items():
+        print(f"Conformal guarantees, {key} (α = {entry['alpha']:g}, calibrated on the validation split)\n")
+        print(conformal_table(entry))
     print(results.get("findings", ""))
