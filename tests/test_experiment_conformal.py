@@ -198,3 +198,35 @@ def test_command_line_conformal_flag(tmp_path):
     for bad in ("0", "1", "1.5", "-0.1", "nan"):
         with pytest.raises(ValueError, match="--conformal"):
             build(["--dataset", "synthetic", "--conformal", bad])
+
+
+def _entry(values_by_row, noise, alpha=0.5, fnr=None):
+    per_seed = _per_seed(values_by_row, noise=noise)
+    for row, value in (fnr or {}).items():
+        for s in per_seed[row]:
+            s["fnr"] = torch.full_like(s["fnr"], value)
+    summary = summarize(per_seed, n_boot=200)
+    return {"alpha": alpha, "n_calibration": 30, "spacing_known": True, "rows": summary["rows"],
+            "leads": leads(summary, alpha)}
+
+
+def test_conformal_table_and_findings_never_rank_within_the_noise():
+    from orcal.experiment.findings import _conformal
+    from orcal.experiment.tables import conformal_table
+
+    clear = _entry({"soft": [0.30, 0.31], "ordinal/expected": [0.20, 0.21], "median": [0.1, 0.1]}, noise=0.01,
+                   fnr={"median": 0.9})  # median's masks are smallest, but it misses FNR <= 0.5 everywhere
+    table = conformal_table(clear)
+    assert "| interval width (mL) ↓, before → after |" in table.splitlines()[0] + " |"
+    median = next(ln for ln in table.splitlines() if ln.startswith("| Median Consensus |"))
+    assert "†" in median.split("|")[2] and "**" not in median
+    expected = next(ln for ln in table.splitlines() if ln.startswith("| ORC (expected) |"))
+    assert expected.split("|")[3].strip().startswith("**0.20")  # the smallest mask of the rows meeting FNR
+    text = " ".join(_conformal("D", clear))
+    assert "**ORC (expected)** has the smallest mask size" in text and "larger than the bootstrap" in text
+    assert "Median Consensus misses it beyond the noise" in text
+
+    close = _entry({"soft": [0.30, 0.20], "ordinal/expected": [0.21, 0.29]}, noise=0.2)
+    text = " ".join(_conformal("D", close))
+    assert "none has a smaller mask size (fraction of voxels) than the others beyond the noise" in text
+    assert "**" not in text
