@@ -197,14 +197,14 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
                     for row, c in choice.items()}
         summary = summarize(per_seed, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed),
                             groups=groups)
-        recorded = [records[s][c["run"]]["readouts"][c["readout"]]["conformal"] for s in seeds
-                    for c in choice.values()]
+        recorded = {row: [records[s][c["run"]]["readouts"][c["readout"]]["conformal"] for s in seeds]
+                    for row, c in choice.items()}
+        some = next(iter(recorded.values()))[0]  # every row is calibrated on the same validation images
         results.setdefault("conformal", {})[key] = {
-            "alpha": cfg.conformal, "n_calibration": recorded[0]["n_calibration"],
-            "spacing_known": bool(recorded[0].get("spacing_known")), "rows": summary["rows"],
+            "alpha": cfg.conformal, "n_calibration": some["n_calibration"],
+            "spacing_known": bool(some.get("spacing_known")), "rows": summary["rows"],
             "leads": leads(summary, cfg.conformal),
-            "fitted": {row: [records[s][c["run"]]["readouts"][c["readout"]]["conformal"]["fitted"] for s in seeds]
-                       for row, c in choice.items()}}
+            "fitted": {row: [r["fitted"] for r in per] for row, per in recorded.items()}}
     results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
                                {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}
                                for s in seeds for run_key, rec in records[s].items()}
