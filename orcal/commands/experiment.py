@@ -7,7 +7,9 @@ Examples:
   orcal experiment --preset lidc --root LIDC-IDRI-slices --seeds 0,1,2 --select-on-val --out lidc-results
 
 Each finished run is kept under OUT/runs/, so an interrupted experiment resumes where it stopped
-(--force recomputes everything).
+(--force recomputes everything). --conformal ALPHA adds each row's conformal guarantees (SPEC §12), calibrated
+on the validation split; finished runs recorded without them at that ALPHA are evaluated again from their kept
+weights (trained again where those are gone).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--bootstrap-by", choices=("group", "image"), default=None,
                    help="resample the test set's groups (patients, cases, volumes) where the dataset names them, "
                         "or single images (default: group)")
+    e.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                   help="also report each row's conformal guarantees against a random rater at level ALPHA in "
+                        "(0, 1) (SPEC §12), calibrated on the validation split: the FNR threshold (test FNR, "
+                        "mask size) and the volume intervals (coverage and width before and after "
+                        "recalibration); the validation split needs at least 1/ALPHA - 1 images")
     e.add_argument("--force", action="store_true", help="recompute runs that finished earlier")
     add_quiet(e)
 
@@ -131,6 +138,7 @@ def build_config(args: argparse.Namespace, default_preset: str | None = None, de
         "temperature_scaling": args.temperature_scaling, "device": args.device, "threads": args.threads,
         "amp": args.amp, "n_boot": args.n_boot,
         "fraction": args.fraction, "bootstrap_by": getattr(args, "bootstrap_by", None),
+        "conformal": getattr(args, "conformal", None),
         "out": getattr(args, "out", None) or default_out,
         "force": args.force, "progress": not args.quiet,
     }
@@ -194,10 +202,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(results) -> None:
-    """Tables 1 and 2, then the findings paragraph."""
-    from orcal.experiment.tables import metric_results_table
+    """Tables 1 and 2 (and the conformal tables), then the findings paragraph."""
+    from orcal.experiment.tables import conformal_table, metric_results_table
 
     print()
     for metric, title in (("mr_ece", "Table 1: calibration"), ("auc", "Table 2: discrimination")):
         print(metric_results_table(results["runs"], metric, title=title).to_markdown())
+    for key, entry in results.get("conformal", {}).items():
+        print(f"Conformal guarantees, {key} (α = {entry['alpha']:g}, calibrated on the validation split)\n")
+        print(conformal_table(entry))
     print(results.get("findings", ""))

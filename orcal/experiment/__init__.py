@@ -14,6 +14,8 @@ finally it writes the tables, the figures, the findings and ``report.md`` / ``re
 - :mod:`~orcal.experiment.execute`: one run (train, fit temperatures, evaluate) and its record.
 - :mod:`~orcal.experiment.runs`: the per-run files that make an experiment resumable.
 - :mod:`~orcal.experiment.selection`: settings chosen on the validation split; seeds and paired comparisons.
+- :mod:`~orcal.experiment.conformal`: with ``conformal=alpha``, each row's conformal guarantees (SPEC §12),
+  calibrated on the validation split; the registry of their columns.
 - :mod:`~orcal.experiment.driver`: :func:`run_experiment`, from the plan to the written report.
 - :mod:`~orcal.experiment.tables`, :mod:`~orcal.experiment.figures`, :mod:`~orcal.experiment.findings`,
   :mod:`~orcal.experiment.report`: what is written.

@@ -130,6 +130,9 @@ class ExperimentConfig:
     n_bins: int = 15
     auc_bins: int = 4096
     train_options: dict[str, Any] = field(default_factory=dict)
+    #: ``alpha`` of the conformal columns (SPEC §12), calibrated on the validation split; None: none. Not part of
+    #: the fingerprint (it adds results, changes none): a run recorded without them at this alpha is recomputed
+    conformal: float | None = None
     force: bool = False
     progress: bool = True
     preset: str | None = None
@@ -159,6 +162,12 @@ class ExperimentConfig:
         if self.bootstrap_by not in BOOTSTRAP_UNITS:
             raise ValueError(f"bootstrap_by must be one of {', '.join(BOOTSTRAP_UNITS)} (argument --bootstrap-by), "
                              f"got {self.bootstrap_by!r}")
+        if self.conformal is not None:
+            a = float(self.conformal)
+            if not (math.isfinite(a) and 0 < a < 1):
+                raise ValueError(f"conformal must lie in (0, 1), the tolerated risk or miscoverage (argument "
+                                 f"--conformal ALPHA), got {self.conformal}")
+            self.conformal = a
         for w in (self.rps_weight, *self.rps_weights):
             if not math.isfinite(float(w)) or float(w) < 0:
                 raise ValueError(f"RPS weights must be finite and >= 0, got {w}")

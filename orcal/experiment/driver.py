@@ -23,12 +23,21 @@ from orcal.experiment.config import (
     fingerprint,
     plan_runs,
 )
+from orcal.experiment.conformal import check_calibration_size, leads, summarize
 from orcal.experiment.data import CachedDataset, load_split, pick_case, test_groups
-from orcal.experiment.execute import execute_run
+from orcal.experiment.execute import execute_run, reevaluate_run
 from orcal.experiment.findings import findings
 from orcal.experiment.oracle import oracle_summaries
 from orcal.experiment.report import write_outputs
-from orcal.experiment.runs import load_case_maps, load_run, load_run_stats, run_files, safe_name
+from orcal.experiment.runs import (
+    conformal_missing,
+    load_case_maps,
+    load_conformal,
+    load_run,
+    load_run_stats,
+    run_files,
+    safe_name,
+)
 from orcal.experiment.selection import compare_rows, select_rows
 from orcal.experiment.tables import row_label, sort_rows
 from orcal.heads import unscaled
@@ -39,6 +48,15 @@ from orcal.training.runtime import hardware_info
 def _load_or_run(cfg, spec, run, run_dir, splits, case, device, seed, log) -> dict[str, Any]:
     fp = fingerprint(cfg, spec, run, seed)
     record = None if cfg.force else load_run(run_dir, run, fp)
+    if record is not None and cfg.conformal is not None:
+        reason = conformal_missing(run_dir, run, record, cfg.conformal)
+        if reason:  # never an empty column: evaluated again from the kept weights, else trained again
+            again = reevaluate_run(cfg, spec, run, run_dir, splits, case, device, record)
+            how = "evaluated it again from its checkpoint" if again is not None else \
+                "its checkpoint is missing or not the recorded model: training it again"
+            log(f"[{spec.key}] {run.key} (seed {seed}): finished earlier but {reason} (--conformal "
+                f"{cfg.conformal}); {how}")
+            record = again
     if record is not None:
         log(f"[{spec.key}] {run.key} (seed {seed}): finished earlier, reusing {run_files(run_dir, run)['json']}")
         return record
@@ -89,6 +107,9 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     cases: dict[str, dict] = {}
     groups: dict[str, list | None] = {}  # the bootstrap's units of each test set (SPEC §5)
     choices: dict[str, dict[str, dict]] = {}
+    if cfg.conformal is not None:  # before anything is trained: every calibration set must certify alpha
+        for spec in cfg.datasets:
+            check_calibration_size(len(load_split(spec, "val")), cfg.conformal, spec.key)
     bar = progress_bar(total=len(cfg.datasets) * (len(first_runs) + (len(seeds) - 1) * len(main_runs)),
                        desc="experiment", unit="run", enabled=cfg.progress)
     for spec in cfg.datasets:
@@ -171,6 +192,19 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
               for row, per in volume.items() if per and all(per)}  # the mean over seeds
     if volume:
         results.setdefault("volumes", {})[key] = volume
+    if cfg.conformal is not None:
+        per_seed = {row: [load_conformal(seed_dir(out, spec, s), runs[c["run"]])[c["readout"]] for s in seeds]
+                    for row, c in choice.items()}
+        summary = summarize(per_seed, n_boot=int(cfg.n_boot), fraction=float(cfg.fraction), seed=int(cfg.seed),
+                            groups=groups)
+        recorded = {row: [records[s][c["run"]]["readouts"][c["readout"]]["conformal"] for s in seeds]
+                    for row, c in choice.items()}
+        some = next(iter(recorded.values()))[0]  # every row is calibrated on the same validation images
+        results.setdefault("conformal", {})[key] = {
+            "alpha": cfg.conformal, "n_calibration": some["n_calibration"],
+            "spacing_known": bool(some.get("spacing_known")), "rows": summary["rows"],
+            "leads": leads(summary, cfg.conformal),
+            "fitted": {row: [r["fitted"] for r in per] for row, per in recorded.items()}}
     results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
                                {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}
                                for s in seeds for run_key, rec in records[s].items()}

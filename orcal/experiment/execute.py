@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from orcal.experiment.config import RESULTS_VERSION, DatasetSpec, ExperimentConfig, Run, fingerprint, tuned_option
+from orcal.experiment.conformal import Batch, ConformalEvaluation
 from orcal.experiment.data import test_groups
 from orcal.experiment.runs import jsonable, run_files, safe_name
 from orcal.heads import Head, scaled, unscaled
@@ -96,17 +97,33 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     scalers = {r: TemperatureScaler(head.metric_kind, head.op_readout(r), majority, seed=seed) for r in head.readouts} \
         if cfg.temperature_scaling and len(splits["val"]) and C is None else {}
     val = {r: _metrics(cfg, per_image=False, num_structures=C) for r in head.readouts}
-    for _, logits, masks, valid in passes("val"):
+    # the conformal calibrators of every row (SPEC §12): the validation split is their calibration set
+    conformal = {r: ConformalEvaluation(C) for r in head.readouts} if cfg.conformal is not None else {}
+
+    def batch(split: str, ids, p, masks, valid) -> Batch:
+        spacing = _spacings(splits[split])
+        sp = torch.stack([spacing[str(i)] for i in ids]) if spacing else None
+        return Batch.of(p, masks.cpu(), None if valid is None else valid.cpu(), sp, C)
+
+    for ids, logits, masks, valid in passes("val"):
         for r, p in readouts_of(logits, {}).items():
             val[r].update(p, masks, valid=valid)
+            if r in conformal:
+                conformal[r].calibrate(batch("val", ids, p, masks, valid))
         for scaler in scalers.values():
             scaler.update(logits, masks, valid=valid)
     temperatures = {r: s.fit() for r, s in scalers.items()}
     if temperatures:  # the scaled readouts on the split they were fitted on: a second pass, never stored logits
         val.update({scaled(r): _metrics(cfg, per_image=False) for r in temperatures})
-        for _, logits, masks, valid in passes("val"):
+        conformal.update({scaled(r): ConformalEvaluation(C) for r in temperatures if conformal})
+        for ids, logits, masks, valid in passes("val"):
             for r in temperatures:
-                val[scaled(r)].update(readouts_of(logits, {r: temperatures[r]})[scaled(r)], masks, valid=valid)
+                p = readouts_of(logits, {r: temperatures[r]})[scaled(r)]
+                val[scaled(r)].update(p, masks, valid=valid)
+                if conformal:
+                    conformal[scaled(r)].calibrate(batch("val", ids, p, masks, valid))
+    for evaluation in conformal.values():
+        evaluation.fit(cfg.conformal)
     names = list(head.readouts) + [scaled(r) for r in temperatures]
     test = {r: _metrics(cfg, num_structures=C) for r in names}
     volumes: dict[str, list] = {r: [] for r in names}
@@ -119,6 +136,8 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
             test[r].update(p, masks, valid=valid)
+            if r in conformal:
+                conformal[r].measure(batch("test", ids, p, masks, valid))
             if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
                 if spacing is None:
                     spacing = _spacings(splits["test"]) or {}
@@ -138,6 +157,9 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         if volumes[r]:
             out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
             out[r]["volume"]["spacing_known"] = bool(spacing)
+        if r in conformal:
+            out[r]["conformal"] = {**conformal[r].result(), "spacing_known": bool(_spacings(splits["test"]))}
+            out[r]["conformal_per_image"] = conformal[r].per_image()
         base, is_scaled = unscaled(r)
         if is_scaled:
             out[r]["temperature"] = temperatures[base]
@@ -197,9 +219,7 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         **({} if run.value is None else {"value": run.value}),
         "seed": seed,
         "key": run.key,
-        "readouts": {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume")
-                         if k in e}
-                     for r, e in evaluated.items()},
+        "readouts": _readouts_record(evaluated),
         "train_s": t1 - t0,
         "eval_s": t2 - t1,
         "best_epoch": getattr(result, "best_epoch", None),
@@ -210,10 +230,24 @@ def execute_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Pat
         "device": device,
         "hardware": hardware_info(device),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return _write_run(files, record, evaluated, cfg)
+
+
+def _readouts_record(evaluated: Mapping[str, dict]) -> dict[str, dict]:
+    return {r: {k: e[k] for k in ("summary", "agreement", "n_images", "val", "temperature", "volume", "conformal")
+                if k in e} for r, e in evaluated.items()}
+
+
+def _write_run(files: Mapping[str, Path], record: dict[str, Any], evaluated: Mapping[str, dict],
+               cfg: ExperimentConfig) -> dict[str, Any]:
+    """Save a run's statistics, case maps, per-image conformal values and, last, its json record."""
+    files["json"].parent.mkdir(parents=True, exist_ok=True)
     torch.save({r: e["stats"].as_dict() for r, e in evaluated.items()}, files["stats"])
     maps = {r: e["case_map"] for r, e in evaluated.items() if e["case_map"] is not None}
     np.savez_compressed(files["case"], **maps)
+    if cfg.conformal is not None:  # per image, so that the rows are bootstrapped and compared like the others
+        torch.save({r: e["conformal_per_image"] for r, e in evaluated.items() if "conformal_per_image" in e},
+                   files["conformal"])
     tmp = Path(f"{files['json']}.tmp")
     tmp.write_text(json.dumps(jsonable(record), indent=1))
     tmp.replace(files["json"])  # the json is written last: its presence means the run is complete
@@ -224,3 +258,48 @@ def _steps_per_epoch(n_train: int, cfg: ExperimentConfig) -> int:
     patches = int(cfg.train_options.get("patches_per_image", 1))
     steps = math.ceil(n_train * patches / int(cfg.batch_size))
     return steps if cfg.max_steps is None else min(steps, int(cfg.max_steps))
+
+
+def reevaluate_run(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, run_dir: Path, splits: Mapping[str, Any],
+                   case: dict[str, Any], device: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run evaluated again from its kept weights (``checkpoints/<run>/best.pt``), to add what its
+    ``record`` lacks (the conformal columns) without training; its files are rewritten and its new record
+    returned. None when the checkpoint is missing or unreadable, or is not the recorded model: every test
+    metric of the new evaluation must equal the record's (relative 1e-6), else the run is trained again."""
+    from orcal.training.checkpoint import BEST, load_model
+    from orcal.training.config import TrainResult
+
+    path = run_dir / "checkpoints" / safe_name(run.key) / BEST
+    if not path.is_file():
+        return None
+    try:
+        model, tcfg = load_model(path, device)
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+    ms = model.orcal_spec
+    result = TrainResult(model=model, config=tcfg, history=record.get("history") or [],
+                         best_epoch=int(record.get("best_epoch") or 0), checkpoint_path=str(path),
+                         num_raters=int(ms["num_raters"]), head=ms["head"], spatial_dims=int(ms["spatial_dims"]),
+                         in_channels=int(ms["in_channels"]), num_structures=ms.get("num_structures"))
+    t0 = time.perf_counter()
+    evaluated = evaluate_run(result, splits, run, cfg, case, device, int(record.get("seed", cfg.seed)))
+    if not _same_test_metrics(record.get("readouts", {}), evaluated):
+        return None
+    new = {**record, "readouts": _readouts_record(evaluated), "eval_s": time.perf_counter() - t0}
+    return _write_run(run_files(run_dir, run), new, evaluated, cfg)
+
+
+def _same_test_metrics(recorded: Mapping[str, dict], evaluated: Mapping[str, dict]) -> bool:
+    """Whether every readout's test-set metrics of ``evaluated`` are those ``recorded``."""
+    if set(recorded) != set(evaluated):
+        return False
+    for r, e in evaluated.items():
+        old = recorded[r].get("summary") or {}
+        for metric, s in e["summary"].items():
+            a, b = (old.get(metric) or {}).get("value"), s.get("value")
+            if a is None or b is None or not math.isfinite(b):
+                if not (a is None and (b is None or not math.isfinite(b))):  # json keeps NaN as None
+                    return False
+            elif not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
+                return False
+    return True

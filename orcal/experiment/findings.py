@@ -27,9 +27,10 @@ def _f(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _better_by(d: Mapping[str, Any], metric: str) -> dict[str, Any]:
-    """A paired difference ``a - b`` turned into how much better ``a`` is (positive when it is better)."""
-    sign = 1.0 if higher_is_better(metric) else -1.0
+def _better_by(d: Mapping[str, Any], metric: str | None, higher: bool | None = None) -> dict[str, Any]:
+    """A paired difference ``a - b`` turned into how much better ``a`` is (positive when it is better);
+    ``higher`` says which way is better where ``metric`` is not a registered metric."""
+    sign = 1.0 if (higher_is_better(metric) if higher is None else higher) else -1.0
     low, high = sorted((sign * d["low"], sign * d["high"]))
     return {"diff": sign * d["diff"], "low": low, "high": high,
             "seed_diffs": [sign * x for x in d.get("seed_diffs", [])]}
@@ -103,6 +104,48 @@ def _temperature(ds: str, rows: Mapping, temperatures: Mapping) -> list[str]:
     return [text + f"; the lowest of the + TS rows is {row_label(best[1])} ({change(best)})."]
 
 
+def _conformal(ds: str, entry: Mapping[str, Any]) -> list[str]:
+    """Per kind of conformal set (trained rows): which row meets the guarantee with the smallest sets or
+    intervals, and whether that lead is larger than the noise (never a ranking inside it)."""
+    from orcal.experiment.conformal import KINDS, columns
+
+    alpha, rows, out = float(entry["alpha"]), entry.get("rows", {}), []
+    by_key = columns()
+    for kind in KINDS:
+        lead = entry.get("leads", {}).get(kind.name)
+        if not lead:
+            continue
+        certified, cost = by_key[kind.certified], by_key[kind.cost]
+        op, target = certified.bound
+        goal = f"{certified.header} {'≤' if op == '<=' else '≥'} {target(alpha):g}"
+        fails = lead.get("fails", [])
+        missed = (f"; {', '.join(row_label(r) for r in fails)} miss{'es' if len(fails) == 1 else ''} it beyond the "
+                  "noise") if fails else ""
+        head = f"Conformal {kind.label} at α = {alpha:g} on {ds} ({goal} guaranteed)"
+        if "best" not in lead:
+            out.append(f"{head}: every row misses it on the test set beyond the noise.")
+            continue
+        best = lead["best"]
+        value = _f(rows[best][kind.cost]["value"])
+        if "runner_up" not in lead:
+            out.append(f"{head}: {row_label(best)} alone meets it, with {cost.header} {value}{missed}.")
+            continue
+        second = lead["runner_up"]
+        ahead = _better_by(lead, None, higher=cost.better == "higher")
+        extreme = "largest" if cost.better == "higher" else "smallest"
+        n_ok = len(lead["meets"])
+        if exceeds_noise(ahead):
+            out.append(f"{head}: of the {n_ok} rows that meet it, **{row_label(best)}** has the {extreme} "
+                       f"{cost.header} ({value}); its lead over {row_label(second)} "
+                       f"({_f(rows[second][kind.cost]['value'])}) is {_f(ahead['diff'])}, {_noise(ahead)}{missed}.")
+        else:
+            out.append(f"{head}: of the {n_ok} rows that meet it, none has a {extreme[:-3]}er {cost.header} than "
+                       f"the others beyond the noise: the two {extreme}, {row_label(best)} ({value}) and "
+                       f"{row_label(second)} ({_f(rows[second][kind.cost]['value'])}), differ by "
+                       f"{_f(ahead['diff'])}, {_noise(ahead)}{missed}.")
+    return out
+
+
 def _caveats(results: Mapping[str, Any]) -> str:
     s = results.get("settings", {})
     seeds = s.get("seeds") or [s.get("seed", 0)]
@@ -142,6 +185,8 @@ def findings(results: Mapping[str, Any]) -> str:
         for metric in FINDINGS_METRICS:
             sentences += _lead(ds, metric, rows, comp)
         sentences += _temperature(ds, rows, results.get("temperatures", {}).get(ds, {}))
+        if ds in results.get("conformal", {}):
+            sentences += _conformal(ds, results["conformal"][ds])
     if not sentences:
         return ""
     return " ".join(sentences) + "\n\n" + _caveats(results) + "\n"

@@ -18,6 +18,8 @@ from orcal.experiment.tables import (
     TABLES,
     Table,
     comparison_table,
+    conformal_csv,
+    conformal_table,
     dataset_table,
     is_finite,
     metric_results_table,
@@ -47,6 +49,22 @@ VOLUME_READING = (
     "Σp, variance Σp(1−p), SPEC §11.4), scored against every rater's volume: the CRPS and the error of the "
     "mean (mL; lower is better) and the fraction of raters' volumes inside the central 90 % interval (0.9 is "
     "calibrated). Volumes are in mL where the data gives a voxel size, else in thousands of voxels.")
+
+
+CONFORMAL_READING = (
+    "Each row's conformal guarantees against a random rater (SPEC §12), calibrated on the validation split (the "
+    "calibration set: its images and the test images are exchangeable) at α = {alpha:g} and measured on the test "
+    "split; one calibration per row and seed, the + TS rows on their scaled probabilities. *FNR*: the test "
+    "images' mean false-negative rate of the mask p ≥ λ against a random rater (λ by conformal risk control; "
+    "guaranteed ≤ α in expectation); *mask size*: the mask's mean fraction of voxels, the price of the "
+    "guarantee. *Volume coverage*: the fraction of raters' volumes inside each image's interval μ ± zσ "
+    "*before* (the nominal {level:g} % interval of the predicted volume distribution, SPEC §11.4) and μ ± qσ "
+    "*after* conformal recalibration (guaranteed ≥ 1 − α); *interval width*: the mean width (μ, σ as in the "
+    "volume table, σ at least one voxel). Cells as in the tables above (value ± spread [bootstrap 2.5–97.5 %], "
+    "the same resampled images for every row). The guarantees hold in expectation over calibration and test "
+    "sets, so a test value a little past the target is no miss: † marks a row whose whole bootstrap interval "
+    "lies past it; of the other rows, the smallest mask or width is bold (the trained and + TS rows ranked "
+    "apart).")
 
 
 def _setting_text(value: Any) -> str:
@@ -140,6 +158,12 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
         lines += ["## Volume uncertainty", "", VOLUME_READING, ""]
         for key, by_row in results["volumes"].items():
             lines += [f"**{key}**", "", volume_table(by_row), ""]
+    if results.get("conformal"):
+        alpha = next(iter(results["conformal"].values()))["alpha"]
+        lines += ["## Conformal guarantees", "", CONFORMAL_READING.format(alpha=alpha, level=100 * (1 - alpha)), ""]
+        for key, entry in results["conformal"].items():
+            lines += [f"**{key}** (α = {entry['alpha']:g}, {entry['n_calibration']} calibration images)", "",
+                      conformal_table(entry), ""]
     comparisons = results.get("comparisons", {})
     if any(comparison_table(c) for c in comparisons.values()):
         lines += ["## Paired comparisons", "", "Each row minus the reference row, seed by seed on the same test "
@@ -231,6 +255,14 @@ def write_outputs(results: dict[str, Any], out: Path, panels: Mapping[str, Mappi
             if columns:
                 (out / f"structures_{metric}_{slug(key)}.md").write_text(
                     dataset_table(results["runs"], key, columns), encoding="utf-8")
+    for key, entry in results.get("conformal", {}).items():
+        path = out / f"conformal_{slug(key)}.md"
+        path.write_text(conformal_table(entry), encoding="utf-8")
+        paths[path.name] = path
+    if results.get("conformal"):
+        path = out / "conformal.csv"
+        path.write_text(conformal_csv(results["conformal"]), encoding="utf-8")
+        paths[path.name] = path
     sweeps_md: dict[str, str] = {}
     for key, sweep in results.get("sweeps", {}).items():
         text = sweep_table(sweep)

@@ -1,5 +1,6 @@
-"""The files an experiment keeps per run (``runs/<dataset>/<run>.{json,stats.pt,case.npz}``), so that an
-interrupted experiment resumes where it stopped: a run whose json exists with the same fingerprint is done."""
+"""The files an experiment keeps per run (``runs/<dataset>/<run>.{json,stats.pt,case.npz}``, and
+``<run>.conformal.pt`` with conformal columns), so that an interrupted experiment resumes where it stopped: a
+run whose json exists with the same fingerprint is done."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def run_files(run_dir: Path, run) -> dict[str, Path]:
     """The json record, statistics and qualitative-case files of ``run`` (an :class:`orcal.experiment.Run`)."""
     base = run_dir / safe_name(run.key)
     # never with_suffix: a key such as "ordinal@0.5" has a dot of its own
-    return {"json": Path(f"{base}.json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz")}
+    return {"json": Path(f"{base}.json"), "stats": Path(f"{base}.stats.pt"), "case": Path(f"{base}.case.npz"),
+            "conformal": Path(f"{base}.conformal.pt")}
 
 
 def load_run(run_dir: Path, run, fingerprint: str) -> dict[str, Any] | None:
@@ -83,6 +85,29 @@ def load_run_stats(run_dir: Path, run) -> dict[str, Any]:
     except Exception as err:  # truncated or damaged: name the file rather than show a traceback
         raise ValueError(f"{path}: the run's statistics could not be read ({type(err).__name__}: {err}); delete "
                          f"it and its {path.name.replace('.stats.pt', '.json')} to rerun that run") from err
+
+
+def conformal_missing(run_dir: Path, run, record: dict[str, Any], alpha: float) -> str | None:
+    """Why a finished run's record cannot give the conformal columns at ``alpha`` (None when it can): recorded
+    without them, at another alpha, or without its per-image file."""
+    found = {(e.get("conformal") or {}).get("alpha") for e in record.get("readouts", {}).values()}
+    if found == {None}:
+        return "recorded without conformal results"
+    if found != {float(alpha)}:
+        return f"conformal results recorded at alpha {', '.join(str(a) for a in sorted(found, key=str))}, not {alpha}"
+    if not run_files(run_dir, run)["conformal"].is_file():
+        return f"{run_files(run_dir, run)['conformal'].name} (the per-image conformal values) is missing"
+    return None
+
+
+def load_conformal(run_dir: Path, run) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-readout per-image conformal values ``{readout: {column: (N, C)}}`` of a finished run."""
+    path = run_files(run_dir, run)["conformal"]
+    try:
+        return _by_readout(run, torch.load(path, weights_only=True))
+    except Exception as err:  # truncated or damaged: name the file rather than show a traceback
+        raise ValueError(f"{path}: the run's conformal values could not be read ({type(err).__name__}: {err}); "
+                         f"delete it to rerun that run") from err
 
 
 def load_case_maps(run_dir: Path, run) -> dict[str, np.ndarray]:

@@ -350,3 +350,70 @@ def sweep_keys(sweep: Mapping, weights: Sequence[float]) -> list:
     """The sweep's own keys in the order of ``weights`` (keys may be floats or their strings)."""
     by_value = {float(k): k for k in sweep}
     return [by_value[w] for w in weights]
+
+
+def _conformal_cell(s: Mapping[str, Any] | None, digits: int) -> str:
+    if not s or not is_finite(s.get("value")):
+        return "n/a"
+    centre, spread, low, high = _cell(s, "value")
+    text = f"{centre:.{digits}f}" + (f" ± {spread:.{digits}f}" if is_finite(spread) else "")
+    return text + (f" [{low:.{digits}f}, {high:.{digits}f}]" if is_finite(low) and is_finite(high) else "")
+
+
+def conformal_table(entry: Mapping[str, Any], digits: int = 4) -> str:
+    """Markdown table of one dataset's conformal columns (SPEC §12; ``results["conformal"][dataset]``): a row
+    per method, a column per header of :data:`orcal.experiment.conformal.KINDS` (stages such as before →
+    after in one cell). Of the rows that do not miss a kind's guarantee, the smallest cost is bold; † marks a
+    row that misses it beyond the noise (:func:`orcal.experiment.conformal.misses`)."""
+    from orcal.experiment.conformal import KINDS, misses
+
+    alpha, rows = float(entry["alpha"]), entry.get("rows", {})
+    lead = entry.get("leads", {})
+    unit = "mL" if entry.get("spacing_known") else "thousands of voxels"
+    groups: list[tuple[Any, list]] = []  # (kind, columns sharing one header)
+    for kind in KINDS:
+        for column in kind.columns:
+            if groups and groups[-1][0] is kind and groups[-1][1][0].header == column.header:
+                groups[-1][1].append(column)
+            else:
+                groups.append((kind, [column]))
+    heads = []
+    for _, cols in groups:
+        c = cols[0]
+        mark = {"lower": " ↓", "higher": " ↑"}.get(c.better or "", "")
+        if c.bound is not None:
+            mark = f" ({'≤' if c.bound[0] == '<=' else '≥'} {c.bound[1](alpha):g})"
+        stages = f", {' → '.join(x.stage for x in cols)}" if cols[0].stage else ""
+        heads.append(f"{c.header}{f' ({unit})' if c.unit == 'volume' else ''}{mark}{stages}")
+    lines = [f"| Method | {' | '.join(heads)} |", "|---|" + "---|" * len(heads)]
+    for row in sort_rows(list(rows)):
+        cells = []
+        for kind, cols in groups:
+            texts = []
+            for c in cols:
+                s = rows[row].get(c.key)
+                text = _conformal_cell(s, digits)
+                best = lead.get(kind.name + ("+ts" if parse_row(row).scaled else ""), {}).get("best")
+                if c.key == kind.cost and row == best and text != "n/a":
+                    text = f"**{text}**"
+                if c.key == kind.certified and s and is_finite(s.get("value")) and misses(c, s, alpha):
+                    text += " †"
+                texts.append(text)
+            cells.append(" → ".join(texts))
+        lines.append(f"| {row_label(row)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def conformal_csv(conformal: Mapping[str, Mapping[str, Any]]) -> str:
+    """Every conformal column of every dataset and row in long form: dataset, method, key, column, alpha,
+    value (test set, mean over seeds), std over seeds, bootstrap mean, std, 2.5 % and 97.5 % percentiles."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    keys = ("value", "seed_std", "mean", "std", "low", "high")
+    writer.writerow(["dataset", "method", "key", "column", "alpha", *keys])
+    for col, entry in conformal.items():
+        for row in sort_rows(list(entry.get("rows", {}))):
+            for column, s in entry["rows"][row].items():
+                writer.writerow([col, row_label(row), row, column, _num(entry["alpha"])]
+                                + [_num(s.get(k, math.nan)) for k in keys])
+    return buf.getvalue()

@@ -38,7 +38,8 @@ from orcal.metrics.volume import VolumeStats, _voxel_volume, volume_stats
 from orcal.ops.checks import check_choice, check_int, check_real, check_tensor, data_check
 from orcal.ops.masks import rater_masks
 
-__all__ = ["ConformalRiskControl", "ConformalVolume", "fnr_curves", "min_calibration_images"]
+__all__ = ["ConformalRiskControl", "ConformalVolume", "fnr_curves", "min_calibration_images",
+           "nominal_volume_intervals"]
 
 #: Points of the threshold grid ``0, 1/(G-1), ..., 1`` of :class:`ConformalRiskControl`.
 GRID_POINTS = 1001
@@ -285,6 +286,18 @@ def _moments(stats: VolumeStats) -> tuple[torch.Tensor, torch.Tensor]:
     prediction (``sum p (1 - p) = 0``) still gives finite scores."""
     ml = stats.voxel_volume / 1000.0
     return stats.mean * ml, stats.var.sqrt().clamp_min(1.0) * ml
+
+
+def nominal_volume_intervals(stats: VolumeStats, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uncalibrated central ``1 - alpha`` interval ``mu ± z sigma`` of the predicted volume's normal
+    distribution (SPEC §11.4), ``z`` its ``1 - alpha/2`` quantile, on the scale of :class:`ConformalVolume`
+    (mL, ``sigma`` at least one voxel, the lower bound at least 0): the interval whose ``z`` the conformal
+    quantile ``q`` replaces. Returns ``(low, high)``, each ``(B, C)``."""
+    a = _check_alpha(alpha)
+    z = math.sqrt(2) * float(torch.erfinv(torch.tensor(1 - a, dtype=torch.float64)))
+    C = stats.num_structures
+    mu, sd = (t.view(-1, C) for t in _moments(stats))
+    return (mu - z * sd).clamp_min(0), mu + z * sd
 
 
 class ConformalVolume:

@@ -113,19 +113,14 @@ def group_index(groups: Sequence | None, n_images: int) -> torch.Tensor | None:
     return torch.tensor([first.setdefault(g, len(first)) for g in groups], dtype=torch.long)
 
 
-def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
-                      seed: int = 0, groups: Sequence | None = None) -> dict[str, torch.Tensor]:
-    """Every metric on each of ``n_boot`` resamples of the images (SPEC §5): ``{metric: (n_boot,) float64}``.
+def bootstrap_weights(n_images: int, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
+                      seed: int = 0, groups: Sequence | None = None) -> torch.Tensor:
+    """How often each image enters each resample of :func:`bootstrap_samples`: ``(n_boot, n_images)`` float64.
 
-    Each resample draws ``count`` images (default ``ceil(fraction * n_images)``) with replacement and sums
-    their rows. With ``groups`` (one id per image, e.g. its patient) the units drawn are the groups instead:
-    ``count`` (default ``ceil(fraction * n_groups)``) groups with replacement, each with all its images, so
-    images that are correlated within a group are not counted as independent evidence (SPEC §5). The draws
-    depend only on ``seed``, ``n_boot``, the size and the number of units, so statistics of other models on
-    the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
-    O(n_boot x n_images x bins): no voxel is visited.
+    The draws depend only on ``seed``, ``n_boot``, the resample size and the number of units (images, or
+    ``groups``), so any per-image quantity weighted by these rows is resampled exactly as the calibration
+    statistics of the same images are (the paired comparisons of SPEC §5.1).
     """
-    n_images, C = stats.n_images, stats.num_structures
     if n_images == 0:
         raise ValueError("bootstrap needs statistics of at least one image")
     index = group_index(groups, n_images)
@@ -140,6 +135,23 @@ def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: flo
         1, draws, torch.ones(n_boot, size, dtype=torch.float64))
     if index is not None:
         weights = weights[:, index]  # every image of a group counts as often as its group was drawn
+    return weights
+
+
+def bootstrap_samples(stats: CalibrationStats, n_boot: int = 1000, fraction: float = 0.6, count: int | None = None,
+                      seed: int = 0, groups: Sequence | None = None) -> dict[str, torch.Tensor]:
+    """Every metric on each of ``n_boot`` resamples of the images (SPEC §5): ``{metric: (n_boot,) float64}``.
+
+    Each resample draws ``count`` images (default ``ceil(fraction * n_images)``) with replacement and sums
+    their rows. With ``groups`` (one id per image, e.g. its patient) the units drawn are the groups instead:
+    ``count`` (default ``ceil(fraction * n_groups)``) groups with replacement, each with all its images, so
+    images that are correlated within a group are not counted as independent evidence (SPEC §5). The draws
+    depend only on ``seed``, ``n_boot``, the size and the number of units, so statistics of other models on
+    the same images are resampled identically (the paired comparison of SPEC §5.1). Cost is
+    O(n_boot x n_images x bins): no voxel is visited.
+    """
+    n_images, C = stats.n_images, stats.num_structures
+    weights = bootstrap_weights(n_images, n_boot, fraction, count, seed, groups)
 
     def resample(t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(n_images, -1).double()  # an image's C structure rows resampled together
