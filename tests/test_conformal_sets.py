@@ -1,4 +1,4 @@
-"""Conformal voxel sets and level sets against a random rater (orcal.metrics.conformal_sets, SPEC §12.4–12.5).
+"""Conformal voxel sets and level sets against a random rater (orcal.metrics.conformal_sets, SPEC §12.3–12.4).
 
 As in test_conformal.py, every split draws fresh exchangeable images, so the splits are independent: the tests
 assert ``mean <= alpha + 3 * se`` over the splits, and show on the same cases that the rule without the

@@ -43,6 +43,7 @@ def test_well_specified_model_meets_alpha_and_the_nominal_interval_covers():
     assert values["volume_coverage/after"] >= 1 - alpha - 0.03
     # the predicted volume distribution is right here, so the nominal interval already covers about 1 - alpha
     assert abs(values["volume_coverage/before"] - (1 - alpha)) < 0.05
+    assert values["set_miscoverage"] <= alpha + 0.02 and 0 <= values["uncertain_fraction"] < 1
     per_image = evaluation.per_image()
     assert per_image["fnr"].shape == (400, 1) and evaluation.n_calibration == 300
 
@@ -202,9 +203,10 @@ def test_command_line_conformal_flag(tmp_path):
 
 def _entry(values_by_row, noise, alpha=0.5, fnr=None):
     per_seed = _per_seed(values_by_row, noise=noise)
-    for row, value in (fnr or {}).items():
+    for row, value in (fnr or {}).items():  # the row misses every guarantee bounded by alpha
         for s in per_seed[row]:
-            s["fnr"] = torch.full_like(s["fnr"], value)
+            for key in ("fnr", "set_miscoverage"):
+                s[key] = torch.full_like(s[key], value)
     summary = summarize(per_seed, n_boot=200)
     return {"alpha": alpha, "n_calibration": 30, "spacing_known": True, "rows": summary["rows"],
             "leads": leads(summary, alpha)}

@@ -122,7 +122,13 @@ def _fnr(crc, alpha: float, batch: Batch) -> torch.Tensor:
 def _mask_fraction(crc, alpha: float, batch: Batch) -> torch.Tensor:
     """Each image's fraction of (valid) voxels in the thresholded mask: the price of the guarantee."""
     p = batch.per_structure.double()
-    inside = p >= crc.thresholds.view(1, -1, *([1] * (p.ndim - 2)))
+    return _fraction(p >= crc.thresholds.view(1, -1, *([1] * (p.ndim - 2))), batch)
+
+
+def _fraction(inside: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The fraction of each image's (valid) voxels in ``inside`` ``(B, *S)`` or ``(B, C, *S)``, as ``(B, C)``."""
+    if inside.ndim == batch.per_structure.ndim - 1:
+        inside = inside.unsqueeze(1)
     if batch.valid is None:
         return inside.flatten(2).double().mean(2)
     valid = batch.valid.unsqueeze(1).expand_as(inside)
@@ -166,6 +172,30 @@ def _width(stage: str) -> Callable[[Any, float, Batch], torch.Tensor]:
     return per_image
 
 
+# --- voxel sets: {0, 1}, {1}, {0} or {} per voxel; a random rater's label falls outside at most alpha ----------------
+
+def _sets_make(num_structures: int | None):
+    from orcal.metrics.conformal_sets import ConformalVoxelSets
+
+    return ConformalVoxelSets(num_structures)
+
+
+def _set_miscoverage(sets, alpha: float, batch: Batch) -> torch.Tensor:
+    """Each image's fraction of (valid voxel, rater) pairs whose label is outside the voxel's set at the fitted
+    threshold: the calibrated loss itself (the threshold is a grid point)."""
+    from orcal.metrics.conformal_sets import voxel_set_curves
+
+    G = sets.grid.numel()
+    curves = voxel_set_curves(batch.probs, batch.masks, batch.num_structures, batch.valid, G)  # (B, C, G)
+    j = (sets.thresholds * (G - 1)).round().long()
+    return curves.gather(2, j.view(1, -1, 1).expand(curves.shape[0], -1, 1))[..., 0]
+
+
+def _uncertain_fraction(sets, alpha: float, batch: Batch) -> torch.Tensor:
+    """Each image's fraction of (valid) voxels whose set holds both labels: the uncertainty mask's size."""
+    return _fraction(sets.predict(batch.probs).uncertain, batch)
+
+
 def _at_most_alpha(alpha: float) -> float:
     return alpha
 
@@ -193,6 +223,12 @@ KINDS: tuple[ConformalKind, ...] = (
          Column("volume_width/before", "interval width", _width("before"), "lower", None, "before", "volume"),
          Column("volume_width/after", "interval width", _width("after"), "lower", None, "after", "volume")),
         certified="volume_coverage/after", cost="volume_width/after"),
+    ConformalKind(
+        "sets", "voxel sets", _sets_make,
+        lambda sets, b: sets.update(b.probs, b.masks, b.valid), _risk_fit,
+        (Column("set_miscoverage", "set miscoverage", _set_miscoverage, None, ("<=", _at_most_alpha)),
+         Column("uncertain_fraction", "uncertain voxels (fraction)", _uncertain_fraction, "lower")),
+        certified="set_miscoverage", cost="uncertain_fraction"),
 )
 
 

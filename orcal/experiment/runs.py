@@ -95,6 +95,13 @@ def conformal_missing(run_dir: Path, run, record: dict[str, Any], alpha: float) 
         return "recorded without conformal results"
     if found != {float(alpha)}:
         return f"conformal results recorded at alpha {', '.join(str(a) for a in sorted(found, key=str))}, not {alpha}"
+    from orcal.experiment.conformal import KINDS
+
+    kinds = {k.name for k in KINDS}
+    lacking = sorted({k for e in record.get("readouts", {}).values()
+                      for k in kinds - set((e.get("conformal") or {}).get("fitted") or {})})
+    if lacking:
+        return f"recorded without the conformal {', '.join(lacking)} columns"
     if not run_files(run_dir, run)["conformal"].is_file():
         return f"{run_files(run_dir, run)['conformal'].name} (the per-image conformal values) is missing"
     return None

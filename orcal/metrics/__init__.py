@@ -14,7 +14,7 @@ Everything is computed from per-image :class:`~orcal.ops.stats.CalibrationStats`
 - :mod:`~orcal.metrics.calibrate`: post-hoc temperature scaling (SPEC §10).
 - :mod:`~orcal.metrics.conformal`: conformal thresholds and volume intervals against a random rater (SPEC §12).
 - :mod:`~orcal.metrics.conformal_sets`: conformal voxel label sets with an uncertainty mask, and consensus-level
-  sets of an ordinal head (SPEC §12.4–12.5); saving and loading fitted calibrators.
+  sets of an ordinal head (SPEC §12.3–12.4); saving and loading fitted calibrators.
 - :mod:`~orcal.metrics.plots`: reliability diagrams and confidence-vs-agreement plots.
 
 When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,

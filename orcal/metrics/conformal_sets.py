@@ -1,4 +1,4 @@
-"""Conformal prediction sets per voxel, with an uncertainty mask, against a random rater (SPEC §12.4–12.5).
+"""Conformal prediction sets per voxel, with an uncertainty mask, against a random rater (SPEC §12.3–12.4).
 
 Each voxel gets a *set* of plausible labels from one threshold ``t`` per structure: the label ``y`` is in the
 set when its probability is at least ``t`` (``p`` for foreground, ``1 - p`` for background). A voxel whose set
@@ -176,7 +176,7 @@ def level_set_curves(level_probs: torch.Tensor, k: torch.Tensor, num_structures:
 
 
 class ConformalVoxelSets(ConformalRiskControl):
-    """Voxel label sets with a bounded miscoverage against a random rater (SPEC §12.4).
+    """Voxel label sets with a bounded miscoverage against a random rater (SPEC §12.3).
 
     ``update`` adds per-image loss curves (:func:`voxel_set_curves`) to a running ``(C, G)`` sum; :meth:`fit`
     picks, per structure, the largest grid threshold ``t`` with ``(n R_n(t) + 1) / (n + 1) <= alpha`` (the rule
@@ -208,7 +208,7 @@ class ConformalVoxelSets(ConformalRiskControl):
 
 
 class ConformalLevelSets(ConformalRiskControl):
-    """Sets of consensus levels ``{k : q_k >= t}`` per voxel for an ordinal head (SPEC §12.5).
+    """Sets of consensus levels ``{k : q_k >= t}`` per voxel for an ordinal head (SPEC §12.4).
 
     With ``L = R + 1`` levels (``k`` raters of ``R`` vote foreground) and ``q = softmax(logits)``, :meth:`fit`
     picks the largest grid threshold ``t`` per structure with ``(n R_n(t) + 1) / (n + 1) <= alpha``, ``R_n`` the
