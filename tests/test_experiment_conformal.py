@@ -232,3 +232,11 @@ def test_conformal_table_and_findings_never_rank_within_the_noise():
     text = " ".join(_conformal("D", close))
     assert "none has a smaller mask size (fraction of voxels) than the others beyond the noise" in text
     assert "**" not in text
+
+
+def test_findings_call_an_exact_tie_a_tie():
+    from orcal.experiment.findings import _conformal
+
+    tie = _entry({"soft": [0.0, 0.0], "ordinal/expected": [0.0, 0.0], "median": [0.2, 0.2]}, noise=0.0)
+    text = " ".join(_conformal("D", tie))
+    assert "2 tie at the smallest" in text and "differ by" not in text

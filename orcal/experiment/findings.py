@@ -131,6 +131,11 @@ def _conformal(ds: str, entry: Mapping[str, Any]) -> list[str]:
             out.append(f"{head}: {row_label(best)} alone meets it, with {cost.header} {value}{missed}.")
             continue
         second = lead["runner_up"]
+        tied = [r for r in lead["meets"] if rows[r][kind.cost]["value"] == rows[best][kind.cost]["value"]]
+        if len(tied) > 1:  # an exact tie (e.g. no uncertain voxel in any row): nothing to rank
+            out.append(f"{head}: of the {len(lead['meets'])} rows that meet it, {len(tied)} tie at the "
+                       f"{'largest' if cost.better == 'higher' else 'smallest'} {cost.header}, {value}{missed}.")
+            continue
         ahead = _better_by(lead, None, higher=cost.better == "higher")
         extreme = "largest" if cost.better == "higher" else "smallest"
         n_ok = len(lead["meets"])
