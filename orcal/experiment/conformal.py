@@ -113,9 +113,12 @@ def _fnr(crc, alpha: float, batch: Batch) -> torch.Tensor:
     threshold is a grid point)."""
     from orcal.metrics.conformal import fnr_curves
 
-    G = crc.grid.numel()
-    curves = fnr_curves(batch.probs, batch.masks, batch.num_structures, G)  # (B, C, G)
-    j = (crc.thresholds * (G - 1)).round().long()
+    return _at_threshold(crc, fnr_curves(batch.probs, batch.masks, batch.num_structures, crc.grid.numel()))
+
+
+def _at_threshold(calibrator, curves: torch.Tensor) -> torch.Tensor:
+    """Each image's value of its loss curves ``(B, C, G)`` at the calibrator's fitted thresholds (grid points)."""
+    j = (calibrator.thresholds * (curves.shape[2] - 1)).round().long()
     return curves.gather(2, j.view(1, -1, 1).expand(curves.shape[0], -1, 1))[..., 0]
 
 
@@ -185,10 +188,8 @@ def _set_miscoverage(sets, alpha: float, batch: Batch) -> torch.Tensor:
     threshold: the calibrated loss itself (the threshold is a grid point)."""
     from orcal.metrics.conformal_sets import voxel_set_curves
 
-    G = sets.grid.numel()
-    curves = voxel_set_curves(batch.probs, batch.masks, batch.num_structures, batch.valid, G)  # (B, C, G)
-    j = (sets.thresholds * (G - 1)).round().long()
-    return curves.gather(2, j.view(1, -1, 1).expand(curves.shape[0], -1, 1))[..., 0]
+    return _at_threshold(sets, voxel_set_curves(batch.probs, batch.masks, batch.num_structures, batch.valid,
+                                                sets.grid.numel()))
 
 
 def _uncertain_fraction(sets, alpha: float, batch: Batch) -> torch.Tensor:
