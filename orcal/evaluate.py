@@ -250,11 +250,10 @@ def _markdown(name: str, result: dict[str, Any], ci: dict[str, dict[str, float]]
 
 def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, Any], label, evaluated: list[str],
                            progress: bool):
-    """Fit :class:`~orcal.metrics.ConformalRiskControl`, :class:`~orcal.metrics.ConformalVolume` (random
-    rater) and :class:`~orcal.metrics.ConformalVoxelSets` on the calibration cases (SPEC §12); voxels outside a
-    case's valid mask count for nothing. Returns ``({"risk", "volume", "sets"}: fitted calibrator, n)``."""
+    """A :class:`~orcal.metrics.ConformalEvaluation` (every kind of SPEC §12 against a random rater) fitted on
+    the calibration cases; voxels outside a case's valid mask count for nothing. Returns ``(it, n cases)``."""
     from orcal._progress import progress_bar
-    from orcal.metrics import ConformalRiskControl, ConformalVolume, ConformalVoxelSets
+    from orcal.metrics import ConformalEvaluation
 
     preds = find_predictions(cal_dir)
     shared = sorted(set(preds) & set(evaluated))
@@ -262,28 +261,20 @@ def _conformal_calibration(cal_dir, alpha: float, kind: str, source: dict[str, A
         raise ValueError(f"--calibration: {len(shared)} case(s) are also evaluated ({', '.join(shared[:5])}); the "
                          "calibration and evaluated cases must be disjoint for the guarantee to hold")
     ids, cases, _ = _iter_cases(preds, allow_missing=True, label=label, **source)
-    fitted = {"risk": ConformalRiskControl(), "volume": ConformalVolume(), "sets": ConformalVoxelSets()}
+    evaluation = ConformalEvaluation()
     for case, masks, valid, _ in progress_bar(cases, total=len(ids), desc="calibrate", unit="case",
                                               enabled=progress):
-        p, m, v = _conformal_case(preds[case], masks, valid, kind)
-        fitted["risk"].update(p, m)
-        fitted["volume"].update(p, m)
-        fitted["sets"].update(p, m, valid=v)
-    for calibrator in fitted.values():
-        calibrator.fit(alpha)
-    return fitted, len(ids)
+        evaluation.calibrate(_conformal_case(preds[case], masks, valid, kind))
+    evaluation.fit(alpha)
+    return evaluation, len(ids)
 
 
-def _conformal_case(path: Path, masks: torch.Tensor, valid, kind: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A case as ``(p (1, *S), masks (1, R, *S) bool, valid (1, *S) bool or None)``, restricted to its valid
-    voxels."""
+def _conformal_case(path: Path, masks: torch.Tensor, valid, kind: str):
+    """A case as the conformal calibrators take it: a batch of one image, its raters cleared outside ``valid``."""
+    from orcal.metrics.conformal_evaluation import Batch
+
     p = torch.from_numpy(_match_shape(load_prediction(path, kind), tuple(masks.shape[1:]), path))[None]
-    m = masks[None].bool()
-    if valid is not None:
-        valid = valid[None].bool()
-        p, m = p * valid, m & valid[:, None]
-    return p, m, valid
+    return Batch.of(p, masks[None].bool(), None if valid is None else valid[None].bool())
 
 
 def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset: str | None = None,
@@ -342,15 +333,14 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     ids, cases, known = _iter_cases(preds, dataset, root, split, task, raters, rater_glob, allow_missing,
                                     dataset_options, label, elsewhere)
     groups = case_groups(ids, group_by, known)
-    tests: dict[str, list[float]] = {"fnr": [], "mask": [], "covered": [], "width": [], "miss": [], "uncertain": []}
     if conformal is not None:
         source = dict(dataset=dataset, root=root, split=split if calibration_split is None else calibration_split,
                       task=task, raters=raters, rater_glob=rater_glob, dataset_options=dataset_options)
-        fitted, n_cal = _conformal_calibration(calibration, conformal, kind, source, label, ids, progress)
+        evaluation, n_cal = _conformal_calibration(calibration, conformal, kind, source, label, ids, progress)
         if save_conformal is not None:
             from orcal.metrics import save_conformal as save
 
-            save(save_conformal, fitted)
+            save(save_conformal, evaluation.calibrators)
     metric = MultiRaterCalibration(n_bins=n_bins, auc_bins=auc_bins, per_image=True, exact_auc=exact_auc)
     raters_per_case: list[int] = []
     for case, masks, valid, grid in progress_bar(cases, total=len(ids), desc="evaluate", unit="case",
@@ -366,7 +356,7 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
             raise ValueError(f"{preds[case]}: {err}") from err
         raters_per_case.append(int(masks.shape[0]))
         if conformal is not None:
-            _conformal_test(tests, fitted, *_conformal_case(preds[case], masks, valid, kind))
+            evaluation.measure(_conformal_case(preds[case], masks, valid, kind))
     result = metric.compute()
     stats = metric.stats()
     ci = bootstrap(stats, n_boot=n_boot, seed=seed, groups=groups) if n_boot > 0 else None
@@ -392,14 +382,10 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
                    "raters": None if raters is None else str(raters)},
     }
     if conformal is not None:
-        report["conformal"] = {
-            "alpha": conformal, "n_calibration": n_cal, "calibration": str(calibration),
-            "threshold": float(fitted["risk"].thresholds[0]), "fnr": float(np.mean(tests["fnr"])), "mask_fraction":
-            float(np.mean(tests["mask"])), "volume_quantile": float(fitted["volume"].quantiles[0]),
-            "volume_coverage": float(np.mean(tests["covered"])), "volume_width_voxels": float(np.mean(tests["width"])),
-            "set_threshold": float(fitted["sets"].thresholds[0]), "set_miscoverage": float(np.mean(tests["miss"])),
-            "uncertain_fraction": float(np.mean(tests["uncertain"])),
-            "saved": None if save_conformal is None else str(save_conformal)}
+        # each column's mean over the evaluated cases (orcal.metrics.conformal_evaluation.KINDS; volumes in mL
+        # at 1 mm voxels) and the fitted thresholds and quantile
+        report["conformal"] = {**evaluation.result(), "calibration": str(calibration), "n_calibration": n_cal,
+                               "saved": None if save_conformal is None else str(save_conformal)}
     report = _clean(report)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "metrics.md").write_text(_markdown(name, result, ci, n_boot, units))
@@ -407,27 +393,6 @@ def evaluate(pred_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dataset
     plots.confidence_vs_agreement({name: result}, out / "agreement.png",
                                   title=f"Confidence vs rater agreement: {name}")
     return report
-
-
-def _conformal_test(tests: dict[str, list[float]], fitted: dict, p: torch.Tensor, m: torch.Tensor,
-                    valid: torch.Tensor | None) -> None:
-    """One evaluated case's FNR against a random rater, mask fraction, volume coverage and width (voxels), and
-    its voxel sets' miscoverage against a random rater and uncertain fraction (of its valid voxels)."""
-    from orcal.metrics import fnr_curves, volume_stats, voxel_set_curves
-
-    crc, vol, sets = fitted["risk"], fitted["volume"], fitted["sets"]
-    j = round(float(sets.thresholds[0]) * (sets.grid.numel() - 1))
-    tests["miss"].append(float(voxel_set_curves(p, m, valid=valid, grid_points=sets.grid.numel())[0, 0, j]))
-    unsure = sets.predict(p).uncertain
-    tests["uncertain"].append(float(unsure.double().mean() if valid is None else
-                                    unsure[valid].double().sum() / valid.sum().clamp_min(1)))
-    j = round(float(crc.thresholds[0]) * (crc.grid.numel() - 1))
-    tests["fnr"].append(float(fnr_curves(p, m, grid_points=crc.grid.numel())[0, 0, j]))
-    tests["mask"].append(float(crc.predict(p).double().mean()))
-    low, high = (1000 * t for t in vol.predict(p))  # mL at unit spacing -> voxels
-    y = volume_stats(p, m).raters
-    tests["covered"].append(float(((y >= low) & (y <= high)).double().mean()))
-    tests["width"].append(float(high - low))
 
 
 def _write_per_image(path: Path, ids: list[str], raters: list[int], stats: CalibrationStats) -> None:

@@ -29,24 +29,27 @@ def test_evaluate_reports_and_saves_the_voxel_sets(tmp_path, capsys, suffix):
     out, saved = tmp_path / "out", tmp_path / f"conformal{suffix}"
     assert main(["evaluate", "--pred", str(pred), "--raters", str(raters), "--out", str(out), "--bootstrap", "0",
                  "--quiet", "--conformal", "0.2", "--calibration", str(cal), "--save-conformal", str(saved)]) == 0
-    assert "voxel sets: threshold" in capsys.readouterr().out
+    assert "voxel sets (threshold" in capsys.readouterr().out
     c = json.loads((out / "metrics.json").read_text())["conformal"]
+    fitted, values = c["fitted"], c["values"]
     sets = ConformalVoxelSets()
     for case in sorted(data)[:6]:
         p, m = (torch.from_numpy(a)[None] for a in data[case])
         sets.update(p, m.bool())
     t = float(sets.fit(0.2)[0])
-    assert c["set_threshold"] == t and c["saved"] == str(saved)
+    assert fitted["sets"]["threshold"] == [t] and c["saved"] == str(saved)
     test = [data[case] for case in sorted(data)[6:]]
     miss = [np.mean([np.where(m, p < t, 1 - p.astype(np.float64) < t).mean() for m in ms.astype(bool)])
             for p, ms in test]
-    assert c["set_miscoverage"] == pytest.approx(float(np.mean(miss)), rel=1e-9)
+    assert values["set_miscoverage"] == pytest.approx(float(np.mean(miss)), rel=1e-9)
     unsure = [((p >= t) & (1 - p.astype(np.float64) >= t)).mean() for p, _ in test]
-    assert c["uncertain_fraction"] == pytest.approx(float(np.mean(unsure)), rel=1e-9) and c["uncertain_fraction"] > 0
+    assert values["uncertain_fraction"] == pytest.approx(float(np.mean(unsure)), rel=1e-9)
+    assert values["uncertain_fraction"] > 0
     loaded = load_conformal(saved)
     assert set(loaded) == {"risk", "volume", "sets"}
-    assert float(loaded["sets"].thresholds[0]) == t and float(loaded["risk"].thresholds[0]) == c["threshold"]
-    assert float(loaded["volume"].quantiles[0]) == pytest.approx(c["volume_quantile"], rel=1e-12)
+    assert float(loaded["sets"].thresholds[0]) == t
+    assert float(loaded["risk"].thresholds[0]) == fitted["risk"]["threshold"][0]
+    assert float(loaded["volume"].quantiles[0]) == pytest.approx(fitted["volume"]["quantile"][0], rel=1e-12)
 
 
 def test_evaluate_save_conformal_needs_conformal(tmp_path, capsys):

@@ -170,18 +170,21 @@ def test_conformal_calibration_on_separate_cases(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(pred), "--raters", str(raters), "--out", str(out), "--bootstrap", "0",
                  "--no-progress", "--conformal", "0.2", "--calibration", str(cal)]) == 0
     c = json.loads((out / "metrics.json").read_text())["conformal"]
-    assert "test FNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "voxel risk control (threshold" in printed and "volume intervals (quantile" in printed
     crc, vol = ConformalRiskControl(), ConformalVolume()
     for case in sorted(data)[:6]:
         p, m = (torch.from_numpy(a)[None] for a in data[case])
         crc.update(p, m.bool())
         vol.update(p, m.bool())
-    assert c["n_calibration"] == 6 and c["threshold"] == float(crc.fit(0.2)[0])
-    assert c["volume_quantile"] == pytest.approx(float(vol.fit(0.2)[0]), rel=1e-12)
+    fitted, values = c["fitted"], c["values"]
+    assert c["n_calibration"] == 6 and fitted["risk"]["threshold"] == [float(crc.fit(0.2)[0])]
+    assert fitted["volume"]["quantile"][0] == pytest.approx(float(vol.fit(0.2)[0]), rel=1e-12)
     test = [data[case] for case in sorted(data)[6:]]
-    fnr = [np.mean([1 - (m & (p >= c["threshold"])).sum() / m.sum() for m in ms.astype(bool)]) for p, ms in test]
-    assert c["fnr"] == pytest.approx(float(np.mean(fnr)), rel=1e-9)
-    assert 0 <= c["volume_coverage"] <= 1 and c["volume_width_voxels"] > 0
+    t = fitted["risk"]["threshold"][0]
+    fnr = [np.mean([1 - (m & (p >= t)).sum() / m.sum() for m in ms.astype(bool)]) for p, ms in test]
+    assert values["fnr"] == pytest.approx(float(np.mean(fnr)), rel=1e-9)
+    assert 0 <= values["volume_coverage/after"] <= 1 and values["volume_width/after"] > 0
     with pytest.raises(ValueError, match="disjoint"):
         evaluate(pred, tmp_path / "o2", raters=raters, n_boot=0, progress=False, conformal=0.2, calibration=pred,
                  allow_missing=True)

@@ -83,15 +83,23 @@ def run(args: argparse.Namespace) -> int:
             text += f"  [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]"
         print(f"{key:>8}: {text}")
     if "conformal" in report:
-        c = report["conformal"]
-        print(f"conformal (alpha {c['alpha']}, {c['n_calibration']} calibration cases): threshold "
-              f"{c['threshold']:.3f}, test FNR {c['fnr']:.4f}, mask {100 * c['mask_fraction']:.1f} % of voxels; "
-              f"volume coverage {c['volume_coverage']:.3f}, mean width {c['volume_width_voxels']:.1f} voxels")
-        print(f"conformal voxel sets: threshold {c['set_threshold']:.3f}, test miscoverage {c['set_miscoverage']:.4f}, "
-              f"uncertain {100 * c['uncertain_fraction']:.1f} % of voxels"
-              + (f"; calibrators saved to {c['saved']}" if c["saved"] else ""))
+        _print_conformal(report["conformal"])
     for warning in report.get("warnings", []):
         print(f"warning: {warning}")
     print(f"{report['n_images']} images; report in {args.out}/ (metrics.json, per_image.csv, metrics.md, "
           "reliability.png, agreement.png)")
     return 0
+
+
+def _print_conformal(c: dict) -> None:
+    """One line per kind of conformal set: what was fitted and each of its columns on the evaluated cases."""
+    from orcal.metrics.conformal_evaluation import KINDS
+
+    print(f"conformal, against a random rater (alpha {c['alpha']}, {c['n_calibration']} calibration cases):")
+    for kind in KINDS:
+        fitted = ", ".join(f"{name} {values[0]:.3f}" for name, values in c["fitted"][kind.name].items())
+        columns = "; ".join(f"{col.header}{f' ({col.stage})' if col.stage else ''} {c['values'][col.key]:.4g}"
+                            + (" mL at 1 mm voxels" if col.unit == "volume" else "") for col in kind.columns)
+        print(f"  {kind.label} ({fitted}): {columns}")
+    if c["saved"]:
+        print(f"  calibrators saved to {c['saved']}")

@@ -362,7 +362,7 @@ def _conformal_cell(s: Mapping[str, Any] | None, digits: int) -> str:
 
 def conformal_table(entry: Mapping[str, Any], digits: int = 4) -> str:
     """Markdown table of one dataset's conformal columns (SPEC §12; ``results["conformal"][dataset]``): a row
-    per method, a column per header of :data:`orcal.experiment.conformal.KINDS` (stages such as before →
+    per method, a column per header of :data:`orcal.metrics.conformal_evaluation.KINDS` (stages such as before →
     after in one cell). Of the rows that do not miss a kind's guarantee, the smallest cost is bold; † marks a
     row that misses it beyond the noise (:func:`orcal.experiment.conformal.misses`)."""
     from orcal.experiment.conformal import KINDS, misses

@@ -15,6 +15,8 @@ Everything is computed from per-image :class:`~orcal.ops.stats.CalibrationStats`
 - :mod:`~orcal.metrics.conformal`: conformal thresholds and volume intervals against a random rater (SPEC §12).
 - :mod:`~orcal.metrics.conformal_sets`: conformal voxel label sets with an uncertainty mask, and consensus-level
   sets of an ordinal head (SPEC §12.3–12.4); saving and loading fitted calibrators.
+- :mod:`~orcal.metrics.conformal_evaluation`: every kind of conformal set measured per image
+  (:class:`ConformalEvaluation`, the registry ``KINDS`` of what is reported).
 - :mod:`~orcal.metrics.plots`: reliability diagrams and confidence-vs-agreement plots.
 
 When torchmetrics is installed, the same statistics are also ``torchmetrics.Metric`` classes (summed states,
@@ -29,6 +31,7 @@ from __future__ import annotations
 from orcal.metrics.calibrate import TemperatureScaler, apply_temperature, fit_temperature
 from orcal.metrics.comparison import exceeds_noise, paired_difference, seed_summary
 from orcal.metrics.conformal import ConformalRiskControl, ConformalVolume, fnr_curves, min_calibration_images
+from orcal.metrics.conformal_evaluation import ConformalEvaluation
 from orcal.metrics.conformal_sets import (
     ConformalLevelSets,
     ConformalVoxelSets,
@@ -69,6 +72,7 @@ def __getattr__(name: str):
 __all__ = [
     "METRICS",
     "CalibrationStats",
+    "ConformalEvaluation",
     "ConformalLevelSets",
     "ConformalRiskControl",
     "ConformalVolume",
