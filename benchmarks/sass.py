@@ -144,18 +144,20 @@ def triton_cases(raters: tuple[int, ...] = (7, 32), dtypes: tuple[str, ...] = ("
                            "V": "i32", "nblk": "i32"},
                 constexprs={"HAS_VALID": False, "MAP": False, "GRAD": True, "IS_F64": f64, "M": R // 2 + 1,
                             **tile}))
-            for n_bins in (15, 100):  # rater masks are summed into votes by orc_targets_kernel first
+            # rater masks are summed into votes by orc_targets_kernel first; the expected readout at R = 7
+            for n_bins, expected in [(15, False), (100, False)] + [(15, True)] * (R == 7):
                 tile = _ops.stats_tile(C, n_bins, size)
                 cases.append(dict(
                     kernel="calibration_stats_kernel", dtype=dtype,
-                    case=f"R={R}, ordinal, votes, {n_bins} bins", voxels=tile["BLOCK_V"],
+                    case=f"R={R}, ordinal{' expected' if expected else ''}, votes, {n_bins} bins",
+                    voxels=tile["BLOCK_V"],
                     bytes_per_voxel=C * size + 1,
                     signature={"pred_ptr": f"*{ty}", "tgt_ptr": "*u8", "valid_ptr": "*u8", "counts_ptr": "*i64",
                                "partial_ptr": "*fp64", "auc_ptr": "*i64", "flag_ptr": "*i32",
                                **{n: "i32" for n in ("V", "R", "n_bins", "bin_lo", "auc_bins", "P",
                                                      "iters", "count_cols", "a_col", "tp_col", "pos_col",
                                                      "sum_cols", "brier_col")}},
-                    constexprs={"KIND": 2, "EXPECTED": False, "HAS_VALID": False, "IS_F64": f64,
+                    constexprs={"KIND": 2, "EXPECTED": expected, "HAS_VALID": False, "IS_F64": f64,
                                 "PACKED": True, "FULL": True, "M": R // 2 + 1, **tile}))
         tile = _ops.voxel_block(8, size)
         cases.append(dict(

@@ -510,6 +510,15 @@ def test_channel_loop_that_runs(device, monkeypatch):
         torch.testing.assert_close(p.cpu(), reference.foreground_probability(logits.cpu(), readout, 4),
                                    atol=2e-6, rtol=1e-5)
         _stats_case(device, "ordinal", readout, False, use_valid=True, R=7)
+    # the expected readout's limits at infinite logits (one certain level, two, NaN) in the looped branch too
+    inf, nan = float("inf"), float("nan")
+    z = torch.zeros(1, 8, 1, 4)
+    z[0, 5, 0, 0] = inf
+    z[0, 0, 0, 1] = inf
+    z[0, [2, 6], 0, 2] = inf
+    z[0, 3, 0, 3] = nan
+    p = ops.foreground_probability(z.to(device), "expected", backend="triton").cpu().flatten()
+    torch.testing.assert_close(p, torch.tensor([5 / 7, 0.0, nan, nan]), equal_nan=True, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("n_bins", [17, 40])

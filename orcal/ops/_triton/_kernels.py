@@ -160,11 +160,11 @@ def _two_groups(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROL
 
 
 @triton.jit
-def _expected_step(mx, n_inf, lim, z, c):
-    pinf = z == float("inf")
-    n_inf += tl.where(pinf, 1, 0) + tl.where(z != z, 2, 0)  # NaN stays NaN
-    lim += tl.where(pinf, c, 0)
-    return tl.maximum(mx, z), n_inf, lim
+def _capped_exp(d):
+    """e^d with the exponent capped at 2^64 (NaN stays NaN): for d <= 0, e^d; for a +inf level's d = +inf,
+    exactly 2^64, the weight :func:`_readout`'s expected branch gives it (a power of two: level x 2^64 and
+    R x 2^64 are exact, so one +inf level reads out exactly as level / R)."""
+    return tl.exp2(tl.minimum(d * LOG2E, 64.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -174,9 +174,10 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
     fraction, or the sigmoid of the majority logit from the two groups' LSEs (per-thread math, as
     :func:`_two_groups`)."""
     if EXPECTED:
+        # The shift is the largest logit made finite, so a +inf level's exponent is +inf, capped to the weight
+        # 2^64, and every finite level's is 0: one +inf level takes all the mass (p = level / R, SPEC §2) and
+        # several sum to at least 2^65 (no limit: NaN), with no per-level test; finite logits give se <= C.
         mx = zero - float("inf")
-        n_inf = (zero * 0).to(tl.int32)
-        lim = n_inf
         se = zero
         sce = zero
         if UNROLL:
@@ -184,9 +185,13 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
             for c in tl.static_range(C):
                 z = _channel(row_ptr, c, V, v, vm, IS_F64)
                 zs = zs + (z,)
-                mx, n_inf, lim = _expected_step(mx, n_inf, lim, z, c)
+                if c == 0:
+                    mx = z
+                else:
+                    mx = tl.maximum(mx, z)
+            mx = _finite_shift(mx)
             for c in tl.static_range(C):
-                e = _exp(zs[c] - mx)
+                e = _capped_exp(zs[c] - mx)
                 if c == 0:  # (level 0 adds nothing to sce)
                     se = e
                 elif c == 1:
@@ -197,15 +202,15 @@ def _readout(row_ptr, V, v, vm, zero, M: tl.constexpr, C: tl.constexpr, UNROLL: 
                     sce += e * c
         else:
             for c in range(C):
-                mx, n_inf, lim = _expected_step(mx, n_inf, lim, _channel(row_ptr, c, V, v, vm, IS_F64), c)
+                mx = tl.maximum(mx, _channel(row_ptr, c, V, v, vm, IS_F64))
+            mx = _finite_shift(mx)
             for c in range(C):
-                e = _exp(_channel(row_ptr, c, V, v, vm, IS_F64) - mx)
+                e = _capped_exp(_channel(row_ptr, c, V, v, vm, IS_F64) - mx)
                 se += e
                 sce += e * c
         p = sce / (se * (C - 1))
         p = tl.where(p > 1.0, 1.0, p)  # rounding can carry it just past 1 on confident voxels; NaN stays NaN
-        # +inf logits: one such level takes all the mass (p = level / R), several have no limit (NaN).
-        p = tl.where(n_inf == 0, p, tl.where(n_inf == 1, lim.to(mx.dtype) / (C - 1), float("nan")))
+        p = tl.where(se > 1.5 * 18446744073709551616.0, float("nan"), p)  # two or more +inf levels
     else:
         mx_lo, mx_hi, s_lo, s_hi, es = _two_groups(row_ptr, V, v, vm, zero, M, C, UNROLL, True, IS_F64)
         lgt = (mx_hi - mx_lo) + (_fast_ln(s_hi) - _fast_ln(s_lo))
