@@ -88,6 +88,16 @@ def test_summary_leads_and_misses():
     fnr = columns()["fnr"]
     assert not misses(fnr, {"value": 0.12, "low": 0.08, "high": 0.15}, 0.1)
     assert misses(fnr, {"value": 0.2, "low": 0.15, "high": 0.25}, 0.1)
+    # one calibration set of n images moves the test risk by about sqrt(alpha (1 - alpha) / n) (SPEC §12.6):
+    # 0.137 [0.110, 0.170] is past 0.1 beyond the test bootstrap, not beyond both noises with 90 images
+    # (1.96 x 0.032 = 0.062 in quadrature with 0.027); with 2000 calibration images it is
+    past = {"value": 0.137, "low": 0.110, "high": 0.170}
+    assert misses(fnr, past, 0.1) and not misses(fnr, past, 0.1, n_calibration=90)
+    assert misses(fnr, past, 0.1, n_calibration=2000)
+    coverage = columns()["volume_coverage/after"]  # ">= 1 - alpha": the same rule on the other side
+    low_cover = {"value": 0.82, "low": 0.74, "high": 0.884}
+    assert misses(coverage, low_cover, 0.1) and not misses(coverage, low_cover, 0.1, n_calibration=90)
+    assert misses(coverage, {"value": 0.6, "low": 0.55, "high": 0.65}, 0.1, n_calibration=90)
 
 
 def test_registry_lists_each_column_once_with_a_direction_or_a_bound():

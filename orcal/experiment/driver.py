@@ -203,7 +203,7 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
         results.setdefault("conformal", {})[key] = {
             "alpha": cfg.conformal, "n_calibration": some["n_calibration"],
             "spacing_known": bool(some.get("spacing_known")), "rows": summary["rows"],
-            "leads": leads(summary, cfg.conformal),
+            "leads": leads(summary, cfg.conformal, some["n_calibration"]),
             "fitted": {row: [r["fitted"] for r in per] for row, per in recorded.items()}}
     results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
                                {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}

@@ -364,10 +364,11 @@ def conformal_table(entry: Mapping[str, Any], digits: int = 4) -> str:
     """Markdown table of one dataset's conformal columns (SPEC §12; ``results["conformal"][dataset]``): a row
     per method, a column per header of :data:`orcal.metrics.conformal_evaluation.KINDS` (stages such as before →
     after in one cell). Of the rows that do not miss a kind's guarantee, the smallest cost is bold; † marks a
-    row that misses it beyond the noise (:func:`orcal.experiment.conformal.misses`)."""
+    row that misses it beyond the test and calibration noise (:func:`orcal.experiment.conformal.misses`)."""
     from orcal.experiment.conformal import KINDS, misses
 
     alpha, rows = float(entry["alpha"]), entry.get("rows", {})
+    n_cal = entry.get("n_calibration")
     lead = entry.get("leads", {})
     unit = "mL" if entry.get("spacing_known") else "thousands of voxels"
     groups: list[tuple[Any, list]] = []  # (kind, columns sharing one header)
@@ -396,7 +397,7 @@ def conformal_table(entry: Mapping[str, Any], digits: int = 4) -> str:
                 best = lead.get(kind.name + ("+ts" if parse_row(row).scaled else ""), {}).get("best")
                 if c.key == kind.cost and row == best and text != "n/a":
                     text = f"**{text}**"
-                if c.key == kind.certified and s and is_finite(s.get("value")) and misses(c, s, alpha):
+                if c.key == kind.certified and s and is_finite(s.get("value")) and misses(c, s, alpha, n_cal):
                     text += " †"
                 texts.append(text)
             cells.append(" → ".join(texts))
