@@ -204,24 +204,50 @@ def hard_l1_ace(confidence: torch.Tensor, target: torch.Tensor, n_bins: int = 20
     return (gap[filled].abs() / count[filled]).mean()
 
 
-class HardL1ACELoss(nn.Module):
-    """``BCE(logit, target) + ace_weight * hL1-ACE(sigmoid(logit), target)`` (:func:`hard_l1_ace`): the
-    auxiliary average-calibration loss of Barfoot et al. added to the segmentation loss (BCE here, as for the
-    other binary-head methods). Defaults: weight 1, 20 bins."""
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """``1 - (2 sum(p y) + smooth) / (sum p + sum y + smooth)`` per image over its (valid) voxels, averaged over
+    the batch: MONAI's ``DiceLoss(sigmoid=True)`` on one channel with its defaults (``smooth_nr = smooth_dr =
+    1e-5``, ``batch=False``). ``prob`` and ``target``: ``(B, *S)``."""
+    if valid is not None:
+        prob, target = prob * valid, target * valid
+    dims = tuple(range(1, prob.ndim))
+    overlap = (prob * target).sum(dims)
+    return (1 - (2 * overlap + smooth) / (prob.sum(dims) + target.sum(dims) + smooth)).mean()
 
-    def __init__(self, ace_weight: float = 1.0, ace_bins: int = 20):
+
+#: The segmentation losses hL1-ACE is added to: the authors' DiceCE (as MONAI's ``DiceCELoss(sigmoid=True)``),
+#: or BCE alone as for the other binary-head methods.
+ACE_BASES = ("dice_ce", "bce")
+
+
+class HardL1ACELoss(nn.Module):
+    """``segmentation loss + ace_weight * hL1-ACE(sigmoid(logit), target)`` (:func:`hard_l1_ace`): the auxiliary
+    average-calibration loss of Barfoot et al., added, as they add it, to DiceCE (``ace_base="dice_ce"``: BCE +
+    :func:`soft_dice_loss`, MONAI's ``DiceCELoss(sigmoid=True)`` on one channel) or to BCE alone
+    (``ace_base="bce"``). Defaults: weight 1, 20 bins, DiceCE. With BCE alone a network trained briefly on
+    small foreground can settle on background everywhere: the bins' unweighted mean rewards putting every voxel
+    in the lowest bin."""
+
+    def __init__(self, ace_weight: float = 1.0, ace_bins: int = 20, ace_base: str = "dice_ce"):
         super().__init__()
         from orcal.ops.checks import check_int, check_real
 
         self.ace_weight, self.ace_bins = check_real("ace_weight", ace_weight), check_int("ace_bins", ace_bins, 1)
+        if ace_base not in ACE_BASES:
+            raise ValueError(f"ace_base must be one of {ACE_BASES}, got {ace_base!r}")
+        self.ace_base = ace_base
 
     def forward(self, logit: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         logit, target, valid = _binary_inputs(logit, target, valid)
-        bce = _valid_mean(F.binary_cross_entropy_with_logits(logit, target, reduction="none"), valid)
-        return bce + self.ace_weight * hard_l1_ace(torch.sigmoid(logit), target, self.ace_bins, valid)
+        prob = torch.sigmoid(logit)
+        loss = _valid_mean(F.binary_cross_entropy_with_logits(logit, target, reduction="none"), valid)
+        if self.ace_base == "dice_ce":
+            loss = loss + soft_dice_loss(prob, target, valid)
+        return loss + self.ace_weight * hard_l1_ace(prob, target, self.ace_bins, valid)
 
     def extra_repr(self) -> str:
-        return f"ace_weight={self.ace_weight}, ace_bins={self.ace_bins}"
+        return f"ace_weight={self.ace_weight}, ace_bins={self.ace_bins}, ace_base={self.ace_base!r}"
 
 
 class BinaryFocalLoss(nn.Module):

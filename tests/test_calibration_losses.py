@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from orcal import fusion
-from orcal.losses import BinaryFocalLoss, HardL1ACELoss, hard_l1_ace
+from orcal.losses import BinaryFocalLoss, HardL1ACELoss, hard_l1_ace, soft_dice_loss
 
 
 def _ace_by_hand(p: list[float], y: list[float], n_bins: int) -> float:
@@ -51,15 +51,54 @@ def test_hard_l1_ace_gradient_flows_through_the_confidences():
     assert torch.autograd.gradcheck(lambda x: HardL1ACELoss(0.7, n_bins)(x, y, valid), (z,))
 
 
-def test_hl1_ace_loss_is_bce_plus_the_weighted_ace():
+def test_hl1_ace_loss_is_the_base_plus_the_weighted_ace():
     torch.manual_seed(2)
     z, y = torch.randn(2, 1, 6, 6), (torch.rand(2, 6, 6) > 0.5).float()
     bce = F.binary_cross_entropy_with_logits(z[:, 0], y)
     ace = hard_l1_ace(torch.sigmoid(z[:, 0]), y, 20)
-    assert HardL1ACELoss()(z, y).item() == pytest.approx((bce + ace).item(), rel=1e-6)
-    assert HardL1ACELoss(ace_weight=0.0)(z, y).item() == pytest.approx(bce.item(), rel=1e-6)
+    assert HardL1ACELoss(ace_base="bce")(z, y).item() == pytest.approx((bce + ace).item(), rel=1e-6)
+    assert HardL1ACELoss(ace_weight=0.0, ace_base="bce")(z, y).item() == pytest.approx(bce.item(), rel=1e-6)
+    dice = soft_dice_loss(torch.sigmoid(z[:, 0]), y)
+    assert HardL1ACELoss()(z, y).item() == pytest.approx((bce + dice + ace).item(), rel=1e-6)
     with pytest.raises(ValueError, match="ace_weight"):
         HardL1ACELoss(ace_weight=-1.0)
+    with pytest.raises(ValueError, match="ace_base"):
+        HardL1ACELoss(ace_base="dice")
+
+
+def test_hl1_ace_default_base_is_monai_dice_ce():
+    """The authors' segmentation loss, DiceCE, as MONAI computes it for one sigmoid channel."""
+    monai_losses = pytest.importorskip("monai.losses")
+    torch.manual_seed(4)
+    z, y = torch.randn(3, 1, 5, 7), (torch.rand(3, 1, 5, 7) > 0.7).float()
+    y[1] = 0  # an image without foreground: MONAI's smoothing terms decide its Dice
+    want = monai_losses.DiceCELoss(sigmoid=True)(z, y) + hard_l1_ace(torch.sigmoid(z[:, 0]), y[:, 0], 20)
+    assert HardL1ACELoss()(z, y[:, 0]).item() == pytest.approx(want.item(), rel=1e-5)
+    # invalid voxels count for nothing: the same as cropping them away
+    valid = torch.zeros(3, 5, 7, dtype=torch.bool)
+    valid[:, 1:4, 2:6] = True
+    crop = HardL1ACELoss()(z[:, :, 1:4, 2:6].contiguous(), y[:, 0, 1:4, 2:6].contiguous())
+    assert HardL1ACELoss()(z, y[:, 0], valid).item() == pytest.approx(crop.item(), rel=1e-5)
+
+
+def test_a_changed_method_version_changes_only_its_runs_fingerprints():
+    from orcal import fusion
+    from orcal.experiment.config import DatasetSpec, ExperimentConfig, Run, fingerprint
+
+    spec = DatasetSpec("synthetic")
+    cfg = ExperimentConfig(datasets=[spec], methods=("hl1_ace", "median"))
+    before = {m: fingerprint(cfg, spec, Run(m, 0.0, m)) for m in ("hl1_ace", "median")}
+    entry = fusion.get("hl1_ace")
+    try:
+        fusion.register("hl1_ace", entry.fn, label=entry.label, options=entry.options, uses_majority=True,
+                        loss=entry.loss, loss_options=entry.loss_options, group=entry.group,
+                        version=entry.version + 1, replace=True)
+        after = {m: fingerprint(cfg, spec, Run(m, 0.0, m)) for m in ("hl1_ace", "median")}
+    finally:
+        fusion.register("hl1_ace", entry.fn, label=entry.label, options=entry.options, uses_majority=True,
+                        loss=entry.loss, loss_options=entry.loss_options, group=entry.group,
+                        version=entry.version, replace=True)
+    assert after["hl1_ace"] != before["hl1_ace"] and after["median"] == before["median"]
 
 
 def _focal_by_hand(z: torch.Tensor, y: torch.Tensor, gamma: float, alpha: float | None) -> torch.Tensor:
@@ -170,8 +209,12 @@ def test_objective_of_a_loss_method_trains_its_loss_to_the_majority_label():
     assert objective(z, masks, valid, g, reduction="sum").item() == pytest.approx(expected[valid].sum().item(),
                                                                                   rel=1e-5)
     ace = Objective(TrainConfig(method="hl1_ace", dataset="synthetic", fusion_options={"ace_weight": 0.0}))
-    assert ace(z, masks, None, g).item() == pytest.approx(
-        F.binary_cross_entropy_with_logits(z[:, 0], majority).item(), rel=1e-6)
+    bce = F.binary_cross_entropy_with_logits(z[:, 0], majority)
+    dice = soft_dice_loss(torch.sigmoid(z[:, 0]), majority)
+    assert ace(z, masks, None, g).item() == pytest.approx((bce + dice).item(), rel=1e-6)
+    bce_only = Objective(TrainConfig(method="hl1_ace", dataset="synthetic",
+                                     fusion_options={"ace_weight": 0.0, "ace_base": "bce"}))
+    assert bce_only(z, masks, None, g).item() == pytest.approx(bce.item(), rel=1e-6)
     labels = torch.randint(0, 3, (2, 3, 6, 6))
     with pytest.raises(ValueError, match="one structure"):
         objective(torch.randn(2, 2, 6, 6), labels, None, g, num_structures=2)

@@ -355,7 +355,8 @@ def fingerprint(cfg: ExperimentConfig, spec: DatasetSpec, run: Run, seed: int | 
     training seed of the run (default ``cfg.seed``)."""
     data = {
         "dataset": [spec.name, spec.task, spec.root, sorted((k, str(v)) for k, v in spec.options.items())],
-        "run": [run.method, run.rps_weight, run.sigma] + ([] if run.value is None else [run.value]),
+        "run": [run.method, run.rps_weight, run.sigma] + ([] if run.value is None else [run.value])
+        + ([] if (version := fusion.get(run.method).version) == 1 else [f"version {version}"]),
         "train": [cfg.arch, cfg.encoder, cfg.encoder_weights, cfg.epochs, cfg.batch_size, cfg.lr, cfg.max_steps,
                   cfg.patch_size, cfg.seed if seed is None else int(seed), cfg.amp]
         + [sorted((k, str(v)) for k, v in d.items()) for d in (cfg.model_options, cfg.fusion_options,

@@ -64,6 +64,8 @@ class Strategy:
         loss_options: keyword options of ``loss`` a user may set (``fusion_options`` in training).
         group: a name under which ``orcal experiment --methods`` selects the method with others; a method in a
             group runs only when asked for (the default methods are those without one).
+        version: raised when the method's target or loss changes, so that results kept from an older version
+            are not reused (it is part of an experiment run's fingerprint from 2 on).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Strategy:
     loss: Callable[..., Callable[..., torch.Tensor]] | None = None
     loss_options: tuple[str, ...] = ()
     group: str | None = None
+    version: int = 1
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -88,7 +91,7 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType(_REGISTRY)
 def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = None, options=(),
              head: str = "binary", needs_generator: bool = False, uses_majority: bool = False,
              loss: Callable[..., Callable[..., torch.Tensor]] | None = None, loss_options=(),
-             group: str | None = None, replace: bool = False) -> Strategy:
+             group: str | None = None, version: int = 1, replace: bool = False) -> Strategy:
     """Add a strategy to the registry (see :class:`Strategy`) and return its entry."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a strategy name must be an identifier (it is a --method value), got {name!r}")
@@ -101,7 +104,7 @@ def register(name: str, fn: Callable[..., torch.Tensor], *, label: str | None = 
     if name in _REGISTRY and not replace:
         raise ValueError(f"strategy {name!r} is already registered; pass replace=True to replace it")
     entry = Strategy(name, fn, label or name, tuple(options), head, needs_generator, uses_majority, loss,
-                     tuple(loss_options), group)
+                     tuple(loss_options), group, int(version))
     _REGISTRY[name] = entry
     return entry
 
@@ -185,7 +188,8 @@ register("nacl", median, label="NACL", options=("majority",), uses_majority=True
          loss_options=("nacl_alpha", "nacl_kernel_size", "nacl_kernel_ops", "nacl_distance", "nacl_sigma"),
          group="calibration-losses")
 register("hl1_ace", median, label="hL1-ACE", options=("majority",), uses_majority=True,
-         loss=_losses.HardL1ACELoss, loss_options=("ace_weight", "ace_bins"), group="calibration-losses")
+         loss=_losses.HardL1ACELoss, loss_options=("ace_weight", "ace_bins", "ace_base"), group="calibration-losses",
+         version=2)  # 2: added to DiceCE, as its authors add it (it was BCE)
 register("label_smoothing", label_smoothing, label="Label Smoothing", options=("smoothing", "majority"),
          uses_majority=True, group="calibration-losses")
 register("focal", median, label="Focal", options=("majority",), uses_majority=True, loss=_losses.BinaryFocalLoss,
