@@ -149,6 +149,7 @@ def test_experiment_conformal_table_and_resume(tmp_path, trainings):
     assert results["runs"] == plain["runs"]  # the same model: the other tables are unchanged
     entry = results["conformal"]["tiny"]
     assert entry["alpha"] == 0.2 and entry["n_calibration"] == 8
+    assert entry["n_calibration_units"] == 8  # synthetic images share no patient: each its own unit
     rows = {"median", "ordinal/majority", "ordinal/expected"}
     assert set(entry["rows"]) == rows | {f"{r}+ts" for r in rows}  # + TS rows calibrated too
     for row, by_column in entry["rows"].items():

@@ -32,7 +32,9 @@ def misses(column: Column, summary: Mapping[str, float], alpha: float, n_calibra
     ``sqrt(alpha (1 - alpha) / n_calibration)`` (SPEC §12.6), which the test bootstrap does not see. So a row
     misses only when its distance past the bound exceeds both noises together: the bootstrap interval's half on
     that side and 1.96 times that calibration spread, added in quadrature (without ``n_calibration``, the
-    bootstrap interval alone; without an interval, the test-set value against the calibration spread)."""
+    bootstrap interval alone; without an interval, the test-set value against the calibration spread).
+    ``n_calibration``: the calibration set's independent units, its patients (cases, volumes) where several
+    images share one."""
     if column.bound is None:
         return False
     op, target = column.bound

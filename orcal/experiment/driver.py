@@ -106,6 +106,7 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     records: dict[str, dict[int, dict[str, dict]]] = {}
     cases: dict[str, dict] = {}
     groups: dict[str, list | None] = {}  # the bootstrap's units of each test set (SPEC §5)
+    calibration_units: dict[str, int] = {}
     choices: dict[str, dict[str, dict]] = {}
     if cfg.conformal is not None:  # before anything is trained: every calibration set must certify alpha
         for spec in cfg.datasets:
@@ -120,6 +121,10 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
             splits = {s: CachedDataset(ds, f"{spec.key} {s}", cfg.progress) for s, ds in splits.items()}
         test_ds = splits["test"]
         groups[spec.key] = test_groups(test_ds, cfg)
+        # the calibration set's independent units: its patients (cases, volumes) where the data says which
+        # images share one; the spread of one calibration draw shrinks with their number, not the images'
+        val_groups = test_groups(splits["val"], cfg)
+        calibration_units[spec.key] = len(set(val_groups)) if val_groups else len(splits["val"])
         oracles = oracle_summaries(test_ds, cfg, groups[spec.key])  # the metrics' floor on this test set
         if oracles:
             results.setdefault("oracles", {})[spec.key] = oracles
@@ -153,7 +158,8 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
     bar.close()
     runs_by_key = {run.key: run for run in first_runs}
     panels = {spec.key: _tabulate(results, cfg, spec, seeds, records[spec.key], choices[spec.key], runs_by_key,
-                                  sweep_runs, out, groups[spec.key]) for spec in cfg.datasets}
+                                  sweep_runs, out, groups[spec.key], calibration_units[spec.key])
+              for spec in cfg.datasets}
     trained_on = [rec["hardware"] for by in records.values() for s in by.values() for rec in s.values()
                   if rec.get("hardware")]
     if trained_on:  # what the runs were measured on, rather than what rendered the report
@@ -168,7 +174,8 @@ def run_experiment(cfg: ExperimentConfig, command: str | None = None, log=print)
 
 def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec, seeds: Sequence[int],
               records: Mapping[int, Mapping[str, dict]], choice: Mapping[str, dict], runs: Mapping[str, Run],
-              sweep_runs: Mapping, out: Path, groups: Sequence | None = None) -> dict[str, dict]:
+              sweep_runs: Mapping, out: Path, groups: Sequence | None = None,
+              calibration_units: int | None = None) -> dict[str, dict]:
     """One dataset's rows (over seeds), comparisons, selection, temperatures, sweep and timings into
     ``results``; returns the figures' data of the first seed (:func:`orcal.experiment.report.write_outputs`)."""
     key, first = spec.key, records[seeds[0]]
@@ -200,10 +207,11 @@ def _tabulate(results: dict[str, Any], cfg: ExperimentConfig, spec: DatasetSpec,
         recorded = {row: [records[s][c["run"]]["readouts"][c["readout"]]["conformal"] for s in seeds]
                     for row, c in choice.items()}
         some = next(iter(recorded.values()))[0]  # every row is calibrated on the same validation images
+        units = calibration_units or some["n_calibration"]
         results.setdefault("conformal", {})[key] = {
-            "alpha": cfg.conformal, "n_calibration": some["n_calibration"],
+            "alpha": cfg.conformal, "n_calibration": some["n_calibration"], "n_calibration_units": units,
             "spacing_known": bool(some.get("spacing_known")), "rows": summary["rows"],
-            "leads": leads(summary, cfg.conformal, some["n_calibration"]),
+            "leads": leads(summary, cfg.conformal, units),
             "fitted": {row: [r["fitted"] for r in per] for row, per in recorded.items()}}
     results["timings"][key] = {f"{run_key} (seed {s})" if len(seeds) > 1 else run_key:
                                {k: rec.get(k) for k in ("train_s", "eval_s", "epochs", "steps", "best_epoch")}

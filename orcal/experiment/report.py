@@ -162,7 +162,9 @@ def render_report(results: Mapping, tables: Mapping[str, Table], figures: Mappin
         alpha = next(iter(results["conformal"].values()))["alpha"]
         lines += ["## Conformal guarantees", "", CONFORMAL_READING.format(alpha=alpha, level=100 * (1 - alpha)), ""]
         for key, entry in results["conformal"].items():
-            lines += [f"**{key}** (α = {entry['alpha']:g}, {entry['n_calibration']} calibration images)", "",
+            n, units = entry["n_calibration"], entry.get("n_calibration_units", entry["n_calibration"])
+            of = f" of {units} patients (cases, volumes)" if units != n else ""
+            lines += [f"**{key}** (α = {entry['alpha']:g}, {n} calibration images{of})", "",
                       conformal_table(entry), ""]
     comparisons = results.get("comparisons", {})
     if any(comparison_table(c) for c in comparisons.values()):

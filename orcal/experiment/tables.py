@@ -368,7 +368,7 @@ def conformal_table(entry: Mapping[str, Any], digits: int = 4) -> str:
     from orcal.experiment.conformal import KINDS, misses
 
     alpha, rows = float(entry["alpha"]), entry.get("rows", {})
-    n_cal = entry.get("n_calibration")
+    n_cal = entry.get("n_calibration_units", entry.get("n_calibration"))
     lead = entry.get("leads", {})
     unit = "mL" if entry.get("spacing_known") else "thousands of voxels"
     groups: list[tuple[Any, list]] = []  # (kind, columns sharing one header)
