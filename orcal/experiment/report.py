@@ -53,18 +53,21 @@ VOLUME_READING = (
 
 CONFORMAL_READING = (
     "Each row's conformal guarantees against a random rater (SPEC §12), calibrated on the validation split (the "
-    "calibration set: its images and the test images are exchangeable) at α = {alpha:g} and measured on the test "
-    "split; one calibration per row and seed, the + TS rows on their scaled probabilities. *FNR*: the test "
-    "images' mean false-negative rate of the mask p ≥ λ against a random rater (λ by conformal risk control; "
-    "guaranteed ≤ α in expectation); *mask size*: the mask's mean fraction of voxels, the price of the "
-    "guarantee. *Volume coverage*: the fraction of raters' volumes inside each image's interval μ ± zσ "
-    "*before* (the nominal {level:g} % interval of the predicted volume distribution, SPEC §11.4) and μ ± qσ "
-    "*after* conformal recalibration (guaranteed ≥ 1 − α); *interval width*: the mean width (μ, σ as in the "
-    "volume table, σ at least one voxel). Cells as in the tables above (value ± spread [bootstrap 2.5–97.5 %], "
-    "the same resampled images for every row). The guarantees hold in expectation over calibration and test "
-    "sets, so a test value a little past the target is no miss: † marks a row whose whole bootstrap interval "
-    "lies past it; of the other rows, the smallest mask or width is bold (the trained and + TS rows ranked "
-    "apart).")
+    "calibration set, exchangeable with the test split image by image, or patient by patient where images "
+    "share one) at α = {alpha:g} and measured on the test split; one calibration per row and seed, the + TS "
+    "rows on their scaled probabilities. *FNR*: the test images' mean false-negative rate of the mask p ≥ λ "
+    "against a random rater (λ by conformal risk control; guaranteed ≤ α in expectation); *mask size*: the "
+    "mask's mean fraction of voxels, the price of the guarantee. *Volume coverage*: the fraction of raters' "
+    "volumes inside each image's interval μ ± zσ *before* (the nominal {level:g} % interval of the predicted "
+    "volume distribution, SPEC §11.4) and μ ± qσ *after* conformal recalibration (guaranteed ≥ 1 − α); "
+    "*interval width*: the mean width (μ, σ as in the volume table, σ at least one voxel). *Set miscoverage*: "
+    "the fraction of (voxel, rater) pairs whose label lies outside the voxel's conformal label set (guaranteed "
+    "≤ α in expectation); *uncertain voxels*: the fraction whose set holds both labels. Cells as in the tables "
+    "above (value ± spread [bootstrap 2.5–97.5 %], the same resampled images for every row). The guarantees "
+    "hold in expectation over calibration and test sets, and one calibration set of n patients (images) moves "
+    "a realised rate by about sqrt(α (1 − α) / n) (SPEC §12.6), which the test bootstrap does not see: † marks "
+    "a row past its target by more than both noises together (SPEC §12.5); of the other rows, the smallest mask "
+    "or width is bold (the trained and + TS rows ranked apart).")
 
 
 def _setting_text(value: Any) -> str:
