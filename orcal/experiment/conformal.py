@@ -3,10 +3,11 @@ the validation split and measured on the test split.
 
 ``orcal experiment --conformal ALPHA`` fits, for every row (each method and readout, the ``+ TS`` rows too),
 a :class:`~orcal.metrics.conformal_evaluation.ConformalEvaluation` on the validation images (the calibration
-set: images are the exchangeable units) and reports on the test images, per image, the columns of its
-:data:`~orcal.metrics.conformal_evaluation.KINDS`. The per-image values are kept, so that the rows are
-bootstrapped, averaged over seeds and compared on the same resampled images as the other tables
-(:func:`orcal.metrics.pooled.bootstrap_weights`, SPEC §5.1): :func:`summarize`, :func:`leads`.
+set: images, or the patients several images share, are the exchangeable units) and reports on the test
+images, per image, the columns of its :data:`~orcal.metrics.conformal_evaluation.KINDS`. The per-image
+values are kept, so that the rows are bootstrapped, averaged over seeds and compared on the same resampled
+images as the other tables (:func:`orcal.metrics.pooled.bootstrap_weights`, SPEC §5.1): :func:`summarize`,
+:func:`leads`.
 """
 
 from __future__ import annotations
