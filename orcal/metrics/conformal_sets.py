@@ -49,7 +49,7 @@ from orcal.metrics.conformal import (
 from orcal.ops.checks import check_int, check_tensor, data_check
 
 __all__ = ["ConformalLevelSets", "ConformalVoxelSets", "VoxelSets", "level_set_curves", "load_conformal",
-           "save_conformal", "voxel_set_curves"]
+           "masks_from_probabilities", "save_conformal", "voxel_set_curves"]
 
 
 class VoxelSets(NamedTuple):
@@ -247,6 +247,13 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def masks_from_probabilities(calibrator: object) -> bool:
+    """Whether ``calibrator`` turns foreground probabilities into masks: a :class:`ConformalRiskControl` (the
+    mask ``p >= lambda``) or a :class:`ConformalVoxelSets`, not the volume intervals or the level sets (which
+    read an ordinal head's level probabilities)."""
+    return isinstance(calibrator, ConformalRiskControl) and not isinstance(calibrator, ConformalLevelSets)
 
 
 def save_conformal(path: str | os.PathLike, calibrators: dict[str, object]) -> Path:

@@ -177,7 +177,8 @@ WRITE_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "npy": ".npy", "png": ".png
 
 def _conformal_masks(conformal: dict | None, readout: str | None, readouts: Sequence[str], C: int | None) -> dict:
     """``{folder name: (readout, probs -> mask)}`` of the conformal masks to write beside the maps."""
-    from orcal.metrics import ConformalLevelSets, ConformalRiskControl, ConformalVoxelSets
+    from orcal.metrics import ConformalVoxelSets
+    from orcal.metrics.conformal_sets import masks_from_probabilities
 
     if not conformal:
         return {}
@@ -190,7 +191,7 @@ def _conformal_masks(conformal: dict | None, readout: str | None, readouts: Sequ
         raise ValueError(f"--conformal-readout: {readout!r} is not among the readouts written ({', '.join(readouts)})")
     out = {}
     for name, cal in conformal.items():
-        if not isinstance(cal, ConformalRiskControl) or isinstance(cal, ConformalLevelSets) or cal.thresholds is None:
+        if not masks_from_probabilities(cal) or cal.thresholds is None:
             continue  # volume intervals, level sets (they read level probabilities) or never fitted: no mask
         if cal.num_structures != C:
             raise ValueError(f"--conformal: calibrator {name!r} has num_structures={cal.num_structures}, the model "

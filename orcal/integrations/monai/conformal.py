@@ -25,7 +25,7 @@ except ImportError as err:  # an optional extra: say how to get it
 from orcal import ops
 from orcal.integrations.monai.transforms import ORCReadoutd, _as_tensor
 from orcal.metrics.conformal import ConformalRiskControl
-from orcal.metrics.conformal_sets import ConformalLevelSets, VoxelSets
+from orcal.metrics.conformal_sets import VoxelSets, masks_from_probabilities
 
 __all__ = ["ConformalMaskd"]
 
@@ -57,7 +57,7 @@ class ConformalMaskd(MapTransform):
                  mask_suffix: str = "_mask", uncertain_suffix: str = "_uncertain", lower_suffix: str | None = None,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        if not isinstance(calibrator, ConformalRiskControl) or isinstance(calibrator, ConformalLevelSets):
+        if not masks_from_probabilities(calibrator):
             raise TypeError("ConformalMaskd: calibrator must be a fitted ConformalRiskControl or ConformalVoxelSets, "
                             f"got {type(calibrator).__name__}")
         if calibrator.thresholds is None:
