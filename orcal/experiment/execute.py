@@ -22,7 +22,7 @@ from orcal.experiment.conformal import Batch, ConformalEvaluation
 from orcal.experiment.data import test_groups
 from orcal.experiment.runs import jsonable, run_files, safe_name
 from orcal.heads import Head, scaled, unscaled
-from orcal.metrics.volume import VolumeStats, volume_metrics, volume_stats
+from orcal.metrics.volume import VolumeStats, volume_metrics
 from orcal.training.runtime import hardware_info
 
 
@@ -127,7 +127,6 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
     names = list(head.readouts) + [scaled(r) for r in temperatures]
     test = {r: _metrics(cfg, num_structures=C) for r in names}
     volumes: dict[str, list] = {r: [] for r in names}
-    spacing: dict | None = None
     case_maps: dict[str, np.ndarray] = {}
     order: list[str] = []  # the test images' ids in the order of their statistics rows
     for ids, logits, masks, valid in passes("test"):
@@ -136,13 +135,12 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
         valid = None if valid is None else valid.cpu()
         for r, p in readouts_of(logits, temperatures).items():
             test[r].update(p, masks, valid=valid)
-            if r in conformal:
-                conformal[r].measure(batch("test", ids, p, masks, valid))
-            if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
-                if spacing is None:
-                    spacing = _spacings(splits["test"]) or {}
-                sp = torch.stack([spacing[i] for i in ids]) if spacing else None
-                volumes[r].append(volume_stats(p, masks, sp, valid, num_structures=C))
+            if r in conformal or masks.ndim == 5:  # one batch, its volume statistics computed once for both
+                b = batch("test", ids, p, masks, valid)
+                if r in conformal:
+                    conformal[r].measure(b)
+                if masks.ndim == 5:  # volumes: the predicted volume's distribution against the raters' (SPEC §11.4)
+                    volumes[r].append(b.volume)
             if case["id"] in ids and C is None:
                 q = p[ids.index(case["id"])]
                 case_maps[r] = (q if case["slice"] is None else q[case["slice"]]).numpy()
@@ -156,7 +154,7 @@ def evaluate_run(result, splits: Mapping[str, Any], run: Run, cfg: ExperimentCon
                   "val": _scalar_metrics(val[r])}
         if volumes[r]:
             out[r]["volume"] = volume_metrics(VolumeStats.cat(volumes[r]))
-            out[r]["volume"]["spacing_known"] = bool(spacing)
+            out[r]["volume"]["spacing_known"] = bool(_spacings(splits["test"]))
         if r in conformal:
             out[r]["conformal"] = {**conformal[r].result(), "spacing_known": bool(_spacings(splits["test"]))}
             out[r]["conformal_per_image"] = conformal[r].per_image()
