@@ -208,7 +208,14 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
                    smooth: float = 1e-5) -> torch.Tensor:
     """``1 - (2 sum(p y) + smooth) / (sum p + sum y + smooth)`` per image over its (valid) voxels, averaged over
     the batch: MONAI's ``DiceLoss(sigmoid=True)`` on one channel with its defaults (``smooth_nr = smooth_dr =
-    1e-5``, ``batch=False``). ``prob`` and ``target``: ``(B, *S)``."""
+    1e-5``, ``batch=False``). ``prob`` and ``target``: ``(B, *S)``, the same shape (no broadcasting)."""
+    from orcal.ops.checks import check_real
+
+    smooth = check_real("smooth", smooth)
+    if prob.shape != target.shape or (valid is not None and valid.shape != target.shape):
+        raise ValueError(f"soft_dice_loss: prob {tuple(prob.shape)}, target {tuple(target.shape)}"
+                         + ("" if valid is None else f" and valid {tuple(valid.shape)}")
+                         + " must have one shape (B, *S)")
     if valid is not None:
         prob, target = prob * valid, target * valid
     dims = tuple(range(1, prob.ndim))

@@ -64,6 +64,10 @@ def test_hl1_ace_loss_is_the_base_plus_the_weighted_ace():
         HardL1ACELoss(ace_weight=-1.0)
     with pytest.raises(ValueError, match="ace_base"):
         HardL1ACELoss(ace_base="dice")
+    with pytest.raises(ValueError, match="one shape"):  # (B, 1, *S) against (B, *S) would broadcast
+        soft_dice_loss(torch.sigmoid(z), y)
+    with pytest.raises(ValueError, match="smooth"):
+        soft_dice_loss(torch.sigmoid(z[:, 0]), y, smooth=-1.0)
 
 
 def test_hl1_ace_default_base_is_monai_dice_ce():
